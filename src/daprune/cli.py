@@ -1,0 +1,137 @@
+"""Command line: thin wrappers that parse arguments into settings and call the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from daprune.config import FFN_CRITERIA, HEAD_CRITERIA, HEAD_SPLITS, RECOVERY_MODES, PruneConfig
+from daprune.errors import DapruneError
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model and write a smaller dense model")
+    d = PruneConfig()
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of all parameters to remove")
+    p.add_argument("--calibration", default=d.calibration,
+                   help="lambada | PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | self | random")
+    p.add_argument("--nsamples", type=int, default=d.nsamples)
+    p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--recover", dest="recovery", action="store_const", const="paper",
+                   help="layer-wise least-squares recovery before scoring (the paper's remedy)")
+    p.add_argument("--no-recover", dest="recovery", action="store_const", const="none")
+    p.add_argument("--recovery", dest="recovery", choices=RECOVERY_MODES, default=d.recovery,
+                   help="none | paper (re-fit before scoring) | post (re-fit kept columns after) | both")
+    p.add_argument("--recovery-damp", type=float, default=d.recovery_damp)
+    p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior)
+    p.add_argument("--layers", default=d.layers, help="block range START:STOP (default 4:-2 as in the paper)")
+    p.add_argument("--ffn-criterion", choices=FFN_CRITERIA, default=d.ffn_criterion)
+    p.add_argument("--head-criterion", choices=HEAD_CRITERIA, default=d.head_criterion)
+    p.add_argument("--head-split", choices=HEAD_SPLITS, default=d.head_split,
+                   help="auto: heads vs channels by measured output error; paper: same ratio; ffn-only")
+    p.add_argument("--tau", type=float, default=d.tau, help="JS divergence threshold (nats) for redundant heads")
+    p.add_argument("--channel-multiple", type=int, default=d.channel_multiple)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval", dest="eval_ppl", default=None, metavar="CORPORA",
+                   help="after pruning, measure perplexity on these corpora (e.g. wikitext2,ptb)")
+    p.add_argument("--max-windows", type=int, default=None, help="evenly spaced subset of eval windows")
+    p.add_argument("--data-dir", default=None, help="evaluation data folder (default $DAPRUNE_DATA_DIR)")
+    p.add_argument("--cache-dir", default=None, help="where converted models are cached ($DAPRUNE_CACHE)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(recovery=d.recovery)
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned folder")
+    p.add_argument("--model", default=None)
+    p.add_argument("--ppl", default="wikitext2,ptb", help="corpora, comma separated ('' for none)")
+    p.add_argument("--tasks", default="", help="zero-shot tasks (boolq,piqa,hellaswag,winogrande,arc_easy,...)")
+    p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", default=None, help="write results as JSON")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_prune(args) -> int:
+    from daprune.api import prune
+    from daprune.report import plot_layers, summary
+
+    fields = {k: getattr(args, k) for k in PruneConfig.__dataclass_fields__ if hasattr(args, k)}
+    cfg = PruneConfig(**fields)
+    from daprune.io import check_output
+
+    cfg.validate()
+    check_output(args.out, args.overwrite)  # refuse before minutes of work, not after
+    result = prune(cfg, data_dir=args.data_dir, cache=args.cache_dir, progress=not args.quiet)
+    if args.eval_ppl:
+        from daprune.evaluation.perplexity import evaluate
+
+        result.report["eval"] = evaluate(result.model, result.tokenizer, ppl=args.eval_ppl, data_dir=args.data_dir,
+                                         max_windows=args.max_windows, progress=not args.quiet)
+    from daprune.io import save_pruned
+
+    save_pruned(result.model, result.tokenizer, args.out, result.report, overwrite=args.overwrite,
+                extra=lambda tmp: plot_layers(result.report, tmp / "layers.png"))
+    print(summary(result.report))
+    print(f"\nwrote {args.out} (report.json, layers.png)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from daprune.evaluation.perplexity import evaluate
+    from daprune.models.loading import load_model
+    from daprune.report import format_table
+
+    model, tok, src = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache_dir)
+    out: dict = {"model": src.origin, "dtype": args.dtype}
+    if args.ppl:
+        out.update(evaluate(model, tok, ppl=args.ppl, data_dir=args.data_dir, max_windows=args.max_windows,
+                            batch_size=args.batch_size, progress=not args.quiet))
+    if args.tasks:
+        from daprune.evaluation.zeroshot import evaluate_zeroshot, parse_tasks
+
+        zs = evaluate_zeroshot(model, tok, parse_tasks(args.tasks), limit=args.limit,
+                               batch_size=args.batch_size, progress=not args.quiet)
+        out.update(zs)
+    rows = [[f"ppl {k}", v] for k, v in out.get("ppl", {}).items()]
+    for k, v in out.get("tasks", {}).items():
+        metric = out.get("mean_metrics", {}).get(k, "acc")
+        rows.append([f"{k} ({metric})", v.get(metric)])
+    if "mean" in out:
+        rows.append(["mean zero-shot", out["mean"]])
+    print(format_table(rows, ["metric", "value"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="daprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prune_parser(sub)
+    _eval_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+    except DapruneError as exc:
+        print(f"daprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

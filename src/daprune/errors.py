@@ -1,0 +1,33 @@
+"""Exceptions that the CLI turns into a one-line message and a non-zero exit.
+
+Every check that can reject user input raises a subclass of :class:`DapruneError` *before* any
+output is written, so a failed run never leaves a half-written folder behind.
+"""
+
+
+class DapruneError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+
+class UnsupportedModelError(DapruneError):
+    """The model's architecture has no adapter."""
+
+
+class ConfigError(DapruneError):
+    """A setting is out of range or inconsistent (sparsity, block range, budget)."""
+
+
+class CalibrationError(DapruneError):
+    """Calibration data is missing, too short or produced unusable activations."""
+
+
+class ModelSourceError(DapruneError):
+    """A model path/id cannot be resolved or its files are missing or corrupt."""
+
+
+class OutputError(DapruneError):
+    """The output folder exists, or cannot be written."""
+
+
+class NumericalError(DapruneError):
+    """Non-finite activations or statistics."""

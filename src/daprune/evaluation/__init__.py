@@ -1,0 +1,1 @@
+"""Perplexity, zero-shot accuracy, speed benchmarks and the comparison table."""

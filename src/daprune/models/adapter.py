@@ -1,0 +1,183 @@
+"""The interface between the pruning algorithm and a model family.
+
+Everything that knows module names lives behind :class:`ModelAdapter` and :class:`BlockAdapter`;
+the pipeline, criteria and recovery only see linears, activations and index sets.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from daprune.errors import UnsupportedModelError
+
+
+class BlockAdapter(ABC):
+    """One decoder block seen as two depth-2 modules: attention (q,k,v -> o) and FFN (gate,up -> down)."""
+
+    def __init__(self, layer: nn.Module, index: int):
+        self.layer = layer
+        self.index = index
+
+    # -- structure ---------------------------------------------------------------------------------
+    @abstractmethod
+    def attn_in(self) -> list[nn.Linear]:
+        """Level-1 attention linears [q, k, v]."""
+
+    @abstractmethod
+    def attn_out(self) -> nn.Linear:
+        """Level-2 attention linear (o)."""
+
+    @abstractmethod
+    def ffn_in(self) -> list[nn.Linear]:
+        """Level-1 FFN linears [gate, up] (gate first: the score needs to know which one is gated)."""
+
+    @abstractmethod
+    def ffn_out(self) -> nn.Linear:
+        """Level-2 FFN linear (down)."""
+
+    @abstractmethod
+    def ffn_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The gate activation (SiLU for SwiGLU)."""
+
+    @abstractmethod
+    def attn_norm(self) -> nn.Module: ...
+
+    @abstractmethod
+    def ffn_norm(self) -> nn.Module: ...
+
+    @property
+    @abstractmethod
+    def head_dim(self) -> int: ...
+
+    @property
+    def n_heads(self) -> int:
+        return self.attn_in()[0].out_features // self.head_dim
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.attn_in()[1].out_features // self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def n_channels(self) -> int:
+        return self.ffn_out().in_features
+
+    def head_groups(self) -> list[list[int]]:
+        """Query heads that share each KV head (HF's repeat_kv layout: head h uses KV head h // g)."""
+        g = self.group_size
+        return [list(range(k * g, (k + 1) * g)) for k in range(self.n_kv_heads)]
+
+    # -- computation ---------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Run the whole block; ``ctx`` holds what ModelAdapter.block_context returned."""
+        out = self.layer(hidden, **ctx)
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention(self, normed: torch.Tensor, ctx: dict) -> torch.Tensor:
+        out = self.attention_module()(hidden_states=normed, attention_mask=ctx["attention_mask"],
+                                      position_embeddings=ctx["position_embeddings"])
+        return out[0] if isinstance(out, tuple) else out
+
+    @abstractmethod
+    def attention_module(self) -> nn.Module: ...
+
+    @abstractmethod
+    def ffn_module(self) -> nn.Module: ...
+
+    @abstractmethod
+    def attention_probs(self, normed: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Per-head attention probabilities [batch, heads, q, k] in fp32.
+
+        Computed explicitly because sdpa ignores ``output_attentions``.
+        """
+
+    # -- surgery -------------------------------------------------------------------------------------
+    @abstractmethod
+    def slice_heads(self, keep: Sequence[int]) -> None:
+        """Keep these query heads (and the KV heads they use); GQA groups must stay equal in size."""
+
+    @abstractmethod
+    def slice_ffn(self, keep: Sequence[int]) -> None:
+        """Keep these FFN channels (rows of gate/up, columns of down)."""
+
+    def shape(self) -> dict[str, int]:
+        return {
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.n_channels,
+        }
+
+
+class ModelAdapter(ABC):
+    """Whole-model access: embeddings, blocks, per-block call context, config updates."""
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    @abstractmethod
+    def layers(self) -> nn.ModuleList: ...
+
+    @abstractmethod
+    def block(self, index: int, layer: nn.Module | None = None) -> BlockAdapter:
+        """Adapter for block ``index`` (or for ``layer``, e.g. a copy of it)."""
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def block_context(self, hidden: torch.Tensor) -> dict:
+        """Keyword arguments every block forward needs (causal mask, rotary embeddings)."""
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers())
+
+    def num_parameters(self) -> int:
+        """Unique parameters: tied embeddings are counted once."""
+        seen: set[int] = set()
+        total = 0
+        for p in self.model.parameters():
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            total += p.numel()
+        return total
+
+    @abstractmethod
+    def update_config(self) -> dict:
+        """Write the blocks' current shapes into the config; return the per-layer shapes."""
+
+
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
+
+
+def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    for t in cls.model_types:
+        _REGISTRY[t] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    from daprune.models import llama  # noqa: F401  (registers the Llama family)
+
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    supported = supported_model_types()
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r}; daprune supports: {', '.join(supported)}"
+        )
+    return _REGISTRY[model_type](model)

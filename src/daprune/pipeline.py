@@ -1,0 +1,334 @@
+"""The one-shot streaming pipeline: one decoder block at a time, two activation streams.
+
+For each block: collect statistics of the *pruned* stream (what earlier pruned blocks produce),
+optionally re-fit the block's linears to the *dense* stream's outputs (recovery), score heads and
+channels, slice, then advance both streams. Only the pipeline moves tensors; module names live in
+the adapter, the math in criteria/recovery/schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from daprune.config import PruneConfig, parse_layers
+from daprune.criteria.base import Criterion, get_criterion
+from daprune.criteria.similarity import JSAccumulator, algorithm2, select_heads
+from daprune.errors import CalibrationError, ConfigError, NumericalError
+from daprune.hooks import capture
+from daprune.models.adapter import BlockAdapter, ModelAdapter
+from daprune.recovery import ridge_solve
+from daprune.schedule import BlockPlan, candidate_plans, check_budget, paper_plan
+from daprune.stats import BlockStats, Moments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockRecord:
+    """What happened to one block; becomes a row of report.json's ``layers``."""
+
+    index: int
+    pruned: bool
+    plan: dict = field(default_factory=dict)
+    kept_heads: list[int] = field(default_factory=list)
+    kept_channels: int = 0
+    error_input: float = 0.0
+    error_no_recovery: float | None = None
+    error: float = 0.0
+    damping: dict = field(default_factory=dict)
+    split_errors: dict = field(default_factory=dict)
+    head_divergence: list[list[float]] | None = None
+    redundant_heads: list[int] = field(default_factory=list)
+    kept_channel_idx: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+class BlockPruner:
+    """Prunes one block given its two input streams. Stateless across blocks except settings."""
+
+    def __init__(self, cfg: PruneConfig, ffn_crit: Criterion, head_crit: Criterion | None, target: float,
+                 grads: dict[int, dict[str, torch.Tensor]] | None = None):
+        self.cfg = cfg
+        self.ffn_crit = ffn_crit
+        self.head_crit = head_crit
+        self.target = target
+        self.grads = grads or {}
+        self.use_similarity = cfg.head_criterion == "similarity"
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def collect(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor, ctx: dict,
+                roles: dict[str, bool], js: JSAccumulator | None = None) -> dict[str, Moments]:
+        """Run both blocks over the streams; accumulate input moments of the requested roles.
+
+        ``roles`` maps a role (attn_in, o_in, ffn_in, down_in) to whether its moments also need the
+        cross term with the dense block's output of the same linear(s) (recovery targets).
+        """
+        lin = {"attn_in": block.attn_in()[0], "o_in": block.attn_out(), "ffn_in": block.ffn_in()[0],
+               "down_in": block.ffn_out()}
+        tgt = {"attn_in": dense.attn_in(), "o_in": [dense.attn_out()], "ffn_in": dense.ffn_in(),
+               "down_in": [dense.ffn_out()]}
+        moments = {r: Moments(f"block {block.index} {r}") for r in roles}
+        need_dense = any(roles.values())
+        dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair for i, m in enumerate(tgt[r])}
+        bs = self.cfg.batch_size
+        for s in range(0, xp.shape[0], bs):
+            with capture({r: lin[r] for r in roles}) as got:
+                block.forward(xp[s : s + bs], ctx)
+            dense_out = {}
+            if need_dense:
+                with capture(dense_mods) as dgot:
+                    dense.forward(xd[s : s + bs], ctx)
+                dense_out = dgot
+            for r, pair in roles.items():
+                x = got[r][0]
+                y = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
+                moments[r].update(x, y)
+            if js is not None:
+                js.update(block.attention_probs(got["attn_in"][0], ctx))
+        return moments
+
+    # -- recovery -----------------------------------------------------------------------------------
+    def refit(self, linears: list, mom: Moments, cols: torch.Tensor | None = None) -> float:
+        """Least-squares re-fit of ``linears`` (sharing one input) to their dense outputs."""
+        gram, cross = mom.second, mom.cross_mean
+        mean = mom.mean
+        if cols is not None:
+            gram, cross, mean = gram[cols][:, cols], cross[cols], mean[cols]
+        has_bias = linears[0].bias is not None
+        if has_bias:  # augment the input with a constant 1 so the bias is fitted too
+            g = torch.zeros(gram.shape[0] + 1, gram.shape[0] + 1)
+            g[:-1, :-1], g[:-1, -1], g[-1, :-1], g[-1, -1] = gram, mean, mean, 1.0
+            gram = g
+            cross = torch.cat([cross, (mom.ysum / mom.n)[None]], 0)
+        prior = None
+        if self.cfg.recovery_prior == "original":
+            ws = [lin.weight.data.float() if cols is None else lin.weight.data.float()[:, cols] for lin in linears]
+            prior = torch.cat(ws, 0)
+            if has_bias:
+                prior = torch.cat([prior, torch.cat([lin.bias.data.float() for lin in linears])[:, None]], 1)
+        w, info = ridge_solve(gram, cross, damp=self.cfg.recovery_damp, prior=prior)
+        row = 0
+        for lin in linears:
+            part = w[row : row + lin.out_features]
+            row += lin.out_features
+            if has_bias:
+                lin.bias.data.copy_(part[:, -1].to(lin.bias.dtype))
+                part = part[:, :-1]
+            if cols is not None:
+                lin.weight.data.zero_()
+                lin.weight.data[:, cols] = part.to(lin.weight.dtype)
+            else:
+                lin.weight.data.copy_(part.to(lin.weight.dtype))
+        return info.damp
+
+    # -- planning -----------------------------------------------------------------------------------
+    def choose_plan(self, block: BlockAdapter, stats: BlockStats, head_imp: torch.Tensor | None,
+                    redundant: list[int], rec: BlockRecord) -> BlockPlan:
+        cfg = self.cfg
+        heads_allowed = self.head_crit is not None and block.group_size > 1
+        plans = candidate_plans(block, self.target, cfg.channel_multiple,
+                                max_heads_per_group=None if heads_allowed else 0)
+        if not plans:
+            raise ConfigError(f"block {block.index}: the per-block budget cannot be met")
+        if cfg.head_split == "ffn-only" or len(plans) == 1:
+            return plans[0]
+        if cfg.head_split == "paper":
+            plan = paper_plan(block, self.target, cfg.channel_multiple)
+            return plan if plan is not None else plans[0]
+        # auto: pick the split with the least squared error added to the residual stream, measured
+        # exactly from the second moments of the o_proj and down_proj inputs.
+        ffn_rank = self.ffn_ranking(block, stats)
+        d = block.ffn_out().weight.float()
+        o = block.attn_out().weight.float()
+        h2, z2 = stats.down_in.second, stats.o_in.second
+        hd = block.head_dim
+        best, best_err = plans[0], float("inf")
+        for plan in plans:
+            heads = select_heads(block.head_groups(), plan.heads_per_group, head_imp, redundant)
+            cols = torch.tensor([h * hd + i for h in heads for i in range(hd)], dtype=torch.long)
+            e_attn = float(torch.einsum("oi,ij,oj->", o[:, cols], z2[cols][:, cols], o[:, cols])) if heads else 0.0
+            rm = ffn_rank[: plan.channels]
+            e_ffn = float(torch.einsum("oi,ij,oj->", d[:, rm], h2[rm][:, rm], d[:, rm])) if plan.channels else 0.0
+            rec.split_errors[str(plan.heads_per_group)] = {"attn": e_attn, "ffn": e_ffn, "channels": plan.channels}
+            if e_attn + e_ffn < best_err:
+                best, best_err = plan, e_attn + e_ffn
+        return best
+
+    def ffn_ranking(self, block: BlockAdapter, stats: BlockStats) -> torch.Tensor:
+        """Channel indices, least important first."""
+        scores = self.ffn_crit.ffn_scores(block, stats).float()
+        return torch.sort(scores, stable=True).indices
+
+    # -- one block ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor,
+              yd: torch.Tensor, ctx: dict) -> BlockRecord:
+        """Prune ``block`` in place. ``dense`` is an untouched copy; ``yd`` its output on ``xd``."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        rec = BlockRecord(block.index, True)
+        paper, post = cfg.recovery in ("paper", "both"), cfg.recovery in ("post", "both")
+        stats = BlockStats(grads=self.grads.get(block.index, {}))
+        needs = self.ffn_crit.needs | (self.head_crit.needs if self.head_crit else frozenset())
+
+        if paper:  # 1) q, k, v share one input Gram
+            stats.attn_in = self.collect(block, dense, xp, xd, ctx, {"attn_in": True})["attn_in"]
+            rec.damping["qkv"] = self.refit(block.attn_in(), stats.attn_in)
+
+        # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
+        js = JSAccumulator(block.n_heads) if self.use_similarity and block.group_size > 1 else None
+        roles = {"o_in": paper or post, "down_in": False}
+        if js is not None or "attn_in" in needs:
+            roles["attn_in"] = False
+        if "ffn_in" in needs:
+            roles["ffn_in"] = False
+        m = self.collect(block, dense, xp, xd, ctx, roles, js)
+        stats.o_in, stats.down_in = m["o_in"], m["down_in"]
+        stats.attn_in = stats.attn_in or m.get("attn_in")
+        stats.ffn_in = m.get("ffn_in")
+        if paper:
+            rec.damping["o"] = self.refit([block.attn_out()], stats.o_in)
+
+        head_imp, redundant = None, []
+        if self.head_crit is not None:
+            head_imp = self.head_crit.head_scores(block, stats).float()
+            if js is not None:
+                div = js.divergence
+                rec.head_divergence = div.tolist()
+                redundant = algorithm2(div, cfg.tau, head_imp)
+                rec.redundant_heads = redundant
+        plan = self.choose_plan(block, stats, head_imp, redundant, rec)
+        rec.plan = {"heads_per_group": plan.heads_per_group, "channels": plan.channels, "params": plan.params}
+
+        # 3) heads
+        removed_heads = select_heads(block.head_groups(), plan.heads_per_group, head_imp, redundant) \
+            if plan.heads_per_group else []
+        keep_heads = [h for h in range(block.n_heads) if h not in removed_heads]
+        if removed_heads:
+            hd = block.head_dim
+            kept_cols = torch.tensor([h * hd + i for h in keep_heads for i in range(hd)], dtype=torch.long)
+            if post:
+                rec.damping["o_post"] = self.refit([block.attn_out()], stats.o_in, kept_cols)
+            self.head_crit.after_head_prune(block, removed_heads, stats)
+            block.slice_heads(keep_heads)
+        rec.kept_heads = keep_heads
+
+        # 4) FFN: gate/up re-fit, then down's input and re-fit, then channel scores on recovered weights
+        if paper:
+            stats.ffn_in = self.collect(block, dense, xp, xd, ctx, {"ffn_in": True})["ffn_in"]
+            rec.damping["gate_up"] = self.refit(block.ffn_in(), stats.ffn_in)
+        roles = {"down_in": paper or post}
+        if "ffn_in" in needs and not paper:
+            roles["ffn_in"] = False
+        m = self.collect(block, dense, xp, xd, ctx, roles)
+        stats.down_in = m["down_in"]
+        stats.ffn_in = m.get("ffn_in", stats.ffn_in)
+        if paper:
+            rec.damping["down"] = self.refit([block.ffn_out()], stats.down_in)
+        order = self.ffn_ranking(block, stats)
+        removed = order[: plan.channels]
+        keep = torch.sort(order[plan.channels :]).values
+        if plan.channels:
+            if post:
+                rec.damping["down_post"] = self.refit([block.ffn_out()], stats.down_in, keep)
+            self.ffn_crit.after_ffn_prune(block, removed.tolist(), stats)
+            block.slice_ffn(keep.tolist())
+        rec.kept_channels = len(keep)
+        rec.kept_channel_idx = keep.tolist()
+
+        if cfg.recovery != "none":  # the same choices without any re-fit, for the report
+            plain = copy_block(dense)
+            if removed_heads:
+                self.head_crit.after_head_prune(plain, removed_heads, stats)
+                plain.slice_heads(keep_heads)
+            if plan.channels:
+                self.ffn_crit.after_ffn_prune(plain, removed.tolist(), stats)
+                plain.slice_ffn(keep.tolist())
+            rec.error_no_recovery = _rel(_forward(plain, xp, ctx, cfg.batch_size), yd)
+        rec.seconds = time.perf_counter() - t0
+        return rec
+
+
+def _forward(block: BlockAdapter, x: torch.Tensor, ctx: dict, bs: int) -> torch.Tensor:
+    return torch.cat([block.forward(x[s : s + bs], ctx) for s in range(0, x.shape[0], bs)])
+
+
+@dataclass
+class PipelineResult:
+    records: list[BlockRecord]
+    params_before: int
+    params_after: int
+    target_per_block: float
+    timings: dict
+
+
+@torch.no_grad()
+def embed_tokens(adapter: ModelAdapter, ids: torch.Tensor, bs: int) -> torch.Tensor:
+    dev = next(adapter.model.parameters()).device
+    return torch.cat([adapter.embed(ids[s : s + bs].to(dev)) for s in range(0, ids.shape[0], bs)])
+
+
+def copy_block(block: BlockAdapter) -> BlockAdapter:
+    """An independent copy of a block (the dense reference while the original is being pruned)."""
+    return type(block)(copy.deepcopy(block.layer), block.index)
+
+
+@torch.no_grad()
+def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, progress: bool = True,
+                 grads: dict | None = None) -> PipelineResult:
+    """Prune ``adapter.model`` in place, block by block, from calibration token ids."""
+    t0 = time.perf_counter()
+    layer_range = parse_layers(cfg.layers, adapter.n_layers)
+    params_before = adapter.num_parameters()
+    target = 0.0
+    if cfg.sparsity > 0:
+        target = check_budget([adapter.block(i) for i in layer_range], params_before, cfg.sparsity,
+                              cfg.channel_multiple)
+    hidden = adapter.config.hidden_size
+    if ids.numel() < hidden:
+        raise CalibrationError(
+            f"{ids.numel()} calibration tokens are fewer than the hidden size {hidden}: the input second "
+            "moments would be rank-deficient; raise --nsamples or --seqlen"
+        )
+    ffn_crit = get_criterion(cfg.ffn_criterion, seed=cfg.seed)
+    head_name = {"similarity": "second-moment", "none": None}.get(cfg.head_criterion, cfg.head_criterion)
+    head_crit = get_criterion(head_name, seed=cfg.seed) if head_name else None
+    pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads)
+
+    xp = embed_tokens(adapter, ids, cfg.batch_size)
+    xd: torch.Tensor | None = None  # the dense stream equals the pruned one until the first pruned block
+    ctx = adapter.block_context(xp[:1])
+    records = []
+    for i in tqdm(range(adapter.n_layers), desc="pruning blocks", disable=not progress):
+        block = adapter.block(i)
+        x_dense = xp if xd is None else xd
+        if i in layer_range and cfg.sparsity > 0:
+            dense = copy_block(block)
+            yd = _forward(dense, x_dense, ctx, cfg.batch_size)
+            rec = pruner.prune(block, dense, xp, x_dense, yd, ctx)
+            del dense
+        else:
+            rec = BlockRecord(i, False, kept_heads=list(range(block.n_heads)), kept_channels=block.n_channels)
+            yd = _forward(block, x_dense, ctx, cfg.batch_size)
+        if xd is None and not rec.pruned:
+            xp = yd  # streams still identical
+        else:
+            yp = _forward(block, xp, ctx, cfg.batch_size)
+            rec.error_input = _rel(xp, x_dense)
+            rec.error = _rel(yp, yd)
+            xp, xd = yp, yd
+        if not torch.isfinite(xp).all():
+            raise NumericalError(f"non-finite activations after block {i}")
+        records.append(rec)
+    return PipelineResult(records, params_before, adapter.num_parameters(), target,
+                          {"pipeline_s": time.perf_counter() - t0})

@@ -1,0 +1,78 @@
+"""Human-readable views of a report: a text table for the terminal and a per-layer PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def format_table(rows: list[list], headers: list[str]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def summary(report: dict) -> str:
+    p = report["params"]
+    s = report["settings"]
+    head = [
+        f"model          {report.get('model_source') and report['model_source']['origin'] or s['model']}",
+        f"parameters     {p['before']:,} -> {p['after']:,}  (removed {p['achieved_sparsity']:.2%}, "
+        f"requested {p['requested_sparsity']:.2%})",
+        f"criteria       FFN {s['ffn_criterion']}, heads {s['head_criterion']} (split {s['head_split']}, "
+        f"tau {s['tau']}), recovery {s['recovery']}",
+        f"calibration    {report['calibration']['source']}: {s['nsamples']} x {s['seqlen']} tokens, seed {s['seed']}",
+        f"time           {report['timings']['total_s']:.1f} s",
+    ]
+    rows = []
+    for r in report["layers"]:
+        if not r["pruned"]:
+            continue
+        rows.append([r["index"], len(r["kept_heads"]), r["kept_channels"], r["error_input"],
+                     r["error_no_recovery"], r["error"], r["seconds"]])
+    table = format_table(rows, ["block", "heads", "channels", "err in", "err no-rec", "err out", "s"])
+    extra = []
+    if "eval" in report:
+        for k, v in report["eval"].get("ppl", {}).items():
+            extra.append(f"perplexity     {k}: {v:.2f}")
+    return "\n".join(head + extra) + "\n\n" + table
+
+
+def plot_layers(report: dict, path: Path) -> Path | None:
+    """Per-block relative output error and kept heads/channels; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    layers = report["layers"]
+    idx = [r["index"] for r in layers]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax1.plot(idx, [r["error"] for r in layers], "o-", label="block output (final)")
+    if any(r["error_no_recovery"] is not None for r in layers):
+        ax1.plot(idx, [r["error_no_recovery"] for r in layers], "s--", label="same choice, no recovery")
+    ax1.set_ylabel("relative error vs dense")
+    ax1.legend()
+    shapes = report["shapes"]["layers"]
+    ax2.bar(idx, [s["intermediate_size"] for s in shapes], color="tab:blue", label="FFN channels")
+    ax2.set_ylabel("FFN channels kept")
+    ax3 = ax2.twinx()
+    ax3.plot(idx, [s["num_attention_heads"] for s in shapes], "r^-", label="query heads")
+    ax3.set_ylabel("query heads kept")
+    ax2.set_xlabel("block")
+    fig.suptitle("daprune: per-block error and kept structure")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random models for fast invariants, the real SmolLM2 for slow tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_model(arch: str = "llama", *, layers: int = 6, heads: int = 6, kv: int = 2, hidden: int = 48,
+               inter: int = 96, vocab: int = 128, seed: int = 0, bias: bool = False):
+    """A randomly initialised decoder of the given family, small enough for second-long tests."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
+                  tie_word_embeddings=False, head_dim=hidden // heads)
+    if arch == "llama" and bias:
+        kwargs["attention_bias"] = True
+    config = AutoConfig.for_model(arch, **kwargs)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # random init has near-zero norms weights; make RMSNorm weights non-trivial so slicing bugs show
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+class CharTokenizer:
+    """Minimal tokenizer for tiny models: bytes modulo the vocabulary."""
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+        self.bos_token_id = None
+        self.eos_token_id = 0
+        self.pad_token_id = 0
+
+    def __call__(self, text: str, **_):
+        return {"input_ids": [b % self.vocab for b in text.encode()]}
+
+    def save_pretrained(self, _path):
+        pass
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    value = os.environ.get("DAPRUNE_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
+    if value is None:
+        pytest.skip("no evaluation data folder (set DAPRUNE_DATA_DIR)")
+    return value
+
+
+@pytest.fixture(scope="session")
+def smollm(tmp_path_factory):
+    """The real embedded default model (converted once per test session into a temp cache)."""
+    pytest.importorskip("gguf")
+    from daprune.models.loading import load_model
+
+    cache = os.environ.get("DAPRUNE_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    model, tok, _ = load_model(None, cache=cache)
+    return model, tok, cache
