@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 
-from daprune.config import FFN_CRITERIA, HEAD_CRITERIA, HEAD_SPLITS, RECOVERY_MODES, PruneConfig
+from daprune.config import FFN_CRITERIA, HEAD_CRITERIA, HEAD_SPLITS, RECOVERY_MODES, SCHEDULES, PruneConfig
 from daprune.errors import DapruneError
+
+# Each module exposes add_parser(subparsers) -> {command_name: handler(args) -> exit code}.
+PLUGINS = ("daprune.evaluation.compare", "daprune.evaluation.bench")
 
 
 def _prune_parser(sub) -> None:
@@ -32,6 +36,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--layers", default=d.layers, help="block range START:STOP (default 4:-2 as in the paper)")
     p.add_argument("--ffn-criterion", choices=FFN_CRITERIA, default=d.ffn_criterion)
     p.add_argument("--head-criterion", choices=HEAD_CRITERIA, default=d.head_criterion)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="uniform ratio per block (paper) or adaptive across blocks (FLAP-style)")
     p.add_argument("--head-split", choices=HEAD_SPLITS, default=d.head_split,
                    help="auto: heads vs channels by measured output error; paper: same ratio; ffn-only")
     p.add_argument("--tau", type=float, default=d.tau, help="JS divergence threshold (nats) for redundant heads")
@@ -124,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
     _eval_parser(sub)
+    handlers = {"prune": cmd_prune, "eval": cmd_eval}
+    for name in PLUGINS:  # subcommands that live next to their implementation (compare, bench)
+        module = importlib.import_module(name)
+        handlers.update(module.add_parser(sub))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+        return handlers[args.command](args)
     except DapruneError as exc:
         print(f"daprune: error: {exc}", file=sys.stderr)
         return 2

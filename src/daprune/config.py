@@ -30,6 +30,7 @@ HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp"
                  "taylor-vector", "none")
 RECOVERY_MODES = ("none", "paper", "post", "both")
 HEAD_SPLITS = ("auto", "paper", "ffn-only")
+SCHEDULES = ("uniform", "adaptive")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PruneConfig:
     model: str | None = None
     sparsity: float = 0.2
     layers: str = "4:-2"
+    schedule: str = "uniform"
     ffn_criterion: str = "second-moment"
     head_criterion: str = "similarity"
     head_split: str = "auto"
@@ -77,6 +79,8 @@ class PruneConfig:
             raise ConfigError(f"unknown recovery mode {self.recovery!r}; choose from {', '.join(RECOVERY_MODES)}")
         if self.head_split not in HEAD_SPLITS:
             raise ConfigError(f"unknown head split {self.head_split!r}; choose from {', '.join(HEAD_SPLITS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.recovery_prior not in ("zero", "original"):
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:

@@ -57,8 +57,10 @@ class BlockPruner:
     """Prunes one block given its two input streams. Stateless across blocks except settings."""
 
     def __init__(self, cfg: PruneConfig, ffn_crit: Criterion, head_crit: Criterion | None, target: float,
-                 grads: dict[int, dict[str, torch.Tensor]] | None = None):
+                 grads: dict[int, dict[str, torch.Tensor]] | None = None,
+                 plans: dict[int, BlockPlan] | None = None):
         self.cfg = cfg
+        self.plans = plans or {}
         self.ffn_crit = ffn_crit
         self.head_crit = head_crit
         self.target = target
@@ -135,6 +137,8 @@ class BlockPruner:
     def choose_plan(self, block: BlockAdapter, stats: BlockStats, head_imp: torch.Tensor | None,
                     redundant: list[int], rec: BlockRecord) -> BlockPlan:
         cfg = self.cfg
+        if block.index in self.plans:  # a global (adaptive) schedule decided this block's share
+            return self.plans[block.index]
         heads_allowed = self.head_crit is not None and block.group_size > 1
         plans = candidate_plans(block, self.target, cfg.channel_multiple,
                                 max_heads_per_group=None if heads_allowed else 0)
@@ -303,11 +307,16 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     ffn_crit = get_criterion(cfg.ffn_criterion, seed=cfg.seed)
     head_name = {"similarity": "second-moment", "none": None}.get(cfg.head_criterion, cfg.head_criterion)
     head_crit = get_criterion(head_name, seed=cfg.seed) if head_name else None
-    pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads)
-
     xp = embed_tokens(adapter, ids, cfg.batch_size)
-    xd: torch.Tensor | None = None  # the dense stream equals the pruned one until the first pruned block
     ctx = adapter.block_context(xp[:1])
+    plans = None
+    if cfg.schedule == "adaptive" and cfg.sparsity > 0:
+        # FLAP-style global structure search: needs every block's scores before any block is pruned
+        from daprune.adaptive import adaptive_plans
+
+        plans = adaptive_plans(adapter, xp, ctx, layer_range, target * len(layer_range), ffn_crit, head_crit, cfg)
+    pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
+    xd: torch.Tensor | None = None  # the dense stream equals the pruned one until the first pruned block
     records = []
     for i in tqdm(range(adapter.n_layers), desc="pruning blocks", disable=not progress):
         block = adapter.block(i)

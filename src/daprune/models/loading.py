@@ -108,11 +108,6 @@ def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None, name: str |
     # plain safetensors that any tool loads.
     model.hf_quantizer = None
     model.config.quantization_config = None
-    if hasattr(model, "is_quantized"):
-        try:
-            model.is_quantized = False
-        except AttributeError:
-            pass
     if hasattr(model.config, "_name_or_path"):
         model.config._name_or_path = name or gguf.stem
     target.parent.mkdir(parents=True, exist_ok=True)
