@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -65,12 +66,25 @@ def _json_default(obj):
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
+MODELING_FILE = "modeling_daprune.py"
+_REMOTE_MODULE = MODELING_FILE.removesuffix(".py")
+
+
 def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, *, overwrite: bool = False,
                 extra: Callable[[Path], None] | None = None) -> Path:
-    """Save weights (safetensors), config, tokenizer and report.json into ``out`` atomically."""
+    """Save weights (safetensors), config, tokenizer and report.json into ``out`` atomically.
+
+    Non-uniform models (``config.daprune_layers``) also get ``modeling_daprune.py`` and a
+    ``config.auto_map`` entry, so ``from_pretrained(DIR, trust_remote_code=True)`` rebuilds the
+    per-layer shapes; uniform ones stay plain transformers folders with no remote code.
+    """
+    _sync_config(model)
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
-        if tokenizer is not None:
+        if not any(tmp.glob("*.safetensors")):
+            raise OutputError("the model was not written as safetensors")
+        write_remote_code(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "report.json", report)
         if extra is not None:
@@ -78,42 +92,115 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, *, overw
     return Path(out)
 
 
-def load_pruned(folder: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu"):
-    """Load a daprune output folder, including non-uniform ones, without remote code."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def _sync_config(model) -> None:
+    """Make the config describe the weights about to be written (blocks may have been sliced by hand)."""
+    from daprune.errors import UnsupportedModelError
     from daprune.models.adapter import get_adapter
+
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedModelError:
+        return
+    adapter.update_config()
+
+
+def modeling_template() -> str:
+    """Text of the remote-code file shipped as package data."""
+    return resources.files("daprune").joinpath("io_templates", MODELING_FILE).read_text()
+
+
+def write_remote_code(folder: Path) -> None:
+    """Add (non-uniform) or strip (uniform) the remote-code file and its ``auto_map`` in a saved folder."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    auto_map = {k: v for k, v in cfg.get("auto_map", {}).items() if not str(v).startswith(f"{_REMOTE_MODULE}.")}
+    if cfg.get("daprune_layers"):
+        auto_map["AutoModelForCausalLM"] = f"{_REMOTE_MODULE}.{_remote_class(cfg.get('model_type'))}"
+        (folder / MODELING_FILE).write_text(modeling_template())
+    else:
+        (folder / MODELING_FILE).unlink(missing_ok=True)
+    if auto_map:
+        cfg["auto_map"] = auto_map
+    else:
+        cfg.pop("auto_map", None)
+    write_json(cfg_path, cfg)
+
+
+def _remote_class(model_type: str | None) -> str:
+    """Class in modeling_daprune.py for a model type; parsed from the template so the two cannot drift."""
+    import ast
+
+    tree = ast.parse(modeling_template())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CLASSES" for t in node.targets):
+            classes = ast.literal_eval(node.value)
+            break
+    else:  # pragma: no cover - the template always defines CLASSES
+        raise OutputError(f"{MODELING_FILE} has no CLASSES table")
+    if model_type not in classes:
+        raise OutputError(f"no per-layer remote code for model type {model_type!r}; supported: {sorted(classes)}")
+    return classes[model_type]
+
+
+def load_pruned(folder: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu"):
+    """Load a daprune output folder, including non-uniform ones, without remote code.
+
+    Returns ``(model, tokenizer)``; the tokenizer is None when the folder has none (tiny test models).
+    Weights are read from safetensors only, never from pickles.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from daprune.models.loading import DTYPES
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder} is not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise ModelSourceError(f"{folder} has no .safetensors weights")
+    # trust_remote_code=False: the folder's own transformers classes, never its modeling_daprune.py
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     layers = getattr(config, "daprune_layers", None)
     if layers is None:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=False)
     else:
-        from safetensors.torch import load_file
+        model = _load_nonuniform(folder, config, layers, DTYPES[dtype])
+    return model.to(device).eval(), _load_tokenizer(folder)
 
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-        adapter = get_adapter(model)
-        reshape_layers(adapter, layers)
-        state = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
-        if missing or unexpected:
-            raise ModelSourceError(
-                f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        model.tie_weights()
-    tok = AutoTokenizer.from_pretrained(folder)
-    return model.to(device).eval(), tok
+
+def _load_nonuniform(folder: Path, config, layers: list[dict], dtype: torch.dtype):
+    """Build the dense skeleton, slice it to the recorded shapes, then load the safetensors state."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from daprune.models.adapter import get_adapter
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    reshape_layers(get_adapter(model), layers)
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ModelSourceError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model
+
+
+def _load_tokenizer(folder: Path):
+    """The folder's tokenizer, or None when it was saved without one."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / n).is_file() for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def reshape_layers(adapter, layers: list[dict]) -> None:
     """Shrink freshly initialised blocks to the per-layer shapes recorded in the config."""
+    if len(layers) != adapter.n_layers:
+        raise ModelSourceError(f"config.daprune_layers has {len(layers)} entries for {adapter.n_layers} layers")
     for i, shape in enumerate(layers):
         block = adapter.block(i)
         heads = shape["num_attention_heads"]

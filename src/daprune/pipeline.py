@@ -100,7 +100,7 @@ class BlockPruner:
         return moments
 
     # -- recovery -----------------------------------------------------------------------------------
-    def refit(self, linears: list, mom: Moments, cols: torch.Tensor | None = None) -> float:
+    def refit(self, linears: list, mom: Moments, cols: torch.Tensor | None = None) -> dict:
         """Least-squares re-fit of ``linears`` (sharing one input) to their dense outputs."""
         gram, cross = mom.second, mom.cross_mean
         mean = mom.mean
@@ -131,7 +131,7 @@ class BlockPruner:
                 lin.weight.data[:, cols] = part.to(lin.weight.dtype)
             else:
                 lin.weight.data.copy_(part.to(lin.weight.dtype))
-        return info.damp
+        return {"damp": info.damp, "escalations": info.escalations}
 
     # -- planning -----------------------------------------------------------------------------------
     def choose_plan(self, block: BlockAdapter, stats: BlockStats, head_imp: torch.Tensor | None,

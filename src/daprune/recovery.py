@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from daprune.errors import NumericalError
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,10 @@ def ridge_solve(
             return w_t.T.float().contiguous(), SolveInfo(float(lam / scale), k)
         log.warning("Gram matrix not positive definite; raising damping to %.1e", float(lam * 10 / scale))
         lam = lam * 10
-    raise torch.linalg.LinAlgError("Gram matrix stays singular after damping escalation")
+    raise NumericalError(
+        f"Gram matrix stays singular after raising damping to {float(lam / scale):.1e} (non-finite or degenerate "
+        "calibration activations?)"
+    )
 
 
 def objective(gram: torch.Tensor, cross: torch.Tensor, y_second: torch.Tensor, w: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ the pipeline, criteria and recovery only see linears, activations and index sets
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 from daprune.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
 
 
 class BlockAdapter(ABC):
@@ -107,6 +110,20 @@ class BlockAdapter(ABC):
     def slice_ffn(self, keep: Sequence[int]) -> None:
         """Keep these FFN channels (rows of gate/up, columns of down)."""
 
+    def add_output_bias(self, kind: str, bias: torch.Tensor) -> None:
+        """Add ``bias`` to the output of o_proj (``kind`` "attention") or down_proj ("mlp"), creating it if absent.
+
+        FLAP's bias compensation needs it. Only the level-2 linear of this block changes here; the config
+        flag and the zero biases of the other linears follow model-wide in ModelAdapter.sync_biases, after
+        pruning, so the per-block parameter accounting during pruning is not disturbed.
+        """
+        lin = {"attention": self.attn_out, "mlp": self.ffn_out}[kind]()
+        add = bias.detach().to(device=lin.weight.device, dtype=lin.weight.dtype)
+        if lin.bias is None:
+            lin.bias = nn.Parameter(add.clone(), requires_grad=lin.weight.requires_grad)
+        else:
+            lin.bias.data += add
+
     def shape(self) -> dict[str, int]:
         return {
             "num_attention_heads": self.n_heads,
@@ -152,6 +169,45 @@ class ModelAdapter(ABC):
             seen.add(p.data_ptr())
             total += p.numel()
         return total
+
+    def bias_flag(self, kind: str) -> str | None:
+        """Config flag that gives all ``kind`` ("attention"/"mlp") linears a bias, or None if the family has none."""
+        return None
+
+    def ensure_biases(self, kind: str) -> bool:
+        """Make ``kind``'s biases model-wide: zeros where missing in every block, and the config flag set.
+
+        A vanilla ``from_pretrained`` builds biases for all blocks or none, so a bias added to some blocks
+        (FLAP compensation) only round-trips if every block has one. Returns False (changing nothing) when
+        the family's config cannot express it; such a model then keeps its biases only in memory.
+        """
+        flag = self.bias_flag(kind)
+        if flag is None:
+            return False
+        for i in range(self.n_layers):
+            block = self.block(i)
+            if kind == "attention":
+                linears = block.attn_in() + [block.attn_out()]
+            else:
+                linears = block.ffn_in() + [block.ffn_out()]
+            for lin in linears:
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                        device=lin.weight.device),
+                                            requires_grad=lin.weight.requires_grad)
+        setattr(self.config, flag, True)
+        return True
+
+    def sync_biases(self) -> list[str]:
+        """Kinds whose level-2 linear has a bias in some block; each is made model-wide by ensure_biases."""
+        kinds = []
+        for kind, level2 in (("attention", BlockAdapter.attn_out), ("mlp", BlockAdapter.ffn_out)):
+            if any(level2(self.block(i)).bias is not None for i in range(self.n_layers)):
+                kinds.append(kind)
+                if not self.ensure_biases(kind):
+                    log.warning("%s biases were added but %s has no config flag for them: the saved model "
+                                "loads them only through daprune", kind, getattr(self.config, "model_type", "?"))
+        return kinds
 
     @abstractmethod
     def update_config(self) -> dict:

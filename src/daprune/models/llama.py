@@ -127,7 +127,15 @@ class LlamaFamilyAdapter(ModelAdapter):
         pe = self.model.model.rotary_emb(hidden, position_ids=position_ids)
         return {"attention_mask": mask, "position_embeddings": pe, "position_ids": position_ids}
 
+    # config flags that give every block's attention / MLP linears biases (Mistral and Qwen2 have none)
+    _BIAS_FLAGS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"},
+                   "qwen3": {"attention": "attention_bias"}}
+
+    def bias_flag(self, kind: str) -> str | None:
+        return self._BIAS_FLAGS.get(getattr(self.config, "model_type", ""), {}).get(kind)
+
     def update_config(self) -> dict:
+        self.sync_biases()  # FLAP-compensated blocks got o/down biases: make them model-wide and set the flag
         shapes = [self.block(i).shape() for i in range(self.n_layers)]
         cfg = self.config
         cfg.head_dim = self.block(0).head_dim  # explicit: hidden/heads no longer gives it

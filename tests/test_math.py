@@ -1,0 +1,120 @@
+"""Small hand-checkable examples for recovery, JS divergence, head selection and the schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from conftest import tiny_model
+
+from daprune.criteria.similarity import JSAccumulator, algorithm2, js_rows, select_heads
+from daprune.models.adapter import get_adapter
+from daprune.recovery import objective, ridge_solve
+from daprune.schedule import candidate_plans, channel_params, head_unit_params
+from daprune.stats import Moments
+
+
+def test_ridge_solve_recovers_exact_linear_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    w_true = torch.randn(3, 4, generator=g)
+    m = Moments()
+    m.update(x, x @ w_true.T)
+    w, info = ridge_solve(m.second, m.cross_mean, damp=1e-8)
+    torch.testing.assert_close(w, w_true, rtol=1e-4, atol=1e-4)
+    assert info.escalations == 0
+
+
+def test_ridge_solve_lowers_objective_on_4x3():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 4, generator=g)
+    y = torch.randn(50, 3, generator=g)
+    m = Moments()
+    m.update(x, y)
+    y2 = float(y.pow(2).sum() / 50)
+    w0 = torch.randn(3, 4, generator=g)
+    w, _ = ridge_solve(m.second, m.cross_mean)
+    assert objective(m.second, m.cross_mean, y2, w) < objective(m.second, m.cross_mean, y2, w0)
+    direct = torch.linalg.lstsq(x, y).solution.T
+    torch.testing.assert_close(w, direct, rtol=1e-3, atol=1e-3)
+
+
+def test_ridge_escalates_on_singular_gram():
+    gram = torch.diag(torch.tensor([1.0, 1.0, -0.5]))  # indefinite: Cholesky fails until damping dominates
+    _, info = ridge_solve(gram, torch.zeros(3, 2), damp=1e-4)
+    assert info.escalations == 5 and math.isclose(info.damp, 10.0, rel_tol=1e-6)  # 0.5 + 0.5*damp > 0
+
+
+def test_ridge_prior_original_shrinks_toward_it():
+    gram = torch.eye(2) * 1e-6
+    prior = torch.tensor([[1.0, 2.0]])
+    w, _ = ridge_solve(gram, torch.zeros(2, 1), damp=1e3, prior=prior)
+    torch.testing.assert_close(w, prior, rtol=1e-3, atol=1e-3)
+
+
+def test_js_divergence_bounds():
+    p = torch.tensor([[0.5, 0.5, 0.0]])
+    assert float(js_rows(p, p)) == 0.0
+    q = torch.tensor([[0.0, 0.0, 1.0]])
+    assert math.isclose(float(js_rows(p, q)), math.log(2), rel_tol=1e-6)
+    # hand value: P=(1,0), Q=(.5,.5): JS = .5*KL(P||M) + .5*KL(Q||M), M=(.75,.25)
+    p2, q2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]])
+    want = 0.5 * math.log(1 / 0.75) + 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
+    assert math.isclose(float(js_rows(p2, q2)), want, rel_tol=1e-6)
+
+
+def test_js_accumulator_mean_over_rows():
+    probs = torch.softmax(torch.randn(2, 3, 4, 4), -1)
+    acc = JSAccumulator(3)
+    acc.update(probs[:1])
+    acc.update(probs[1:])
+    want = js_rows(probs[:, 0], probs[:, 2]).mean()
+    torch.testing.assert_close(acc.divergence[0, 2], want.float())
+    assert torch.equal(acc.divergence, acc.divergence.T)
+
+
+def test_algorithm2_and_gqa_selection():
+    d = torch.tensor([[0.0, 0.01, 0.5, 0.5], [0.01, 0.0, 0.5, 0.02], [0.5, 0.5, 0.0, 0.5], [0.5, 0.02, 0.5, 0.0]])
+    imp = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    # pair (0,1) first: prune 1 (less important); pair (1,3) skipped because 1 is chosen
+    assert algorithm2(d, tau=0.1, importance=imp) == [1]
+    assert algorithm2(d, tau=0.001, importance=imp) == []
+    groups = [[0, 1], [2, 3]]
+    assert select_heads(groups, 1, imp, redundant=[1]) == [1, 3]
+    assert select_heads(groups, 0, imp) == []
+
+
+def test_attention_probs_match_eager_attention():
+    model = tiny_model()
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(0, 128, (2, 10))
+    out = model(ids, output_attentions=True)
+    adapter = get_adapter(model)
+    hidden = adapter.embed(ids)
+    ctx = adapter.block_context(hidden)
+    block = adapter.block(0)
+    probs = block.attention_probs(block.attn_norm()(hidden), ctx)
+    torch.testing.assert_close(probs, out.attentions[0].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_block_forward_matches_model():
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 10))
+    adapter = get_adapter(model)
+    h = adapter.embed(ids)
+    ctx = adapter.block_context(h)
+    for i in range(adapter.n_layers):
+        h = adapter.block(i).forward(h, ctx)
+    ref = model(ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(model.model.norm(h), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_accounting():
+    model = tiny_model()  # hidden 48, 6 heads (hd 8), 2 kv, inter 96
+    block = get_adapter(model).block(0)
+    assert channel_params(block) == 3 * 48
+    assert head_unit_params(block) == 2 * (8 * 48 + 48 * 8)
+    plans = candidate_plans(block, target=1000.0)
+    assert [p.heads_per_group for p in plans] == [0, 1, 2]  # group size 3: up to 2 heads per group
+    assert all(p.params >= 1000 for p in plans)
+    assert plans[0].channels == math.ceil(1000 / 144)

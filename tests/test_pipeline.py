@@ -1,0 +1,133 @@
+"""Invariants of the core pipeline on tiny random models (seconds, no real data)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from conftest import CharTokenizer, tiny_model
+
+from daprune.api import prune
+from daprune.models.adapter import get_adapter
+
+IDS = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _prune(model, **kw):
+    settings = dict(calibration="random", nsamples=8, seqlen=32, layers="1:-1", batch_size=4, progress=False)
+    settings.update(kw)
+    return prune(model=model, tokenizer=CharTokenizer(), **settings)
+
+
+def _state_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("recovery", ["none", "paper"])
+def test_zero_sparsity_is_identity(recovery):
+    model = tiny_model()
+    ref = model(IDS).logits
+    res = _prune(model, sparsity=0.0, recovery=recovery)
+    assert torch.equal(res.model(IDS).logits, ref)
+    assert res.report["params"]["removed"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_slicing_equals_masking(arch):
+    """Pruning without recovery = the dense model with the same heads/channels zeroed."""
+    dense = tiny_model(arch)
+    masked = tiny_model(arch)
+    res = _prune(dense, sparsity=0.3, head_split="paper")
+    report = res.report
+    assert report["params"]["achieved_sparsity"] >= 0.3
+    adapter = get_adapter(masked)
+    any_heads = False
+    with torch.no_grad():
+        for row in report["layers"]:
+            if not row["pruned"]:
+                continue
+            block = adapter.block(row["index"])
+            hd = block.head_dim
+            for h in range(block.n_heads):
+                if h not in row["kept_heads"]:
+                    any_heads = True
+                    block.attn_out().weight[:, h * hd : (h + 1) * hd] = 0
+            keep = set(report["kept_channels"][row["index"]])
+            drop = [c for c in range(block.n_channels) if c not in keep]
+            block.ffn_out().weight[:, drop] = 0
+    assert any_heads, "the paper split should prune heads at 30%"
+    torch.testing.assert_close(res.model(IDS).logits, masked(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gqa_stays_valid():
+    res = _prune(tiny_model(), sparsity=0.3, head_split="paper")
+    adapter = get_adapter(res.model)
+    for i in range(adapter.n_layers):
+        b = adapter.block(i)
+        assert b.n_heads % b.n_kv_heads == 0
+        assert b.n_kv_heads == 2  # KV heads are never removed under the per-group rule
+        assert b.layer.self_attn.num_key_value_groups == b.group_size
+        assert b.head_dim == 8
+
+
+@pytest.mark.parametrize("mode", ["post", "both"])
+def test_recovery_lowers_block_error(mode):
+    res = _prune(tiny_model(), sparsity=0.3, recovery=mode, nsamples=16)
+    pruned = [r for r in res.report["layers"] if r["pruned"]]
+    assert pruned
+    for r in pruned:
+        assert r["error"] < r["error_no_recovery"], r
+
+
+def test_recovery_with_bias_qwen2():
+    model = tiny_model("qwen2")
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    res = _prune(model, sparsity=0.25, recovery="both", nsamples=16)
+    out = res.model(IDS).logits
+    assert torch.isfinite(out).all()
+    assert all(r["error"] < r["error_no_recovery"] for r in res.report["layers"] if r["pruned"])
+
+
+def test_seed_reproducible():
+    a = _prune(tiny_model(), sparsity=0.25, recovery="paper", seed=3).model
+    b = _prune(tiny_model(), sparsity=0.25, recovery="paper", seed=3).model
+    assert _state_hash(a) == _state_hash(b)
+
+
+def test_report_records_settings_and_counts():
+    res = _prune(tiny_model(), sparsity=0.2, seed=5)
+    rep = res.report
+    assert rep["settings"]["seed"] == 5 and rep["settings"]["sparsity"] == 0.2
+    adapter = get_adapter(res.model)
+    assert rep["params"]["after"] == adapter.num_parameters()
+    assert rep["params"]["before"] - rep["params"]["after"] == rep["params"]["removed"]
+    assert len(rep["layers"]) == adapter.n_layers
+    for row in rep["layers"]:
+        block = adapter.block(row["index"])
+        assert len(row["kept_heads"]) == block.n_heads
+        assert row["kept_channels"] == block.n_channels
+    assert {"pipeline_s", "total_s"} <= set(rep["timings"])
+
+
+def test_uniform_output_loads_with_vanilla_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    res = _prune(tiny_model(), sparsity=0.2, head_split="ffn-only", layers="0:6", out=str(tmp_path / "o"))
+    assert res.report["shapes"]["uniform"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    torch.testing.assert_close(loaded(IDS).logits, res.model(IDS).logits)
+    gen = loaded.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 11)
+    assert (tmp_path / "o" / "report.json").is_file()
+
+
+def test_channel_multiple():
+    res = _prune(tiny_model(inter=128), sparsity=0.2, channel_multiple=16, head_split="ffn-only")
+    for row in res.report["layers"]:
+        assert row["kept_channels"] % 16 == 0
+    assert res.report["params"]["achieved_sparsity"] >= 0.2
