@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up and run the test suite (fast tests plus a representative real-model subset).
+# `bash scripts/test.sh -m slow` runs the slow real-model tests too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+if [ -z "${DAPRUNE_DATA_DIR:-}" ] && [ -d ../shared/data ]; then export DAPRUNE_DATA_DIR="$(cd ../shared/data && pwd)"; fi
+export DAPRUNE_CACHE="${DAPRUNE_CACHE:-$PWD/.cache}"
+ruff check src tests benchmarks
+python -m pytest -q "$@"

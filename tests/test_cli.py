@@ -1,0 +1,130 @@
+"""Bad input: a clear message, exit code 2, and no output folder (nor temp leftovers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(smollm, tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer: CLI runs in seconds."""
+    _, tok, _ = smollm
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model = tiny_model(vocab=len(tok), layers=6)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def nan_folder(tiny_folder, tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("nan") / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_folder).save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the CLI in-process (a subprocess per case costs ~10 s of imports)."""
+    from daprune.cli import main
+
+    def run(*args: str, cwd: Path) -> Result:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def test_exit_code_in_a_real_process(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "daprune.cli", "prune", "--out", str(out), "--sparsity", "2"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ})
+    _assert_refused(proc, out, "--sparsity must be in [0, 1)")
+
+
+def _assert_refused(proc, out: Path, needle: str):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
+    (["--layers", "3:3"], "selects no block"),
+    (["--layers", "abc"], "START:STOP"),
+    (["--sparsity", "0.9", "--layers", "1:2"], "cannot be met"),
+    (["--nsamples", "1", "--seqlen", "8"], "fewer than the hidden size"),
+    (["--calibration", "/nonexistent/calib.txt"], "calibration file not found"),
+])
+def test_bad_settings(run_cli, tiny_folder, tmp_path, args, needle):
+    out = tmp_path / "out"
+    # the tiny model is mostly embeddings (SmolLM2 vocabulary): 1% is what its blocks can give
+    proc = run_cli("prune", "--model", str(tiny_folder), "--out", str(out), "--layers", "1:-1",
+                   "--sparsity", "0.01", "--quiet", *args, cwd=tmp_path)
+    _assert_refused(proc, out, needle)
+
+
+def test_missing_model(run_cli, tmp_path):
+    out = tmp_path / "out"
+    _assert_refused(run_cli("prune", "--model", "./no/such/model", "--out", str(out), cwd=tmp_path), out,
+                    "model path not found")
+
+
+def test_unknown_architecture(run_cli, tmp_path):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(folder)
+    out = tmp_path / "out"
+    _assert_refused(run_cli("prune", "--model", str(folder), "--out", str(out), cwd=tmp_path), out,
+                    "unsupported architecture 'gpt2'; daprune supports: llama")
+
+
+def test_non_finite_activations(run_cli, nan_folder, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("prune", "--model", str(nan_folder), "--out", str(out), "--layers", "1:-1", "--quiet",
+                   "--sparsity", "0.01", cwd=tmp_path)
+    _assert_refused(proc, out, "non-finite")
+
+
+def test_existing_output_refused_then_overwrite(run_cli, tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    proc = run_cli("prune", "--model", str(tiny_folder), "--out", str(out), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "keep.txt").exists()
+    proc = run_cli("prune", "--model", str(tiny_folder), "--out", str(out), "--layers", "1:-1", "--overwrite",
+                   "--quiet", "--sparsity", "0.01", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "keep.txt").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["sparsity"] == 0.01 and report["params"]["achieved_sparsity"] >= 0.01
+    assert "block" in proc.stdout and "parameters" in proc.stdout
