@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from daprune.config import FFN_CRITERIA, HEAD_CRITERIA, HEAD_SPLITS, RECOVERY_MODES, SCHEDULES, PruneConfig
+from daprune.config import FFN_CRITERIA, HEAD_CRITERIA, HEAD_SPLITS, RECOVERY_MODES, SCHEDULES, SELECTIONS, PruneConfig
 from daprune.errors import DapruneError
 
 # Each module exposes add_parser(subparsers) -> {command_name: handler(args) -> exit code}.
@@ -38,6 +38,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--head-criterion", choices=HEAD_CRITERIA, default=d.head_criterion)
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="uniform ratio per block (paper) or adaptive across blocks (FLAP-style)")
+    p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
+                   help="score: rank FFN channels by the criterion; greedy: exact output error incl. correlations; "
+                        "obs: greedy with least-squares compensation")
+    p.add_argument("--obs-damp", type=float, default=d.obs_damp)
     p.add_argument("--head-split", choices=HEAD_SPLITS, default=d.head_split,
                    help="auto: heads vs channels by measured output error; paper: same ratio; ffn-only")
     p.add_argument("--tau", type=float, default=d.tau, help="JS divergence threshold (nats) for redundant heads")

@@ -31,6 +31,7 @@ HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp"
 RECOVERY_MODES = ("none", "paper", "post", "both")
 HEAD_SPLITS = ("auto", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive")
+SELECTIONS = ("score", "greedy", "obs")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class PruneConfig:
     ffn_criterion: str = "second-moment"
     head_criterion: str = "similarity"
     head_split: str = "auto"
+    selection: str = "score"
+    obs_damp: float = 1e-2
     tau: float = 0.05
     calibration: str = "lambada"
     nsamples: int = 16
@@ -79,6 +82,8 @@ class PruneConfig:
             raise ConfigError(f"unknown recovery mode {self.recovery!r}; choose from {', '.join(RECOVERY_MODES)}")
         if self.head_split not in HEAD_SPLITS:
             raise ConfigError(f"unknown head split {self.head_split!r}; choose from {', '.join(HEAD_SPLITS)}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.recovery_prior not in ("zero", "original"):

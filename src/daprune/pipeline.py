@@ -24,6 +24,7 @@ from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
 from daprune.recovery import ridge_solve
 from daprune.schedule import BlockPlan, candidate_plans, check_budget, paper_plan
+from daprune.selection import greedy_order, obs_order
 from daprune.stats import BlockStats, Moments
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class BlockPruner:
             return plan if plan is not None else plans[0]
         # auto: pick the split with the least squared error added to the residual stream, measured
         # exactly from the second moments of the o_proj and down_proj inputs.
-        ffn_rank = self.ffn_ranking(block, stats)
+        ffn_rank = self.ffn_ranking(block, stats, max(p.channels for p in plans))
         d = block.ffn_out().weight.float()
         o = block.attn_out().weight.float()
         h2, z2 = stats.down_in.second, stats.o_in.second
@@ -168,10 +169,15 @@ class BlockPruner:
                 best, best_err = plan, e_attn + e_ffn
         return best
 
-    def ffn_ranking(self, block: BlockAdapter, stats: BlockStats) -> torch.Tensor:
-        """Channel indices, least important first."""
-        scores = self.ffn_crit.ffn_scores(block, stats).float()
-        return torch.sort(scores, stable=True).indices
+    def ffn_ranking(self, block: BlockAdapter, stats: BlockStats, count: int) -> torch.Tensor:
+        """Channel indices, first the ``count`` to remove, in removal order; then the rest by score."""
+        by_score = torch.sort(self.ffn_crit.ffn_scores(block, stats).float(), stable=True).indices
+        if self.cfg.selection == "score" or count == 0:
+            return by_score
+        # greedy output approximation (also the estimate for obs, whose compensation comes later)
+        first = greedy_order(block.ffn_out().weight.float(), stats.down_in.second, count)
+        taken = set(first)
+        return torch.tensor(first + [int(c) for c in by_score if int(c) not in taken], dtype=torch.long)
 
     # -- one block ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -239,7 +245,14 @@ class BlockPruner:
         stats.ffn_in = m.get("ffn_in", stats.ffn_in)
         if paper:
             rec.damping["down"] = self.refit([block.ffn_out()], stats.down_in)
-        order = self.ffn_ranking(block, stats)
+        if cfg.selection == "obs" and plan.channels:
+            # OBS: greedy removal with least-squares compensation of the kept down_proj columns
+            first, w = obs_order(block.ffn_out().weight.float(), stats.down_in.second, plan.channels, cfg.obs_damp)
+            block.ffn_out().weight.data.copy_(w.to(block.ffn_out().weight.dtype))
+            rest = [c for c in range(block.n_channels) if c not in set(first)]
+            order = torch.tensor(first + rest, dtype=torch.long)
+        else:
+            order = self.ffn_ranking(block, stats, plan.channels)
         removed = order[: plan.channels]
         keep = torch.sort(order[plan.channels :]).values
         if plan.channels:
