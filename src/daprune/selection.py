@@ -35,28 +35,32 @@ def greedy_order(d: torch.Tensor, second: torch.Tensor, count: int) -> list[int]
     return order
 
 
-def obs_order(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1e-2) -> tuple[list[int], torch.Tensor]:
+def obs_order(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1e-2,
+              steps: int = 32) -> tuple[list[int], torch.Tensor]:
     """Removal order with least-squares compensation; returns it and the compensated weight [out, in].
 
-    The returned weight has the removed columns at zero and the kept ones updated.
+    Channels leave in about ``steps`` chunks, each the cheapest by the current OBS cost
+    ||W_:,j||^2 / [S^-1]_jj, followed by one joint Schur-complement update (BLAS matmuls; removing
+    one channel per step costs ~45 s per SmolLM2 block on a busy 2-core CPU, chunks ~1 s). The
+    returned weight has the removed columns at zero and the kept ones compensated.
     """
     w = d.double().clone()
     s = second.double()
     lam = damp * torch.diagonal(s).mean().clamp_min(1e-12)
     hinv = torch.linalg.inv(s + lam * torch.eye(s.shape[0], dtype=s.dtype))
-    alive = torch.ones(s.shape[0], dtype=torch.bool)
-    order = []
-    for _ in range(count):
+    dead = torch.zeros(s.shape[0], dtype=torch.bool)
+    chunk = max(1, -(-count // steps))
+    order: list[int] = []
+    while len(order) < count:
         cost = w.pow(2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)
-        cost[~alive] = float("inf")
-        j = int(torch.argmin(cost))
-        order.append(j)
-        hj = hinv[:, j] / hinv[j, j]
-        w -= torch.outer(w[:, j], hinv[j, :] / hinv[j, j])
-        hinv -= torch.outer(hj, hinv[j, :])
-        alive[j] = False
-        w[:, j] = 0.0
-        hinv[j, :] = 0.0
-        hinv[:, j] = 0.0
-        hinv[j, j] = 1.0  # keep the removed index inert
+        cost[dead] = float("inf")
+        b = torch.topk(cost, min(chunk, count - len(order)), largest=False).indices
+        order += b.tolist()
+        inv_bb = torch.linalg.inv(hinv[b][:, b])
+        rows = hinv[b]  # [k, I]
+        w -= (w[:, b] @ inv_bb) @ rows
+        hinv -= rows.T @ inv_bb @ rows
+        dead[b] = True
+        w[:, b] = 0.0
+        hinv[b, b] = 1.0  # keep removed indices inert (their rows and columns are now zero)
     return order, w.float()
