@@ -55,6 +55,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Indented JSON with a trailing newline; tensors and paths become lists and strings (reports hold both)."""
     path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
@@ -208,3 +209,24 @@ def reshape_layers(adapter, layers: list[dict]) -> None:
         per = heads // kv
         block.slice_heads([g * block.group_size + j for g in range(kv) for j in range(per)])
         block.slice_ffn(range(shape["intermediate_size"]))
+
+
+def probe_writable(out: str | os.PathLike) -> Path:
+    """Really try to create a file where ``out`` will be written; OutputError with the reason if not.
+
+    ``check_output`` trusts ``os.access``, which says yes to root on read-only mounts and does not notice
+    that an ancestor of ``out`` is a regular file; hours of pruning would then end in a traceback.
+    """
+    out = Path(out).expanduser().absolute()
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot write {out}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {probe}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    os.unlink(name)
+    return out

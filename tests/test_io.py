@@ -1,0 +1,202 @@
+"""Saved pruned models load in real tools: transformers (remote code only when needed), daprune.load, lm-eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CharTokenizer, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import daprune
+from daprune.api import prune
+from daprune.errors import ModelSourceError, OutputError
+from daprune.io import MODELING_FILE, load_pruned, modeling_template, save_pruned
+from daprune.models.adapter import get_adapter
+
+IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+ARCHS = ["llama", "qwen2", "mistral"]
+
+
+def _prune(model, out: Path, **kw):
+    settings = dict(calibration="random", nsamples=8, seqlen=32, batch_size=4, sparsity=0.3, progress=False)
+    settings.update(kw)
+    return prune(model=model, tokenizer=CharTokenizer(), out=str(out), **settings)
+
+
+def char_tokenizer():
+    """A real (saveable) HF tokenizer for the tiny models: one token per printable ASCII character."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{chr(c): i + 2 for i, c in enumerate(range(32, 127))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    return model(IDS).logits
+
+
+@torch.no_grad()
+def _greedy_no_cache(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    seq = prompt
+    for _ in range(n):
+        nxt = model(seq, use_cache=False).logits[:, -1:].argmax(-1)
+        seq = torch.cat([seq, nxt], dim=1)
+    return seq
+
+
+def _assert_cached_generation_matches(model) -> None:
+    """generate() with the KV cache must pick the same tokens as re-running the whole sequence."""
+    prompt = IDS[:1, :12]
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert out.shape[1] > prompt.shape[1]
+    assert torch.equal(out, _greedy_no_cache(model, prompt, 8)[:, : out.shape[1]])
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def nonuniform(request, tmp_path_factory):
+    """A tiny model pruned in blocks 1..4 only (heads and channels), so its shapes differ per layer."""
+    out = tmp_path_factory.mktemp(request.param) / "pruned"
+    res = _prune(tiny_model(request.param), out, layers="1:-1", head_split="paper")
+    return res, out
+
+
+def test_nonuniform_config_and_files(nonuniform):
+    res, out = nonuniform
+    cfg = json.loads((out / "config.json").read_text())
+    layers = cfg["daprune_layers"]
+    assert len({json.dumps(s, sort_keys=True) for s in layers}) > 1
+    assert any(s["num_attention_heads"] < 6 for s in layers), "the test should cover removed heads"
+    assert cfg["auto_map"]["AutoModelForCausalLM"].startswith("modeling_daprune.Daprune")
+    assert (out / MODELING_FILE).read_text() == modeling_template()
+    assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+
+
+def test_nonuniform_remote_code_round_trip(nonuniform):
+    res, out = nonuniform
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(loaded).__name__.startswith("Daprune")
+    assert torch.equal(_logits(loaded), _logits(res.model))
+    cfg = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert cfg.daprune_layers == res.model.config.daprune_layers
+    for layer, shape in zip(loaded.model.layers, cfg.daprune_layers, strict=True):
+        attn = layer.self_attn
+        assert attn.num_key_value_groups == shape["num_attention_heads"] // shape["num_key_value_heads"]
+    _assert_cached_generation_matches(loaded)
+
+
+def test_nonuniform_daprune_load(nonuniform):
+    res, out = nonuniform
+    model, tok = daprune.load(out)
+    assert tok is None  # the CharTokenizer stand-in saves nothing
+    assert "modeling_daprune" not in type(model).__module__  # no remote code
+    assert torch.equal(_logits(model), _logits(res.model))
+    _assert_cached_generation_matches(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_uniform_loads_with_vanilla_transformers(arch, tmp_path):
+    out = tmp_path / "pruned"
+    res = _prune(tiny_model(arch), out, layers="0:6", head_split="paper")
+    cfg = json.loads((out / "config.json").read_text())
+    assert "daprune_layers" not in cfg and "auto_map" not in cfg
+    assert not (out / MODELING_FILE).exists()
+    assert cfg["intermediate_size"] < 96
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    assert torch.equal(_logits(loaded), _logits(res.model))
+    _assert_cached_generation_matches(loaded)
+    model, _ = load_pruned(out)
+    assert torch.equal(_logits(model), _logits(res.model))
+
+
+def test_hand_sliced_qwen3_without_update_config(tmp_path):
+    """save_pruned writes the shapes the weights really have, even if update_config was never called."""
+    model = tiny_model("qwen3")
+    adapter = get_adapter(model)
+    adapter.block(1).slice_heads([0, 1, 3, 4])
+    adapter.block(2).slice_ffn(range(40))
+    adapter.block(3).slice_heads([0, 3])
+    out = save_pruned(model, None, tmp_path / "out", {})
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert loaded.model.layers[3].self_attn.num_key_value_groups == 1
+    _assert_cached_generation_matches(loaded)
+
+
+def test_lm_eval_constructs_and_scores(tmp_path):
+    """lm-eval's HF backend builds the non-uniform model through trust_remote_code and scores a request."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model = tiny_model()
+    adapter = get_adapter(model)
+    adapter.block(2).slice_heads([0, 1, 3, 4])
+    adapter.block(3).slice_ffn(range(50))
+    out = save_pruned(model, char_tokenizer(), tmp_path / "out", {})
+    lm = HFLM(pretrained=str(out), trust_remote_code=True, batch_size=1, device="cpu")
+    assert type(lm.model).__name__ == "DapruneLlamaForCausalLM"
+    req = Instance(request_type="loglikelihood", doc={}, arguments=("hello", " world"), idx=0)
+    (logprob, _), = lm.loglikelihood([req])
+    assert logprob < 0 and logprob == pytest.approx(_reference_logprob(model, lm, "hello", " world"), abs=1e-4)
+
+
+@torch.no_grad()
+def _reference_logprob(model, lm, context: str, continuation: str) -> float:
+    ctx, cont = lm.tok_encode(context), lm.tok_encode(continuation)
+    ids = torch.tensor([ctx + cont])
+    logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+def test_template_needs_only_torch_and_transformers():
+    imports = [line for line in modeling_template().splitlines() if line.startswith(("import ", "from "))]
+    assert imports and all(line.split()[1].split(".")[0] in ("__future__", "torch", "transformers")
+                           for line in imports)
+
+
+def test_load_refuses_pickled_weights(tmp_path):
+    model = tiny_model()
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelSourceError, match="safetensors"):
+        load_pruned(tmp_path)
+
+
+# -- atomic writes -----------------------------------------------------------------------------------
+def _boom(_tmp: Path) -> None:
+    raise RuntimeError("disk full")
+
+
+def test_failure_inside_save_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pruned(tiny_model(), None, out, {}, extra=_boom)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no hidden temp folder either
+
+
+def test_existing_folder_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):
+        save_pruned(tiny_model(), None, out, {})
+    assert (out / "keep.txt").read_text() == "mine"
+    save_pruned(tiny_model(), None, out, {"v": 2}, overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert json.loads((out / "report.json").read_text()) == {"v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_overwrite_keeps_the_old_folder(tmp_path):
+    out = save_pruned(tiny_model(), None, tmp_path / "out", {"v": 1})
+    with pytest.raises(RuntimeError):
+        save_pruned(tiny_model(), None, out, {"v": 2}, overwrite=True, extra=_boom)
+    assert json.loads((out / "report.json").read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
