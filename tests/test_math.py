@@ -118,3 +118,44 @@ def test_parameter_accounting():
     assert [p.heads_per_group for p in plans] == [0, 1, 2]  # group size 3: up to 2 heads per group
     assert all(p.params >= 1000 for p in plans)
     assert plans[0].channels == math.ceil(1000 / 144)
+
+
+def _output_error(d, second, removed):
+    r = list(removed)
+    return float(torch.einsum("oi,ij,oj->", d[:, r], second[r][:, r], d[:, r])) if r else 0.0
+
+
+def test_greedy_selection_uses_correlations():
+    """Two channels that cancel each other look important one by one but can go together."""
+    import itertools
+
+    from daprune.selection import greedy_order
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(400, 6, generator=g)
+    h[:, 1] = -h[:, 0] + 0.05 * h[:, 1]
+    d = torch.randn(4, 6, generator=g)
+    d[:, 1] = d[:, 0]  # channel 0 and 1 cancel at the output
+    second = h.T @ h / 400
+    order = greedy_order(d, second, 2)
+    best = min(itertools.combinations(range(6), 2), key=lambda r: _output_error(d, second, r))
+    assert sorted(order) == sorted(best) == [0, 1]
+    diag_scores = d.pow(2).sum(0) * torch.diagonal(second)
+    by_score = torch.argsort(diag_scores)[:2].tolist()
+    assert _output_error(d, second, order) < _output_error(d, second, by_score)
+    assert greedy_order(d, second, 4)[:2] == order  # removal order: every prefix is the greedy choice
+
+
+def test_obs_compensation_equals_least_squares_refit():
+    from daprune.selection import obs_order
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(300, 8, generator=g)
+    d = torch.randn(5, 8, generator=g)
+    second = h.T @ h / 300
+    for steps in (1, 3):
+        order, w = obs_order(d, second, 3, damp=1e-9, steps=steps)
+        keep = [i for i in range(8) if i not in order]
+        refit = torch.linalg.lstsq(h[:, keep], h @ d.T).solution.T
+        torch.testing.assert_close(w[:, keep], refit, rtol=1e-4, atol=1e-4)
+        assert w[:, order].abs().max() < 1e-6

@@ -49,7 +49,7 @@ class PruneConfig:
     ffn_criterion: str = "second-moment"
     head_criterion: str = "similarity"
     head_split: str = "auto"
-    selection: str = "score"
+    selection: str = "greedy"
     obs_damp: float = 1e-2
     tau: float = 0.05
     calibration: str = "lambada"
