@@ -1,0 +1,157 @@
+"""Zero-shot accuracy of a model on the seven standard tasks (lm-eval, offline data when installed).
+
+Usage::
+
+    python benchmarks/zeroshot_bench.py [--model DIR] [--limit N] [--batch-size B] [--dtype bf16|fp32]
+                                        [--tasks piqa,arc_easy] [--threads T] [--json FILE]
+    python benchmarks/zeroshot_bench.py --compare-dtypes --tasks hellaswag,arc_easy --limit 300
+
+The default model is the embedded SmolLM2-135M-Instruct (de-quantized from its GGUF). ``--compare-dtypes``
+scores the same documents in fp32 and bf16 and reports how often the chosen answer changes, to decide
+whether bf16 (much faster on CPU) stays within noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daprune.evaluation.zeroshot import SEVEN_TASKS, evaluate_zeroshot, parse_tasks
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def load(model_dir: str | None, dtype: str) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` in ``dtype`` through the project's loader (embedded default if None)."""
+    from daprune.models.loading import load_model
+
+    model, tokenizer, _ = load_model(model_dir, dtype=DTYPES[dtype])
+    return model.eval(), tokenizer
+
+
+def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> dict[str, Any]:
+    """Evaluate once and attach the settings needed to reproduce the numbers."""
+    model, tokenizer = load(args.model, dtype)
+    start = time.perf_counter()
+    result = evaluate_zeroshot(
+        model,
+        tokenizer,
+        args.tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        log_samples=log_samples,
+    )
+    result["wall_s"] = time.perf_counter() - start
+    result["settings"] = {
+        "model": args.model or "embedded SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)",
+        "dtype": dtype,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+    }
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """Task, the metric that enters the mean, its value and stderr, acc/acc_norm and doc count."""
+    print(f"{'task':<14} {'metric':<9} {'value':>7} {'stderr':>7} {'acc':>7} {'acc_norm':>8} {'n':>6}")
+    for task, row in result["tasks"].items():
+        metric = result["mean_metrics"][task]
+        stderr = row.get(f"{metric}_stderr")
+        print(
+            f"{task:<14} {metric:<9} {_fmt(row[metric]):>7} {_fmt(stderr):>7} {_fmt(row['acc']):>7} "
+            f"{_fmt(row['acc_norm']):>8} {row['n']:>6}"
+        )
+    settings = result["settings"]
+    print(f"{'mean':<14} {'':<9} {result['mean']:.4f}")
+    print(
+        f"wall time {result['wall_s']:.0f} s, dtype {settings['dtype']}, batch {settings['batch_size']}, "
+        f"threads {settings['threads']}, limit {result['limit']}, offline {result['offline']}"
+    )
+
+
+def _per_doc(samples: list[dict[str, Any]], metric: str) -> dict[int, tuple[list[float], float]]:
+    """doc_id -> (log-likelihood of each choice, 0/1 correctness under ``metric``)."""
+    return {s["doc_id"]: ([float(r[0]) for r in s["filtered_resps"]], float(s[metric])) for s in samples}
+
+
+def compare_dtypes(args: argparse.Namespace) -> dict[str, Any]:
+    """Score the same documents in fp32 and bf16; report metric deltas and per-doc flips."""
+    runs = {dtype: run(args, dtype, log_samples=True) for dtype in ("fp32", "bf16")}
+    report: dict[str, Any] = {"tasks": {}, "wall_s": {d: r["wall_s"] for d, r in runs.items()}}
+    for task in args.tasks:
+        metric = runs["fp32"]["mean_metrics"][task]
+        a, b = (_per_doc(runs[d]["samples"][task], metric) for d in ("fp32", "bf16"))
+        flipped = sum(a[i][1] != b[i][1] for i in a)
+        max_dll = max(abs(x - y) for i in a for x, y in zip(a[i][0], b[i][0], strict=True))
+        fp32, bf16 = (runs[d]["tasks"][task] for d in ("fp32", "bf16"))
+        report["tasks"][task] = {
+            "metric": metric,
+            "fp32": fp32[metric],
+            "bf16": bf16[metric],
+            "stderr": fp32[f"{metric}_stderr"],
+            "n": fp32["n"],
+            "docs_flipped": flipped,
+            "max_abs_dll": max_dll,
+        }
+        print(
+            f"{task:<14} {metric:<9} fp32 {fp32[metric]:.4f}  bf16 {bf16[metric]:.4f}  "
+            f"stderr {fp32[f'{metric}_stderr']:.4f}  n {fp32['n']}  "
+            f"docs flipped {flipped}/{len(a)}  max|dLL| {max_dll:.3f}"
+        )
+    print(f"wall time fp32 {report['wall_s']['fp32']:.0f} s, bf16 {report['wall_s']['bf16']:.0f} s")
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF model folder (default: embedded SmolLM2)")
+    parser.add_argument("--tasks", default=",".join(SEVEN_TASKS), help="comma list or 'all' (default: all seven)")
+    parser.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compare-dtypes", action="store_true", help="fp32 vs bf16 on the same documents")
+    parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        args.tasks = parse_tasks(args.tasks)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.compare_dtypes:
+        out = compare_dtypes(args)
+    else:
+        out = run(args, args.dtype)
+        print_table(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
