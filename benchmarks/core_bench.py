@@ -25,10 +25,12 @@ from daprune.report import format_table
 
 ROWS = {
     "ours": {},
-    "ours+post": {"recovery": "post"},
     "ours+paper-recovery": {"recovery": "paper"},
+    "ours+post": {"recovery": "post"},
     "ours-self-generated": {"calibration": "self"},
+    "ours-64-samples": {"nsamples": 64},
 }
+DEFAULT_ROWS = ["ours", "ours+paper-recovery", "ours-self-generated", "ours-64-samples"]
 
 
 class PeakRSS:
@@ -57,7 +59,7 @@ class PeakRSS:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsity", type=float, default=0.2)
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value settings for every pruned row")
     ap.add_argument("--max-windows", type=int, default=None, help="evenly spaced subset (default: full sets)")
     ap.add_argument("--data-dir", default=None)
@@ -73,6 +75,7 @@ def main() -> None:
     dense = evaluate(model, tok, data_dir=args.data_dir, max_windows=args.max_windows, batch_size=32)
     results = [{"row": "dense", "params": sum(p.numel() for p in model.parameters()), **dense["ppl"],
                 "eval_s": time.perf_counter() - t0}]
+    print(f"done dense: {dense['ppl']}", flush=True)
     del model
     for name in args.rows:
         fresh, _, _ = load_model(None)

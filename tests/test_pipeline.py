@@ -131,3 +131,10 @@ def test_channel_multiple():
     for row in res.report["layers"]:
         assert row["kept_channels"] % 16 == 0
     assert res.report["params"]["achieved_sparsity"] >= 0.2
+
+
+@pytest.mark.parametrize("nsamples,expected", [(8, "greedy"), (16, "obs")])
+def test_auto_selection_needs_enough_tokens(nsamples, expected):
+    """96 FFN channels: obs needs >= 4 * 96 tokens (8 x 32 = 256 is too few, 16 x 32 = 512 enough)."""
+    res = _prune(tiny_model(), sparsity=0.2, nsamples=nsamples)
+    assert {r["plan"]["selection"] for r in res.report["layers"] if r["pruned"]} == {expected}

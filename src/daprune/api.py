@@ -1,27 +1,64 @@
-"""The Python API: ``daprune.prune(...)`` returns the pruned model and its report."""
+"""The Python API: ``daprune.prune(...)`` returns the pruned model and its report.
+
+Two execution modes share one block loop (:func:`daprune.pipeline.run_pipeline`):
+
+* **streaming** (default when the source is a local safetensors folder, incl. the cached default model,
+  and an output folder is given): blocks are read from disk one at a time, so memory does not grow
+  with depth (:mod:`daprune.streaming`);
+* **in memory**: the whole model is loaded (hub ids, model objects passed in, criteria that need
+  gradients of the whole model, ``--no-streaming``).
+
+Whenever an output folder is written from a model source, a work folder beside it checkpoints every
+block, so an interrupted run resumes where it stopped (:mod:`daprune.checkpoint`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
+import logging
+import os
 import platform
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from daprune.config import PruneConfig, parse_layers
-from daprune.errors import ConfigError
+from daprune.errors import ConfigError, DapruneError, ResumeError, TokenizerError
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
 class PruneResult:
-    model: torch.nn.Module
-    tokenizer: object
-    report: dict
-    out: Path | None = None
+    """The pruned model, its tokenizer and report, and the output folder if one was written.
+
+    In streaming mode the pruned model only exists on disk; ``model`` then loads it from ``out`` on first
+    access (so a caller that only wanted the folder never pays for loading it).
+    """
+
+    def __init__(self, model: torch.nn.Module | None, tokenizer: object, report: dict, out: Path | None = None):
+        self._model = model
+        self.tokenizer = tokenizer
+        self.report = report
+        self.out = out
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        if self._model is None and self.out is not None:
+            from daprune.io import load_pruned
+
+            dtype = self.report.get("settings", {}).get("dtype", "float32")
+            self._model, _ = load_pruned(self.out, dtype=dtype)
+        return self._model
+
+    @model.setter
+    def model(self, value: torch.nn.Module | None) -> None:
+        self._model = value
 
 
 def seed_everything(seed: int) -> None:
@@ -32,60 +69,301 @@ def seed_everything(seed: int) -> None:
 
 def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out: str | None = None,
           overwrite: bool = False, data_dir: str | None = None, cache: str | None = None,
-          progress: bool = True, **settings) -> PruneResult:
+          progress: bool = True, streaming: bool | None = None, resume: bool = True,
+          work_dir: str | os.PathLike | None = None, activations: str = "device",
+          extra: Callable[[Path], None] | None = None, **settings) -> PruneResult:
     """Prune a causal LM in one shot and (optionally) write it to ``out``.
 
     Pass a :class:`PruneConfig` or its fields as keyword arguments. ``model``/``tokenizer`` may be
-    given directly (already loaded); otherwise ``config.model`` is resolved (default: SmolLM2-135M).
+    given directly (already loaded); otherwise ``config.model`` is resolved (default: SmolLM2-135M). A
+    string or path passed as ``model`` is taken as that source.
     All checks on user input run before the model is loaded, and ``out`` is written atomically.
-    """
-    from daprune.data.calibration import calibration_tokens
-    from daprune.io import check_output, save_pruned
-    from daprune.models.adapter import get_adapter
-    from daprune.models.loading import DTYPES, load_model
-    from daprune.pipeline import run_pipeline
 
+    Execution (none of these change the result): ``streaming`` (None: automatic, see the module doc),
+    ``resume`` (continue an interrupted run found in the work folder; False discards it),
+    ``work_dir`` (default ``OUT.daprune-work``), ``activations`` (``device`` | ``cpu`` | ``disk``: where the
+    two activation streams live), ``extra(tmp)`` (adds files to the output folder before it appears).
+    """
+    from daprune.checkpoint import WorkDir, default_work_dir, source_fingerprint
+    from daprune.io import check_output, probe_writable
+    from daprune.models.loading import resolve_source
+    from daprune.streaming import ACTIVATION_MODES, WeightsReader, resolve_device
+
+    if isinstance(model, (str, os.PathLike)):  # a source (folder, .gguf, hub id), not a loaded model
+        settings["model"], model = str(model), None
     cfg = dataclasses.replace(config or PruneConfig(), **settings)
     cfg.validate()
+    if activations not in ACTIVATION_MODES:
+        raise ConfigError(f"--activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
     if out is not None:
         check_output(out, overwrite)
-    timings: dict[str, float] = {}
+        probe_writable(out)
+    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    source = None
+
+    source = reader = None
     if model is None:
-        model, tokenizer, source = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, cache=cache)
+        source = resolve_source(cfg.model, cache)
+        if source.kind != "hub":
+            reader = WeightsReader(source.path)  # headers only: corrupt/truncated shards fail here
+            reader = reader if reader.available else None
+    use_streaming = _choose_streaming(streaming, model is not None, out, reader, cfg)
+
+    work = None
+    if out is not None and source is not None:
+        work = WorkDir(work_dir or default_work_dir(out))
+    run = _Run(cfg, device, source, reader, work, activations, work_dir, progress, data_dir, cache)
+    run.timings["resolve_s"] = time.perf_counter() - t0
+    if use_streaming:
+        run.prepare_streaming()
     else:
-        model.to(DTYPES[cfg.dtype])
-    model.eval()
-    adapter = get_adapter(model)
-    parse_layers(cfg.layers, adapter.n_layers)  # empty range -> ConfigError before any work
-    timings["load_s"] = time.perf_counter() - t0
+        run.prepare_resident(model, tokenizer)
+    tokenizer = run.tokenizer
+    if work is not None:  # after every cheap check; a foreign work folder is refused, never deleted
+        identity = {"settings": {**cfg.to_dict(), "device": str(device)},
+                    "source": source_fingerprint(dataclasses.asdict(source)), "daprune": _version()}
+        work.open(identity, resume=resume)
+    try:
+        result = run.execute()
+        shapes = run.adapter.update_config()
+        run.timings["total_s"] = time.perf_counter() - t0
+        report = build_report(cfg, source, run.calib_info, result, shapes, run.timings)
+        report["execution"] = {"device": str(device), "streaming": use_streaming, "activations": activations,
+                               "resumed_from_block": work.resumed_from if work is not None else None}
+        out_path = run.write(out, overwrite, report, extra) if out is not None else None
+    except DapruneError as exc:
+        if work is not None and not isinstance(exc, ResumeError):
+            work.remove()  # a deterministic input problem: resuming would fail the same way
+        raise
+    finally:
+        run.cleanup()
+    if work is not None:
+        work.remove()
+    return PruneResult(None if use_streaming else run.model, tokenizer, report, out_path)
 
-    seed_everything(cfg.seed)
-    t1 = time.perf_counter()
-    ids, calib_info = calibration_tokens(cfg.calibration, model, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed,
-                                         data_dir=data_dir, self_gen=cfg.self_gen, progress=progress)
-    timings["calibration_s"] = time.perf_counter() - t1
 
-    grads = None
-    if any("grads" in _needs(n) for n in (cfg.ffn_criterion, cfg.head_criterion)):
-        from daprune.criteria.taylor import collect_gradients
+def _choose_streaming(streaming: bool | None, model_given: bool, out, reader, cfg: PruneConfig) -> bool:
+    """Stream when possible and not turned off; ``--streaming`` where it is impossible is an error."""
+    reasons = []
+    if model_given:
+        reasons.append("a loaded model object was passed")
+    if out is None:
+        reasons.append("no output folder is given (streaming writes the pruned blocks there)")
+    if reader is None and not model_given:
+        reasons.append("the model source has no local safetensors weights")
+    grad_criteria = [n for n in (cfg.ffn_criterion, cfg.head_criterion) if "grads" in _needs(n)]
+    if grad_criteria:
+        reasons.append(f"criterion {grad_criteria[0]} needs gradients of the whole model")
+    if streaming is None:
+        if reasons and not model_given and out is not None:
+            log.info("not streaming: %s", "; ".join(reasons))
+        return not reasons
+    if streaming and reasons:
+        raise ConfigError(f"--streaming is not possible here: {'; '.join(reasons)}; use --no-streaming")
+    return bool(streaming)
 
-        t2 = time.perf_counter()
-        grads = collect_gradients(model, adapter, ids, batch_size=cfg.batch_size, progress=progress)
-        timings["gradients_s"] = time.perf_counter() - t2
 
-    seed_everything(cfg.seed)
-    result = run_pipeline(adapter, ids, cfg, progress=progress, grads=grads)
-    timings.update(result.timings)
-    shapes = adapter.update_config()
-    timings["total_s"] = time.perf_counter() - t0
+class _Run:
+    """State of one prune() call between its steps (kept out of prune() to keep that readable)."""
 
-    report = build_report(cfg, source, calib_info, result, shapes, timings)
-    out_path = None
-    if out is not None:
-        out_path = save_pruned(model, tokenizer, out, report, overwrite=overwrite)
-    return PruneResult(model, tokenizer, report, out_path)
+    def __init__(self, cfg: PruneConfig, device: torch.device, source, reader, work, activations: str,
+                 work_dir, progress: bool, data_dir, cache):
+        self.cfg, self.device, self.source, self.reader, self.work = cfg, device, source, reader, work
+        self.activations, self.work_dir, self.progress = activations, work_dir, progress
+        self.data_dir, self.cache = data_dir, cache
+        self.timings: dict[str, float] = {}
+        self.model = self.tokenizer = self.adapter = self.store = None
+        self.calib_info: dict = {}
+        self._scratch: Path | None = None
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def prepare_streaming(self) -> None:
+        from daprune.models.adapter import get_adapter
+        from daprune.models.loading import DTYPES
+        from daprune.streaming import StreamingStore, build_skeleton, plan_placement
+
+        t = time.perf_counter()
+        dtype = DTYPES[self.cfg.dtype]
+        self.model = build_skeleton(self.source.path, dtype)
+        self.adapter = get_adapter(self.model)  # unsupported architecture: refused before any weight is read
+        self.reader.check_against(self.model)
+        parse_layers(self.cfg.layers, self.adapter.n_layers)
+        self.tokenizer = load_tokenizer(Path(self.source.path))
+        placement = plan_placement(self.cfg.device, self.adapter.layers()[0], dtype)
+        self.store = StreamingStore(self.adapter, self.reader, dtype, placement, self._activations(placement.device))
+        self.timings["load_s"] = time.perf_counter() - t
+
+    def prepare_resident(self, model, tokenizer) -> None:
+        from daprune.models.adapter import get_adapter
+        from daprune.models.loading import DTYPES, load_model
+        from daprune.streaming import ResidentStore, build_skeleton
+
+        t = time.perf_counter()
+        if model is None:
+            if self.reader is not None:  # fail on missing/mis-shaped tensors instead of random-initialising them
+                self.reader.check_against(build_skeleton(self.source.path, DTYPES[self.cfg.dtype]))
+            model, tokenizer, self.source = load_model(self.cfg.model, dtype=self.cfg.dtype, device=str(self.device),
+                                                       cache=self.cache)
+        else:
+            model.to(DTYPES[self.cfg.dtype])
+        model.eval()
+        self.model, self.tokenizer = model, tokenizer
+        self.adapter = get_adapter(model)
+        parse_layers(self.cfg.layers, self.adapter.n_layers)  # empty range -> ConfigError before any work
+        dev = next(model.parameters()).device
+        self.store = ResidentStore(self.adapter, self._activations(dev))
+        self.timings["load_s"] = time.perf_counter() - t
+
+    def _activations(self, device: torch.device):
+        from daprune.streaming import Activations
+
+        folder = None
+        if self.activations == "disk":
+            if self.work is not None:
+                folder = self.work.act
+            elif self.work_dir is not None:
+                import tempfile
+
+                Path(self.work_dir).mkdir(parents=True, exist_ok=True)
+                self._scratch = Path(tempfile.mkdtemp(prefix="daprune-act-", dir=self.work_dir))
+                folder = self._scratch
+        return Activations(self.activations, device, folder)
+
+    # -- running -------------------------------------------------------------------------------------------
+    def calibration(self) -> torch.Tensor:
+        from daprune.data.calibration import calibration_tokens
+
+        cfg = self.cfg
+        check_tokenizer(self.tokenizer, cfg.calibration)
+        cached = self.work.cached_ids() if self.work is not None and cfg.calibration == "self" else None
+        if cached is not None:
+            self.calib_info = {"source": cfg.calibration, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
+                               "seed": cfg.seed, "kind": "self-generated", "reused_from_work_folder": True}
+            return cached
+        gen_model = self.model
+        if self.store.streaming and cfg.calibration == "self":
+            gen_model = self._full_model()  # generation is autoregressive: it needs every block at once
+        tok = self.tokenizer if self.tokenizer is not None else _SpecialIds(self.model)
+        seed_everything(cfg.seed)
+        ids, info = calibration_tokens(cfg.calibration, gen_model, tok, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                       data_dir=self.data_dir, self_gen=cfg.self_gen, progress=self.progress)
+        if gen_model is not self.model:
+            del gen_model
+            gc.collect()
+        if cfg.calibration == "self" and getattr(tok, "bos_token_id", None) is None:
+            info.setdefault("sampling", {})["prompt"] = "1 uniform random token (the tokenizer has no BOS token)"
+        vocab = self.model.config.vocab_size
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise TokenizerError(f"the tokenizer produced token id {int(ids.max())} but the model's vocabulary has "
+                                 f"{vocab} entries: tokenizer and model do not belong together")
+        self.calib_info = info
+        return ids
+
+    def _full_model(self):
+        from transformers import AutoModelForCausalLM
+
+        from daprune.models.loading import DTYPES
+
+        log.warning("self-generated calibration loads the whole model once (streaming keeps only one block "
+                    "in memory afterwards)")
+        m = AutoModelForCausalLM.from_pretrained(self.source.path, dtype=DTYPES[self.cfg.dtype])
+        return m.to(self.device).eval()
+
+    def execute(self):
+        from daprune.pipeline import run_pipeline
+
+        t = time.perf_counter()
+        ids = self.calibration()
+        if self.work is not None:
+            self.work.set_ids(ids)
+        self.timings["calibration_s"] = time.perf_counter() - t
+        grads = None
+        cfg = self.cfg
+        if any("grads" in _needs(n) for n in (cfg.ffn_criterion, cfg.head_criterion)):
+            from daprune.criteria.taylor import collect_gradients
+
+            t2 = time.perf_counter()
+            grads = collect_gradients(self.model, self.adapter, ids, batch_size=cfg.batch_size, progress=self.progress)
+            self.timings["gradients_s"] = time.perf_counter() - t2
+        seed_everything(cfg.seed)
+        result = run_pipeline(self.adapter, ids, cfg, progress=self.progress, grads=grads, store=self.store,
+                              work=self.work)
+        self.timings.update(result.timings)
+        return result
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def write(self, out, overwrite: bool, report: dict, extra) -> Path:
+        from daprune.io import atomic_dir, save_pruned, write_json, write_remote_code
+        from daprune.streaming import write_streaming_output
+
+        if not self.store.streaming:
+            return save_pruned(self.model, self.tokenizer, out, report, overwrite=overwrite, extra=extra)
+        with atomic_dir(out, overwrite) as tmp:
+            write_streaming_output(self.store, self.work.block_file, tmp)
+            write_remote_code(tmp)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "report.json", report)
+            if extra is not None:
+                extra(tmp)
+        return Path(out)
+
+    def cleanup(self) -> None:
+        if self._scratch is not None:
+            import shutil
+
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+class _SpecialIds:
+    """Stand-in tokenizer for self-generation from a folder without one: the config's special token ids."""
+
+    def __init__(self, model):
+        gen = getattr(model, "generation_config", None)
+
+        def pick(name: str):
+            value = getattr(gen, name, None) if gen is not None else None
+            return value if value is not None else getattr(model.config, name, None)
+
+        self.bos_token_id = pick("bos_token_id")
+        eos = pick("eos_token_id")
+        self.eos_token_id = eos[0] if isinstance(eos, list) and eos else eos
+        self.pad_token_id = pick("pad_token_id")
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer, None when it has none; a broken one is a TokenizerError, not a traceback."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / n).is_file() for n in names):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise TokenizerError(f"cannot load the tokenizer in {folder}: {exc}") from exc
+
+
+def check_tokenizer(tokenizer, calibration: str) -> None:
+    """Refuse calibration settings the tokenizer cannot serve; fall back where a fallback is sound.
+
+    Random ids need no tokenizer. Self-generation only needs special ids: without BOS the prompt is one
+    random token, without a pad token the EOS id pads, and without either no padding is needed (all
+    samples have the same length). Text calibration is impossible without a tokenizer.
+    """
+    if calibration in ("random", "self") or tokenizer is not None:
+        return
+    raise TokenizerError(f"calibration source {calibration!r} needs a tokenizer, but the model folder has none; "
+                         "add the tokenizer files or use --calibration random (or self)")
+
+
+def rewrite_report(out: str | os.PathLike, report: dict) -> None:
+    """Replace ``out/report.json`` atomically (e.g. to add evaluation results after the folder exists)."""
+    from daprune.checkpoint import atomic_write_bytes
+    from daprune.io import _json_default
+
+    data = json.dumps(report, indent=2, default=_json_default) + "\n"
+    atomic_write_bytes(Path(out) / "report.json", data.encode())
 
 
 def _needs(name: str) -> frozenset[str]:

@@ -39,7 +39,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="uniform ratio per block (paper) or adaptive across blocks (FLAP-style)")
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
-                   help="score: rank FFN channels by the criterion; greedy: exact output error incl. correlations; "
+                   help="auto: obs with >= 4 calibration tokens per FFN channel, else greedy; "
+                        "score: rank by the criterion; greedy: exact output error incl. correlations; "
                         "obs: greedy with least-squares compensation")
     p.add_argument("--obs-damp", type=float, default=d.obs_damp)
     p.add_argument("--head-split", choices=HEAD_SPLITS, default=d.head_split,
@@ -48,9 +49,20 @@ def _prune_parser(sub) -> None:
     p.add_argument("--channel-multiple", type=int, default=d.channel_multiple)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device,
+                   help="cpu | cuda | cuda:N | auto (the GPU if one is visible); where each block is pruned")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="read, prune and write one block at a time from the safetensors files, so memory does not "
+                        "grow with depth (default: on for local folders and the default model)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue an interrupted run from its work folder (--no-resume discards it and starts over)")
+    p.add_argument("--work-dir", "--offload-dir", dest="work_dir", default=None,
+                   help="work folder for checkpoints and disk activations (default: OUT.daprune-work)")
+    p.add_argument("--activations", choices=("device", "cpu", "disk"), default="device",
+                   help="where the two activation streams live: on the compute device, in CPU memory, or "
+                        "memory-mapped files in the work folder")
     p.add_argument("--eval", dest="eval_ppl", default=None, metavar="CORPORA",
                    help="after pruning, measure perplexity on these corpora (e.g. wikitext2,ptb)")
     p.add_argument("--max-windows", type=int, default=None, help="evenly spaced subset of eval windows")
@@ -86,16 +98,21 @@ def cmd_prune(args) -> int:
 
     cfg.validate()
     check_output(args.out, args.overwrite)  # refuse before minutes of work, not after
-    result = prune(cfg, data_dir=args.data_dir, cache=args.cache_dir, progress=not args.quiet)
+    # the folder is written inside prune() (streaming writes it block by block); evaluation results are
+    # added to its report.json afterwards
+    def plot(tmp: Path) -> None:  # report.json is already in the folder being assembled
+        plot_layers(json.loads((tmp / "report.json").read_text()), tmp / "layers.png")
+
+    result = prune(cfg, data_dir=args.data_dir, cache=args.cache_dir, progress=not args.quiet, out=args.out,
+                   overwrite=args.overwrite, streaming=args.streaming, resume=args.resume, work_dir=args.work_dir,
+                   activations=args.activations, extra=plot)
     if args.eval_ppl:
+        from daprune.api import rewrite_report
         from daprune.evaluation.perplexity import evaluate
 
         result.report["eval"] = evaluate(result.model, result.tokenizer, ppl=args.eval_ppl, data_dir=args.data_dir,
                                          max_windows=args.max_windows, progress=not args.quiet)
-    from daprune.io import save_pruned
-
-    save_pruned(result.model, result.tokenizer, args.out, result.report, overwrite=args.overwrite,
-                extra=lambda tmp: plot_layers(result.report, tmp / "layers.png"))
+        rewrite_report(args.out, result.report)
     print(summary(result.report))
     print(f"\nwrote {args.out} (report.json, layers.png)")
     return 0

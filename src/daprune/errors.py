@@ -31,3 +31,23 @@ class OutputError(DapruneError):
 
 class NumericalError(DapruneError):
     """Non-finite activations or statistics."""
+
+
+class CorruptWeightsError(ModelSourceError):
+    """A weights file cannot be read: truncated, not safetensors, or an index naming a missing shard."""
+
+
+class WeightsMismatchError(ModelSourceError):
+    """The weights do not fit the config: missing tensors or tensors of the wrong shape."""
+
+
+class TokenizerError(CalibrationError):
+    """The tokenizer is missing, lacks a special token the calibration needs, or does not fit the model."""
+
+
+class DeviceError(ConfigError):
+    """The requested compute device does not exist on this machine."""
+
+
+class ResumeError(DapruneError):
+    """A work folder from an interrupted run exists but was made with different settings or inputs."""

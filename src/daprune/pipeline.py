@@ -12,11 +12,12 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from daprune.config import PruneConfig, parse_layers
+from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL, PruneConfig, parse_layers
 from daprune.criteria.base import Criterion, get_criterion
 from daprune.criteria.similarity import JSAccumulator, algorithm2, select_heads
 from daprune.errors import CalibrationError, ConfigError, NumericalError
@@ -26,6 +27,10 @@ from daprune.recovery import ridge_solve
 from daprune.schedule import BlockPlan, candidate_plans, check_budget, paper_plan
 from daprune.selection import greedy_order, obs_order
 from daprune.stats import BlockStats, Moments
+
+if TYPE_CHECKING:
+    from daprune.checkpoint import WorkDir
+    from daprune.streaming import ResidentStore
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +67,19 @@ class BlockPruner:
                  plans: dict[int, BlockPlan] | None = None):
         self.cfg = cfg
         self.plans = plans or {}
+        self.ntokens = 0  # calibration tokens, set by run_pipeline
         self.ffn_crit = ffn_crit
         self.head_crit = head_crit
         self.target = target
         self.grads = grads or {}
         self.use_similarity = cfg.head_criterion == "similarity"
+
+    def selection(self, block: BlockAdapter) -> str:
+        """The FFN selection rule for this block; "auto" picks OBS only with enough tokens."""
+        if self.cfg.selection != "auto":
+            return self.cfg.selection
+        enough = self.ntokens >= OBS_MIN_TOKENS_PER_CHANNEL * block.n_channels
+        return "obs" if enough else "greedy"
 
     # -- statistics ---------------------------------------------------------------------------------
     def collect(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor, ctx: dict,
@@ -172,7 +185,7 @@ class BlockPruner:
     def ffn_ranking(self, block: BlockAdapter, stats: BlockStats, count: int) -> torch.Tensor:
         """Channel indices, first the ``count`` to remove, in removal order; then the rest by score."""
         by_score = torch.sort(self.ffn_crit.ffn_scores(block, stats).float(), stable=True).indices
-        if self.cfg.selection == "score" or count == 0:
+        if self.selection(block) == "score" or count == 0:
             return by_score
         # greedy output approximation (also the estimate for obs, whose compensation comes later)
         first = greedy_order(block.ffn_out().weight.float(), stats.down_in.second, count)
@@ -245,7 +258,8 @@ class BlockPruner:
         stats.ffn_in = m.get("ffn_in", stats.ffn_in)
         if paper:
             rec.damping["down"] = self.refit([block.ffn_out()], stats.down_in)
-        if cfg.selection == "obs" and plan.channels:
+        rec.plan["selection"] = self.selection(block)
+        if rec.plan["selection"] == "obs" and plan.channels:
             # OBS: greedy removal with least-squares compensation of the kept down_proj columns
             first, w = obs_order(block.ffn_out().weight.float(), stats.down_in.second, plan.channels, cfg.obs_damp)
             block.ffn_out().weight.data.copy_(w.to(block.ffn_out().weight.dtype))
@@ -302,13 +316,24 @@ def copy_block(block: BlockAdapter) -> BlockAdapter:
 
 @torch.no_grad()
 def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, progress: bool = True,
-                 grads: dict | None = None) -> PipelineResult:
-    """Prune ``adapter.model`` in place, block by block, from calibration token ids."""
+                 grads: dict | None = None, store: ResidentStore | None = None,
+                 work: WorkDir | None = None) -> PipelineResult:
+    """Prune ``adapter.model`` in place, block by block, from calibration token ids.
+
+    ``store`` decides how blocks are obtained: resident (default, the whole model in memory) or streamed
+    from disk one at a time (:class:`daprune.streaming.StreamingStore`), and where the activation
+    streams live. ``work`` (a :class:`daprune.checkpoint.WorkDir`) checkpoints every finished block and,
+    if it holds an interrupted run, continues after its last finished block.
+    """
+    from daprune.streaming import LoadingAdapter, ResidentStore, count_parameters
+
     t0 = time.perf_counter()
+    store = store or ResidentStore(adapter)
+    acts = store.acts
     layer_range = parse_layers(cfg.layers, adapter.n_layers)
-    params_before = adapter.num_parameters()
+    params_before = count_parameters(adapter.model)
     target = 0.0
-    if cfg.sparsity > 0:
+    if cfg.sparsity > 0:  # from the dense shapes: before any restored block is given its pruned shape
         target = check_budget([adapter.block(i) for i in layer_range], params_before, cfg.sparsity,
                               cfg.channel_multiple)
     hidden = adapter.config.hidden_size
@@ -320,37 +345,94 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     ffn_crit = get_criterion(cfg.ffn_criterion, seed=cfg.seed)
     head_name = {"similarity": "second-moment", "none": None}.get(cfg.head_criterion, cfg.head_criterion)
     head_crit = get_criterion(head_name, seed=cfg.seed) if head_name else None
-    xp = embed_tokens(adapter, ids, cfg.batch_size)
-    ctx = adapter.block_context(xp[:1])
-    plans = None
-    if cfg.schedule == "adaptive" and cfg.sparsity > 0:
+
+    restored = work.restore(adapter.n_layers) if work is not None else None
+    plans: dict[int, BlockPlan] | None = None
+    if restored is not None:
+        start = restored.next_block
+        records = [BlockRecord(**r) for r in restored.records]
+        for i in range(start):
+            store.restore(i, work.block_file(i))
+        _register_restored(acts, work, restored)  # mmap streams stay where they are (adopt keeps them)
+        xp = acts.adopt(restored.xp, f"p-{start - 1:05d}")
+        xd = None if restored.xd is None else acts.adopt(restored.xd, f"d-{start - 1:05d}")
+        if restored.plans is not None:
+            plans = {i: BlockPlan(**p) for i, p in restored.plans.items()}
+    else:
+        start, records = 0, []
+        xp = store.embed(ids, cfg.batch_size)
+        xd = None  # the dense stream equals the pruned one until the first pruned block
+    ctx = adapter.block_context(xp[:1].to(store.device))
+    if plans is None and cfg.schedule == "adaptive" and cfg.sparsity > 0:
         # FLAP-style global structure search: needs every block's scores before any block is pruned
         from daprune.adaptive import adaptive_plans
 
-        plans = adaptive_plans(adapter, xp, ctx, layer_range, target * len(layer_range), ffn_crit, head_crit, cfg)
+        view = LoadingAdapter(adapter, store)
+        try:
+            plans = adaptive_plans(view, xp, ctx, layer_range, target * len(layer_range), ffn_crit, head_crit, cfg)
+        finally:
+            view.close()
     pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
-    xd: torch.Tensor | None = None  # the dense stream equals the pruned one until the first pruned block
-    records = []
-    for i in tqdm(range(adapter.n_layers), desc="pruning blocks", disable=not progress):
-        block = adapter.block(i)
+    pruner.ntokens = ids.numel()
+    for i in tqdm(range(start, adapter.n_layers), desc="pruning blocks", disable=not progress,
+                  initial=start, total=adapter.n_layers):
+        _seed_block(cfg.seed, i)
+        block = store.load(i)
         x_dense = xp if xd is None else xd
         if i in layer_range and cfg.sparsity > 0:
             dense = copy_block(block)
-            yd = _forward(dense, x_dense, ctx, cfg.batch_size)
+            yd = acts.forward(dense, x_dense, ctx, cfg.batch_size, f"d-{i:05d}")
             rec = pruner.prune(block, dense, xp, x_dense, yd, ctx)
             del dense
         else:
             rec = BlockRecord(i, False, kept_heads=list(range(block.n_heads)), kept_channels=block.n_channels)
-            yd = _forward(block, x_dense, ctx, cfg.batch_size)
+            yd = acts.forward(block, x_dense, ctx, cfg.batch_size, f"d-{i:05d}")
         if xd is None and not rec.pruned:
             xp = yd  # streams still identical
         else:
-            yp = _forward(block, xp, ctx, cfg.batch_size)
+            yp = acts.forward(block, xp, ctx, cfg.batch_size, f"p-{i:05d}")
             rec.error_input = _rel(xp, x_dense)
             rec.error = _rel(yp, yd)
             xp, xd = yp, yd
         if not torch.isfinite(xp).all():
             raise NumericalError(f"non-finite activations after block {i}")
         records.append(rec)
-    return PipelineResult(records, params_before, adapter.num_parameters(), target,
+        store.finish(i, work.block_file(i) if work is not None else None)
+        if work is not None:
+            files = None
+            if acts.mode == "disk":
+                files = {k: str(acts.file_of(t).relative_to(work.path)) if t is not None else None
+                         for k, t in (("xp", xp), ("xd", xd))}
+            work.commit(i, records, xp, xd, plans, acts_files=files)
+        acts.gc([xp, xd])
+    return PipelineResult(records, params_before, count_parameters(adapter.model), target,
                           {"pipeline_s": time.perf_counter() - t0})
+
+
+_BLOCK_SEED_STRIDE = 1_000_003  # > any block count: (seed, block) pairs never collide
+
+
+def _seed_block(seed: int, index: int) -> None:
+    """Seed all RNGs from (seed, block index) before each block.
+
+    Nothing in a block may depend on how many random numbers earlier blocks drew: a run resumed after
+    block k must draw exactly what the uninterrupted run draws, so its output is byte-identical.
+    """
+    import random
+
+    import numpy as np
+
+    s = (seed * _BLOCK_SEED_STRIDE + index) % 2**63
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _register_restored(acts, work: WorkDir, restored) -> None:
+    """Memory-mapped streams of a restored checkpoint: delete their files once a later commit supersedes them."""
+    spec = (work.state or {}).get("streams") or {}
+    if spec.get("format") != "bin" or acts.mode != "disk":
+        return
+    for key, t in (("xp", restored.xp), ("xd", restored.xd)):
+        if t is not None and spec.get(key):
+            acts.register(t, work.path / spec[key]["file"])

@@ -1,7 +1,486 @@
-"""Placeholder: the `daprune compare` subcommand is being written (see the open issue)."""
+"""``daprune compare``: the paper's comparison table, every row a real prune on the same pipeline.
+
+Each row reloads the model fresh, prunes it with :func:`daprune.api.prune` at the same ``--sparsity``
+over the same ``--layers`` with the same calibration settings, and is evaluated identically
+(:func:`daprune.evaluation.perplexity.evaluate` on WikiText-2 and PTB, optional zero-shot). Only the
+criterion / schedule / calibration source / recovery differ, so the table isolates the scoring rule.
+
+Groups (as in the paper): the *data-free* rows calibrate on self-generated text (``calibration="self"``)
+- Random/L1/L2 do not score with data, but the pipeline's head/channel split (``head_split auto``) and
+its statistics still need some input, and self-generated text keeps the group free of real data; the
+*data-dependent* rows use ``--calibration`` (default: the packaged book text).
+
+Peak memory is the process's resident-set high-water mark during the row's load + prune: on Linux the
+kernel's counter (VmHWM) is reset per row through ``/proc/self/clear_refs``; elsewhere a psutil thread
+samples RSS every 20 ms. RSS at the row's start is reported too (memory the allocator kept from earlier
+rows counts in the peak).
+
+``daprune compare --similarity-figure 4,5 --out fig.png`` instead draws the head-similarity graphs of
+those blocks (see :mod:`daprune.evaluation.similarity_plot`).
+"""
 
 from __future__ import annotations
 
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from daprune.config import PruneConfig
+from daprune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One table row: a short name for ``--rows``, its label, its group, and its PruneConfig overrides."""
+
+    key: str
+    label: str
+    group: str  # "dense" | "data-free" | "data-dependent"
+    settings: dict[str, Any] = field(default_factory=dict)
+    default: bool = True
+
+
+OURS = {"ffn_criterion": "second-moment", "head_criterion": "similarity"}  # + every other default (selection)
+
+
+def _baseline(ffn: str, head: str, **more: Any) -> dict[str, Any]:
+    """A peer method's settings: its own scores decide which channels go (``selection="score"``), never the
+    greedy/OBS output approximation that ``selection="auto"`` (ours) would substitute for the FFN choice."""
+    return {"ffn_criterion": ffn, "head_criterion": head, "selection": "score", **more}
+
+
+ROWS: tuple[RowSpec, ...] = (
+    RowSpec("dense", "Dense", "dense"),
+    RowSpec("random", "Random", "data-free", _baseline("random", "random")),
+    RowSpec("l1", "L1", "data-free", _baseline("l1", "l1")),
+    RowSpec("l2", "L2", "data-free", _baseline("l2", "l2")),
+    RowSpec("depth1", "Depth-1 ||A_j|| (heads: ours)", "data-free", _baseline("depth1", "similarity"), False),
+    RowSpec("depth2", "Depth-2 ||A_j||*||B_j|| (heads: ours)", "data-free", _baseline("depth2", "similarity"),
+            False),
+    RowSpec("ours-sg", "Ours Self-Gen", "data-free", {**OURS}),
+    RowSpec("ours-sg-score", "Ours SG, score ranking (no greedy)", "data-free", {**OURS, "selection": "score"},
+            False),
+    RowSpec("ours-sg-rec", "Ours SG w/ recovery", "data-free", {**OURS, "recovery": "paper"}),
+    RowSpec("ours-sg-post", "Ours SG w/ post re-fit", "data-free", {**OURS, "recovery": "post"}, False),
+    RowSpec("taylor-e1", "LLM-Pruner E1 (Taylor)", "data-dependent", _baseline("taylor-e1", "taylor-e1")),
+    RowSpec("taylor-vector", "LLM-Pruner vector (Taylor)", "data-dependent",
+            _baseline("taylor-vector", "taylor-vector")),
+    RowSpec("wanda-sp", "Wanda-sp", "data-dependent", _baseline("wanda-sp", "wanda-sp")),
+    RowSpec("flap", "FLAP", "data-dependent", _baseline("flap", "flap", schedule="adaptive")),
+    RowSpec("flap-uniform", "FLAP score+bias, uniform schedule", "data-dependent", _baseline("flap", "flap"), False),
+    RowSpec("ours-c", "Ours (Calibration)", "data-dependent", {**OURS}),
+    RowSpec("ours-c-score", "Ours C, score ranking (no greedy)", "data-dependent", {**OURS, "selection": "score"},
+            False),
+    RowSpec("ours-c-rec", "Ours C w/ recovery", "data-dependent", {**OURS, "recovery": "paper"}),
+    RowSpec("ours-c-post", "Ours C w/ post re-fit", "data-dependent", {**OURS, "recovery": "post"}, False),
+)
+ROW_BY_KEY = {r.key: r for r in ROWS}
+GROUP_TITLES = {"data-free": "Data-free (calibration: self-generated)", "data-dependent": "Data-dependent"}
+
+
+def select_rows(spec: str | None) -> list[RowSpec]:
+    """``None`` -> the paper's rows; ``all`` -> every row; else comma-separated short names (table order kept)."""
+    if spec is None or spec == "default":
+        return [r for r in ROWS if r.default]
+    if spec == "all":
+        return list(ROWS)
+    keys = [k.strip() for k in spec.split(",") if k.strip()]
+    bad = [k for k in keys if k not in ROW_BY_KEY]
+    if bad:
+        raise ConfigError(f"unknown row(s) {', '.join(bad)}; choose from {', '.join(ROW_BY_KEY)} (or all)")
+    return [r for r in ROWS if r.key in keys]
+
+
+def row_config(row: RowSpec, base: PruneConfig) -> PruneConfig:
+    """The row's full settings: the shared base, self-generated calibration for the data-free group, overrides."""
+    import dataclasses
+
+    extra: dict[str, Any] = dict(row.settings)
+    if row.group == "data-free":
+        extra["calibration"] = "self"
+    return dataclasses.replace(base, **extra)
+
+
+# -- memory --------------------------------------------------------------------------------------------
+class PeakRSS:
+    """Resident-set high-water mark since ``reset()``: kernel VmHWM when resettable, else a sampling thread."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.method = "VmHWM (reset via /proc/self/clear_refs)" if self._kernel_reset() else "psutil sampling 20 ms"
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _kernel_reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            return PeakRSS._status("VmHWM") is not None
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    @staticmethod
+    def current() -> int:
+        rss = PeakRSS._status("VmRSS")
+        if rss is not None:
+            return rss
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def reset(self) -> None:
+        self.stop()
+        if self.method.startswith("VmHWM"):
+            self._kernel_reset()
+            return
+        self._peak = self.current()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self.current())
+
+    def peak(self) -> int:
+        if self.method.startswith("VmHWM"):
+            return self._status("VmHWM") or 0
+        self._peak = max(self._peak, self.current())
+        return self._peak
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+
+# -- running rows --------------------------------------------------------------------------------------
+Loader = Callable[[], tuple[Any, Any]]
+Evaluator = Callable[[Any, Any], dict]
+
+
+def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluator, *,
+            zeroshot: Callable[[Any, Any], dict] | None = None, data_dir: str | None = None,
+            progress: bool = False, memory: PeakRSS | None = None) -> dict:
+    """Load fresh, prune (unless Dense), evaluate; return the row's record with its full report settings."""
+    from daprune.api import prune
+    from daprune.models.adapter import get_adapter
+
+    memory = memory or PeakRSS()
+    gc.collect()
+    rss_start = PeakRSS.current()
+    memory.reset()
+    t0 = time.perf_counter()
+    model, tok = loader()
+    load_s = time.perf_counter() - t0
+    record: dict[str, Any] = {"key": row.key, "label": row.label, "group": row.group}
+    if row.key == "dense":
+        params_before = get_adapter(model).num_parameters()
+        record.update({"prune_s": 0.0, "settings": None, "report": None})
+    else:
+        cfg = row_config(row, base)
+        result = prune(cfg, model=model, tokenizer=tok, data_dir=data_dir, progress=progress)
+        model = result.model
+        rep = result.report
+        t = rep["timings"]
+        params_before = rep["params"]["before"]
+        record.update({
+            "prune_s": t["total_s"] - t.get("load_s", 0.0),
+            "settings": rep["settings"],
+            "report": {k: rep[k] for k in ("calibration", "params", "shapes", "timings") if k in rep},
+        })
+    record["load_s"] = load_s
+    record["peak_rss_prune_mb"] = memory.peak() / 2**20
+    params = get_adapter(model).num_parameters()  # after sync_biases: FLAP's zero biases count too
+    record["params"] = params
+    record["bias_params"] = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
+    record["params_removed"] = params_before - params
+    record["sparsity"] = (params_before - params) / params_before
+    t1 = time.perf_counter()
+    record["eval"] = evaluator(model, tok)
+    record["ppl"] = record["eval"].get("ppl", {})
+    if zeroshot is not None:
+        zs = zeroshot(model, tok)
+        record["zeroshot"] = zs
+        record["zeroshot_mean"] = zs.get("mean")
+    record["eval_s"] = time.perf_counter() - t1
+    record["peak_rss_row_mb"] = memory.peak() / 2**20
+    record["rss_start_mb"] = rss_start / 2**20
+    record["memory_method"] = memory.method
+    record["code"] = code_version()
+    memory.stop()
+    del model
+    gc.collect()
+    return record
+
+
+def run_table(rows: list[RowSpec], base: PruneConfig, loader: Loader, evaluator: Evaluator, *,
+              zeroshot: Callable[[Any, Any], dict] | None = None, data_dir: str | None = None,
+              progress: bool = False, json_path: str | None = None, meta: dict | None = None,
+              done: dict[str, dict] | None = None, on_row: Callable[[dict], None] | None = None,
+              runner: Callable[[RowSpec], dict] | None = None) -> dict:
+    """Run every row (skipping those in ``done``), writing the JSON after each so a stopped run keeps its rows.
+
+    ``runner`` replaces the in-process :func:`run_row` (the CLI passes one that uses a child process).
+    """
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {**(meta or {}), "base_settings": base.to_dict(), "rows": []}
+    memory = PeakRSS()
+    for row in rows:
+        if done and row.key in done:
+            rec = done[row.key]
+        elif runner is not None:
+            rec = runner(row)
+        else:
+            rec = run_row(row, base, loader, evaluator, zeroshot=zeroshot, data_dir=data_dir, progress=progress,
+                          memory=memory)
+        out["rows"].append(rec)
+        out["wall_s"] = time.perf_counter() - t0 + (meta or {}).get("wall_s_before", 0.0)
+        if json_path:
+            _write_json(json_path, out)
+        if on_row is not None:
+            on_row(rec)
+    return out
+
+
+def _write_json(path: str, data: dict) -> None:
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, p)
+
+
+# -- the table -----------------------------------------------------------------------------------------
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _fmt_ppl(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 1e4 else f"{v:.3e}"
+
+
+def format_markdown(table: dict) -> str:
+    """The paper's layout: Dense, then a header line per group, one line per method."""
+    rows = table["rows"]
+    corpora: list[str] = []
+    for r in rows:
+        corpora += [c for c in r.get("ppl", {}) if c not in corpora]
+    zs = any(r.get("zeroshot_mean") is not None for r in rows)
+    names = {"wikitext2": "WikiText-2 PPL", "ptb": "PTB PPL"}
+    headers = ["Method", "Params", *[names.get(c, f"{c} PPL") for c in corpora]]
+    headers += (["Zero-shot mean"] if zs else []) + ["Prune s", "Peak RSS MB"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    group = None
+    for r in rows:
+        if r["group"] != group and r["group"] in GROUP_TITLES:
+            group = r["group"]
+            lines.append(f"| *{GROUP_TITLES[group]}* |" + " |" * (len(headers) - 1))
+        cells = [r["label"], f"{_fmt_params(r['params'])} (-{r['sparsity']:.1%})"]
+        cells += [_fmt_ppl(r.get("ppl", {}).get(c)) for c in corpora]
+        if zs:
+            m = r.get("zeroshot_mean")
+            cells.append("-" if m is None else f"{100 * m:.2f}")
+        cells += [f"{r['prune_s']:.1f}", f"{r['peak_rss_prune_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- command line --------------------------------------------------------------------------------------
 def add_parser(sub) -> dict:
-    return {}
+    d = PruneConfig()
+    p = sub.add_parser("compare", help="the comparison table: every baseline and ours on the same pipeline")
+    p.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--sparsity", type=float, default=d.sparsity)
+    p.add_argument("--layers", default=d.layers)
+    p.add_argument("--rows", default=None,
+                   help=f"comma-separated subset ({', '.join(ROW_BY_KEY)}), 'all', or default (the paper's rows)")
+    p.add_argument("--calibration", default=d.calibration,
+                   help="calibration source of the data-dependent rows (data-free rows self-generate)")
+    p.add_argument("--nsamples", type=int, default=d.nsamples)
+    p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--tau", type=float, default=d.tau)
+    p.add_argument("--head-split", default=d.head_split, help="for ours and the baselines (FLAP: adaptive)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pruning batch size")
+    p.add_argument("--ppl", default="wikitext2,ptb", help="perplexity corpora")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="evenly spaced subset of each corpus's windows (0: all)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--tasks", default="", help="zero-shot tasks (needs daprune.evaluation.zeroshot)")
+    p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    p.add_argument("--json", default=None, help="write every row's record (full settings) here, after each row")
+    p.add_argument("--resume", action="store_true", help="keep rows already in --json (same settings), run the rest")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--similarity-figure", default=None, metavar="BLOCKS",
+                   help="instead of the table: draw the head-similarity graph of these blocks (e.g. 4,5)")
+    p.add_argument("--report", default=None, help="with --similarity-figure: report.json (or its folder) to read "
+                   "layers[i].head_divergence from; default: compute on the dense model")
+    p.add_argument("--out", default=None, help="with --similarity-figure: the PNG to write")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each row in a fresh child process (default): clean peak-memory and timing per row, "
+                   "no allocator carry-over between rows")
+    p.add_argument("--quiet", action="store_true")
+    return {"compare": cmd_compare}
+
+
+# options forwarded to a row's child process: (attribute, flag)
+_FORWARD = (("model", "--model"), ("sparsity", "--sparsity"), ("layers", "--layers"),
+            ("calibration", "--calibration"), ("nsamples", "--nsamples"), ("seqlen", "--seqlen"), ("seed", "--seed"),
+            ("tau", "--tau"), ("head_split", "--head-split"), ("batch_size", "--batch-size"), ("ppl", "--ppl"),
+            ("max_windows", "--max-windows"), ("eval_batch_size", "--eval-batch-size"), ("tasks", "--tasks"),
+            ("limit", "--limit"), ("data_dir", "--data-dir"), ("cache_dir", "--cache-dir"))
+
+
+def child_argv(args, key: str, json_path: str) -> list[str]:
+    """The command line that runs one row of this table in a fresh interpreter."""
+    argv = [sys.executable, "-m", "daprune.cli", "compare", "--rows", key, "--json", json_path, "--no-isolate"]
+    for attr, flag in _FORWARD:
+        value = getattr(args, attr, None)
+        if value is not None and value != "":
+            argv += [f"{flag}={value}"]
+    if args.quiet:
+        argv.append("--quiet")
+    return argv
+
+
+def run_isolated(row: RowSpec, args) -> dict:
+    """Run one row as ``python -m daprune.cli compare --rows KEY --no-isolate`` and return its record."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="daprune-compare-") as tmp:
+        path = str(Path(tmp) / "row.json")
+        proc = subprocess.run(child_argv(args, row.key, path), stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0 or not Path(path).is_file():
+            sys.stdout.write(proc.stdout)
+            raise ConfigError(f"row {row.key!r} failed in its child process (exit {proc.returncode})")
+        record = json.loads(Path(path).read_text())["rows"][0]
+    record["isolated"] = True
+    return record
+
+
+def _zeroshot_fn(args) -> Callable[[Any, Any], dict] | None:
+    if not args.tasks:
+        return None
+    if importlib.util.find_spec("daprune.evaluation.zeroshot") is None:
+        raise ConfigError("--tasks needs daprune.evaluation.zeroshot, which is not available")
+    zs = importlib.import_module("daprune.evaluation.zeroshot")
+    if not hasattr(zs, "evaluate_zeroshot"):
+        raise ConfigError("daprune.evaluation.zeroshot has no evaluate_zeroshot yet")
+    tasks = zs.parse_tasks(args.tasks) if hasattr(zs, "parse_tasks") else args.tasks.split(",")
+    return lambda model, tok: zs.evaluate_zeroshot(model, tok, tasks, limit=args.limit,
+                                                   batch_size=args.eval_batch_size, progress=not args.quiet)
+
+
+def reusable_rows(old: dict, meta: dict, rows: list[RowSpec], base: PruneConfig) -> dict[str, dict]:
+    """Rows of an earlier run that can stand: same model/evaluation, and each row's full settings unchanged.
+
+    Per-row comparison (not the base settings) so a changed default only re-runs the rows it affects.
+    """
+    keys = ("model", "sparsity", "max_windows", "ppl", "tasks", "limit")
+    if any(old.get(k) != meta.get(k) for k in keys):
+        return {}
+    wanted = {r.key: (None if r.key == "dense" else row_config(r, base).to_dict()) for r in rows}
+    return {r["key"]: r for r in old.get("rows", []) if r["key"] in wanted and r.get("settings") == wanted[r["key"]]}
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit and locally modified files: rows of one table may run while the code changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit or None, "modified": [ln[3:] for ln in dirty if ln.strip()]}
+
+
+def cmd_compare(args) -> int:
+    if args.similarity_figure is not None:
+        from daprune.evaluation.similarity_plot import cmd_similarity_figure
+
+        return cmd_similarity_figure(args)
+    from daprune.evaluation.perplexity import evaluate
+    from daprune.models.loading import load_model
+
+    if args.max_windows is not None and args.max_windows <= 0:
+        args.max_windows = None
+    base = PruneConfig(model=args.model, sparsity=args.sparsity, layers=args.layers, calibration=args.calibration,
+                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, tau=args.tau,
+                       head_split=args.head_split, batch_size=args.batch_size)
+    base.validate()
+    rows = select_rows(args.rows)
+    zeroshot = _zeroshot_fn(args)
+    meta = {"command": shlex.join(sys.argv),
+            "model": args.model, "sparsity": args.sparsity, "max_windows": args.max_windows, "ppl": args.ppl,
+            "tasks": args.tasks, "limit": args.limit, "threads": _threads(),
+            "window_note": "evenly spaced subset of the non-overlapping 128-token windows"
+            if args.max_windows else "all windows"}
+    done = None
+    if args.resume and args.json and Path(args.json).is_file():
+        old = json.loads(Path(args.json).read_text())
+        done = reusable_rows(old, meta, rows, base)
+        if done:
+            meta["wall_s_before"] = old.get("wall_s", 0.0)
+        print(f"daprune compare: reusing rows {', '.join(done) or '(none)'} from {args.json}", file=sys.stderr)
+
+    def loader():
+        model, tok, _ = load_model(args.model, cache=args.cache_dir)
+        return model, tok
+
+    def evaluator(model, tok):
+        return evaluate(model, tok, ppl=args.ppl, data_dir=args.data_dir, max_windows=args.max_windows,
+                        batch_size=args.eval_batch_size, progress=not args.quiet)
+
+    def on_row(rec: dict) -> None:
+        ppl = ", ".join(f"{k} {v:.2f}" for k, v in rec.get("ppl", {}).items())
+        print(f"[{rec['key']}] params {rec['params']:,} ({rec['sparsity']:.2%} removed)  {ppl}  "
+              f"prune {rec['prune_s']:.1f} s  peak RSS {rec['peak_rss_prune_mb']:.0f} MB", flush=True)
+
+    runner = (lambda row: run_isolated(row, args)) if args.isolate and len(rows) > 0 else None
+    table = run_table(rows, base, loader, evaluator, zeroshot=zeroshot, data_dir=args.data_dir,
+                      progress=not args.quiet, json_path=args.json, meta=meta, done=done,
+                      on_row=on_row, runner=runner)
+    print()
+    print(format_markdown(table))
+    note = table["rows"][0].get("memory_method", "") if table["rows"] else ""
+    print(f"\nwindows: {meta['window_note']}" + (f" (max {args.max_windows})" if args.max_windows else "")
+          + f"; peak RSS: {note}; wall time {table['wall_s']:.0f} s")
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -201,8 +201,10 @@ class ModelAdapter(ABC):
     def sync_biases(self) -> list[str]:
         """Kinds whose level-2 linear has a bias in some block; each is made model-wide by ensure_biases."""
         kinds = []
-        for kind, level2 in (("attention", BlockAdapter.attn_out), ("mlp", BlockAdapter.ffn_out)):
-            if any(level2(self.block(i)).bias is not None for i in range(self.n_layers)):
+        for kind in ("attention", "mlp"):
+            level2 = [self.block(i).attn_out() if kind == "attention" else self.block(i).ffn_out()
+                      for i in range(self.n_layers)]
+            if any(lin.bias is not None for lin in level2):
                 kinds.append(kind)
                 if not self.ensure_biases(kind):
                     log.warning("%s biases were added but %s has no config flag for them: the saved model "

@@ -1,0 +1,187 @@
+"""The comparison table on tiny models: every row prunes to the same budget, JSON and layout are complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import CharTokenizer, tiny_model
+
+from daprune.config import PruneConfig
+from daprune.errors import ConfigError
+from daprune.evaluation import compare
+from daprune.evaluation.perplexity import perplexity_of_ids
+
+EVAL_IDS = torch.randint(0, 128, (4 * 32,), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is fastest, and far faster than two on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _loader():
+    return tiny_model(layers=4), CharTokenizer()
+
+
+def _evaluator(model, tok):
+    r = perplexity_of_ids(model, EVAL_IDS, seqlen=32, progress=False)
+    return {"ppl": {"wikitext2": r["ppl"]}, "ppl_details": {"wikitext2": r}}
+
+
+BASE = PruneConfig(sparsity=0.2, layers="1:-1", calibration="random", nsamples=8, seqlen=32, batch_size=8)
+
+
+def test_select_rows():
+    keys = [r.key for r in compare.select_rows(None)]
+    assert keys == ["dense", "random", "l1", "l2", "ours-sg", "ours-sg-rec", "taylor-e1", "taylor-vector",
+                    "wanda-sp", "flap", "ours-c", "ours-c-rec"]
+    assert [r.key for r in compare.select_rows("ours-c,dense")] == ["dense", "ours-c"]  # table order
+    assert len(compare.select_rows("all")) == len(compare.ROWS)
+    with pytest.raises(ConfigError, match="nope"):
+        compare.select_rows("dense,nope")
+
+
+def test_row_configs():
+    flap = compare.row_config(compare.ROW_BY_KEY["flap"], BASE)
+    assert (flap.ffn_criterion, flap.head_criterion, flap.schedule) == ("flap", "flap", "adaptive")
+    assert flap.calibration == "random" and flap.head_split == BASE.head_split
+    l2 = compare.row_config(compare.ROW_BY_KEY["l2"], BASE)
+    assert l2.calibration == "self"  # the data-free group never sees real text
+    rec = compare.row_config(compare.ROW_BY_KEY["ours-c-rec"], BASE)
+    assert (rec.ffn_criterion, rec.head_criterion, rec.recovery) == ("second-moment", "similarity", "paper")
+    for row in compare.ROWS:
+        cfg = compare.row_config(row, BASE)
+        cfg.validate()
+        if row.key.startswith("ours"):  # ours keeps the default FFN selection unless the row says otherwise
+            assert cfg.selection == (row.settings.get("selection") or PruneConfig().selection)
+        elif row.key != "dense":  # a baseline's own scores pick its channels
+            assert cfg.selection == "score", row.key
+
+
+def test_reusable_rows_compare_full_settings():
+    rows = compare.select_rows("dense,l2,ours-c")
+    meta = {"model": None, "sparsity": 0.2, "max_windows": 8, "ppl": "wikitext2", "tasks": "", "limit": None}
+    old_rows = [{"key": "dense", "settings": None},
+                {"key": "l2", "settings": compare.row_config(compare.ROW_BY_KEY["l2"], BASE).to_dict()},
+                {"key": "ours-c", "settings": {**compare.row_config(compare.ROW_BY_KEY["ours-c"], BASE).to_dict(),
+                                               "selection": "something-else"}}]
+    got = compare.reusable_rows({**meta, "rows": old_rows}, meta, rows, BASE)
+    assert sorted(got) == ["dense", "l2"]  # ours-c ran with other settings: run again
+    assert compare.reusable_rows({**meta, "max_windows": 9, "rows": old_rows}, meta, rows, BASE) == {}
+
+
+def test_table_rows_share_the_budget(tmp_path):
+    rows = compare.select_rows("dense,l2,flap,ours-c-rec")  # the other criteria run end to end in test_criteria
+    path = tmp_path / "t.json"
+    seen = []
+    table = compare.run_table(rows, BASE, _loader, _evaluator, json_path=str(path), meta={"model": "tiny"},
+                              on_row=lambda r: seen.append(r["key"]))
+    assert seen == [r.key for r in rows]
+    data = json.loads(path.read_text())
+    assert [r["key"] for r in data["rows"]] == seen and data["model"] == "tiny"
+    dense = data["rows"][0]
+    assert dense["sparsity"] == 0 and dense["settings"] is None
+    pruned = data["rows"][1:]
+    for r in pruned:
+        assert r["settings"]["sparsity"] == 0.2 and r["settings"]["layers"] == "1:-1"
+        assert r["settings"]["nsamples"] == 8
+        # same budget: every row removes at least the target in weights; FLAP's compensation biases (and the
+        # zero biases that keep its config loadable) are counted in "params" and reported in "bias_params"
+        weights = r["params"] - r["bias_params"]
+        assert (dense["params"] - weights) / dense["params"] >= 0.2, (r["key"], weights)
+        assert abs(weights - (pruned[0]["params"] - pruned[0]["bias_params"])) / dense["params"] < 0.005
+        assert r["peak_rss_prune_mb"] > 0 and r["prune_s"] > 0
+        assert r["ppl"]["wikitext2"] > 0
+    by = {r["key"]: r for r in data["rows"]}
+    assert by["l2"]["report"]["calibration"]["source"] == "self"
+    assert by["flap"]["bias_params"] > 0 and by["l2"]["bias_params"] == 0
+    assert by["flap"]["settings"]["schedule"] == "adaptive"
+    md = compare.format_markdown(table)
+    assert "*Data-free (calibration: self-generated)*" in md and "*Data-dependent*" in md
+    assert md.index("| L2 |") < md.index("Data-dependent") < md.index("| FLAP |")
+
+
+def test_resume_keeps_finished_rows(tmp_path):
+    rows = compare.select_rows("dense,wanda-sp")
+    done = {"dense": {"key": "dense", "label": "Dense", "group": "dense", "params": 1, "sparsity": 0.0,
+                      "prune_s": 0.0, "peak_rss_prune_mb": 1.0, "ppl": {"wikitext2": 1.0}}}
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return _loader()
+
+    table = compare.run_table(rows, BASE, loader, _evaluator, done=done)
+    assert len(calls) == 1 and table["rows"][0] is done["dense"]
+
+
+def test_peak_rss_tracks_allocation():
+    mem = compare.PeakRSS()
+    mem.reset()
+    before = mem.peak()
+    block = bytearray(64 * 2**20)
+    block[:: 4096] = b"\1" * len(block[:: 4096])
+    assert mem.peak() - before > 48 * 2**20
+    mem.stop()
+
+
+def test_cli_compare(tmp_path, monkeypatch, data_dir, capsys):
+    """The subcommand end to end: real WikiText-2/PTB windows (a few), a tiny model behind load_model."""
+    import daprune.models.loading as loading
+    from daprune.cli import main
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (tiny_model(layers=4), CharTokenizer(), None))
+    out = tmp_path / "c.json"
+    rc = main(["compare", "--rows", "dense,l2", "--layers", "1:-1", "--calibration", "random", "--nsamples", "8",
+               "--seqlen", "32", "--max-windows", "3", "--json", str(out), "--data-dir", data_dir, "--quiet",
+               "--no-isolate"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| Dense |" in text and "| L2 |" in text and "WikiText-2 PPL" in text and "PTB PPL" in text
+    data = json.loads(out.read_text())
+    assert data["max_windows"] == 3 and data["rows"][1]["eval"]["ppl_details"]["ptb"]["windows"] == 3
+
+
+def test_similarity_figure_from_model_and_report(tmp_path):
+    from daprune.api import prune
+    from daprune.evaluation.similarity_plot import draw, graphs_from_model, graphs_from_report
+
+    model = tiny_model(layers=3)
+    graphs = graphs_from_model(model, CharTokenizer(), [2, 1], calibration="random", nsamples=4, seqlen=16)
+    assert [g.block for g in graphs] == [2, 1] and graphs[0].divergence.shape == (6, 6)
+    assert graphs[0].groups == [[0, 1, 2], [3, 4, 5]]
+    d = graphs[0].divergence
+    assert torch.allclose(d, d.T) and float(d.diagonal().abs().max()) < 1e-6
+    png = draw(graphs, tau=float(d.max()) + 1, out=tmp_path / "g.png")  # tau above all: complete graphs
+    assert png.stat().st_size > 10_000
+    res = prune(model=tiny_model(layers=3), tokenizer=CharTokenizer(), calibration="random", nsamples=8, seqlen=24,
+                layers="1:", sparsity=0.2, head_split="paper", progress=False)
+    (tmp_path / "report.json").write_text(json.dumps(res.report))
+    from_report = graphs_from_report(tmp_path, [1])
+    assert from_report[0].divergence.shape == (6, 6)
+    assert sorted(from_report[0].pruned) == sorted(set(range(6)) - set(res.report["layers"][1]["kept_heads"]))
+    draw(from_report, tau=0.05, out=tmp_path / "r.png")
+    with pytest.raises(ConfigError, match="block 0"):
+        graphs_from_report(tmp_path, [0])
+
+
+def test_child_argv_forwards_the_settings():
+    import argparse
+
+    from daprune.cli import PLUGINS  # noqa: F401  (compare is registered as a plugin)
+
+    parser = argparse.ArgumentParser()
+    compare.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--sparsity", "0.3", "--max-windows", "7", "--calibration", "x.txt",
+                              "--quiet"])
+    argv = compare.child_argv(args, "flap", "/tmp/r.json")
+    assert argv[1:8] == ["-m", "daprune.cli", "compare", "--rows", "flap", "--json", "/tmp/r.json"]
+    assert "--no-isolate" in argv and "--quiet" in argv
+    assert "--sparsity=0.3" in argv and "--max-windows=7" in argv and "--calibration=x.txt" in argv
+    assert not any(a.startswith("--model") for a in argv)  # None: the child uses the same default

@@ -1,0 +1,221 @@
+"""Resume: a run killed at any point and started again produces byte-identical output files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_streaming import save_model
+
+from daprune.checkpoint import KILL_ENV
+from daprune.cli import main
+from daprune.errors import ResumeError
+
+ARGS = ["--calibration", "random", "--nsamples", "8", "--seqlen", "24", "--layers", "1:-1", "--sparsity", "0.2",
+        "--ffn-criterion", "random", "--quiet"]
+SKIP = {"report.json", "layers.png"}  # timings and the resume note differ; every weight/config file must not
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return save_model(tiny_model(layers=6), tmp_path_factory.mktemp("resume") / "src", tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory) -> dict[str, str]:
+    """File hashes of an uninterrupted run."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert main(["prune", "--model", str(src), "--out", str(out), *ARGS]) == 0
+    return _hashes(out)
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name not in SKIP}
+
+
+def _work(out: Path) -> Path:
+    return out.with_name(out.name + ".daprune-work")
+
+
+class Crash(BaseException):
+    """Stands in for a kill: not an Exception, so nothing catches it and the work folder is kept."""
+
+
+def _crash_at(monkeypatch, block: int, phase: str = "") -> None:
+    import daprune.checkpoint as ck
+
+    def hook(b: int, p: str) -> None:
+        if b == block and p == phase:
+            raise Crash(f"block {b} {p}")
+
+    monkeypatch.setattr(ck, "_test_kill", hook)
+
+
+def test_kill9_after_block_then_resume(src, reference, tmp_path):
+    """The real thing: SIGKILL in a subprocess right after block 2's checkpoint, then the same command."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "daprune.cli", "prune", "--model", str(src), "--out", str(out), *ARGS]
+    env = {**os.environ, KILL_ENV: "2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists()
+    state = json.loads((_work(out) / "state.json").read_text())
+    assert state["next_block"] == 3 and len(state["records"]) == 3
+    assert main(["prune", "--model", str(src), "--out", str(out), *ARGS]) == 0
+    assert _hashes(out) == reference
+    report = json.loads((out / "report.json").read_text())
+    assert report["execution"]["resumed_from_block"] == 3
+    assert not _work(out).exists()
+
+
+@pytest.mark.parametrize("block,phase,first,second", [
+    (3, "before-state", "device", "device"),  # killed in the middle of a checkpoint: block 3 is redone
+    (1, "", "disk", "disk"),  # memory-mapped streams are the checkpoint
+    (2, "", "disk", "cpu"),  # activation storage may change between attempts
+])
+def test_crash_anywhere_then_resume(src, reference, tmp_path, monkeypatch, block, phase, first, second):
+    out = tmp_path / "out"
+    _crash_at(monkeypatch, block, phase)
+    with pytest.raises(Crash):
+        main(["prune", "--model", str(src), "--out", str(out), "--activations", first, *ARGS])
+    assert not out.exists() and _work(out).is_dir()
+    state = json.loads((_work(out) / "state.json").read_text())
+    assert state["next_block"] == (block if phase else block + 1)
+    monkeypatch.undo()
+    assert main(["prune", "--model", str(src), "--out", str(out), "--activations", second, *ARGS]) == 0
+    assert _hashes(out) == reference
+    assert not _work(out).exists()
+
+
+def test_crash_while_writing_output_then_resume(src, reference, tmp_path, monkeypatch):
+    """All blocks done, killed while assembling the folder: the rerun only assembles it."""
+    import daprune.io as io
+
+    out = tmp_path / "out"
+
+    def boom(_tmp):
+        raise Crash("assembling")
+
+    monkeypatch.setattr(io, "write_remote_code", boom)
+    with pytest.raises(Crash):
+        main(["prune", "--model", str(src), "--out", str(out), *ARGS])
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+    monkeypatch.undo()
+    assert main(["prune", "--model", str(src), "--out", str(out), *ARGS]) == 0
+    assert _hashes(out) == reference
+    assert json.loads((out / "report.json").read_text())["execution"]["resumed_from_block"] == 6
+
+
+def test_different_arguments_refuse_to_resume(src, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(Crash):
+        main(["prune", "--model", str(src), "--out", str(out), *ARGS])
+    monkeypatch.undo()
+    changed = [a if a != "0.2" else "0.25" for a in ARGS]
+    capsys.readouterr()
+    assert main(["prune", "--model", str(src), "--out", str(out), *changed]) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "sparsity: 0.2 -> 0.25" in err and "--no-resume" in err
+    assert "Traceback" not in err
+    assert _work(out).is_dir() and not out.exists()  # the interrupted run's folder is left alone
+    assert main(["prune", "--model", str(src), "--out", str(out), *changed, "--no-resume"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["execution"]["resumed_from_block"] is None and report["settings"]["sparsity"] == 0.25
+
+
+def test_changed_model_refuses_to_resume(src, tmp_path, monkeypatch):
+    from daprune.api import prune
+
+    model_dir = save_model(tiny_model(layers=6), tmp_path / "m", tokenizer=False)
+    out = tmp_path / "out"
+    kw = dict(calibration="random", nsamples=8, seqlen=24, layers="1:-1", progress=False)
+    _crash_at(monkeypatch, 1)
+    with pytest.raises(Crash):
+        prune(model=str(model_dir), out=str(out), **kw)
+    monkeypatch.undo()
+    save_model(tiny_model(layers=6, seed=1), model_dir, tokenizer=False)  # same path, new weights
+    with pytest.raises(ResumeError, match="source.weights"):
+        prune(model=str(model_dir), out=str(out), **kw)
+
+
+def test_unreadable_state_and_live_lock(src, tmp_path, monkeypatch):
+    from daprune.api import prune
+
+    out = tmp_path / "out"
+    kw = dict(calibration="random", nsamples=8, seqlen=24, layers="1:-1", progress=False)
+    work = _work(out)
+    work.mkdir()
+    (work / "state.json").write_text("{not json")
+    with pytest.raises(ResumeError, match="unreadable state.json"):
+        prune(model=str(src), out=str(out), **kw)
+    (work / "state.json").unlink()
+    (work / "lock").write_text(str(os.getppid()))  # a live process that is not us
+    with pytest.raises(ResumeError, match="another daprune process"):
+        prune(model=str(src), out=str(out), **kw)
+    (work / "lock").write_text("999999999")  # a dead one (e.g. killed): taken over
+    assert prune(model=str(src), out=str(out), **kw).report["execution"]["resumed_from_block"] is None
+
+
+def test_block_seeds_do_not_depend_on_history():
+    """Per-block seeds: what block k draws is the same whether or not blocks 0..k-1 ran in this process."""
+    from daprune.pipeline import _seed_block
+
+    _seed_block(0, 3)
+    a = torch.rand(4)
+    _seed_block(0, 1)
+    torch.rand(100)
+    _seed_block(0, 3)
+    assert torch.equal(torch.rand(4), a)
+    _seed_block(1, 3)
+    assert not torch.equal(torch.rand(4), a)
+
+
+def test_in_memory_path_resumes_too(tmp_path, monkeypatch):
+    """--no-streaming (whole model loaded) checkpoints blocks the same way and restores them on resume."""
+    folder = save_model(tiny_model(layers=5), tmp_path / "src")  # with a tokenizer: load_model needs one
+    args = ["--model", str(folder), "--no-streaming", *ARGS]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["prune", "--out", str(ref), *args]) == 0
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(Crash):
+        main(["prune", "--out", str(out), *args])
+    monkeypatch.undo()
+    assert main(["prune", "--out", str(out), *args]) == 0
+    assert _hashes(out) == _hashes(ref)
+    report = json.loads((out / "report.json").read_text())
+    assert report["execution"] == {"device": "cpu", "streaming": False, "activations": "device",
+                                   "resumed_from_block": 3}
+
+
+def test_adaptive_schedule_resumes_with_its_saved_plans(src, tmp_path, monkeypatch):
+    """The global (adaptive) plans are computed once, on the dense model, and kept in the checkpoint."""
+    import daprune.adaptive as adaptive
+
+    args = ["--model", str(src), *ARGS, "--schedule", "adaptive", "--ffn-criterion", "flap", "--head-criterion",
+            "flap"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["prune", "--out", str(ref), *args]) == 0
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(Crash):
+        main(["prune", "--out", str(out), *args])
+    monkeypatch.undo()
+    monkeypatch.setattr(adaptive, "adaptive_plans", lambda *a, **k: pytest.fail("plans were recomputed"))
+    assert main(["prune", "--out", str(out), *args]) == 0
+    assert _hashes(out) == _hashes(ref)
