@@ -49,6 +49,15 @@ class CharTokenizer:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: a second OpenMP thread only adds contention (up to 30x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny():
     return tiny_model()
 

@@ -21,12 +21,7 @@ FAST = ["--calibration", "random", "--nsamples", "8", "--seqlen", "24", "--layer
         "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

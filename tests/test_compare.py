@@ -16,13 +16,7 @@ from daprune.evaluation.perplexity import perplexity_of_ids
 EVAL_IDS = torch.randint(0, 128, (4 * 32,), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is fastest, and far faster than two on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loader():

@@ -32,13 +32,7 @@ DOWN_IN = [[1, 0, 2], [1, 2, 0], [-1, 0, 2], [1, 2, 0]]
 O_IN = [[1, 0, 0, 1], [1, 0, 2, 1], [1, 2, 0, -1], [1, 2, 2, -1]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is fastest, and far faster than two on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_block():

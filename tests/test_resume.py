@@ -24,12 +24,7 @@ ARGS = ["--calibration", "random", "--nsamples", "8", "--seqlen", "24", "--layer
 SKIP = {"report.json", "layers.png"}  # timings and the resume note differ; every weight/config file must not
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

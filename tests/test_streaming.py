@@ -15,13 +15,7 @@ from daprune.errors import ConfigError, DeviceError
 FAST = dict(calibration="random", nsamples=8, seqlen=24, sparsity=0.2, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: a second OpenMP thread only adds contention (30x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tied_model():
