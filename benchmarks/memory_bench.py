@@ -157,11 +157,12 @@ def run_child(mode: str, model: Path, out: Path, args: argparse.Namespace) -> di
             time.sleep(0.02)
 
     t = threading.Thread(target=watch, daemon=True)
+    t0 = time.perf_counter()
     t.start()
     stdout, stderr = proc.communicate()
     t.join()
     row = {"mode": mode, "returncode": proc.returncode, "sampled_peak_rss_gib": peak["kib"] / 2**20,
-           "killed_by_watchdog": peak["killed"]}
+           "killed_by_watchdog": peak["killed"], "wall_s": time.perf_counter() - t0}
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if lines:
         res = json.loads(lines[-1])
@@ -248,7 +249,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
                                                     else f"exit {r['returncode']}")
         nan = float("nan")
         lines.append(f"| {r['blocks']} | {r['weights_gib']:.2f} | {r['mode']} | {r.get('peak_rss_gib', nan):.2f}"
-                     f" | {r['sampled_peak_rss_gib']:.2f} | {r.get('seconds', nan):.0f} | {result} |")
+                     f" | {r['sampled_peak_rss_gib']:.2f} | {r.get('seconds', r['wall_s']):.0f} | {result} |")
     if args.limit_gib:
         lines.append(f"\nRSS limit enforced by the watchdog: {args.limit_gib} GiB")
     return "\n".join(lines)

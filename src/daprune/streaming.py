@@ -537,6 +537,7 @@ class StreamingStore(ResidentStore):
         from daprune.checkpoint import atomic_save_tensors
 
         layer = self.adapter.layers()[i]
+        trim_heap()  # the pruner's freed temporaries first: serialising copies the block once more
         atomic_save_tensors(path, {self.block_prefix(i) + k: v for k, v in layer.state_dict().items()})
         self.release(i)
 
