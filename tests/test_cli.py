@@ -128,3 +128,15 @@ def test_existing_output_refused_then_overwrite(run_cli, tiny_folder, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["sparsity"] == 0.01 and report["params"]["achieved_sparsity"] >= 0.01
     assert "block" in proc.stdout and "parameters" in proc.stdout
+
+
+def test_eval_writes_json(run_cli, tiny_folder, data_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    res = run_cli("eval", "--model", str(tiny_folder), "--ppl", "wikitext2,ptb", "--max-windows", "2",
+                  "--data-dir", data_dir, "--json", str(out), "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["ppl"]) == {"wikitext2", "ptb"}
+    assert all(v > 1.0 for v in data["ppl"].values())
+    assert data["ppl_details"]["ptb"]["windows"] == 2
+    assert "ppl wikitext2" in res.stdout
