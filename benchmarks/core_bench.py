@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from daprune.api import prune
+from daprune.evaluation.compare import PeakRSS
 from daprune.evaluation.perplexity import evaluate
 from daprune.models.loading import load_model
 from daprune.report import format_table
@@ -31,29 +30,6 @@ ROWS = {
     "ours-64-samples": {"nsamples": 64},
 }
 DEFAULT_ROWS = ["ours", "ours+paper-recovery", "ours-self-generated", "ours-64-samples"]
-
-
-class PeakRSS:
-    """Samples this process's RSS every 50 ms: the peak *during* a step, unlike ru_maxrss (lifetime)."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def __enter__(self):
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -80,13 +56,16 @@ def main() -> None:
     for name in args.rows:
         fresh, _, _ = load_model(None)
         settings = {"sparsity": args.sparsity, **extra, **ROWS[name]}
-        with PeakRSS() as mem:
-            t1 = time.perf_counter()
-            res = prune(model=fresh, tokenizer=tok, progress=False, **settings)
-            secs = time.perf_counter() - t1
+        mem = PeakRSS()
+        mem.reset()
+        t1 = time.perf_counter()
+        res = prune(model=fresh, tokenizer=tok, progress=False, **settings)
+        secs = time.perf_counter() - t1
+        peak_mib = mem.peak() / 2**20
+        mem.stop()
         ev = evaluate(res.model, tok, data_dir=args.data_dir, max_windows=args.max_windows, batch_size=32)
         results.append({"row": name, "params": res.report["params"]["after"], **ev["ppl"], "prune_s": secs,
-                        "peak_rss_mib": mem.peak / 2**20, "settings": res.report["settings"]})
+                        "peak_rss_mib": peak_mib, "settings": res.report["settings"]})
         print(f"done {name}: {ev['ppl']}", flush=True)
     table = format_table(
         [[r["row"], r["params"], r.get("wikitext2"), r.get("ptb"), r.get("prune_s"), r.get("peak_rss_mib")]

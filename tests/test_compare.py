@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 
 import pytest
 import torch
@@ -115,14 +116,22 @@ def test_resume_keeps_finished_rows(tmp_path):
     assert len(calls) == 1 and table["rows"][0] is done["dense"]
 
 
+def _fresh_pages(nbytes: int) -> mmap.mmap:
+    """Touch a new anonymous mapping: unlike bytearray, it cannot reuse heap pages that are already resident."""
+    block = mmap.mmap(-1, nbytes)
+    for off in range(0, nbytes, mmap.PAGESIZE):
+        block[off] = 1
+    return block
+
+
 def test_peak_rss_tracks_allocation():
     mem = compare.PeakRSS()
     mem.reset()
     before = mem.peak()
-    block = bytearray(64 * 2**20)
-    block[:: 4096] = b"\1" * len(block[:: 4096])
+    block = _fresh_pages(64 * 2**20)
     assert mem.peak() - before > 48 * 2**20
     mem.stop()
+    block.close()
 
 
 def test_cli_compare(tmp_path, monkeypatch, data_dir, capsys):
@@ -179,3 +188,16 @@ def test_child_argv_forwards_the_settings():
     assert "--no-isolate" in argv and "--quiet" in argv
     assert "--sparsity=0.3" in argv and "--max-windows=7" in argv and "--calibration=x.txt" in argv
     assert not any(a.startswith("--model") for a in argv)  # None: the child uses the same default
+
+
+def test_peak_rss_falls_back_to_sampling_when_kernel_reset_is_ignored(monkeypatch):
+    """Some machines accept the clear_refs write but keep the old mark: sampling must take over."""
+    monkeypatch.setattr(compare.PeakRSS, "_kernel_reset", staticmethod(lambda: False))
+    mem = compare.PeakRSS()
+    mem.reset()
+    assert mem.method.startswith("psutil")
+    before = mem.peak()
+    block = _fresh_pages(64 * 2**20)
+    assert mem.peak() - before > 48 * 2**20
+    mem.stop()
+    block.close()

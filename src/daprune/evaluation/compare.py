@@ -124,12 +124,18 @@ class PeakRSS:
 
     @staticmethod
     def _kernel_reset() -> bool:
+        """Reset the kernel's high-water mark; True only if the reset demonstrably took effect.
+
+        Some sandboxes (and CI machines) accept the write to clear_refs but leave VmHWM untouched, so
+        a reset counts only when the mark afterwards sits at the current RSS (within a small slack).
+        """
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
-            return PeakRSS._status("VmHWM") is not None
         except OSError:
             return False
+        hwm, rss = PeakRSS._status("VmHWM"), PeakRSS._status("VmRSS")
+        return hwm is not None and rss is not None and hwm - rss <= 8 * 2**20
 
     @staticmethod
     def _status(key: str) -> int | None:
@@ -154,8 +160,9 @@ class PeakRSS:
     def reset(self) -> None:
         self.stop()
         if self.method.startswith("VmHWM"):
-            self._kernel_reset()
-            return
+            if self._kernel_reset():
+                return
+            self.method = "psutil sampling 20 ms"
         self._peak = self.current()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -212,6 +219,8 @@ def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluato
             "prune_s": t["total_s"] - t.get("load_s", 0.0),
             "settings": rep["settings"],
             "report": {k: rep[k] for k in ("calibration", "params", "shapes", "timings") if k in rep},
+            # per pruned block: relative output error (and without recovery), what was kept, how it was chosen
+            "layers": [_layer_summary(r) for r in rep.get("layers", []) if r.get("pruned")],
         })
     record["load_s"] = load_s
     record["peak_rss_prune_mb"] = memory.peak() / 2**20
@@ -236,6 +245,12 @@ def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluato
     del model
     gc.collect()
     return record
+
+
+def _layer_summary(row: dict) -> dict:
+    out = {k: row.get(k) for k in ("index", "error", "error_no_recovery", "kept_channels", "plan")}
+    out["kept_heads"] = len(row.get("kept_heads", []))
+    return out
 
 
 def run_table(rows: list[RowSpec], base: PruneConfig, loader: Loader, evaluator: Evaluator, *,
