@@ -201,3 +201,39 @@ def test_peak_rss_falls_back_to_sampling_when_kernel_reset_is_ignored(monkeypatc
     assert mem.peak() - before > 48 * 2**20
     mem.stop()
     block.close()
+
+
+def test_markdown_has_a_column_per_zero_shot_task():
+    """Per-task accuracy in the metric the mean uses (acc_norm for HellaSwag, acc for PIQA), then the mean."""
+    zs = {"tasks": {"piqa": {"acc": 0.61, "acc_norm": 0.60}, "hellaswag": {"acc": 0.30, "acc_norm": 0.42}},
+          "mean_metrics": {"piqa": "acc", "hellaswag": "acc_norm"}, "mean": 0.515}
+    base = {"group": "dense", "params": 100, "sparsity": 0.0, "prune_s": 0.0, "peak_rss_prune_mb": 1.0,
+            "ppl": {"wikitext2": 10.0}}
+    table = {"rows": [{**base, "key": "dense", "label": "Dense", "zeroshot": zs, "zeroshot_mean": 0.515},
+                      {**base, "key": "l2", "label": "L2", "group": "data-free"}]}
+    lines = compare.format_markdown(table).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[header.index("WikiText-2 PPL") + 1:][:3] == ["piqa", "hellaswag", "Zero-shot mean"]
+    dense = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert dense[3:6] == ["61.0", "42.0", "51.50"]
+    l2 = [c.strip() for c in lines[-1].strip("|").split("|")]
+    assert l2[3:6] == ["-", "-", "-"]
+
+
+def test_zeroshot_runs_in_the_requested_dtype(monkeypatch):
+    import argparse
+
+    import daprune.evaluation.zeroshot as zs_mod
+
+    seen = {}
+
+    def fake(model, tok, tasks, **kw):
+        seen["dtype"], seen["tasks"], seen["limit"] = next(model.parameters()).dtype, tasks, kw["limit"]
+        return {"tasks": {}, "mean": 0.5}
+
+    monkeypatch.setattr(zs_mod, "evaluate_zeroshot", fake)
+    args = argparse.Namespace(tasks="piqa,arc_easy", limit=3, eval_batch_size=2, quiet=True,
+                              zeroshot_dtype="bfloat16")
+    out = compare._zeroshot_fn(args)(tiny_model("llama"), None)
+    assert seen == {"dtype": torch.bfloat16, "tasks": ["piqa", "arc_easy"], "limit": 3}
+    assert out["dtype"] == "bfloat16" and out["mean"] == 0.5

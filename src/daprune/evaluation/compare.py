@@ -300,6 +300,15 @@ def _fmt_ppl(v: float | None) -> str:
     return f"{v:.2f}" if v < 1e4 else f"{v:.3e}"
 
 
+def _fmt_task(zs: dict, task: str) -> str:
+    """The metric the mean uses for this task (acc_norm or acc, as the literature reports it), in percent."""
+    metrics = zs.get("tasks", {}).get(task)
+    metric = zs.get("mean_metrics", {}).get(task)
+    if not metrics or metric not in metrics:
+        return "-"
+    return f"{100 * metrics[metric]:.1f}"
+
+
 def format_markdown(table: dict) -> str:
     """The paper's layout: Dense, then a header line per group, one line per method."""
     rows = table["rows"]
@@ -307,9 +316,12 @@ def format_markdown(table: dict) -> str:
     for r in rows:
         corpora += [c for c in r.get("ppl", {}) if c not in corpora]
     zs = any(r.get("zeroshot_mean") is not None for r in rows)
+    tasks: list[str] = []
+    for r in rows:
+        tasks += [t for t in (r.get("zeroshot") or {}).get("tasks", {}) if t not in tasks]
     names = {"wikitext2": "WikiText-2 PPL", "ptb": "PTB PPL"}
     headers = ["Method", "Params", *[names.get(c, f"{c} PPL") for c in corpora]]
-    headers += (["Zero-shot mean"] if zs else []) + ["Prune s", "Peak RSS MB"]
+    headers += ([*tasks, "Zero-shot mean"] if zs else []) + ["Prune s", "Peak RSS MB"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     group = None
     for r in rows:
@@ -319,6 +331,7 @@ def format_markdown(table: dict) -> str:
         cells = [r["label"], f"{_fmt_params(r['params'])} (-{r['sparsity']:.1%})"]
         cells += [_fmt_ppl(r.get("ppl", {}).get(c)) for c in corpora]
         if zs:
+            cells += [_fmt_task(r.get("zeroshot") or {}, t) for t in tasks]
             m = r.get("zeroshot_mean")
             cells.append("-" if m is None else f"{100 * m:.2f}")
         cells += [f"{r['prune_s']:.1f}", f"{r['peak_rss_prune_mb']:.0f}"]
@@ -349,6 +362,9 @@ def add_parser(sub) -> dict:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--tasks", default="", help="zero-shot tasks (needs daprune.evaluation.zeroshot)")
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    p.add_argument("--zeroshot-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="cast each model to this dtype for the zero-shot tasks only, after perplexity "
+                   "(bfloat16 is much faster on CPU and within noise: docs/zeroshot.md)")
     p.add_argument("--json", default=None, help="write every row's record (full settings) here, after each row")
     p.add_argument("--resume", action="store_true", help="keep rows already in --json (same settings), run the rest")
     p.add_argument("--data-dir", default=None)
@@ -370,7 +386,8 @@ _FORWARD = (("model", "--model"), ("sparsity", "--sparsity"), ("layers", "--laye
             ("calibration", "--calibration"), ("nsamples", "--nsamples"), ("seqlen", "--seqlen"), ("seed", "--seed"),
             ("tau", "--tau"), ("head_split", "--head-split"), ("batch_size", "--batch-size"), ("ppl", "--ppl"),
             ("max_windows", "--max-windows"), ("eval_batch_size", "--eval-batch-size"), ("tasks", "--tasks"),
-            ("limit", "--limit"), ("data_dir", "--data-dir"), ("cache_dir", "--cache-dir"))
+            ("limit", "--limit"), ("zeroshot_dtype", "--zeroshot-dtype"), ("data_dir", "--data-dir"),
+            ("cache_dir", "--cache-dir"))
 
 
 def child_argv(args, key: str, json_path: str) -> list[str]:
@@ -410,8 +427,17 @@ def _zeroshot_fn(args) -> Callable[[Any, Any], dict] | None:
     if not hasattr(zs, "evaluate_zeroshot"):
         raise ConfigError("daprune.evaluation.zeroshot has no evaluate_zeroshot yet")
     tasks = zs.parse_tasks(args.tasks) if hasattr(zs, "parse_tasks") else args.tasks.split(",")
-    return lambda model, tok: zs.evaluate_zeroshot(model, tok, tasks, limit=args.limit,
-                                                   batch_size=args.eval_batch_size, progress=not args.quiet)
+    dtype = getattr(args, "zeroshot_dtype", "float32")
+
+    def run(model, tok) -> dict:
+        import torch
+
+        model.to(getattr(torch, dtype))  # the row's model is discarded afterwards: cast in place
+        res = zs.evaluate_zeroshot(model, tok, tasks, limit=args.limit, batch_size=args.eval_batch_size,
+                                   progress=not args.quiet)
+        return {**res, "dtype": dtype}
+
+    return run
 
 
 def reusable_rows(old: dict, meta: dict, rows: list[RowSpec], base: PruneConfig) -> dict[str, dict]:
@@ -420,7 +446,8 @@ def reusable_rows(old: dict, meta: dict, rows: list[RowSpec], base: PruneConfig)
     Per-row comparison (not the base settings) so a changed default only re-runs the rows it affects.
     """
     keys = ("model", "sparsity", "max_windows", "ppl", "tasks", "limit")
-    if any(old.get(k) != meta.get(k) for k in keys):
+    if any(old.get(k) != meta.get(k) for k in keys) or old.get("zeroshot_dtype", "float32") != meta.get(
+            "zeroshot_dtype", "float32"):
         return {}
     wanted = {r.key: (None if r.key == "dense" else row_config(r, base).to_dict()) for r in rows}
     return {r["key"]: r for r in old.get("rows", []) if r["key"] in wanted and r.get("settings") == wanted[r["key"]]}
@@ -459,7 +486,7 @@ def cmd_compare(args) -> int:
     zeroshot = _zeroshot_fn(args)
     meta = {"command": shlex.join(sys.argv),
             "model": args.model, "sparsity": args.sparsity, "max_windows": args.max_windows, "ppl": args.ppl,
-            "tasks": args.tasks, "limit": args.limit, "threads": _threads(),
+            "tasks": args.tasks, "limit": args.limit, "zeroshot_dtype": args.zeroshot_dtype, "threads": _threads(),
             "window_note": "evenly spaced subset of the non-overlapping 128-token windows"
             if args.max_windows else "all windows"}
     done = None
