@@ -48,6 +48,7 @@ def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> d
         batch_size=args.batch_size,
         progress=not args.quiet,
         log_samples=log_samples,
+        request_cache=args.request_cache,
     )
     result["wall_s"] = time.perf_counter() - start
     result["settings"] = {
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> d
         "dtype": dtype,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
+        "request_cache": args.request_cache,  # wall_s covers only requests not already cached
         "torch": torch.__version__,
         "command": " ".join(shlex.quote(a) for a in sys.argv),
     }
@@ -126,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--compare-dtypes", action="store_true", help="fp32 vs bf16 on the same documents")
     parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--request-cache", default=None, metavar="DIR",
+                        help="lm-eval request cache per model: a stopped run continues where it was")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:

@@ -229,6 +229,38 @@ def test_lm_eval_choices_match_plain_torch(smollm2: tuple[Any, Any]) -> None:
     assert result["mean_metrics"] == {"piqa": "acc", "arc_easy": "acc_norm"}
 
 
+@needs_offline
+def test_request_cache_serves_a_rerun_without_the_model(smollm2: tuple[Any, Any], tmp_path: Path) -> None:
+    """A stopped run continues from lm-eval's request cache: a rerun scores nothing it already has."""
+    model, tokenizer = smollm2
+    first = zs.evaluate_zeroshot(model, tokenizer, ["piqa"], limit=3, batch_size=4, progress=False,
+                                 request_cache=tmp_path)
+    assert Path(first["request_cache"]).is_file()
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = zs.evaluate_zeroshot(model, tokenizer, ["piqa"], limit=3, batch_size=4, progress=False,
+                                     request_cache=tmp_path)
+        assert calls == [] and again["tasks"] == first["tasks"]
+        zs.evaluate_zeroshot(model, tokenizer, ["piqa"], limit=4, batch_size=4, progress=False,
+                             request_cache=tmp_path)
+        assert 0 < len(calls) <= 2  # only the fourth document's two choices are new
+    finally:
+        handle.remove()
+
+
+def test_model_fingerprint_tells_models_apart() -> None:
+    from conftest import tiny_model
+
+    a, b = tiny_model("llama"), tiny_model("llama")
+    b.load_state_dict(a.state_dict())
+    assert zs.model_fingerprint(a) == zs.model_fingerprint(b)
+    with torch.no_grad():
+        b.model.layers[0].mlp.down_proj.weight[3, 5] += 1e-3
+    assert zs.model_fingerprint(a) != zs.model_fingerprint(b)
+    assert zs.model_fingerprint(a) != zs.model_fingerprint(a.to(torch.bfloat16))
+
+
 @pytest.mark.slow
 @needs_offline
 def test_all_seven_tasks_scores_match_plain_torch(smollm2: tuple[Any, Any]) -> None:

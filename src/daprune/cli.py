@@ -78,6 +78,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--ppl", default="wikitext2,ptb", help="corpora, comma separated ('' for none)")
     p.add_argument("--tasks", default="", help="zero-shot tasks (boolq,piqa,hellaswag,winogrande,arc_easy,...)")
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    p.add_argument("--request-cache", default=None, metavar="DIR",
+                   help="keep lm-eval's scored requests here (one file per model): a stopped zero-shot run "
+                   "continues where it was, and a --limit run's answers are reused by a later full run")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -132,7 +135,8 @@ def cmd_eval(args) -> int:
         from daprune.evaluation.zeroshot import evaluate_zeroshot, parse_tasks
 
         zs = evaluate_zeroshot(model, tok, parse_tasks(args.tasks), limit=args.limit,
-                               batch_size=args.batch_size, progress=not args.quiet)
+                               batch_size=args.batch_size, progress=not args.quiet,
+                               request_cache=args.request_cache)
         out.update(zs)
     rows = [[f"ppl {k}", v] for k, v in out.get("ppl", {}).items()]
     for k, v in out.get("tasks", {}).items():

@@ -318,6 +318,26 @@ def _resolve_offline(tasks: Sequence[str], offline: bool | None) -> bool:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def model_fingerprint(model: Any, sample: int = 4096) -> str:
+    """A short digest of a model's weights, dtype and layout, cheap enough to take on every run.
+
+    Each tensor contributes its name, shape, dtype, an evenly strided sample of its values and its sum,
+    so two checkpoints that differ anywhere in a pruned shape, a dtype or a re-fitted matrix get
+    different digests (a single changed weight in an unsampled position only moves the sum).
+    """
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+    return h.hexdigest()[:20]
+
+
 def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool) -> Any:
     """Wrap an in-memory HF model for lm-eval.
 
@@ -382,6 +402,7 @@ def evaluate_zeroshot(
     offline: bool | None = None,
     progress: bool = True,
     log_samples: bool = False,
+    request_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of an in-memory causal LM on standard lm-eval tasks.
 
@@ -395,6 +416,10 @@ def evaluate_zeroshot(
             of lm-eval's standard tasks, None picks offline when the copies are installed.
         progress: show lm-eval's progress bars and INFO logs.
         log_samples: also return lm-eval's per-document records under ``"samples"``.
+        request_cache: a folder for lm-eval's request cache (``use_cache``). Every scored request is
+            committed as it finishes, so a run that is stopped continues where it was, and a ``limit``
+            run's answers are reused by a later full run. The file is keyed by ``model_fingerprint``:
+            lm-eval keys entries by request only, so one file must never serve two models.
 
     Returns:
         ``{"tasks": {task: {"acc", "acc_norm" (None if absent), "n", "acc_stderr",
@@ -410,6 +435,10 @@ def evaluate_zeroshot(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     use_offline = _resolve_offline(tasks, offline)
+    cache_path = None
+    if request_cache is not None:
+        Path(request_cache).mkdir(parents=True, exist_ok=True)
+        cache_path = str(Path(request_cache) / f"requests-{model_fingerprint(model)}")
 
     import lm_eval
 
@@ -423,9 +452,12 @@ def evaluate_zeroshot(
             task_manager=manager,
             log_samples=log_samples,
             bootstrap_iters=1000,  # only mean metrics here: their stderr is closed-form anyway
+            use_cache=cache_path,
         )
     result = summarize(raw, tasks)
     result.update({"offline": use_offline, "limit": limit})
+    if cache_path is not None:
+        result["request_cache"] = cache_path + "_rank0.db"
     if log_samples:
         result["samples"] = {t: raw["samples"][t] for t in tasks}
     return result
