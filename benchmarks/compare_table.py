@@ -1,22 +1,47 @@
 """Reproduce docs/compare.md: the full comparison table on the default model (SmolLM2-135M) at 20%.
 
-Thin wrapper around ``daprune compare`` so the exact command lives in the repository:
+Thin wrapper around ``daprune compare`` so the exact commands live in the repository. Two runs, then a
+merge (zero-shot tasks cost far more than perplexity, so they run on a subset of rows):
 
-    DAPRUNE_DATA_DIR=/work/shared/data nice -n 10 python benchmarks/compare_table.py
+    export DAPRUNE_DATA_DIR=/work/shared/data
+    python benchmarks/compare_table.py                      # every row: params, WikiText-2/PTB, time, memory
+    python benchmarks/compare_table.py --zeroshot           # zero-shot columns for the rows in ZS_ROWS
+    python benchmarks/compare_table.py --merge docs/compare.json   # one table: print it, write the JSON
 
-Extra arguments are passed through (e.g. ``--rows ours-c,flap`` or ``--max-windows 0`` for all windows).
-Rows run one per child process; the JSON is rewritten after each row, and ``--resume`` (on by default
-here) skips rows already in it, so a stopped run continues where it was.
+Extra arguments are passed through to ``daprune compare`` (e.g. ``--rows ours-c,flap`` or
+``--max-windows 0`` for all windows). Rows run one per child process; the JSON is rewritten after each
+row, and ``--resume`` (on by default here) skips rows already in it, so a stopped run continues.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from daprune.cli import main
+from daprune.evaluation.compare import format_markdown, merge_zeroshot
 
-DEFAULT = ["compare", "--sparsity", "0.2", "--max-windows", "256", "--json", "runs/compare/smollm2_s20.json",
-           "--resume", "--quiet"]
+PPL_JSON = "runs/compare/smollm2_s20.json"
+ZS_JSON = "runs/compare/smollm2_s20_zeroshot.json"
+SEVEN = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+ZS_ROWS = "dense,ours-sg,taylor-e1,wanda-sp,flap,ours-c"
+PPL = ["compare", "--sparsity", "0.2", "--max-windows", "256", "--json", PPL_JSON, "--resume", "--quiet"]
+ZEROSHOT = ["compare", "--sparsity", "0.2", "--rows", ZS_ROWS, "--ppl=", "--tasks", SEVEN, "--limit", "100",
+            "--zeroshot-dtype", "bfloat16", "--json", ZS_JSON, "--resume", "--quiet"]
+
+
+def merge(out: str) -> int:
+    table = merge_zeroshot(json.loads(Path(PPL_JSON).read_text()), json.loads(Path(ZS_JSON).read_text()))
+    Path(out).write_text(json.dumps(table, indent=1) + "\n")
+    print(format_markdown(table))
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main(DEFAULT + sys.argv[1:]))  # later options win: extra arguments override the defaults
+    argv = sys.argv[1:]
+    if argv[:1] == ["--merge"]:
+        sys.exit(merge(argv[1]))
+    if argv[:1] == ["--zeroshot"]:
+        sys.exit(main(ZEROSHOT + argv[1:]))
+    sys.exit(main(PPL + argv))  # later options win: extra arguments override the defaults

@@ -188,6 +188,10 @@ def test_child_argv_forwards_the_settings():
     assert "--no-isolate" in argv and "--quiet" in argv
     assert "--sparsity=0.3" in argv and "--max-windows=7" in argv and "--calibration=x.txt" in argv
     assert not any(a.startswith("--model") for a in argv)  # None: the child uses the same default
+    # an empty --ppl (zero-shot only) must reach the child as empty, not fall back to the default corpora
+    args = parser.parse_args(["compare", "--ppl=", "--tasks", "piqa"])
+    child = parser.parse_args(compare.child_argv(args, "l2", "/tmp/r.json")[3:])
+    assert child.ppl == "" and child.tasks == "piqa"
 
 
 def test_peak_rss_falls_back_to_sampling_when_kernel_reset_is_ignored(monkeypatch):
@@ -237,3 +241,17 @@ def test_zeroshot_runs_in_the_requested_dtype(monkeypatch):
     out = compare._zeroshot_fn(args)(tiny_model("llama"), None)
     assert seen == {"dtype": torch.bfloat16, "tasks": ["piqa", "arc_easy"], "limit": 3}
     assert out["dtype"] == "bfloat16" and out["mean"] == 0.5
+
+
+def test_merge_zeroshot_only_where_the_pruning_was_identical():
+    settings = compare.row_config(compare.ROW_BY_KEY["l2"], BASE).to_dict()
+    main = {"rows": [{"key": "dense", "settings": None, "params": 10},
+                     {"key": "l2", "settings": settings, "params": 8},
+                     {"key": "flap", "settings": {"x": 1}, "params": 8}]}
+    zs = {"tasks": "piqa", "limit": 5, "rows": [
+        {"key": "dense", "settings": None, "params": 10, "zeroshot": {"mean": 0.6}, "zeroshot_mean": 0.6},
+        {"key": "l2", "settings": settings, "params": 8, "zeroshot": {"mean": 0.5}, "zeroshot_mean": 0.5},
+        {"key": "flap", "settings": {"x": 2}, "params": 8, "zeroshot": {"mean": 0.4}, "zeroshot_mean": 0.4}]}
+    out = compare.merge_zeroshot(main, zs)
+    assert [r.get("zeroshot_mean") for r in out["rows"]] == [0.6, 0.5, None]
+    assert out["zeroshot_run"]["limit"] == 5 and "zeroshot" not in main["rows"][0]

@@ -309,6 +309,23 @@ def _fmt_task(zs: dict, task: str) -> str:
     return f"{100 * metrics[metric]:.1f}"
 
 
+def merge_zeroshot(table: dict, zs_table: dict) -> dict:
+    """Attach zero-shot results from a second run to the rows of ``table`` that pruned identically.
+
+    Zero-shot tasks cost far more than perplexity, so a table is often run once for perplexity and once
+    (``--ppl=``, a subset of rows) for the tasks. Pruning is deterministic for given settings and seed,
+    so a row whose full settings match in both runs scored the same pruned model; other rows get none.
+    """
+    by_key = {r["key"]: r for r in zs_table.get("rows", []) if r.get("zeroshot") is not None}
+    rows = []
+    for r in table["rows"]:
+        z = by_key.get(r["key"])
+        same = z is not None and z.get("settings") == r.get("settings") and z.get("params") == r.get("params")
+        rows.append({**r, "zeroshot": z["zeroshot"], "zeroshot_mean": z["zeroshot_mean"]} if same else dict(r))
+    keep = ("tasks", "limit", "zeroshot_dtype", "command")
+    return {**table, "rows": rows, "zeroshot_run": {k: zs_table.get(k) for k in keep}}
+
+
 def format_markdown(table: dict) -> str:
     """The paper's layout: Dense, then a header line per group, one line per method."""
     rows = table["rows"]
@@ -395,7 +412,7 @@ def child_argv(args, key: str, json_path: str) -> list[str]:
     argv = [sys.executable, "-m", "daprune.cli", "compare", "--rows", key, "--json", json_path, "--no-isolate"]
     for attr, flag in _FORWARD:
         value = getattr(args, attr, None)
-        if value is not None and value != "":
+        if value is not None:  # "" too: --ppl= means no perplexity, not the default corpora
             argv += [f"{flag}={value}"]
     if args.quiet:
         argv.append("--quiet")
