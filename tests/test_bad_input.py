@@ -169,3 +169,13 @@ def test_streaming_requested_for_pickle_weights(capsys, tmp_path):
     word_tokenizer().save_pretrained(folder)
     refused(capsys, tmp_path / "out", "--streaming is not possible here: the model source has no local safetensors",
             "--model", str(folder), "--streaming", *FAST)
+
+
+def test_unimplemented_recovery_nsamples_is_refused():
+    """A reserved setting that would change nothing must not be accepted and recorded as if it did."""
+    from daprune.config import PruneConfig
+    from daprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="recovery_nsamples is not supported"):
+        PruneConfig(recovery="paper", recovery_nsamples=128).validate()
+    PruneConfig(recovery="paper").validate()

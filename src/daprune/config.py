@@ -94,8 +94,11 @@ class PruneConfig:
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError("--nsamples must be >= 1 and --seqlen >= 2")
-        if self.recovery_nsamples is not None and self.recovery_nsamples < 1:
-            raise ConfigError("--recovery-nsamples must be >= 1")
+        if self.recovery_nsamples is not None:
+            # reserved for the paper's extra remedy samples; until the pipeline draws them, refuse rather
+            # than record a setting that changes nothing
+            raise ConfigError("recovery_nsamples is not supported yet: recovery uses the --nsamples calibration "
+                              "samples; raise --nsamples to give the re-fit more data")
         if self.channel_multiple < 1:
             raise ConfigError("--channel-multiple must be >= 1")
         if self.tau < 0:
