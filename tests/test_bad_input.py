@@ -171,11 +171,14 @@ def test_streaming_requested_for_pickle_weights(capsys, tmp_path):
             "--model", str(folder), "--streaming", *FAST)
 
 
-def test_unimplemented_recovery_nsamples_is_refused():
-    """A reserved setting that would change nothing must not be accepted and recorded as if it did."""
+def test_recovery_nsamples_needs_recovery_and_at_least_the_scoring_samples():
+    """Extra re-fit samples without a re-fit, or fewer than the scoring samples, would be recorded but change
+    nothing: both are refused before any work."""
     from daprune.config import PruneConfig
     from daprune.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="recovery_nsamples is not supported"):
-        PruneConfig(recovery="paper", recovery_nsamples=128).validate()
-    PruneConfig(recovery="paper").validate()
+    with pytest.raises(ConfigError, match="only matters with recovery"):
+        PruneConfig(recovery="none", recovery_nsamples=128).validate()
+    with pytest.raises(ConfigError, match="must be >= --nsamples"):
+        PruneConfig(recovery="paper", nsamples=32, recovery_nsamples=16).validate()
+    PruneConfig(recovery="paper", nsamples=16, recovery_nsamples=128).validate()

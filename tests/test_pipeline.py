@@ -138,3 +138,51 @@ def test_auto_selection_needs_enough_tokens(nsamples, expected):
     """96 FFN channels: obs needs >= 4 * 96 tokens (8 x 32 = 256 is too few, 16 x 32 = 512 enough)."""
     res = _prune(tiny_model(), sparsity=0.2, nsamples=nsamples)
     assert {r["plan"]["selection"] for r in res.report["layers"] if r["pruned"]} == {expected}
+
+
+def test_extra_recovery_samples_feed_the_refit_statistics_only(one_thread):
+    """--recovery-nsamples: scores (and head maps) see the scoring samples, the least squares sees them all."""
+    from daprune.config import PruneConfig
+    from daprune.criteria.base import get_criterion
+    from daprune.criteria.similarity import JSAccumulator
+    from daprune.pipeline import BlockPruner, copy_block
+
+    model = tiny_model()
+    adapter = get_adapter(model)
+    x = torch.randn(6, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ctx = adapter.block_context(x[:1])
+    block = adapter.block(1)
+    dense = copy_block(block)
+    cfg = PruneConfig(recovery="paper", nsamples=2, recovery_nsamples=6, batch_size=4)
+    pruner = BlockPruner(cfg, get_criterion("second-moment"), None, 0.0)
+    roles = {"o_in": True, "down_in": False}
+    pruner.n_score = 2
+    js = JSAccumulator(block.n_heads)
+    m = pruner.collect(block, dense, x, x, ctx, {**roles, "attn_in": False}, js)
+    pruner.n_score = None
+    full = pruner.collect(block, dense, x, x, ctx, roles)
+    first = pruner.collect(block, dense, x[:2], x[:2], ctx, roles)
+    js_first = JSAccumulator(block.n_heads)
+    pruner.collect(block, dense, x[:2], x[:2], ctx, {**roles, "attn_in": False}, js_first)
+
+    assert m["o_in"].n == m["down_in"].n == 2 * 16 and m["o_in:fit"].n == 6 * 16
+    assert "down_in:fit" not in m  # unpaired roles are never re-fitted
+    torch.testing.assert_close(m["o_in"].second, first["o_in"].second)
+    torch.testing.assert_close(m["down_in"].second, first["down_in"].second)
+    torch.testing.assert_close(m["o_in:fit"].second, full["o_in"].second)
+    torch.testing.assert_close(m["o_in:fit"].cross_mean, full["o_in"].cross_mean)
+    torch.testing.assert_close(js.divergence, js_first.divergence)
+    assert pruner.fit_moments(m, "o_in") is m["o_in:fit"] and pruner.fit_moments(first, "o_in") is first["o_in"]
+
+
+def test_recovery_nsamples_end_to_end(one_thread):
+    """The extra samples are drawn separately (the scoring samples stay the same) and recorded in the report."""
+    base = _prune(tiny_model(), sparsity=0.3, recovery="paper")
+    more = _prune(tiny_model(), sparsity=0.3, recovery="paper", recovery_nsamples=24)
+    calib = more.report["calibration"]
+    assert calib["nsamples"] == 8 and calib["recovery_extra"]["nsamples"] == 16
+    assert "recovery_extra" not in base.report["calibration"]
+    assert more.report["settings"]["recovery_nsamples"] == 24
+    assert _state_hash(more.model) != _state_hash(base.model)  # the re-fit saw different data
+    logits = more.model(IDS).logits
+    assert torch.isfinite(logits).all()

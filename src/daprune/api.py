@@ -33,6 +33,8 @@ from daprune.errors import ConfigError, DapruneError, ResumeError, TokenizerErro
 
 log = logging.getLogger(__name__)
 
+RECOVERY_SEED_OFFSET = 7919  # seed of the re-fit's extra calibration samples: seed + this
+
 
 class PruneResult:
     """The pruned model, its tokenizer and report, and the output folder if one was written.
@@ -247,6 +249,14 @@ class _Run:
         seed_everything(cfg.seed)
         ids, info = calibration_tokens(cfg.calibration, gen_model, tok, cfg.nsamples, cfg.seqlen, cfg.seed,
                                        data_dir=self.data_dir, self_gen=cfg.self_gen, progress=self.progress)
+        extra = (cfg.recovery_nsamples or 0) - cfg.nsamples
+        if extra > 0:  # the re-fit's extra samples: their own seed, so the scoring samples stay as without them
+            more, more_info = calibration_tokens(cfg.calibration, gen_model, tok, extra, cfg.seqlen,
+                                                 cfg.seed + RECOVERY_SEED_OFFSET, data_dir=self.data_dir,
+                                                 self_gen=cfg.self_gen, progress=self.progress)
+            ids = torch.cat([ids, more])
+            info["recovery_extra"] = {"nsamples": extra, "seed": more_info["seed"],
+                                      "used_for": "least-squares re-fit statistics only, not scores"}
         if gen_model is not self.model:
             del gen_model
             gc.collect()
@@ -283,7 +293,8 @@ class _Run:
             from daprune.criteria.taylor import collect_gradients
 
             t2 = time.perf_counter()
-            grads = collect_gradients(self.model, self.adapter, ids, batch_size=cfg.batch_size, progress=self.progress)
+            grads = collect_gradients(self.model, self.adapter, ids[: cfg.nsamples], batch_size=cfg.batch_size,
+                                      progress=self.progress)
             self.timings["gradients_s"] = time.perf_counter() - t2
         seed_everything(cfg.seed)
         result = run_pipeline(self.adapter, ids, cfg, progress=self.progress, grads=grads, store=self.store,

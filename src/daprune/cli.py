@@ -31,6 +31,9 @@ def _prune_parser(sub) -> None:
     p.add_argument("--no-recover", dest="recovery", action="store_const", const="none")
     p.add_argument("--recovery", dest="recovery", choices=RECOVERY_MODES, default=d.recovery,
                    help="none | paper (re-fit before scoring) | post (re-fit kept columns after) | both")
+    p.add_argument("--recovery-nsamples", type=int, default=d.recovery_nsamples,
+                   help="calibration samples for the re-fit's least squares: the --nsamples scoring samples plus "
+                        "extra ones (default: the scoring samples only; the re-fit overfits with few tokens)")
     p.add_argument("--recovery-damp", type=float, default=d.recovery_damp)
     p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior)
     p.add_argument("--layers", default=d.layers, help="block range START:STOP (default 4:-2 as in the paper)")

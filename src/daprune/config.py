@@ -60,6 +60,8 @@ class PruneConfig:
     nsamples: int = 16
     seqlen: int = 128
     recovery: str = "none"
+    # samples the least-squares re-fit accumulates its statistics on: the ``nsamples`` scoring samples plus
+    # extra ones (the paper's "w/ remedy" rows used 1,024 extra); None: the scoring samples only
     recovery_nsamples: int | None = None
     recovery_damp: float = 1e-4
     recovery_prior: str = "zero"
@@ -95,10 +97,12 @@ class PruneConfig:
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError("--nsamples must be >= 1 and --seqlen >= 2")
         if self.recovery_nsamples is not None:
-            # reserved for the paper's extra remedy samples; until the pipeline draws them, refuse rather
-            # than record a setting that changes nothing
-            raise ConfigError("recovery_nsamples is not supported yet: recovery uses the --nsamples calibration "
-                              "samples; raise --nsamples to give the re-fit more data")
+            if self.recovery == "none":
+                raise ConfigError("--recovery-nsamples only matters with recovery: add --recovery paper|post|both "
+                                  "or drop it")
+            if self.recovery_nsamples < self.nsamples:
+                raise ConfigError(f"--recovery-nsamples ({self.recovery_nsamples}) must be >= --nsamples "
+                                  f"({self.nsamples}): the re-fit sees the scoring samples plus extra ones")
         if self.channel_multiple < 1:
             raise ConfigError("--channel-multiple must be >= 1")
         if self.tau < 0:

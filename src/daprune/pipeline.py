@@ -67,7 +67,8 @@ class BlockPruner:
                  plans: dict[int, BlockPlan] | None = None):
         self.cfg = cfg
         self.plans = plans or {}
-        self.ntokens = 0  # calibration tokens, set by run_pipeline
+        self.ntokens = 0  # scoring calibration tokens, set by run_pipeline
+        self.n_score: int | None = None  # stream rows that are scoring samples (the rest: re-fit only)
         self.ffn_crit = ffn_crit
         self.head_crit = head_crit
         self.target = target
@@ -87,13 +88,19 @@ class BlockPruner:
         """Run both blocks over the streams; accumulate input moments of the requested roles.
 
         ``roles`` maps a role (attn_in, o_in, ffn_in, down_in) to whether its moments also need the
-        cross term with the dense block's output of the same linear(s) (recovery targets).
+        cross term with the dense block's output of the same linear(s) (recovery targets). Scores see
+        only the first ``n_score`` samples; when the stream holds extra re-fit samples
+        (``--recovery-nsamples``), a paired role's least-squares statistics over *all* samples come back
+        under ``"ROLE:fit"``.
         """
         lin = {"attn_in": block.attn_in()[0], "o_in": block.attn_out(), "ffn_in": block.ffn_in()[0],
                "down_in": block.ffn_out()}
         tgt = {"attn_in": dense.attn_in(), "o_in": [dense.attn_out()], "ffn_in": dense.ffn_in(),
                "down_in": [dense.ffn_out()]}
+        n_score = min(self.n_score or xp.shape[0], xp.shape[0])
+        split = n_score < xp.shape[0]
         moments = {r: Moments(f"block {block.index} {r}") for r in roles}
+        fit = {r: Moments(f"block {block.index} {r} (re-fit)") for r, pair in roles.items() if pair and split}
         need_dense = any(roles.values())
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair for i, m in enumerate(tgt[r])}
         bs = self.cfg.batch_size
@@ -105,13 +112,22 @@ class BlockPruner:
                 with capture(dense_mods) as dgot:
                     dense.forward(xd[s : s + bs], ctx)
                 dense_out = dgot
+            k = max(0, min(bs, n_score - s))  # rows of this batch that are scoring samples
             for r, pair in roles.items():
                 x = got[r][0]
                 y = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
-                moments[r].update(x, y)
-            if js is not None:
-                js.update(block.attention_probs(got["attn_in"][0], ctx))
+                if k:
+                    moments[r].update(x[:k], None if y is None else y[:k])
+                if r in fit:
+                    fit[r].update(x, y)
+            if js is not None and k:
+                js.update(block.attention_probs(got["attn_in"][0][:k], ctx))
+        moments.update({f"{r}:fit": m for r, m in fit.items()})
         return moments
+
+    def fit_moments(self, m: dict[str, Moments], role: str) -> Moments:
+        """The least-squares statistics of ``role``: over every sample, extra re-fit samples included."""
+        return m.get(f"{role}:fit", m[role])
 
     # -- recovery -----------------------------------------------------------------------------------
     def refit(self, linears: list, mom: Moments, cols: torch.Tensor | None = None) -> dict:
@@ -205,8 +221,9 @@ class BlockPruner:
         needs = self.ffn_crit.needs | (self.head_crit.needs if self.head_crit else frozenset())
 
         if paper:  # 1) q, k, v share one input Gram
-            stats.attn_in = self.collect(block, dense, xp, xd, ctx, {"attn_in": True})["attn_in"]
-            rec.damping["qkv"] = self.refit(block.attn_in(), stats.attn_in)
+            m = self.collect(block, dense, xp, xd, ctx, {"attn_in": True})
+            stats.attn_in = m["attn_in"]
+            rec.damping["qkv"] = self.refit(block.attn_in(), self.fit_moments(m, "attn_in"))
 
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
         js = JSAccumulator(block.n_heads) if self.use_similarity and block.group_size > 1 else None
@@ -219,8 +236,9 @@ class BlockPruner:
         stats.o_in, stats.down_in = m["o_in"], m["down_in"]
         stats.attn_in = stats.attn_in or m.get("attn_in")
         stats.ffn_in = m.get("ffn_in")
+        o_fit = self.fit_moments(m, "o_in")
         if paper:
-            rec.damping["o"] = self.refit([block.attn_out()], stats.o_in)
+            rec.damping["o"] = self.refit([block.attn_out()], o_fit)
 
         head_imp, redundant = None, []
         if self.head_crit is not None:
@@ -241,23 +259,25 @@ class BlockPruner:
             hd = block.head_dim
             kept_cols = torch.tensor([h * hd + i for h in keep_heads for i in range(hd)], dtype=torch.long)
             if post:
-                rec.damping["o_post"] = self.refit([block.attn_out()], stats.o_in, kept_cols)
+                rec.damping["o_post"] = self.refit([block.attn_out()], o_fit, kept_cols)
             self.head_crit.after_head_prune(block, removed_heads, stats)
             block.slice_heads(keep_heads)
         rec.kept_heads = keep_heads
 
         # 4) FFN: gate/up re-fit, then down's input and re-fit, then channel scores on recovered weights
         if paper:
-            stats.ffn_in = self.collect(block, dense, xp, xd, ctx, {"ffn_in": True})["ffn_in"]
-            rec.damping["gate_up"] = self.refit(block.ffn_in(), stats.ffn_in)
+            m = self.collect(block, dense, xp, xd, ctx, {"ffn_in": True})
+            stats.ffn_in = m["ffn_in"]
+            rec.damping["gate_up"] = self.refit(block.ffn_in(), self.fit_moments(m, "ffn_in"))
         roles = {"down_in": paper or post}
         if "ffn_in" in needs and not paper:
             roles["ffn_in"] = False
         m = self.collect(block, dense, xp, xd, ctx, roles)
         stats.down_in = m["down_in"]
         stats.ffn_in = m.get("ffn_in", stats.ffn_in)
+        down_fit = self.fit_moments(m, "down_in")
         if paper:
-            rec.damping["down"] = self.refit([block.ffn_out()], stats.down_in)
+            rec.damping["down"] = self.refit([block.ffn_out()], down_fit)
         rec.plan["selection"] = self.selection(block)
         if rec.plan["selection"] == "obs" and plan.channels:
             # OBS: greedy removal with least-squares compensation of the kept down_proj columns
@@ -271,7 +291,7 @@ class BlockPruner:
         keep = torch.sort(order[plan.channels :]).values
         if plan.channels:
             if post:
-                rec.damping["down_post"] = self.refit([block.ffn_out()], stats.down_in, keep)
+                rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep)
             self.ffn_crit.after_ffn_prune(block, removed.tolist(), stats)
             block.slice_ffn(keep.tolist())
         rec.kept_channels = len(keep)
@@ -369,11 +389,13 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
 
         view = LoadingAdapter(adapter, store)
         try:
-            plans = adaptive_plans(view, xp, ctx, layer_range, target * len(layer_range), ffn_crit, head_crit, cfg)
+            plans = adaptive_plans(view, xp[: cfg.nsamples], ctx, layer_range, target * len(layer_range), ffn_crit,
+                                   head_crit, cfg)
         finally:
             view.close()
     pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
-    pruner.ntokens = ids.numel()
+    pruner.n_score = min(cfg.nsamples, ids.shape[0])
+    pruner.ntokens = pruner.n_score * ids.shape[1]
     for i in tqdm(range(start, adapter.n_layers), desc="pruning blocks", disable=not progress,
                   initial=start, total=adapter.n_layers):
         _seed_block(cfg.seed, i)
