@@ -4,6 +4,7 @@ Usage::
 
     nice -n 10 python benchmarks/speed_bench.py [--model SRC] [--sparsity 0.2] [--channel-multiples 1,64]
                                                 [--dtypes float32,bfloat16] [--repeats 5] [--threads 1]
+                                                [--device cpu|cuda|auto]
 
 For every channel multiple it runs ``daprune.api.prune`` (default settings otherwise), saves the
 result with ``daprune.io.save_pruned``, reloads the folder the way ``daprune bench`` does and times
@@ -24,7 +25,8 @@ from typing import Any
 
 import torch
 
-from daprune.evaluation.bench import BenchSettings, bench_models, format_bench, load_for_bench
+from daprune.errors import DapruneError
+from daprune.evaluation.bench import BenchSettings, _sync, bench_models, format_bench, load_for_bench, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 1.2  # decode speedup the issue asks for
@@ -40,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads; 1 because the 2-core machine is shared and OpenMP threads stall when "
                         "another process holds a core")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                   help="where both models are timed (auto: cuda when available); --threads still sets CPU threads")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "speed"), help="where the pruned folders go")
     p.add_argument("--json", default=str(ROOT / "docs" / "speed.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "speed.md"))
@@ -68,9 +72,9 @@ def prune_variant(args: argparse.Namespace, multiple: int) -> tuple[Path, dict]:
     return out, info
 
 
-def bench_variant(folder: Path, baseline: str, dtype: str, s: BenchSettings) -> dict:
-    dense = load_for_bench(baseline, dtype, "cpu")
-    pruned = load_for_bench(str(folder), dtype, "cpu")
+def bench_variant(folder: Path, baseline: str, dtype: str, s: BenchSettings, device: str = "cpu") -> dict:
+    dense = load_for_bench(baseline, dtype, device)
+    pruned = load_for_bench(str(folder), dtype, device)
     return bench_models(dense, pruned, s)
 
 
@@ -93,7 +97,7 @@ def decode_breakdown(result: dict) -> dict[str, float]:
     return out
 
 
-def overhead_probe(baseline: str, dtype: str, s: BenchSettings) -> dict[str, float]:
+def overhead_probe(baseline: str, dtype: str, s: BenchSettings, device: str = "cpu") -> dict[str, float]:
     """Decode step time of a model with the dense model's layout but ~no weights (width 64, vocab 256).
 
     Same 30 blocks, same modules and kernels per step, ~0 FLOPs and bytes: what remains is the per-step
@@ -107,8 +111,8 @@ def overhead_probe(baseline: str, dtype: str, s: BenchSettings) -> dict[str, flo
     from daprune.models.loading import DTYPES, resolve_source
 
     cfg = _probe_config(resolve_source(baseline).path)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype]).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, s.seq_len), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype]).to(device).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, s.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     greedy_decode(model, prompt, s.new_tokens)
     times = [greedy_decode(model, prompt, s.new_tokens)[1] for _ in range(s.repeats)]
     return {"step_ms": statistics.median(times) / (s.new_tokens - 1) * 1e3, "layers": cfg.num_hidden_layers}
@@ -125,7 +129,7 @@ def _probe_config(folder: str):
 
 
 def ffn_gemv_check(dtype: str, widths: list[int], hidden: int = 576, repeats: int = 7,
-                   calls: int = 300) -> dict[str, float]:
+                   calls: int = 300, device: str = "cpu") -> dict[str, float]:
     """Batch-1 FFN time (gate + up + down matrix-vector products) per kept width, in microseconds.
 
     Tells whether widths that are not multiples of 64 cost more than their share (kernel tiling) or
@@ -135,33 +139,36 @@ def ffn_gemv_check(dtype: str, widths: list[int], hidden: int = 576, repeats: in
 
     from daprune.models.loading import DTYPES
 
-    dt = DTYPES[dtype]
+    dt, dev = DTYPES[dtype], torch.device(device)
     g = torch.Generator().manual_seed(0)
-    mats = {w: (torch.randn(w, hidden, generator=g).to(dt), torch.randn(hidden, w, generator=g).to(dt)) for w in widths}
-    x = torch.randn(1, hidden, generator=g).to(dt)
+    mats = {w: (torch.randn(w, hidden, generator=g).to(dev, dt), torch.randn(hidden, w, generator=g).to(dev, dt))
+            for w in widths}
+    x = torch.randn(1, hidden, generator=g).to(dev, dt)
     times: dict[int, list[float]] = {w: [] for w in widths}
     for _ in range(repeats):
         for w, (up, down) in mats.items():
-            h = torch.zeros(1, w, dtype=dt)
+            h = torch.zeros(1, w, dtype=dt, device=dev)
+            _sync(dev)
             t0 = time.perf_counter()
             for _ in range(calls):
                 torch.nn.functional.linear(x, up)
                 torch.nn.functional.linear(x, up)
                 torch.nn.functional.linear(h, down)
+            _sync(dev)
             times[w].append((time.perf_counter() - t0) / calls * 1e6)
     return {str(w): statistics.median(v) for w, v in times.items()}
 
 
-def add_probes(doc: dict, s: BenchSettings) -> None:
+def add_probes(doc: dict, s: BenchSettings, device: str = "cpu") -> None:
     """Attach the overhead probe (one per dtype) to every result, and the FFN width check per dtype."""
     probes: dict[str, dict] = {}
     widths = sorted({w for v in doc["variants"].values() for w in v["prune"]["channels"]} | {896, 1024}, reverse=True)
     for variant in doc["variants"].values():
         for dtype, result in variant["bench"].items():
             if dtype not in probes:
-                probes[dtype] = overhead_probe(variant["baseline"], dtype, s)
+                probes[dtype] = overhead_probe(variant["baseline"], dtype, s, device)
             result["overhead_probe"] = probes[dtype]
-    doc["ffn_gemv_us"] = {dtype: ffn_gemv_check(dtype, widths) for dtype in probes}
+    doc["ffn_gemv_us"] = {dtype: ffn_gemv_check(dtype, widths, device=device) for dtype in probes}
 
 
 def machine() -> dict[str, Any]:
@@ -188,7 +195,8 @@ def markdown(doc: dict) -> str:
              "Generated by `benchmarks/speed_bench.py`; all numbers in `docs/speed.json`.",
              "", "```", doc["command"], *([doc["probe_command"]] if "probe_command" in doc else []), "```", "",
              f"Machine: {m['cpu']}, {m['cores']} CPU cores shared with other jobs (load average ~6-7 during the run), "
-             f"{m['threads']} torch thread, torch {m['torch']}, no GPU. Medians of {doc['settings']['repeats']} "
+             f"{m['threads']} torch thread, torch {m['torch']}, {_measured_on(doc)}. Medians of "
+             f"{doc['settings']['repeats']} "
              "alternating repeats (dense, pruned, dense, ...) in one process.", "", *_method(), ""]
     for name, variant in doc["variants"].items():
         v = variant["prune"]
@@ -202,6 +210,15 @@ def markdown(doc: dict) -> str:
             lines += [f"### {dtype}", "", "```", format_bench(result), "```", ""]
     lines += _reading(doc)
     return "\n".join(lines) + "\n"
+
+
+def _measured_on(doc: dict) -> str:
+    """Where the timings ran: no GPU for CPU runs (and JSON from before --device), else the device and GPU name."""
+    if doc["settings"].get("device", "cpu") == "cpu":
+        return "no GPU"
+    envs = [r.get("environment", {}) for v in doc["variants"].values() for r in v["bench"].values()]
+    gpu = next((e["gpu"] for e in envs if e.get("gpu")), None)
+    return f"timed on {doc['settings']['device']}" + (f" ({gpu})" if gpu else "")
 
 
 def _method() -> list[str]:
@@ -303,11 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         Path(args.md).write_text(markdown(json.loads(Path(args.json).read_text())))
         return 0
+    try:
+        device = resolve_device(args.device)
+    except DapruneError as exc:
+        print(f"speed_bench: error: {exc}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     s = BenchSettings(repeats=args.repeats)
-    if args.probe_only:
+    if args.probe_only:  # the probes run where the recorded numbers were measured
         doc = json.loads(Path(args.json).read_text())
-        add_probes(doc, s)
+        add_probes(doc, s, doc["settings"].get("device", "cpu"))
         doc["probe_command"] = "nice -n 10 python benchmarks/speed_bench.py " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
@@ -315,18 +337,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     doc: dict[str, Any] = {"command": "nice -n 10 python benchmarks/speed_bench.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])), "machine": machine(),
-        "settings": {"sparsity": args.sparsity, "repeats": args.repeats, "model": args.model or "default"},
+        "settings": {"sparsity": args.sparsity, "repeats": args.repeats, "model": args.model or "default",
+                     "device": device},
         "variants": {}}
     for multiple in (int(x) for x in args.channel_multiples.split(",")):
         folder, info = prune_variant(args, multiple)
         baseline = json.loads((folder / "report.json").read_text())["model_source"]["origin"]
         variant = {"multiple": multiple, "prune": info, "folder": str(folder), "baseline": baseline, "bench": {}}
         for dtype in args.dtypes.split(","):
-            result = bench_variant(folder, baseline, dtype, s)
+            result = bench_variant(folder, baseline, dtype, s, device)
             variant["bench"][dtype] = result
             print(f"\n== channel multiple {multiple}, {dtype}\n{format_bench(result)}", flush=True)
         doc["variants"][f"channel-multiple {multiple}"] = variant
-    add_probes(doc, s)
+    add_probes(doc, s, device)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     Path(args.md).write_text(markdown(doc))

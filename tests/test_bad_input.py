@@ -103,6 +103,17 @@ def test_text_calibration_without_tokenizer(capsys, tmp_path):
             *args)
 
 
+@pytest.mark.parametrize("words,needle", [
+    (100, "calibration text has 100 tokens, fewer than nsamples*seqlen = 192"),  # 8 x 24 asked
+    (10, "calibration text has 10 tokens; need at least 25"),  # not even one window of 24 (+1)
+])
+def test_calibration_text_shorter_than_requested(capsys, model_dir, tmp_path, words, needle):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{3 + i % 100}" for i in range(words)))
+    args = [a if a != "random" else str(text) for a in FAST]
+    refused(capsys, tmp_path / "out", needle, "--model", str(model_dir), *args)
+
+
 def test_tokenizer_bigger_than_model_vocabulary(capsys, model_dir, tmp_path):
     word_tokenizer(300).save_pretrained(model_dir)  # ids up to 299; the model has 128 embeddings
     text = tmp_path / "calib.txt"

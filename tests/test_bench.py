@@ -10,11 +10,13 @@ import torch
 from conftest import tiny_model
 
 from daprune.cli import main
+from daprune.errors import ConfigError
 from daprune.evaluation.bench import (
     BenchSettings,
     _alternate,
     count_macs,
     greedy_decode,
+    resolve_device,
     summarise,
     weight_bytes,
 )
@@ -133,3 +135,53 @@ def test_cli_without_baseline_is_a_clear_error(tmp_path, capsys):
     folder = save_pruned(_sliced(tiny_model()), None, tmp_path / "pruned", {"model_source": None})
     assert main(["bench", "--model", str(folder), "--repeats", "1"]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+@pytest.fixture
+def gpu_count(monkeypatch):
+    """Pretend to have this many CUDA devices: only device resolution is checked, nothing runs on CUDA."""
+    def set_count(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    return set_count
+
+
+def test_device_auto_prefers_cuda(gpu_count):
+    gpu_count(1)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda") == "cuda" and resolve_device("cpu") == "cpu"
+    gpu_count(0)
+    assert resolve_device("auto") == "cpu"
+
+
+def test_device_cuda_without_gpu_is_a_clear_error(gpu_count, folders, capsys):
+    gpu_count(0)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_device("cuda")
+    _, pruned = folders
+    assert main(["bench", "--model", str(pruned), "--device", "cuda", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device is available" in err and "Traceback" not in err
+
+
+def _speed_bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_bench.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_bench_device_option(monkeypatch, gpu_count, capsys):
+    sb = _speed_bench()
+    assert sb.parse_args([]).device == "cpu"
+    seen = []
+    monkeypatch.setattr(sb, "load_for_bench", lambda source, dtype, device: seen.append((source, device)) or source)
+    monkeypatch.setattr(sb, "bench_models", lambda dense, pruned, s: {"dense": dense, "pruned": pruned})
+    assert sb.bench_variant(Path("P"), "D", "float32", BenchSettings(), "cuda") == {"dense": "D", "pruned": "P"}
+    assert seen == [("D", "cuda"), ("P", "cuda")]
+    gpu_count(0)
+    assert sb.main(["--device", "cuda"]) == 2  # refused before any pruning
+    assert "no CUDA device" in capsys.readouterr().err

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CharTokenizer, tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import daprune
 from daprune.api import prune
@@ -128,6 +129,38 @@ def test_hand_sliced_qwen3_without_update_config(tmp_path):
     _assert_cached_generation_matches(loaded)
 
 
+# config keys each family uses for FLAP's o_proj / down_proj biases: a config flag, else daprune_extra_biases
+FLAP_EXTRA_BIASES = {"llama": None, "qwen2": ["mlp.down_proj", "self_attn.o_proj"],
+                     "qwen3": ["mlp.down_proj"], "mistral": ["mlp.down_proj", "self_attn.o_proj"]}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("schedule", ["uniform", "adaptive"])
+@pytest.mark.parametrize("arch", list(FLAP_EXTRA_BIASES))
+def test_flap_biases_round_trip(arch, schedule, tmp_path):
+    """FLAP's compensation biases on o_proj and down_proj survive saving: every loader gives identical logits."""
+    out = tmp_path / "pruned"
+    kw = dict(head_split="paper", sparsity=0.3) if schedule == "uniform" else dict(sparsity=0.4)
+    res = _prune(tiny_model(arch, layers=3), out, layers="0:", seqlen=24, ffn_criterion="flap",
+                 head_criterion="flap", schedule=schedule, **kw)
+    layers = res.model.model.layers
+    for lin in ("self_attn.o_proj", "mlp.down_proj"):  # heads and channels were removed, so both got biases
+        biases = [layer.get_submodule(lin).bias for layer in layers]
+        assert all(b is not None for b in biases) and any(float(b.detach().abs().sum()) > 0 for b in biases), lin
+    cfg = json.loads((out / "config.json").read_text())
+    assert bool(cfg.get("daprune_layers")) == (schedule == "adaptive")
+    assert cfg.get("daprune_extra_biases") == FLAP_EXTRA_BIASES[arch]
+    remote = schedule == "adaptive" or FLAP_EXTRA_BIASES[arch] is not None
+    assert ("auto_map" in cfg) == remote and (out / MODELING_FILE).exists() == remote
+    ref = _logits(res.model)
+    loaders = {"daprune.load": lambda: daprune.load(out)[0],
+               "from_pretrained": lambda: AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()}
+    for name, load in loaders.items():
+        loaded = load()
+        assert torch.equal(_logits(loaded), ref), name
+        _assert_cached_generation_matches(loaded)
+
+
 def test_lm_eval_constructs_and_scores(tmp_path):
     """lm-eval's HF backend builds the non-uniform model through trust_remote_code and scores a request."""
     pytest.importorskip("lm_eval")
@@ -146,9 +179,85 @@ def test_lm_eval_constructs_and_scores(tmp_path):
     assert logprob < 0 and logprob == pytest.approx(_reference_logprob(model, lm, "hello", " world"), abs=1e-4)
 
 
-@torch.no_grad()
+TINY_TASK = """\
+task: daprune_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _tiny_task(folder: Path) -> Path:
+    """An lm-eval include folder with one local multiple-choice task of 4 documents."""
+    folder.mkdir()
+    docs = [{"question": "2 + 2 =", "choices": [" 4", " 5"], "label": 0},
+            {"question": "sky is", "choices": [" green", " blue"], "label": 1},
+            {"question": "a b c", "choices": [" d", " z", " q"], "label": 0},
+            {"question": "cats say", "choices": [" moo", " meow"], "label": 1}]
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "tiny_mc.yaml").write_text(TINY_TASK.format(data=data))
+    return folder
+
+
+def _lm_eval_folder(case: str, out: Path):
+    """A pruned tiny model saved with a real tokenizer; returns (in-memory model, whether remote code is needed)."""
+    if case == "flap-qwen2-uniform":  # uniform shapes, but FLAP biases vanilla Qwen2 cannot build
+        model = _prune(tiny_model("qwen2", layers=3), out, layers="0:", seqlen=24, ffn_criterion="flap",
+                       head_criterion="flap", head_split="paper").model
+        char_tokenizer().save_pretrained(out)
+        return model, True
+    model = tiny_model(layers=3)
+    adapter = get_adapter(model)
+    for i in range(3) if case == "uniform" else (1,):
+        adapter.block(i).slice_heads([0, 1, 3, 4])
+        adapter.block(i).slice_ffn(range(50))
+    save_pruned(model, char_tokenizer(), out, {})
+    return model, case != "uniform"
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("case", ["uniform", "non-uniform", "flap-qwen2-uniform"])
+def test_lm_eval_cli_style_on_saved_folder(tmp_path, case):
+    """What ``lm_eval --model hf --model_args pretrained=DIR[,trust_remote_code=True]`` does, on a saved folder."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out = tmp_path / "out"
+    model, remote = _lm_eval_folder(case, out)
+    assert (out / MODELING_FILE).exists() == remote
+    model_args = f"pretrained={out}" + (",trust_remote_code=True" if remote else "")
+    manager = TaskManager(include_path=str(_tiny_task(tmp_path / "tasks")), include_defaults=False)
+    res = simple_evaluate(model="hf", model_args=model_args, tasks=["daprune_tiny_mc"], task_manager=manager,
+                          device="cpu", batch_size=1, num_fewshot=0, bootstrap_iters=0, log_samples=True)
+    acc = res["results"]["daprune_tiny_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert res["n-samples"]["daprune_tiny_mc"]["effective"] == 4
+    # lm-eval scored with the pruned model itself (a wrong load would give other log-likelihoods)
+    tok = AutoTokenizer.from_pretrained(out)  # as lm-eval loads it (for qwen2 transformers picks Qwen2Tokenizer)
+    for sample in res["samples"]["daprune_tiny_mc"]:
+        for (ctx, cont), (logprob, _) in zip(sample["arguments"], sample["filtered_resps"], strict=True):
+            assert math.isfinite(logprob)
+            assert logprob == pytest.approx(_logprob(model, tok.encode(ctx), tok.encode(cont)), abs=1e-4)
+
+
 def _reference_logprob(model, lm, context: str, continuation: str) -> float:
-    ctx, cont = lm.tok_encode(context), lm.tok_encode(continuation)
+    return _logprob(model, lm.tok_encode(context), lm.tok_encode(continuation))
+
+
+@torch.no_grad()
+def _logprob(model, ctx: list[int], cont: list[int]) -> float:
     ids = torch.tensor([ctx + cont])
     logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
     return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))

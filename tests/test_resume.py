@@ -214,3 +214,37 @@ def test_adaptive_schedule_resumes_with_its_saved_plans(src, tmp_path, monkeypat
     monkeypatch.setattr(adaptive, "adaptive_plans", lambda *a, **k: pytest.fail("plans were recomputed"))
     assert main(["prune", "--out", str(out), *args]) == 0
     assert _hashes(out) == _hashes(ref)
+
+
+def test_kill9_during_output_assembly_leaves_nothing_behind(tmp_path):
+    """A kill -9 inside io.atomic_dir orphans its temp folder (and, mid-overwrite, the old output); the next
+    atomic_dir for that output removes the dead process's leftovers and nothing else."""
+    import shutil
+
+    from daprune.checkpoint import owner_tag
+    from daprune.io import atomic_dir
+
+    out = tmp_path / "out"
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom daprune.io import atomic_dir\n"
+            "with atomic_dir(sys.argv[1]) as tmp:\n    (Path(tmp) / 'half.safetensors').write_bytes(b'x')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    orphans = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(orphans) == 1 and not out.exists()
+    dead_pid = int(orphans[0].split("-")[1])
+    host = owner_tag().split("-")[1]
+    (tmp_path / f".out.old-{dead_pid}-{host}").mkdir()  # a kill between the two renames of an --overwrite
+    kept = [f".out.tmp-{os.getpid()}-{host}-mine", f".out.old-{os.getppid()}-{host}",  # live processes
+            f".out.tmp-{dead_pid}-{'0' * 8 if host != '0' * 8 else '1' * 8}-x",  # another host's
+            ".out.tmp-abc123",  # no owner in the name: never guessed
+            f".other.tmp-{dead_pid}-{host}-x"]  # another output's
+    for name in kept:
+        (tmp_path / name).mkdir()
+    with atomic_dir(out) as tmp:
+        assert tmp.name.startswith(f".out.tmp-{owner_tag()}-")
+        (tmp / "done").write_text("ok")
+    assert (out / "done").read_text() == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "out") == sorted(kept)
+    for name in kept:
+        shutil.rmtree(tmp_path / name)

@@ -164,7 +164,8 @@ def test_device_resolution():
 
 
 def test_multi_gpu_placement_splits_an_oversized_block(monkeypatch):
-    """The multi-GPU path, with simulated free memory (CI has no GPU): a block that fits nowhere is spread."""
+    """The multi-GPU path, with simulated free memory (CI has no GPU): a block that fits nowhere is spread by
+    accelerate's infer_auto_device_map, attention and MLP whole, the CPU as last resort."""
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
 
@@ -173,15 +174,69 @@ def test_multi_gpu_placement_splits_an_oversized_block(monkeypatch):
     with init_empty_weights():
         layer = tiny_model(layers=1).model.layers[0]
     size = compute_module_sizes(layer, dtype=torch.float32)[""]
+    children = {name for name, _ in layer.named_children()}
     monkeypatch.setattr(st, "resolve_device", lambda spec: torch.device("cuda", 0))
     one = st.plan_placement("auto", layer, torch.float32, free_memory={0: size * 10, 1: size})
     assert one.device_map is None and one.device == torch.device("cuda", 0)
-    split = st.plan_placement("auto", layer, torch.float32, free_memory={0: int(size * 2.4), 1: int(size * 2.4)})
-    assert split.device_map is not None and set(split.device_map.values()) == {0, 1}
+    # 0.8 x the block per GPU: accelerate keeps room for the largest part on the first GPU, so three are needed
+    split = st.plan_placement("auto", layer, torch.float32, free_memory={i: int(size * 2.4) for i in range(3)})
+    assert split.device_map is not None and set(split.device_map) == children  # attention and MLP never split
+    assert len(set(split.device_map.values())) == 2 and "cpu" not in split.device_map.values()
+    assert split.device == torch.device("cuda", min(split.device_map.values()))
+    # two such GPUs are too few: the part that fits on neither goes to the CPU
+    mixed = st.plan_placement("auto", layer, torch.float32,
+                              free_memory={0: int(size * 2.4), 1: int(size * 2.4), "cpu": size * 30})
+    assert mixed.device_map is not None and set(mixed.device_map) == children
+    assert "cpu" in mixed.device_map.values() and mixed.device.type == "cuda"
     with pytest.raises(DeviceError, match="more than the visible GPUs offer"):
         st.plan_placement("auto", layer, torch.float32, free_memory={0: size // 4, 1: size // 4})
+    cpu = st.plan_placement("auto", layer, torch.float32, free_memory={0: size // 4, 1: size // 4, "cpu": size * 30})
+    assert cpu.device_map is None and cpu.device == torch.device("cpu")  # fits nowhere but the CPU
+    with pytest.raises(DeviceError, match="more than the visible GPUs and the free CPU memory offer"):
+        st.plan_placement("auto", layer, torch.float32, free_memory={0: size // 4, 1: size // 4, "cpu": size})
     fixed = st.plan_placement("cuda", layer, torch.float32, free_memory={0: 1, 1: 1})
     assert fixed.device_map is None  # an explicit device is never split
+
+
+@pytest.mark.parametrize("kind", ["per-child", "inferred"])
+def test_device_map_execution_is_bit_identical(tmp_path, monkeypatch, kind):
+    """The device-map branch (dispatch_model hooks in load, their removal in release), run on the CPU only:
+    the placement is forced to a device map whose parts are all on "cpu"; weights equal a plain streaming run."""
+    import daprune.streaming as st
+
+    src = save_model(tiny_model(layers=3), tmp_path / "src")
+    settings = {**FAST, "layers": "0:"}
+    prune(model=str(src), out=str(tmp_path / "plain"), **settings)
+
+    def placement(spec, layer, dtype, **_):
+        if kind == "per-child":
+            device_map = {name: "cpu" for name, _ in layer.named_children()}
+        else:
+            device_map = st.block_device_map(layer, dtype, {"cpu": 10**9})
+        return st.Placement(torch.device("cpu"), device_map)
+
+    hooked: list[bool] = []
+    orig_load, orig_release = st.StreamingStore.load, st.StreamingStore.release
+
+    def load(self, i):
+        block = orig_load(self, i)
+        hooked.append(all(hasattr(m, "_hf_hook") for m in self.adapter.layers()[i].children()))
+        return block
+
+    def release(self, i):
+        orig_release(self, i)
+        layer = self.adapter.layers()[i]
+        assert not any(hasattr(m, "_hf_hook") for m in layer.modules()) and "to" not in layer.__dict__
+
+    monkeypatch.setattr(st, "plan_placement", placement)
+    monkeypatch.setattr(st.StreamingStore, "load", load)
+    monkeypatch.setattr(st.StreamingStore, "release", release)
+    res = prune(model=str(src), out=str(tmp_path / "mapped"), **settings)
+    assert res.report["execution"]["streaming"]
+    assert hooked and all(hooked)
+    wa, wb = _weights(tmp_path / "mapped"), _weights(tmp_path / "plain")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_cpu_activations_with_moving_hooks(tmp_path, monkeypatch):

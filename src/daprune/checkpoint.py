@@ -367,6 +367,47 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() if Path("/proc").is_dir() else True
 
 
+# -- temp folders beside an output (io.atomic_dir) ------------------------------------------------------------
+def owner_tag() -> str:
+    """``PID-HOST`` for temp names: which process owns a temp folder (HOST: 8 hex digits of the host name).
+
+    The host part keeps a process on another machine (an output folder on a shared filesystem) from
+    judging a folder by a pid that means nothing on this one.
+    """
+    import socket
+
+    return f"{os.getpid()}-{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}"
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Delete ``.OUT.tmp-PID-HOST-*`` / ``.OUT.old-PID-HOST`` left beside ``out`` by a killed process.
+
+    ``io.atomic_dir`` names its temp folder (and, on --overwrite, the replaced output) this way; a
+    ``kill -9`` while the output is assembled leaves them behind. Only folders whose owner is a dead
+    process on this host are removed: this process's, a live one's, another host's, and names without
+    an owner (older versions) are kept. Returns what was removed.
+    """
+    import re
+
+    pid_s, host = owner_tag().split("-")
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-([0-9a-f]{{8}})(?:-.*)?")
+    removed = []
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m is None or m[2] != host or not p.is_dir() or p.is_symlink():
+            continue
+        if int(m[1]) == int(pid_s) or _alive(int(m[1])):
+            continue
+        log.warning("removing %s, left by a killed daprune process (pid %s)", p, m[1])
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 def _test_kill(block: int, phase: str) -> None:
     """Test-only: SIGKILL this process at a chosen point of block ``block``'s checkpoint (see module doc)."""
     spec = os.environ.get(KILL_ENV)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from daprune.errors import ModelSourceError, OutputError
+from daprune.models.adapter import EXTRA_BIASES_KEY
 
 
 def check_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -36,14 +37,22 @@ def check_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
 
 @contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder; on success it replaces ``out`` in one rename, on failure it is removed."""
+    """Yield a temp folder; on success it replaces ``out`` in one rename, on failure it is removed.
+
+    The temp folder (``.OUT.tmp-PID-HOST-*``) and, on overwrite, the replaced output (``.OUT.old-PID-HOST``)
+    name their owning process, so that leftovers of a process killed meanwhile (``kill -9``) are removed
+    here, before the new temp folder is made; a live process's folders are never touched.
+    """
+    from daprune.checkpoint import owner_tag, remove_stale_siblings
+
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{owner_tag()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = out.with_name(f".{out.name}.old-{owner_tag()}")
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -75,9 +84,10 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, *, overw
                 extra: Callable[[Path], None] | None = None) -> Path:
     """Save weights (safetensors), config, tokenizer and report.json into ``out`` atomically.
 
-    Non-uniform models (``config.daprune_layers``) also get ``modeling_daprune.py`` and a
-    ``config.auto_map`` entry, so ``from_pretrained(DIR, trust_remote_code=True)`` rebuilds the
-    per-layer shapes; uniform ones stay plain transformers folders with no remote code.
+    Non-uniform models (``config.daprune_layers``) and models with biases their family's config cannot
+    express (``config.daprune_extra_biases``, FLAP on Mistral / Qwen2 / Qwen3) also get
+    ``modeling_daprune.py`` and a ``config.auto_map`` entry, so ``from_pretrained(DIR,
+    trust_remote_code=True)`` rebuilds them; the others stay plain transformers folders with no remote code.
     """
     _sync_config(model)
     with atomic_dir(out, overwrite) as tmp:
@@ -110,12 +120,31 @@ def modeling_template() -> str:
     return resources.files("daprune").joinpath("io_templates", MODELING_FILE).read_text()
 
 
+def needs_remote_code(config) -> bool:
+    """Whether a saved config (dict or transformers config) describes a model vanilla transformers cannot build.
+
+    True for per-layer shapes (``daprune_layers``) and for extra biases (``daprune_extra_biases``): FLAP's
+    compensation biases on o_proj / down_proj of Mistral, Qwen2 and Qwen3's MLP, whose configs have no flag
+    for them. Vanilla ``from_pretrained`` (``trust_remote_code=False``) would build those linears without a
+    bias, skip the saved bias tensors as unexpected keys and give wrong logits even when shapes are uniform.
+    """
+    def get(key):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    return bool(get("daprune_layers") or get(EXTRA_BIASES_KEY))
+
+
 def write_remote_code(folder: Path) -> None:
-    """Add (non-uniform) or strip (uniform) the remote-code file and its ``auto_map`` in a saved folder."""
+    """Add or strip the remote-code file and its ``auto_map`` in a saved folder.
+
+    Added when ``needs_remote_code``: non-uniform shapes, or extra biases (see there) even with uniform
+    shapes, since vanilla transformers cannot load extra biases for those families; such a folder loads
+    correctly only with ``trust_remote_code=True`` or through ``daprune.load``. Stripped otherwise.
+    """
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
     auto_map = {k: v for k, v in cfg.get("auto_map", {}).items() if not str(v).startswith(f"{_REMOTE_MODULE}.")}
-    if cfg.get("daprune_layers"):
+    if needs_remote_code(cfg):
         auto_map["AutoModelForCausalLM"] = f"{_REMOTE_MODULE}.{_remote_class(cfg.get('model_type'))}"
         (folder / MODELING_FILE).write_text(modeling_template())
     else:
@@ -160,16 +189,16 @@ def load_pruned(folder: str | os.PathLike, *, dtype: str = "float32", device: st
         raise ModelSourceError(f"{folder} has no .safetensors weights")
     # trust_remote_code=False: the folder's own transformers classes, never its modeling_daprune.py
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    layers = getattr(config, "daprune_layers", None)
-    if layers is None:
+    if not needs_remote_code(config):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=False)
     else:
-        model = _load_nonuniform(folder, config, layers, DTYPES[dtype])
+        model = _load_nonuniform(folder, config, getattr(config, "daprune_layers", None), DTYPES[dtype])
     return model.to(device).eval(), _load_tokenizer(folder)
 
 
-def _load_nonuniform(folder: Path, config, layers: list[dict], dtype: torch.dtype):
-    """Build the dense skeleton, slice it to the recorded shapes, then load the safetensors state."""
+def _load_nonuniform(folder: Path, config, layers: list[dict] | None, dtype: torch.dtype):
+    """Build the dense skeleton, slice it to the recorded shapes and add the recorded extra biases, then load
+    the safetensors state (strictly: a tensor the skeleton has no place for is an error, not a silent drop)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -198,8 +227,12 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def reshape_layers(adapter, layers: list[dict]) -> None:
-    """Shrink freshly initialised blocks to the per-layer shapes recorded in the config."""
+def reshape_layers(adapter, layers: list[dict] | None) -> None:
+    """Shrink freshly initialised blocks to the per-layer shapes recorded in the config (``layers``; None
+    keeps the shapes) and give every block the extra biases listed in ``config.daprune_extra_biases``."""
+    add_extra_biases(adapter)
+    if layers is None:
+        return
     if len(layers) != adapter.n_layers:
         raise ModelSourceError(f"config.daprune_layers has {len(layers)} entries for {adapter.n_layers} layers")
     for i, shape in enumerate(layers):
@@ -209,6 +242,15 @@ def reshape_layers(adapter, layers: list[dict]) -> None:
         per = heads // kv
         block.slice_heads([g * block.group_size + j for g in range(kv) for j in range(per)])
         block.slice_ffn(range(shape["intermediate_size"]))
+
+
+def add_extra_biases(adapter) -> None:
+    """Zero biases (filled by the weights) on the linears named in ``config.daprune_extra_biases``, every block."""
+    names = list(getattr(adapter.config, EXTRA_BIASES_KEY, None) or [])
+    for i in range(adapter.n_layers if names else 0):
+        block = adapter.block(i)
+        for name in names:
+            block.ensure_bias(name)
 
 
 def probe_writable(out: str | os.PathLike) -> Path:

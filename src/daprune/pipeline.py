@@ -138,7 +138,7 @@ class BlockPruner:
             gram, cross, mean = gram[cols][:, cols], cross[cols], mean[cols]
         has_bias = linears[0].bias is not None
         if has_bias:  # augment the input with a constant 1 so the bias is fitted too
-            g = torch.zeros(gram.shape[0] + 1, gram.shape[0] + 1)
+            g = torch.zeros(gram.shape[0] + 1, gram.shape[0] + 1, dtype=gram.dtype, device=gram.device)
             g[:-1, :-1], g[:-1, -1], g[-1, :-1], g[-1, -1] = gram, mean, mean, 1.0
             gram = g
             cross = torch.cat([cross, (mom.ysum / mom.n)[None]], 0)

@@ -87,50 +87,62 @@ class Placement:
 
 
 def plan_placement(spec: str, layer: nn.Module, dtype: torch.dtype, *,
-                   free_memory: dict[int, int] | None = None, headroom: float = 3.0) -> Placement:
+                   free_memory: dict[int | str, int] | None = None, headroom: float = 3.0) -> Placement:
     """Choose where each block runs.
 
     One device whenever a block fits: spreading a block over GPUs only adds transfers. Only for
     ``--device auto`` with several GPUs, and a block whose ``headroom`` x size (block + its dense copy +
-    working memory) exceeds every single GPU's free memory, the block's submodules are spread over the
-    GPUs with accelerate's ``infer_auto_device_map``; ``dispatch_model`` then moves activations between
-    them. That multi-GPU path is only tested with simulated memory figures (no multi-GPU machine in CI).
+    working memory) exceeds every single GPU's free memory, the block is spread by accelerate's
+    ``infer_auto_device_map`` over the GPUs (budget: free memory / ``headroom`` each), with the CPU
+    (``"cpu"`` in ``free_memory``; measured free RAM by default) as last resort; see :func:`block_device_map`.
+    :meth:`StreamingStore.load` then runs it through accelerate's ``dispatch_model``. A block that fits
+    nowhere but the CPU runs wholly on the CPU; one that does not fit even there is a :class:`DeviceError`.
+    That multi-GPU path is only tested with simulated memory figures (no multi-GPU machine in CI).
     """
     device = resolve_device(spec)
     if str(spec).strip().lower() != "auto" or device.type != "cuda":
         return Placement(device)
     if free_memory is None:
+        import psutil  # an accelerate dependency
+
         free_memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+        free_memory["cpu"] = psutil.virtual_memory().available
     from accelerate.utils import compute_module_sizes
 
-    sizes = compute_module_sizes(layer, dtype=dtype)
-    best = max(free_memory, key=lambda i: free_memory[i])
-    if sizes[""] * headroom <= free_memory[best] or len(free_memory) < 2:
+    gpus = {k: v for k, v in free_memory.items() if isinstance(k, int)}
+    size = compute_module_sizes(layer, dtype=dtype)[""]
+    best = max(gpus, key=lambda i: gpus[i])
+    if size * headroom <= gpus[best] or len(gpus) < 2:
         return Placement(torch.device("cuda", best))
-    device_map = split_block(layer, {i: int(m / headroom) for i, m in free_memory.items()}, sizes)
-    log.info("blocks are spread over GPUs: %s", device_map)
-    return Placement(torch.device("cuda", min(device_map.values())), device_map)
+    device_map = block_device_map(layer, dtype, {k: int(m / headroom) for k, m in free_memory.items()})
+    used = set(device_map.values())
+    if "disk" in used:
+        where = "the visible GPUs and the free CPU memory" if "cpu" in free_memory else "the visible GPUs"
+        raise DeviceError(f"one block needs ~{size / 2**30:.1f} GiB plus working memory, more than {where} offer "
+                          f"(accelerate's device map for it: {dict(device_map)}); use --device cpu")
+    on_gpus = sorted(d for d in used if isinstance(d, int))
+    if not on_gpus:
+        log.warning("one block (~%.1f GiB plus working memory) fits on none of the GPUs: blocks run on the CPU",
+                    size / 2**30)
+        return Placement(torch.device("cpu"))
+    if len(used) == 1:
+        return Placement(torch.device("cuda", on_gpus[0]))
+    log.info("blocks are spread over devices: %s", dict(device_map))
+    return Placement(torch.device("cuda", on_gpus[0]), dict(device_map))
 
 
-def split_block(layer: nn.Module, budget: dict[int, int], sizes: dict[str, int]) -> dict[str, int]:
-    """Assign a block's children (norms, attention, FFN) in order to GPUs, filling each budget in turn.
+def block_device_map(layer: nn.Module, dtype: torch.dtype, max_memory: dict[int | str, int]) -> dict[str, int | str]:
+    """accelerate's ``infer_auto_device_map`` for one block, its attention and FFN kept whole.
 
-    Children stay whole (attention and FFN each keep their linears together, so the pruner's per-module
-    math never mixes devices); accelerate's ``dispatch_model`` then moves activations between them.
+    Every child of the block that has submodules (attention, MLP) is a no-split class, so each one's
+    linears stay together on one device and the pruner's per-module math never mixes devices. Names in
+    the map are relative to ``layer``; ``"disk"`` in it means the budgets do not suffice.
     """
-    ids = sorted(budget)
-    cur, used, device_map = 0, 0, {}
-    for name, _ in layer.named_children():
-        need = sizes.get(name, 0)
-        while cur < len(ids) and used + need > budget[ids[cur]]:
-            cur, used = cur + 1, 0
-        if cur == len(ids):
-            raise DeviceError(f"one block needs ~{sum(sizes.get(n, 0) for n, _ in layer.named_children()) / 2**30:.1f}"
-                              " GiB plus working memory, more than the visible GPUs offer (its part "
-                              f"{name!r} fits on none of them); use --device cpu")
-        device_map[name] = ids[cur]
-        used += need
-    return device_map
+    from accelerate import infer_auto_device_map
+
+    whole = sorted({type(m).__name__ for _, m in layer.named_children() if next(m.children(), None) is not None})
+    return dict(infer_auto_device_map(layer, max_memory=dict(max_memory), no_split_module_classes=whole,
+                                      dtype=dtype))
 
 
 # -- reading checkpoints --------------------------------------------------------------------------------------
@@ -511,12 +523,34 @@ class StreamingStore(ResidentStore):
         assign_tensors(layer, tensors)
         del tensors
         if self.placement.device_map is not None:
-            from accelerate import dispatch_model
-
-            dispatch_model(layer, device_map=self.placement.device_map, main_device=self.device)
+            self._dispatch(layer, self.placement.device_map)
         self._hooks[i] = self.acts.hook(layer)
         self._loaded.add(i)
         return block
+
+    @staticmethod
+    def _dispatch(layer: nn.Module, device_map: dict[str, int | str]) -> None:
+        """Spread a block (real tensors on the CPU) over ``device_map`` with accelerate's ``dispatch_model``.
+
+        Two adjustments, both through accelerate's own options and hooks:
+
+        * ``main_device`` is ``"cpu"`` when the map uses the CPU. With a GPU as main device, dispatch_model
+          would *offload* the map's ``"cpu"`` parts (weights on the meta device, streamed in per forward),
+          and the pruner must see real weights; with ``"cpu"`` they stay resident and execute on the CPU.
+          ``force_hooks`` gives a one-device map the same hooks (the CPU-only test relies on it).
+        * Each part returns its output to its input's device (``io_same_device``). accelerate sets that
+          only for the top module, because its maps never split a decoder layer; here the parts are
+          children of one layer, whose own forward adds their outputs to the residual stream.
+        """
+        from accelerate import dispatch_model
+
+        gpus = sorted(d for d in device_map.values() if isinstance(d, int))
+        main = "cpu" if "cpu" in device_map.values() or not gpus else torch.device("cuda", gpus[0])
+        dispatch_model(layer, device_map=device_map, main_device=main, force_hooks=True)
+        for name in device_map:
+            hook = getattr(layer.get_submodule(name), "_hf_hook", None)
+            if hook is not None and hasattr(hook, "io_same_device"):
+                hook.io_same_device = True
 
     def release(self, i: int) -> None:
         """Drop block ``i``'s tensors, keeping its (possibly pruned) shapes on the meta device."""
@@ -527,6 +561,7 @@ class StreamingStore(ResidentStore):
                 from accelerate.hooks import remove_hook_from_module
 
                 remove_hook_from_module(layer, recurse=True)
+                layer.__dict__.pop("hf_device_map", None)
             layer.to("meta")
             self._loaded.discard(i)
             trim_heap()
@@ -608,8 +643,8 @@ def build_skeleton(folder: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
         except Exception as exc:  # a broken generation config should not stop pruning
             log.warning("ignoring unreadable generation_config.json: %s", exc)
     layers = getattr(config, "daprune_layers", None)
-    if layers:  # a non-uniform daprune output used as source: give the skeleton its per-layer shapes
-        reshape_layers(get_adapter(model), layers)
+    # a daprune output used as source: give the skeleton its per-layer shapes and extra (FLAP) biases
+    reshape_layers(get_adapter(model), layers or None)
     return model
 
 

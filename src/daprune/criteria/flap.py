@@ -11,8 +11,11 @@ before the per-layer standardisation, as FLAP's code does (``head_column_scores`
 
 Llama has no such biases; the block gets one via ``BlockAdapter.add_output_bias`` and, after pruning,
 ``ModelAdapter.sync_biases`` sets ``mlp_bias`` / ``attention_bias`` with zero biases on the other
-linears of every block, so vanilla transformers loads the result. Option ``compensate=False`` turns
-the compensation off (FLAP's ablation).
+linears of every block, so vanilla transformers loads the result. Families without such a flag
+(Mistral, Qwen2, and Qwen3's MLP) get zero biases on that level-2 linear in every block and its name in
+``config.daprune_extra_biases``; such a folder always ships the remote code (even with uniform shapes)
+and loads through ``trust_remote_code=True`` or ``daprune.load``, not through vanilla transformers.
+Option ``compensate=False`` turns the compensation off (FLAP's ablation).
 """
 
 from __future__ import annotations

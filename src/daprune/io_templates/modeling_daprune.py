@@ -5,12 +5,16 @@ trust_remote_code=True)`` (and tools built on it, such as lm-eval) can load a no
 
 No modeling code is copied here: each class subclasses the installed transformers' own
 ``*ForCausalLM`` and, after the parent builds the dense-shaped skeleton, swaps every block's linears
-for ones of the per-layer shapes listed in ``config.daprune_layers``. The safetensors weights then
+for ones of the per-layer shapes listed in ``config.daprune_layers``, and gives the linears named in
+``config.daprune_extra_biases`` a bias (FLAP's bias compensation on families whose config has no bias
+flag for them, e.g. Qwen2's o_proj or Mistral's down_proj; vanilla transformers would drop those, so
+such folders ship this file even when every block has the same shape). The safetensors weights then
 load into those shapes as usual. The file needs only torch and transformers, not daprune.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
@@ -45,16 +49,29 @@ def _shrink_block(block: nn.Module, shape: dict) -> None:
         mlp.intermediate_size = inter
 
 
+def _add_biases(block: nn.Module, names) -> None:
+    """Give the block's linears named in ``names`` (e.g. "mlp.down_proj") a bias; the weights fill it."""
+    for name in names:
+        linear = block.get_submodule(name)
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
+                                                   dtype=linear.weight.dtype))
+
+
 def apply_daprune_layers(model: nn.Module) -> None:
-    """Resize every block of ``model`` to ``model.config.daprune_layers`` (no-op when absent)."""
+    """Resize every block of ``model`` to ``config.daprune_layers`` and add ``config.daprune_extra_biases``.
+
+    Either key may be absent (a uniform model with FLAP biases has only the second); no-op without both.
+    """
     shapes = getattr(model.config, "daprune_layers", None)
-    if not shapes:
-        return
+    biases = list(getattr(model.config, "daprune_extra_biases", None) or [])
     blocks = model.model.layers
-    if len(shapes) != len(blocks):
+    if shapes and len(shapes) != len(blocks):
         raise ValueError(f"config.daprune_layers has {len(shapes)} entries for {len(blocks)} layers")
-    for block, shape in zip(blocks, shapes, strict=True):
-        _shrink_block(block, shape)
+    for i, block in enumerate(blocks):
+        if shapes:
+            _shrink_block(block, shapes[i])
+        _add_biases(block, biases)
 
 
 class DaprunePerLayerShapes:

@@ -17,6 +17,16 @@ from daprune.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
+# config key: names (inside a block) of the linears that carry biases the family's config cannot express
+EXTRA_BIASES_KEY = "daprune_extra_biases"
+
+
+def _zero_bias(lin: nn.Linear) -> None:
+    """Give ``lin`` a zero bias (same dtype and device as its weight) if it has none."""
+    if lin.bias is None:
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
+                                requires_grad=lin.weight.requires_grad)
+
 
 class BlockAdapter(ABC):
     """One decoder block seen as two depth-2 modules: attention (q,k,v -> o) and FFN (gate,up -> down)."""
@@ -114,8 +124,9 @@ class BlockAdapter(ABC):
         """Add ``bias`` to the output of o_proj (``kind`` "attention") or down_proj ("mlp"), creating it if absent.
 
         FLAP's bias compensation needs it. Only the level-2 linear of this block changes here; the config
-        flag and the zero biases of the other linears follow model-wide in ModelAdapter.sync_biases, after
-        pruning, so the per-block parameter accounting during pruning is not disturbed.
+        flag (or ``config.daprune_extra_biases``) and the zero biases of the other linears or blocks follow
+        model-wide in ModelAdapter.sync_biases, after pruning, so the per-block parameter accounting during
+        pruning is not disturbed.
         """
         lin = {"attention": self.attn_out, "mlp": self.ffn_out}[kind]()
         add = bias.detach().to(device=lin.weight.device, dtype=lin.weight.dtype)
@@ -123,6 +134,17 @@ class BlockAdapter(ABC):
             lin.bias = nn.Parameter(add.clone(), requires_grad=lin.weight.requires_grad)
         else:
             lin.bias.data += add
+
+    def module_name(self, module: nn.Module) -> str:
+        """Dotted name of ``module`` inside this block, e.g. "mlp.down_proj"."""
+        for name, mod in self.layer.named_modules():
+            if mod is module:
+                return name
+        raise ValueError(f"block {self.index} has no such module")
+
+    def ensure_bias(self, name: str) -> None:
+        """Give the linear ``name`` (dotted, inside this block) a zero bias if it has none."""
+        _zero_bias(self.layer.get_submodule(name))
 
     def shape(self) -> dict[str, int]:
         return {
@@ -191,24 +213,38 @@ class ModelAdapter(ABC):
             else:
                 linears = block.ffn_in() + [block.ffn_out()]
             for lin in linears:
-                if lin.bias is None:
-                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                        device=lin.weight.device),
-                                            requires_grad=lin.weight.requires_grad)
+                _zero_bias(lin)
         setattr(self.config, flag, True)
         return True
 
     def sync_biases(self) -> list[str]:
-        """Kinds whose level-2 linear has a bias in some block; each is made model-wide by ensure_biases."""
-        kinds = []
+        """Kinds whose level-2 linear has a bias in some block; each is made model-wide.
+
+        With a config flag (``ensure_biases``) vanilla transformers rebuilds the biases. Without one
+        (Mistral, Qwen2, Qwen3's MLP) only the level-2 linear of every block gets a bias (zeros where it had
+        none) and its name inside the block ("self_attn.o_proj", "mlp.down_proj") is recorded in
+        ``config.daprune_extra_biases``: vanilla transformers cannot build such biases for these families, so
+        ``daprune.load`` and the remote code (which ``io.write_remote_code`` then ships even for uniform
+        shapes) rebuild them from that list.
+        """
+        kinds: list[str] = []
+        extra: set[str] = set()
+        blocks = [self.block(i) for i in range(self.n_layers)]
         for kind in ("attention", "mlp"):
-            level2 = [self.block(i).attn_out() if kind == "attention" else self.block(i).ffn_out()
-                      for i in range(self.n_layers)]
-            if any(lin.bias is not None for lin in level2):
-                kinds.append(kind)
-                if not self.ensure_biases(kind):
-                    log.warning("%s biases were added but %s has no config flag for them: the saved model "
-                                "loads them only through daprune", kind, getattr(self.config, "model_type", "?"))
+            level2 = [(b, b.attn_out() if kind == "attention" else b.ffn_out()) for b in blocks]
+            if not any(lin.bias is not None for _, lin in level2):
+                continue
+            kinds.append(kind)
+            if self.ensure_biases(kind):
+                continue
+            for block, lin in level2:
+                name = block.module_name(lin)
+                block.ensure_bias(name)
+                extra.add(name)
+        if extra:
+            setattr(self.config, EXTRA_BIASES_KEY, sorted(extra))
+        elif hasattr(self.config, EXTRA_BIASES_KEY):
+            delattr(self.config, EXTRA_BIASES_KEY)
         return kinds
 
     @abstractmethod

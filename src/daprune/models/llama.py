@@ -135,7 +135,8 @@ class LlamaFamilyAdapter(ModelAdapter):
         return self._BIAS_FLAGS.get(getattr(self.config, "model_type", ""), {}).get(kind)
 
     def update_config(self) -> dict:
-        self.sync_biases()  # FLAP-compensated blocks got o/down biases: make them model-wide and set the flag
+        # FLAP-compensated blocks got o/down biases: make them model-wide, set the flag or daprune_extra_biases
+        self.sync_biases()
         shapes = [self.block(i).shape() for i in range(self.n_layers)]
         cfg = self.config
         cfg.head_dim = self.block(0).head_dim  # explicit: hidden/heads no longer gives it

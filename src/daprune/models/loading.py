@@ -173,4 +173,6 @@ def _is_daprune_nonuniform(folder: Path) -> bool:
     cfg = folder / "config.json"
     if not cfg.is_file():
         return False
-    return "daprune_layers" in json.loads(cfg.read_text())
+    from daprune.io import needs_remote_code
+
+    return needs_remote_code(json.loads(cfg.read_text()))
