@@ -24,7 +24,8 @@ from daprune.report import format_table
 
 ROWS = {
     "ours": {},
-    "ours+paper-recovery": {"recovery": "paper"},
+    "ours+paper-recovery": {"recovery": "paper", "recovery_nsamples": 128},
+    "ours+paper-recovery-16": {"recovery": "paper"},
     "ours+post": {"recovery": "post"},
     "ours-self-generated": {"calibration": "self"},
     "ours-64-samples": {"nsamples": 64},

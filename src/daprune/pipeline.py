@@ -395,6 +395,11 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             view.close()
     pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
     pruner.n_score = min(cfg.nsamples, ids.shape[0])
+    widest = max(adapter.block(i).n_channels for i in layer_range) if cfg.sparsity > 0 else 0
+    if cfg.recovery != "none" and ids.numel() < OBS_MIN_TOKENS_PER_CHANNEL * widest:
+        log.warning("recovery re-fits %d-wide least-squares problems on only %d calibration tokens: expect it to "
+                    "overfit (held-out tuning: 16 x 128 tokens hurt, 128 x 128 helped); pass --recovery-nsamples 128 "
+                    "or more", widest, ids.numel())
     pruner.ntokens = pruner.n_score * ids.shape[1]
     for i in tqdm(range(start, adapter.n_layers), desc="pruning blocks", disable=not progress,
                   initial=start, total=adapter.n_layers):
