@@ -126,11 +126,16 @@ def test_uniform_output_loads_with_vanilla_transformers(tmp_path):
     assert (tmp_path / "o" / "report.json").is_file()
 
 
-def test_channel_multiple():
-    res = _prune(tiny_model(inter=128), sparsity=0.2, channel_multiple=16, head_split="ffn-only")
+@pytest.mark.parametrize("multiple,inter,head_split", [(16, 128, "ffn-only"), (64, 512, "auto"), (128, 768, "auto")])
+def test_channel_multiple(multiple, inter, head_split, one_thread):
+    """Hardware-friendly widths: every pruned block keeps a multiple of N channels and whole heads; budget met."""
+    model = tiny_model(inter=inter)
+    res = _prune(model, sparsity=0.2, channel_multiple=multiple, head_split=head_split)
     for row in res.report["layers"]:
-        assert row["kept_channels"] % 16 == 0
+        assert row["kept_channels"] % multiple == 0
+        assert len(row["kept_heads"]) % 2 == 0  # 6 query heads in 2 KV groups: the same count leaves each group
     assert res.report["params"]["achieved_sparsity"] >= 0.2
+    assert torch.isfinite(res.model(IDS).logits).all()
 
 
 @pytest.mark.parametrize("nsamples,expected", [(8, "greedy"), (16, "obs")])
