@@ -66,9 +66,9 @@ def main() -> None:
         results.append({"config": spec, "settings": res.report["settings"], "heldout_ppl": ppl, "prune_s": secs,
                         "achieved_sparsity": res.report["params"]["achieved_sparsity"]})
         print(format_table(rows, ["config", "sparsity", "held-out ppl", "prune s"]), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"dense_heldout_ppl": dense, "windows": args.windows,
-                                               "rows": results}, indent=2) + "\n")
+        if args.json:  # after every row: a stopped sweep keeps what it measured
+            Path(args.json).write_text(json.dumps({"dense_heldout_ppl": dense, "windows": args.windows,
+                                                   "rows": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
