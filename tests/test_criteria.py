@@ -75,6 +75,44 @@ def test_hand_moments():
     close(st.o_in.mean, [1, 1, 1, 0])
 
 
+FFN_IN = [[1, 0, 0, 1], [1, 2, 0, -1], [0, 1, 1, 0]]  # 3 tokens of the post-norm FFN input
+
+
+def test_second_moment_hand():
+    """Ours: ||D_j||^2 E[h_j^2] per channel; per head the mean energy of z_h W_o,h^T over the tokens."""
+    ffn, heads = scores("second-moment")
+    close(ffn, [5 * 1, 4 * 2, 2 * 2])
+    # head 0 writes (z0, -z1, 0, 0): energies 1, 1, 5, 5; head 1 writes (0, 0, z2 + z3, 2 z3): 5, 13, 5, 5
+    close(heads, [3, 7])
+
+
+def _token_moments(w: list[int], centred: bool) -> float:
+    """E[(w.x)^2] or Var(w.x) over the FFN_IN tokens, written out per token (independent of Moments)."""
+    proj = [sum(a * b for a, b in zip(w, x, strict=True)) for x in FFN_IN]
+    mean = sum(proj) / len(proj)
+    second = sum(p * p for p in proj) / len(proj)
+    return second - mean * mean if centred else second
+
+
+@pytest.mark.parametrize("name,centred", [("paper", True), ("paper-uncentred", False), ("authors", True)])
+def test_paper_scores_hand(name, centred):
+    """The paper's SwiGLU product (centred Sigma), its uncentred variant, and the authors' early code."""
+    st = hand_stats()
+    st.ffn_in = Moments("ffn_in")
+    st.ffn_in.update(torch.tensor(FFN_IN, dtype=torch.float32))
+    ffn, _ = scores(name, st)
+    d2 = [5, 4, 2]
+    qg = [_token_moments(g, centred) for g in G]
+    qu = [_token_moments(u, centred) for u in U]
+    if name == "authors":  # ||D_j|| * silu(G_j' S G_j) * U_j' S U_j
+        silu = [q / (1 + math.exp(-q)) for q in qg]
+        expected = [math.sqrt(d) * a * u for d, a, u in zip(d2, silu, qu, strict=True)]
+    else:  # (1/2 ||D_j||^2 U_j' S U_j) * (1/2 ||D_j||^2 G_j' S G_j)
+        expected = [(0.5 * d * u) * (0.5 * d * g) for d, u, g in zip(d2, qu, qg, strict=True)]
+    assert all(e != 0 for e in expected)  # the example separates the channels
+    close(ffn, expected)
+
+
 def test_l1():
     ffn, heads = scores("l1")
     close(ffn, [1 + 2 + 3, 2 + 3 + 2, 2 + 2 + 2])  # gate row + up row + down column
