@@ -31,10 +31,21 @@ ZEROSHOT = ["compare", "--sparsity", "0.2", "--rows", ZS_ROWS, "--ppl=", "--task
             "--zeroshot-dtype", "bfloat16", "--json", ZS_JSON, "--resume", "--quiet"]
 
 
+DOC = Path("docs/compare.md")
+BEGIN, END = "<!-- table: written by benchmarks/compare_table.py --merge -->", "<!-- /table -->"
+
+
 def merge(out: str) -> int:
-    table = merge_zeroshot(json.loads(Path(PPL_JSON).read_text()), json.loads(Path(ZS_JSON).read_text()))
+    """One table from the two runs: written as JSON to ``out`` and between the markers of docs/compare.md."""
+    zs = json.loads(Path(ZS_JSON).read_text()) if Path(ZS_JSON).is_file() else {"rows": []}
+    table = merge_zeroshot(json.loads(Path(PPL_JSON).read_text()), zs)
     Path(out).write_text(json.dumps(table, indent=1) + "\n")
-    print(format_markdown(table))
+    markdown = format_markdown(table)
+    print(markdown)
+    if DOC.is_file() and BEGIN in DOC.read_text():
+        text = DOC.read_text()
+        head, rest = text.split(BEGIN, 1)
+        DOC.write_text(head + BEGIN + "\n" + markdown + "\n" + END + rest.split(END, 1)[1])
     return 0
 
 
