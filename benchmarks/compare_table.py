@@ -25,7 +25,7 @@ from daprune.evaluation.compare import format_markdown, merge_zeroshot
 PPL_JSON = "runs/compare/smollm2_s20.json"
 ZS_JSON = "runs/compare/smollm2_s20_zeroshot.json"
 SEVEN = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
-ZS_ROWS = "dense,ours-sg,taylor-e1,wanda-sp,flap,ours-c,ours-c-rec"
+ZS_ROWS = "dense,random,l1,l2,ours-sg,taylor-e1,taylor-vector,wanda-sp,flap,ours-c,ours-c-rec"
 PPL = ["compare", "--sparsity", "0.2", "--max-windows", "256", "--json", PPL_JSON, "--resume", "--quiet"]
 ZEROSHOT = ["compare", "--sparsity", "0.2", "--rows", ZS_ROWS, "--ppl=", "--tasks", SEVEN, "--limit", "100",
             "--zeroshot-dtype", "bfloat16", "--json", ZS_JSON, "--resume", "--quiet"]

@@ -116,6 +116,24 @@ def test_resume_keeps_finished_rows(tmp_path):
     assert len(calls) == 1 and table["rows"][0] is done["dense"]
 
 
+def test_resume_file_keeps_reused_rows_not_reached_yet(tmp_path):
+    """A resumed run stopped after its first row must not drop the later rows it was going to reuse."""
+    rows = compare.select_rows("dense,wanda-sp")
+    later = {"key": "wanda-sp", "label": "Wanda-sp", "group": "data-dependent", "params": 1, "sparsity": 0.2,
+             "prune_s": 1.0, "peak_rss_prune_mb": 1.0, "ppl": {"wikitext2": 2.0}}
+    path = tmp_path / "t.json"
+    seen = []
+
+    def stop_after_first(rec):
+        seen.append(json.loads(path.read_text()))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_table(rows, BASE, _loader, _evaluator, done={"wanda-sp": later}, json_path=str(path),
+                          on_row=stop_after_first)
+    assert [r["key"] for r in seen[0]["rows"]] == ["dense", "wanda-sp"] and seen[0]["rows"][1] == later
+
+
 def _fresh_pages(nbytes: int) -> mmap.mmap:
     """Touch a new anonymous mapping: unlike bytearray, it cannot reuse heap pages that are already resident."""
     block = mmap.mmap(-1, nbytes)

@@ -281,8 +281,9 @@ def run_table(rows: list[RowSpec], base: PruneConfig, loader: Loader, evaluator:
                           memory=memory)
         out["rows"].append(rec)
         out["wall_s"] = time.perf_counter() - t0 + (meta or {}).get("wall_s_before", 0.0)
-        if json_path:
-            _write_json(json_path, out)
+        if json_path:  # reused rows not reached yet stay in the file, so stopping here loses none of them
+            later = [done[r.key] for r in rows[len(out["rows"]):] if done and r.key in done]
+            _write_json(json_path, {**out, "rows": out["rows"] + later})
         if on_row is not None:
             on_row(rec)
     return out
