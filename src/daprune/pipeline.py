@@ -116,8 +116,8 @@ class BlockPruner:
             for r, pair in roles.items():
                 x = got[r][0]
                 y = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
-                if k:
-                    moments[r].update(x[:k], None if y is None else y[:k])
+                if k:  # the cross term only where the re-fit reads it: not twice when "ROLE:fit" holds it
+                    moments[r].update(x[:k], None if y is None or r in fit else y[:k])
                 if r in fit:
                     fit[r].update(x, y)
             if js is not None and k:
@@ -395,8 +395,8 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             view.close()
     pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
     pruner.n_score = min(cfg.nsamples, ids.shape[0])
-    widest = max(adapter.block(i).n_channels for i in layer_range) if cfg.sparsity > 0 else 0
-    if cfg.recovery != "none" and ids.numel() < OBS_MIN_TOKENS_PER_CHANNEL * widest:
+    widest = max(adapter.block(i).n_channels for i in layer_range) if cfg.recovery != "none" else 0
+    if cfg.sparsity > 0 and ids.numel() < OBS_MIN_TOKENS_PER_CHANNEL * widest:
         log.warning("recovery re-fits %d-wide least-squares problems on only %d calibration tokens: expect it to "
                     "overfit (held-out tuning: 16 x 128 tokens hurt, 128 x 128 helped); pass --recovery-nsamples 128 "
                     "or more", widest, ids.numel())

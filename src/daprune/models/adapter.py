@@ -238,9 +238,8 @@ class ModelAdapter(ABC):
             if self.ensure_biases(kind):
                 continue
             for block, lin in level2:
-                name = block.module_name(lin)
-                block.ensure_bias(name)
-                extra.add(name)
+                _zero_bias(lin)
+                extra.add(block.module_name(lin))
         if extra:
             setattr(self.config, EXTRA_BIASES_KEY, sorted(extra))
         elif hasattr(self.config, EXTRA_BIASES_KEY):

@@ -154,7 +154,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(source, cache)
-    if src.kind != "hub" and _is_daprune_nonuniform(Path(src.path)):
+    if src.kind != "hub" and _needs_daprune_loader(Path(src.path)):
         from daprune.io import load_pruned
 
         model, tok = load_pruned(src.path, dtype=dtype, device=device)
@@ -169,7 +169,7 @@ def load_model(
     return model, tok, src
 
 
-def _is_daprune_nonuniform(folder: Path) -> bool:
+def _needs_daprune_loader(folder: Path) -> bool:
     cfg = folder / "config.json"
     if not cfg.is_file():
         return False
