@@ -8,6 +8,10 @@ merge (zero-shot tasks cost far more than perplexity, so they run on a subset of
     python benchmarks/compare_table.py --zeroshot           # zero-shot columns for the rows in ZS_ROWS
     python benchmarks/compare_table.py --merge docs/compare.json   # one table: print it, write the JSON
 
+The merge also takes the full-set zero-shot runs in ``FULL_ZEROSHOT`` (``benchmarks/zeroshot_bench.py``
+JSONs: an hour or more per model here, so only for the dense model and the default pruned one, which is
+the "ours-c" row): they add a "Mean, full sets" column and a per-task table of their own.
+
 Extra arguments are passed through to ``daprune compare`` (e.g. ``--rows ours-c,flap`` or
 ``--max-windows 0`` for all windows). Rows run one per child process; the JSON is rewritten after each
 row, and ``--resume`` (on by default here) skips rows already in it, so a stopped run continues.
@@ -20,7 +24,7 @@ import sys
 from pathlib import Path
 
 from daprune.cli import main
-from daprune.evaluation.compare import format_markdown, merge_zeroshot
+from daprune.evaluation.compare import format_full_zeroshot, format_markdown, merge_full_zeroshot, merge_zeroshot
 
 PPL_JSON = "runs/compare/smollm2_s20.json"
 ZS_JSON = "runs/compare/smollm2_s20_zeroshot.json"
@@ -29,23 +33,34 @@ ZS_ROWS = "dense,random,l1,l2,ours-sg,taylor-e1,taylor-vector,wanda-sp,flap,ours
 PPL = ["compare", "--sparsity", "0.2", "--max-windows", "256", "--json", PPL_JSON, "--resume", "--quiet"]
 ZEROSHOT = ["compare", "--sparsity", "0.2", "--rows", ZS_ROWS, "--ppl=", "--tasks", SEVEN, "--limit", "100",
             "--zeroshot-dtype", "bfloat16", "--json", ZS_JSON, "--resume", "--quiet"]
-
+# full seven-task runs (zeroshot_bench.py --dtype bf16 --batch-size 8, no --limit), by comparison row
+FULL_ZEROSHOT = {"dense": "docs/zeroshot_dense_full.json", "ours-c": "docs/zeroshot_pruned_full.json"}
 
 DOC = Path("docs/compare.md")
-BEGIN, END = "<!-- table: written by benchmarks/compare_table.py --merge -->", "<!-- /table -->"
+TABLE = "<!-- table: written by benchmarks/compare_table.py --merge -->", "<!-- /table -->"
+FULL_TABLE = "<!-- full zero-shot: written by benchmarks/compare_table.py --merge -->", "<!-- /full zero-shot -->"
+
+
+def _replace_between(text: str, markers: tuple[str, str], body: str) -> str:
+    begin, end = markers
+    if begin not in text:
+        return text
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
 
 
 def merge(out: str) -> int:
-    """One table from the two runs: written as JSON to ``out`` and between the markers of docs/compare.md."""
+    """One table from the runs: written as JSON to ``out`` and between the markers of docs/compare.md."""
     zs = json.loads(Path(ZS_JSON).read_text()) if Path(ZS_JSON).is_file() else {"rows": []}
     table = merge_zeroshot(json.loads(Path(PPL_JSON).read_text()), zs)
+    full = {key: json.loads(Path(f).read_text()) for key, f in FULL_ZEROSHOT.items() if Path(f).is_file()}
+    table = merge_full_zeroshot(table, full)
     Path(out).write_text(json.dumps(table, indent=1) + "\n")
-    markdown = format_markdown(table)
-    print(markdown)
-    if DOC.is_file() and BEGIN in DOC.read_text():
-        text = DOC.read_text()
-        head, rest = text.split(BEGIN, 1)
-        DOC.write_text(head + BEGIN + "\n" + markdown + "\n" + END + rest.split(END, 1)[1])
+    markdown, full_markdown = format_markdown(table), format_full_zeroshot(table)
+    print(markdown + "\n\n" + full_markdown)
+    if DOC.is_file():
+        text = _replace_between(DOC.read_text(), TABLE, markdown)
+        DOC.write_text(_replace_between(text, FULL_TABLE, full_markdown))
     return 0
 
 

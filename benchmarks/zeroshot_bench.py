@@ -49,6 +49,7 @@ def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> d
         progress=not args.quiet,
         log_samples=log_samples,
         request_cache=args.request_cache,
+        trim_logits=not args.all_logits,
     )
     result["wall_s"] = time.perf_counter() - start
     result["settings"] = {
@@ -57,9 +58,13 @@ def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> d
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "request_cache": args.request_cache,  # wall_s covers only requests not already cached
+        "trim_logits": not args.all_logits,
         "torch": torch.__version__,
         "command": " ".join(shlex.quote(a) for a in sys.argv),
     }
+    report = Path(args.model or "", "report.json")
+    if args.model and report.is_file():  # a daprune output: keep how it was pruned next to its scores
+        result["prune_settings"] = json.loads(report.read_text()).get("settings")
     return result
 
 
@@ -131,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-cache", default=None, metavar="DIR",
                         help="lm-eval request cache per model: a stopped run continues where it was")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--all-logits", action="store_true",
+                        help="plain HFLM: vocabulary logits at every position (to time the saving)")
     args = parser.parse_args(argv)
     try:
         args.tasks = parse_tasks(args.tasks)

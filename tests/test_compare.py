@@ -273,3 +273,39 @@ def test_merge_zeroshot_only_where_the_pruning_was_identical():
     out = compare.merge_zeroshot(main, zs)
     assert [r.get("zeroshot_mean") for r in out["rows"]] == [0.6, 0.5, None]
     assert out["zeroshot_run"]["limit"] == 5 and "zeroshot" not in main["rows"][0]
+
+
+def _full_result(prune_settings=None, limit=None, mean=0.45):
+    zs = {"tasks": {"piqa": {"acc": 0.6, "acc_norm": 0.59}, "hellaswag": {"acc": 0.3, "acc_norm": 0.3}},
+          "mean_metrics": {"piqa": "acc", "hellaswag": "acc_norm"}, "mean": mean, "limit": limit,
+          "wall_s": 1234.0, "settings": {"dtype": "bf16"}}
+    return {**zs, "prune_settings": prune_settings} if prune_settings is not None else zs
+
+
+def test_full_zeroshot_results_attach_only_to_the_model_they_scored():
+    settings = compare.row_config(compare.ROW_BY_KEY["ours-c"], BASE).to_dict()
+    base = {"group": "data-dependent", "sparsity": 0.2, "prune_s": 1.0, "peak_rss_prune_mb": 1.0,
+            "ppl": {"wikitext2": 10.0}}
+    table = {"rows": [{**base, "key": "dense", "label": "Dense", "group": "dense", "settings": None, "params": 10},
+                      {**base, "key": "ours-c", "label": "Ours (Calibration)", "settings": settings, "params": 8},
+                      {**base, "key": "l2", "label": "L2", "settings": {"x": 1}, "params": 8}]}
+    out = compare.merge_full_zeroshot(table, {"dense": _full_result(mean=0.5), "ours-c": _full_result(settings)})
+    assert [r.get("zeroshot_full", {}).get("mean") for r in out["rows"]] == [0.5, 0.45, None]
+    assert "zeroshot_full" not in table["rows"][0]
+    lines = compare.format_markdown(out).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    column = header.index("Mean, full sets")
+    assert [[c.strip() for c in line.strip("|").split("|")][column] for line in lines[2:] if "*" not in line] == [
+        "50.00", "45.00", "-"]
+    full = compare.format_full_zeroshot(out).splitlines()
+    assert len(full) == 4 and full[0].split("|")[3:5] == [" piqa ", " hellaswag "]
+    assert [c.strip() for c in full[3].strip("|").split("|")][2:] == ["60.0", "30.0", "45.00", "1234"]
+
+    other = dict(settings, seed=1)
+    for bad in ({"ours-c": _full_result(other)},  # pruned with other settings
+                {"dense": _full_result(settings)},  # a pruned model's result on the dense row
+                {"ours-c": _full_result()},  # a dense model's result on a pruned row
+                {"dense": _full_result(limit=100)},  # not the full sets
+                {"flap": _full_result()}):  # no such row
+        with pytest.raises(ValueError):
+            compare.merge_full_zeroshot(table, bad)

@@ -333,6 +333,49 @@ def merge_zeroshot(table: dict, zs_table: dict) -> dict:
     return {**table, "rows": rows, "zeroshot_run": {k: zs_table.get(k) for k in keep}}
 
 
+def merge_full_zeroshot(table: dict, results: dict[str, dict]) -> dict:
+    """Attach full-set zero-shot results (``benchmarks/zeroshot_bench.py`` JSONs) to rows, by key.
+
+    A full seven-task run costs an hour or more per model on a small CPU, so only a few rows get one.
+    A result belongs to a row only if it scored that row's model: the dense row takes a result of the
+    unpruned model, a pruned row one whose recorded pruning settings (the output folder's report) equal
+    the row's. Anything else is refused rather than silently shown next to the wrong method.
+    """
+    rows = []
+    for r in table["rows"]:
+        res = results.get(r["key"])
+        if res is None:
+            rows.append(dict(r))
+            continue
+        pruned = res.get("prune_settings")
+        if (r["key"] == "dense") != (pruned is None) or (pruned is not None and pruned != r.get("settings")):
+            raise ValueError(f"the full zero-shot result given for row {r['key']!r} did not score that row's model")
+        if res.get("limit") is not None:
+            raise ValueError(f"the zero-shot result given for row {r['key']!r} is limited to {res['limit']} docs")
+        keep = ("tasks", "mean", "mean_metrics", "wall_s", "settings")
+        rows.append({**r, "zeroshot_full": {k: res.get(k) for k in keep}})
+    unknown = set(results) - {r["key"] for r in table["rows"]}
+    if unknown:
+        raise ValueError(f"no row for full zero-shot results: {sorted(unknown)}")
+    return {**table, "rows": rows}
+
+
+def format_full_zeroshot(table: dict) -> str:
+    """Per-task accuracy on the full task sets, for the rows that have it (``merge_full_zeroshot``)."""
+    rows = [r for r in table["rows"] if r.get("zeroshot_full")]
+    if not rows:
+        return ""
+    tasks = list(rows[0]["zeroshot_full"]["tasks"])
+    headers = ["Method", "Params", *tasks, "Mean", "Eval wall s"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        full = r["zeroshot_full"]
+        cells = [r["label"], _fmt_params(r["params"]), *[_fmt_task(full, t) for t in tasks]]
+        cells += [f"{100 * full['mean']:.2f}", f"{full['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_markdown(table: dict) -> str:
     """The paper's layout: Dense, then a header line per group, one line per method."""
     rows = table["rows"]
@@ -345,7 +388,11 @@ def format_markdown(table: dict) -> str:
         tasks += [t for t in (r.get("zeroshot") or {}).get("tasks", {}) if t not in tasks]
     names = {"wikitext2": "WikiText-2 PPL", "ptb": "PTB PPL"}
     headers = ["Method", "Params", *[names.get(c, f"{c} PPL") for c in corpora]]
-    headers += ([*tasks, "Zero-shot mean"] if zs else []) + ["Prune s", "Peak RSS MB"]
+    full = any(r.get("zeroshot_full") for r in rows)
+    limit = (table.get("zeroshot_run") or {}).get("limit")
+    headers += [*tasks, f"Zero-shot mean, first {limit} docs" if limit else "Zero-shot mean"] if zs else []
+    headers += ["Mean, full sets"] if full else []
+    headers += ["Prune s", "Peak RSS MB"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     group = None
     for r in rows:
@@ -358,6 +405,8 @@ def format_markdown(table: dict) -> str:
             cells += [_fmt_task(r.get("zeroshot") or {}, t) for t in tasks]
             m = r.get("zeroshot_mean")
             cells.append("-" if m is None else f"{100 * m:.2f}")
+        if full:
+            cells.append(f"{100 * r['zeroshot_full']['mean']:.2f}" if r.get("zeroshot_full") else "-")
         cells += [f"{r['prune_s']:.1f}", f"{r['peak_rss_prune_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -338,22 +338,23 @@ def model_fingerprint(model: Any, sample: int = 4096) -> str:
     return h.hexdigest()[:20]
 
 
-def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool) -> Any:
+def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool, trim_logits: bool = True) -> Any:
     """Wrap an in-memory HF model for lm-eval.
 
     Log-softmax runs in float32 whatever the model dtype: summing bf16 log-probs would add
-    rounding noise of ~1e-2 per token to every choice score.
+    rounding noise of ~1e-2 per token to every choice score. ``trim_logits`` computes vocabulary
+    logits only where lm-eval reads them (see ``lm_eval_model``).
     """
-    from lm_eval.models.huggingface import HFLM
+    from daprune.evaluation.lm_eval_model import ContinuationLogitsHFLM
 
-    class _QuietHFLM(HFLM):
-        """HFLM without the per-request progress bar (for progress=False)."""
-
-        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-    cls = HFLM if progress else _QuietHFLM
-    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32")
+    return ContinuationLogitsHFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        softmax_dtype="float32",
+        progress=progress,
+        trim_logits=trim_logits,
+    )
 
 
 @contextlib.contextmanager
@@ -403,6 +404,7 @@ def evaluate_zeroshot(
     progress: bool = True,
     log_samples: bool = False,
     request_cache: str | os.PathLike | None = None,
+    trim_logits: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of an in-memory causal LM on standard lm-eval tasks.
 
@@ -420,6 +422,8 @@ def evaluate_zeroshot(
             committed as it finishes, so a run that is stopped continues where it was, and a ``limit``
             run's answers are reused by a later full run. The file is keyed by ``model_fingerprint``:
             lm-eval keys entries by request only, so one file must never serve two models.
+        trim_logits: compute the LM head and log-softmax only at the trailing positions that hold
+            continuations (same scores, less work); False runs plain ``HFLM``, for comparisons.
 
     Returns:
         ``{"tasks": {task: {"acc", "acc_norm" (None if absent), "n", "acc_stderr",
@@ -443,7 +447,7 @@ def evaluate_zeroshot(
     import lm_eval
 
     with _quiet_logs(not progress), task_manager(tasks, use_offline) as manager:
-        lm = _make_lm(model, tokenizer, batch_size, progress)
+        lm = _make_lm(model, tokenizer, batch_size, progress, trim_logits)
         raw = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,
