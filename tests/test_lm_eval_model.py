@@ -90,3 +90,30 @@ def test_models_without_logits_to_keep_fall_back_to_plain_hflm() -> None:
     model.forward = forward
     lm = _lm(model, True)
     assert not lm.trim_logits
+
+
+@pytest.mark.parametrize("loader", ["daprune", "remote-code"])
+def test_saved_non_uniform_model_is_scored_from_trimmed_logits(one_thread, tmp_path, loader: str) -> None:
+    """A pruned folder, loaded either way, keeps logits_to_keep, so the saving applies to it."""
+    from transformers import AutoModelForCausalLM
+
+    from daprune.io import load_pruned, save_pruned
+    from daprune.models.adapter import get_adapter
+
+    model = tiny_model(vocab=96)
+    adapter = get_adapter(model)
+    adapter.block(2).slice_heads([0, 1, 3, 4])
+    adapter.block(3).slice_ffn(range(50))
+    out = save_pruned(model, char_tokenizer(), tmp_path / "out", {})
+    if loader == "daprune":
+        loaded, _ = load_pruned(out)
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert type(loaded).__name__ == "DapruneLlamaForCausalLM"
+    trimmed, plain = _lm(loaded, True), _lm(loaded, False)
+    assert trimmed.trim_logits
+    reqs = _requests(trimmed.max_length, seed=1)
+    ours = trimmed._loglikelihood_tokens(reqs, disable_tqdm=True)
+    ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in ref], abs=1e-5)
+    assert trimmed.positions_computed < trimmed.positions_total
