@@ -62,8 +62,8 @@ def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> d
         "torch": torch.__version__,
         "command": " ".join(shlex.quote(a) for a in sys.argv),
     }
-    report = Path(args.model or "", "report.json")
-    if args.model and report.is_file():  # a daprune output: keep how it was pruned next to its scores
+    # a daprune output folder: keep how it was pruned next to its scores
+    if args.model and (report := Path(args.model, "report.json")).is_file():
         result["prune_settings"] = json.loads(report.read_text()).get("settings")
     return result
 

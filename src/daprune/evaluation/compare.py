@@ -333,6 +333,14 @@ def merge_zeroshot(table: dict, zs_table: dict) -> dict:
     return {**table, "rows": rows, "zeroshot_run": {k: zs_table.get(k) for k in keep}}
 
 
+def _md_line(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_head(headers: list[str]) -> list[str]:
+    return [_md_line(headers), "|" + "|".join("---" for _ in headers) + "|"]
+
+
 def merge_full_zeroshot(table: dict, results: dict[str, dict]) -> dict:
     """Attach full-set zero-shot results (``benchmarks/zeroshot_bench.py`` JSONs) to rows, by key.
 
@@ -347,8 +355,8 @@ def merge_full_zeroshot(table: dict, results: dict[str, dict]) -> dict:
         if res is None:
             rows.append(dict(r))
             continue
-        pruned = res.get("prune_settings")
-        if (r["key"] == "dense") != (pruned is None) or (pruned is not None and pruned != r.get("settings")):
+        # the dense row's settings are None, like the unpruned model's recorded pruning settings
+        if res.get("prune_settings") != r.get("settings"):
             raise ValueError(f"the full zero-shot result given for row {r['key']!r} did not score that row's model")
         if res.get("limit") is not None:
             raise ValueError(f"the zero-shot result given for row {r['key']!r} is limited to {res['limit']} docs")
@@ -367,12 +375,12 @@ def format_full_zeroshot(table: dict) -> str:
         return ""
     tasks = list(rows[0]["zeroshot_full"]["tasks"])
     headers = ["Method", "Params", *tasks, "Mean", "Eval wall s"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines = _md_head(headers)
     for r in rows:
         full = r["zeroshot_full"]
         cells = [r["label"], _fmt_params(r["params"]), *[_fmt_task(full, t) for t in tasks]]
         cells += [f"{100 * full['mean']:.2f}", f"{full['wall_s']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_md_line(cells))
     return "\n".join(lines)
 
 
@@ -393,7 +401,7 @@ def format_markdown(table: dict) -> str:
     headers += [*tasks, f"Zero-shot mean, first {limit} docs" if limit else "Zero-shot mean"] if zs else []
     headers += ["Mean, full sets"] if full else []
     headers += ["Prune s", "Peak RSS MB"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines = _md_head(headers)
     group = None
     for r in rows:
         if r["group"] != group and r["group"] in GROUP_TITLES:
@@ -408,7 +416,7 @@ def format_markdown(table: dict) -> str:
         if full:
             cells.append(f"{100 * r['zeroshot_full']['mean']:.2f}" if r.get("zeroshot_full") else "-")
         cells += [f"{r['prune_s']:.1f}", f"{r['peak_rss_prune_mb']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_md_line(cells))
     return "\n".join(lines)
 
 
