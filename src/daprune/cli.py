@@ -78,7 +78,9 @@ def _prune_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned folder")
     p.add_argument("--model", default=None)
-    p.add_argument("--ppl", default="wikitext2,ptb", help="corpora, comma separated ('' for none)")
+    p.add_argument("--ppl", default=None, metavar="CORPORA",
+                   help="perplexity corpora, comma separated (wikitext2,ptb,ptb-test,lambada-heldout); none unless "
+                        "given, so a --tasks run spends no time on perplexity")
     p.add_argument("--tasks", default="", help="zero-shot tasks (boolq,piqa,hellaswag,winogrande,arc_easy,...)")
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
     p.add_argument("--request-cache", default=None, metavar="DIR",
@@ -129,6 +131,8 @@ def cmd_eval(args) -> int:
     from daprune.models.loading import load_model
     from daprune.report import format_table
 
+    if not args.ppl and not args.tasks:  # before loading: nothing asked means a mistake, not a full default run
+        raise DapruneError("nothing to evaluate: pass --ppl CORPORA (e.g. wikitext2,ptb) and/or --tasks TASKS")
     model, tok, src = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache_dir)
     out: dict = {"model": src.origin, "dtype": args.dtype}
     if args.ppl:

