@@ -14,7 +14,9 @@ block, so an interrupted run resumes where it stopped (:mod:`daprune.checkpoint`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import gc
 import json
 import logging
@@ -22,14 +24,14 @@ import os
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from daprune.config import PruneConfig, parse_layers
-from daprune.errors import ConfigError, DapruneError, ResumeError, TokenizerError
+from daprune.errors import ConfigError, DapruneError, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -106,35 +108,44 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     source = reader = None
     if model is None:
         source = resolve_source(cfg.model, cache)
-        if source.kind != "hub":
-            reader = WeightsReader(source.path)  # headers only: corrupt/truncated shards fail here
-            reader = reader if reader.available else None
+    model_config = check_model_config(cfg, source, model)  # a sane config, --seqlen within its context
+    if source is not None and source.kind != "hub":
+        check_index(Path(source.path))
+        reader = WeightsReader(source.path)  # headers only: corrupt/truncated shards fail here
+        check_weight_dtypes(reader)
+        reader = reader if reader.available else None
     use_streaming = _choose_streaming(streaming, model is not None, out, reader, cfg)
 
     work = None
     if out is not None and source is not None:
         work = WorkDir(work_dir or default_work_dir(out))
+    resources = check_resources(cfg, model_config, use_streaming, activations, device, out,
+                                work.path if work is not None else None)
     run = _Run(cfg, device, source, reader, work, activations, work_dir, progress, data_dir, cache)
     run.timings["resolve_s"] = time.perf_counter() - t0
-    if use_streaming:
-        run.prepare_streaming()
-    else:
-        run.prepare_resident(model, tokenizer)
+    with _hub_progress_bars(progress):
+        if use_streaming:
+            run.prepare_streaming()
+        else:
+            run.prepare_resident(model, tokenizer)
     tokenizer = run.tokenizer
     if work is not None:  # after every cheap check; a foreign work folder is refused, never deleted
         identity = {"settings": {**cfg.to_dict(), "device": str(device)},
                     "source": source_fingerprint(dataclasses.asdict(source)), "daprune": _version()}
         work.open(identity, resume=resume)
     try:
-        result = run.execute()
+        with _disk_full_is_an_error(out, work, resources, "the work folder"):
+            result = run.execute()
         shapes = run.adapter.update_config()
         run.timings["total_s"] = time.perf_counter() - t0
         report = build_report(cfg, source, run.calib_info, result, shapes, run.timings)
         report["execution"] = {"device": str(device), "streaming": use_streaming, "activations": activations,
                                "resumed_from_block": work.resumed_from if work is not None else None}
-        out_path = run.write(out, overwrite, report, extra) if out is not None else None
+        report["resources"] = resources
+        with _disk_full_is_an_error(out, work, resources, "the output folder"):
+            out_path = run.write(out, overwrite, report, extra) if out is not None else None
     except DapruneError as exc:
-        if work is not None and not isinstance(exc, ResumeError):
+        if work is not None and not exc.keeps_work:
             work.remove()  # a deterministic input problem: resuming would fail the same way
         raise
     finally:
@@ -366,6 +377,161 @@ def check_tokenizer(tokenizer, calibration: str) -> None:
         return
     raise TokenizerError(f"calibration source {calibration!r} needs a tokenizer, but the model folder has none; "
                          "add the tokenizer files or use --calibration random (or self)")
+
+
+# -- checks before any work (issue 13: every bad input a one-line error) ---------------------------------------
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_REQUIRED_DIMS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_OPTIONAL_DIMS = ("intermediate_size", "num_key_value_heads", "head_dim")
+
+
+def check_model_config(cfg: PruneConfig, source, model) -> object:
+    """The model's config, checked: supported family, positive whole-number sizes, heads that split into KV
+    groups, and ``--seqlen`` within the context. Read from ``config.json`` alone, so a bad one is refused
+    before any weight is read; transformers would otherwise fail later with a traceback (a negative
+    vocabulary size) or not at all (a sequence longer than the position table)."""
+    from daprune.errors import ModelSourceError, UnsupportedModelError
+    from daprune.models.adapter import supported_model_types
+
+    if model is not None:
+        config, where = model.config, "the model's config"
+    else:
+        from transformers import AutoConfig
+
+        where = f"{source.origin}'s config.json" if source.kind != "hub" else f"the config of {source.origin}"
+        try:
+            config = AutoConfig.from_pretrained(source.path)
+        except Exception as exc:
+            raise ModelSourceError(f"cannot read the model config of {source.origin}: {exc}") from exc
+        if config.model_type not in supported_model_types():
+            raise UnsupportedModelError(f"unsupported architecture {config.model_type!r}; daprune supports: "
+                                        f"{', '.join(supported_model_types())}")
+    for name in _REQUIRED_DIMS + _OPTIONAL_DIMS:
+        value = getattr(config, name, None)
+        if value is None and name in _OPTIONAL_DIMS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelSourceError(f"{where}: {name} must be a positive whole number, got {value!r}")
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if heads % kv:
+        raise ModelSourceError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads "
+                               f"({kv})")
+    check_context(cfg.seqlen, config, where)
+    return config
+
+
+def check_context(seqlen: int, config, where: str) -> None:
+    """Refuse calibration sequences longer than the model's position table (it names the limit)."""
+    for key in _CONTEXT_KEYS:
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if seqlen > limit:
+                raise ConfigError(f"--seqlen {seqlen} is longer than the model's context: {where} has {key} = "
+                                  f"{limit}; use --seqlen {limit} or less")
+            return
+
+
+def check_index(folder: Path) -> None:
+    """An index that parses as JSON but whose ``weight_map`` is not names -> shard file names is corrupt.
+
+    (WeightsReader reports unparsable ones; this shape check keeps a list or a number there from becoming a
+    TypeError deep inside it.)"""
+    from daprune.errors import CorruptWeightsError
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        data = json.loads(index.read_text()) if index.is_file() else None
+    except (OSError, ValueError):
+        return  # WeightsReader names the parse error
+    if data is None:
+        return
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise CorruptWeightsError(f"{index} is not a valid safetensors index: 'weight_map' must map tensor names "
+                                  "to shard file names")
+
+
+def check_weight_dtypes(reader) -> None:
+    """Weights and biases must be floating point: integer or boolean tensors are a quantized or broken
+    checkpoint that the pruner's float matmuls would reject mid-run."""
+    from safetensors import safe_open
+
+    from daprune.errors import WeightsMismatchError
+
+    bad = []
+    for f in reader.files:
+        with safe_open(str(f), framework="pt") as fh:
+            names = fh.keys()  # safe_open handles are not iterable
+            for key in names:
+                dtype = fh.get_slice(key).get_dtype()
+                if key.endswith((".weight", ".bias")) and not dtype.startswith(("F", "BF")):
+                    bad.append(f"{key} is {dtype}")
+    if bad:
+        raise WeightsMismatchError(f"the weights in {reader.folder} are not floating point ({'; '.join(bad[:3])}"
+                                   f"{'; ...' if len(bad) > 3 else ''}): daprune prunes float32/bfloat16/float16 "
+                                   "weights; dequantize the model first")
+
+
+def check_resources(cfg: PruneConfig, model_config, streaming: bool, activations: str, device: torch.device,
+                    out, work_path: Path | None) -> dict:
+    """Estimate the run's peak memory and disk use and refuse what cannot fit; the numbers go into the report.
+
+    Only CPU memory is checked: with a GPU the streams and the block live in its memory, which
+    ``plan_placement`` checks per block.
+    """
+    from daprune import resources as res
+
+    dims = res.ModelDims.from_config(model_config)
+    nsamples = max(cfg.nsamples, cfg.recovery_nsamples or 0)
+    on_cpu = device.type == "cpu" or activations == "cpu"
+    est = res.estimate(dims, nsamples=nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                       sparsity=cfg.sparsity, streaming=streaming, activations=activations, selection=cfg.selection)
+    report: dict = {"estimate": est.to_dict(), "checked": {"memory": on_cpu, "disk": out is not None}}
+    if on_cpu:
+        available = res.available_memory()
+        report["available_memory"] = available
+        res.check_memory(est, available, res.free_disk(work_path)[1] if work_path is not None else None)
+    if out is not None:
+        report["disk"] = res.check_disk(est, out, work_path, linked=streaming)
+    return report
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(out, work, resources: dict, what: str) -> Iterator[None]:
+    """Turn "No space left on device" (OSError ENOSPC, or safetensors' own error with that text) into a
+    one-line DiskFullError that says where, how much the output needs, and that the work folder is kept."""
+    from daprune.errors import DiskFullError
+    from daprune.resources import free_disk, human
+
+    try:
+        yield
+    except DapruneError:
+        raise
+    except Exception as exc:
+        if not (getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)):
+            raise
+        place = Path(getattr(exc, "filename", None) or (out if what == "the output folder" else work.path))
+        at, free = free_disk(place)
+        kept = (f"the work folder {work.path} is kept: free some space and run the same command again to resume"
+                if work is not None else "nothing was kept")
+        need = resources.get("estimate", {}).get("output")
+        raise DiskFullError(f"no space left on device while writing {what} ({at} has {human(free)} free); the "
+                            f"output needs about {human(need) if need else 'unknown'}; {kept}") from exc
+
+
+@contextlib.contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """Without progress (``--quiet``) transformers' loading bars stay off too: stderr is for errors."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def rewrite_report(out: str | os.PathLike, report: dict) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from daprune.config import FFN_CRITERIA, HEAD_CRITERIA, HEAD_SPLITS, RECOVERY_MODES, SCHEDULES, SELECTIONS, PruneConfig
-from daprune.errors import DapruneError
+from daprune.errors import DapruneError, Interrupted
 
 # Each module exposes add_parser(subparsers) -> {command_name: handler(args) -> exit code}.
 PLUGINS = ("daprune.evaluation.compare", "daprune.evaluation.bench")
@@ -157,8 +160,54 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other refusal (the usage block is one --help away)."""
+
+    def error(self, message: str):
+        print(f"daprune: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line: messages that quote a library's error may carry its line breaks."""
+    return " ".join(str(exc).split())
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises Interrupted, so it unwinds like Ctrl-C (temp folders removed, the work folder kept)
+    instead of killing the process with a half-written temp folder beside the output."""
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(args, signum: int) -> str:
+    """The one line for a stopped run: which signal, and whether a work folder remains to resume from."""
+    line = f"daprune: interrupted by {signal.Signals(signum).name}"
+    if getattr(args, "command", None) == "prune":
+        from daprune.checkpoint import default_work_dir
+
+        work = Path(args.work_dir or default_work_dir(args.out))
+        if work.is_dir():
+            return f"{line}; the work folder {work} is kept: run the same command again to resume"
+        return f"{line} before any block was pruned; nothing was written"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="daprune", description=__doc__)
+    """Run one command. Exit codes: 0 done; 2 refused (bad input or environment, one line on stderr; also
+    usage errors); 128 + signal number when stopped by Ctrl-C (130) or SIGTERM (143), the work folder kept."""
+    parser = _OneLineParser(prog="daprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
     _eval_parser(sub)
@@ -166,13 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in PLUGINS:  # subcommands that live next to their implementation (compare, bench)
         module = importlib.import_module(name)
         handlers.update(module.add_parser(sub))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed on one line
+        return exc.code if isinstance(exc.code, int) else 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return handlers[args.command](args)
+        with _sigterm_unwinds():
+            return handlers[args.command](args)
     except DapruneError as exc:
-        print(f"daprune: error: {exc}", file=sys.stderr)
+        print(f"daprune: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(_interrupted(args, signum), file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

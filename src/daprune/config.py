@@ -6,6 +6,7 @@ The whole object is written into ``report.json`` so a run can be reproduced from
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,8 +106,14 @@ class PruneConfig:
                                   f"({self.nsamples}): the re-fit sees the scoring samples plus extra ones")
         if self.channel_multiple < 1:
             raise ConfigError("--channel-multiple must be >= 1")
-        if self.tau < 0:
-            raise ConfigError("--tau must be >= 0")
+        if not math.isfinite(self.tau) or self.tau < 0:
+            raise ConfigError(f"--tau must be a finite number >= 0, got {self.tau}")
+        if not math.isfinite(self.recovery_damp) or self.recovery_damp <= 0:
+            raise ConfigError(f"--recovery-damp must be a finite number > 0, got {self.recovery_damp}")
+        if not math.isfinite(self.obs_damp) or self.obs_damp < 0:
+            raise ConfigError(f"--obs-damp must be a finite number >= 0, got {self.obs_damp}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed overflows beyond 64 bits; negative seeds wrap silently
+            raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("--dtype must be float32, bfloat16 or float16")
         if self.batch_size < 1:

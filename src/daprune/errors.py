@@ -6,7 +6,14 @@ output is written, so a failed run never leaves a half-written folder behind.
 
 
 class DapruneError(Exception):
-    """Base class: a problem with the user's input or environment, not a bug."""
+    """Base class: a problem with the user's input or environment, not a bug.
+
+    ``keeps_work``: whether the run's work folder survives this error. Most input problems are
+    deterministic (a rerun would fail the same way), so their work folder is deleted; a full disk or a
+    foreign work folder is not the run's fault, and the finished blocks are worth keeping for a resume.
+    """
+
+    keeps_work = False
 
 
 class UnsupportedModelError(DapruneError):
@@ -27,6 +34,16 @@ class ModelSourceError(DapruneError):
 
 class OutputError(DapruneError):
     """The output folder exists, or cannot be written."""
+
+
+class DiskFullError(OutputError):
+    """The disk filled up while the work folder or the output was written; the work folder is kept."""
+
+    keeps_work = True
+
+
+class ResourceError(DapruneError):
+    """The run would need more memory or disk than this machine has (estimated before any work)."""
 
 
 class NumericalError(DapruneError):
@@ -51,3 +68,17 @@ class DeviceError(ConfigError):
 
 class ResumeError(DapruneError):
     """A work folder from an interrupted run exists but was made with different settings or inputs."""
+
+    keeps_work = True  # it belongs to the interrupted run: refused, never deleted
+
+
+class Interrupted(BaseException):
+    """SIGTERM arrived (Ctrl-C stays KeyboardInterrupt): unwind like Ctrl-C, keeping the work folder.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way swallows it and
+    no ``except DapruneError`` deletes the work folder.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -150,7 +150,10 @@ def load_model(
     device: str = "cpu",
     cache: str | os.PathLike | None = None,
 ):
-    """Load ``(model, tokenizer, ModelSource)``; pruned non-uniform folders load through daprune.io."""
+    """Load ``(model, tokenizer, ModelSource)``; pruned non-uniform folders load through daprune.io.
+
+    The tokenizer is None for a local folder that has none (see :func:`has_tokenizer`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(source, cache)
@@ -162,11 +165,21 @@ def load_model(
     check_architecture(src.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=DTYPES[dtype])
-        tok = AutoTokenizer.from_pretrained(src.path)
+        tok = AutoTokenizer.from_pretrained(src.path) if src.kind == "hub" or has_tokenizer(src.path) else None
     except Exception as exc:
         raise ModelSourceError(f"cannot load model {src.origin}: {exc}") from exc
     model.to(device).eval()
     return model, tok, src
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether a model folder ships a tokenizer. Without one, AutoTokenizer would try to build the family's
+    default from nothing and fail with a message about sentencepiece; a folder without a tokenizer is fine
+    for random-id calibration, so the caller decides whether it needs one."""
+    return any((Path(folder) / n).is_file() for n in TOKENIZER_FILES)
 
 
 def _needs_daprune_loader(folder: Path) -> bool:
