@@ -16,7 +16,7 @@ from daprune.config import FFN_CRITERIA, HEAD_CRITERIA, HEAD_SPLITS, RECOVERY_MO
 from daprune.errors import DapruneError, Interrupted
 
 # Each module exposes add_parser(subparsers) -> {command_name: handler(args) -> exit code}.
-PLUGINS = ("daprune.evaluation.compare", "daprune.evaluation.bench")
+PLUGINS = ("daprune.evaluation.compare", "daprune.evaluation.bench", "daprune.export.cli")
 
 
 def _prune_parser(sub) -> None:

@@ -1,0 +1,193 @@
+"""Write a daprune output folder (or any Llama-family HF folder) as a GGUF file with ``gguf.GGUFWriter``.
+
+Tensors are streamed: tensor infos are computed from the safetensors headers, then every tensor is read,
+converted and written one at a time, so memory holds one tensor, not the model. The file is written
+beside the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, get_tensor_name_map
+from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSORS
+from gguf.quants import quantize
+from safetensors import safe_open
+
+from daprune.export.arch import (
+    NORM_ROPE,
+    ExportError,
+    check_rope,
+    choose_arch,
+    hparams,
+    layer_shapes,
+    to_gguf_rotary,
+)
+from daprune.export.tokenizer import tokenizer_fields
+
+OUTTYPES = {
+    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+
+
+@dataclass
+class ExportResult:
+    """What was written, for the CLI's summary and the tests."""
+
+    path: Path
+    arch: str
+    outtype: str
+    tensors: int
+    tokenizer_source: str
+    per_layer: dict[str, list[int]] = field(default_factory=dict)
+    fallback_f16: list[str] = field(default_factory=list)  # q8_0 tensors whose rows are not whole blocks
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{folder} has no .safetensors weights")
+    return files
+
+
+def _tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[name] = (tuple(st.get_slice(name).get_shape()), f)
+    return shapes
+
+
+def _qtype_for(name: str, shape: tuple[int, ...], wanted: GGMLQuantizationType) -> GGMLQuantizationType:
+    """Norms and biases stay f32 (as llama.cpp's converter does); quantized rows must be whole blocks."""
+    if len(shape) < 2:
+        return GGMLQuantizationType.F32
+    block = GGML_QUANT_SIZES[wanted][0]
+    if shape[-1] % block:
+        return GGMLQuantizationType.F16
+    return wanted
+
+
+def _encode(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    if qtype == GGMLQuantizationType.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == GGMLQuantizationType.F16:
+        return np.ascontiguousarray(data, dtype=np.float16)
+    return quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+def _info(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape as add_tensor_info wants it, numpy dtype, bytes) without converting the data."""
+    n = int(np.prod(shape)) if shape else 1
+    if qtype == GGMLQuantizationType.F32:
+        return shape, np.dtype(np.float32), 4 * n
+    if qtype == GGMLQuantizationType.F16:
+        return shape, np.dtype(np.float16), 2 * n
+    block, size = GGML_QUANT_SIZES[qtype]
+    byte_shape = (*shape[:-1], shape[-1] // block * size)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f16",
+                tokenizer_gguf: str | os.PathLike | None = None) -> ExportResult:
+    """Write ``folder`` (config.json + safetensors + tokenizer) as the GGUF file ``out``."""
+    folder, out = Path(folder), Path(out)
+    if outtype not in OUTTYPES:
+        raise ExportError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"{folder} is not a model folder (no config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    check_rope(config)
+    if config.get("daprune_extra_biases"):
+        raise ExportError("this folder has extra biases (FLAP compensation) that the llama/deci graphs may not "
+                          "read; prune without FLAP to export")
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    files = _weight_files(folder)
+    shapes = _tensor_shapes(files)
+    layers = layer_shapes({k: v[0] for k, v in shapes.items()}, int(config["num_hidden_layers"]), head_dim)
+    arch = choose_arch(str(config.get("model_type")), layers)
+    gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
+    names = _tensor_names(shapes, gguf_arch, len(layers), config)
+    wanted, ftype = OUTTYPES[outtype]
+
+    writer = GGUFWriter(path=None, arch=arch)
+    writer.add_name(str(config.get("_name_or_path") or folder.name) + " (daprune)")
+    writer.add_file_type(int(ftype))
+    for key, value in hparams(config, layers, head_dim, arch).items():
+        getattr(writer, f"add_{key}")(value)
+    tok_fields, tok_source = tokenizer_fields(folder, int(config["vocab_size"]), tokenizer_gguf)
+    for key, value, vtype, sub in tok_fields:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    writer.add_quantization_version(2)
+
+    plan, fallback = [], []
+    for hf_name, gguf_name in names:
+        shape = shapes[hf_name][0]
+        qtype = _qtype_for(gguf_name, shape, wanted)
+        if qtype != wanted and len(shape) >= 2:
+            fallback.append(gguf_name)
+        info_shape, dtype, nbytes = _info(shape, qtype)
+        writer.add_tensor_info(gguf_name, info_shape, dtype, nbytes, raw_dtype=qtype)
+        plan.append((hf_name, gguf_name, qtype))
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for hf_name, _gguf_name, qtype in plan:
+            writer.write_tensor_data(_encode(_read(shapes[hf_name][1], hf_name, layers, head_dim, arch), qtype))
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    per_layer = {"head_count": [s.n_head for s in layers], "head_count_kv": [s.n_head_kv for s in layers],
+                 "feed_forward_length": [s.n_ff for s in layers]}
+    return ExportResult(out, arch, outtype, len(plan), tok_source, per_layer, fallback)
+
+
+def _tensor_names(shapes: dict, arch: MODEL_ARCH, n_layers: int, config: dict) -> list[tuple[str, str]]:
+    """(HF name, GGUF name) for every tensor written; unknown tensors are an error, not silently dropped."""
+    tmap = get_tensor_name_map(arch, n_layers)
+    allowed = set(MODEL_TENSORS[arch])
+    pairs = []
+    for hf_name in sorted(shapes, key=_order):
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings", False):
+            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+        if any(s == 0 for s in shapes[hf_name][0]):
+            continue  # a block that lost all heads or channels (its count in the metadata is 0)
+        found = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None or found[0] not in allowed:
+            raise ExportError(f"tensor {hf_name} has no place in a {arch.name.lower()} GGUF")
+        pairs.append((hf_name, found[1]))
+    return pairs
+
+
+def _order(name: str) -> tuple:
+    """Embeddings first, then blocks in numeric order, then the final norm and head (as converters write)."""
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return (1, int(parts[i + 1]), name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+def _read(file: Path, hf_name: str, layers, head_dim: int, arch: str) -> np.ndarray:
+    with safe_open(file, framework="pt") as st:
+        t = st.get_tensor(hf_name).to(torch.float32)
+    data = t.numpy()
+    if arch in NORM_ROPE and (".q_proj." in hf_name or ".k_proj." in hf_name):
+        block = layers[int(hf_name.split(".")[2])]
+        data = to_gguf_rotary(data, block.n_head if ".q_proj." in hf_name else block.n_head_kv)
+    return data

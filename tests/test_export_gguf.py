@@ -1,0 +1,265 @@
+"""GGUF export: metadata, per-layer arrays, tensor shapes and values read back with gguf.GGUFReader.
+
+Fast tests use a tiny random Llama with a tiny byte-level BPE tokenizer; the llama.cpp tests (slow, and
+skipped without llama_cpp) run the real pruned SmolLM2 in llama.cpp and compare with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+gguf = pytest.importorskip("gguf")
+
+
+def bpe_tokenizer(vocab: int = 128):
+    """A saveable byte-level BPE tokenizer (ids 0..vocab-1) with BOS/EOS specials, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{t: 3 + i for i, t in enumerate(base)}}
+    merges = [("a", "b"), ("c", "d")]
+    for a, b in merges:
+        words[a + b] = len(words)
+    while len(words) < vocab:
+        words[f"x{len(words)}"] = len(words)
+    tok = Tokenizer(models.BPE(words, merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": []})
+    return fast
+
+
+def save(model, folder: Path, config_extra: dict | None = None) -> Path:
+    model.save_pretrained(folder)
+    bpe_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    if config_extra:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(config_extra)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def shrink(model, keep_heads: dict[int, list[int]], keep_ffn: dict[int, list[int]]):
+    """Slice blocks by hand (GQA: same query heads kept in every KV group) so shapes differ per block."""
+    cfg = model.config
+    hd = cfg.head_dim
+    for i, heads in keep_heads.items():
+        attn = model.model.layers[i].self_attn
+        rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+        q, o = attn.q_proj, attn.o_proj
+        attn.q_proj = torch.nn.Linear(q.in_features, len(rows), bias=False)
+        attn.q_proj.weight.data = q.weight.data[rows].clone()
+        attn.o_proj = torch.nn.Linear(len(rows), o.out_features, bias=False)
+        attn.o_proj.weight.data = o.weight.data[:, rows].clone()
+    for i, chans in keep_ffn.items():
+        mlp = model.model.layers[i].mlp
+        idx = torch.tensor(chans)
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, len(idx), bias=False)
+            new.weight.data = old.weight.data[idx].clone()
+            setattr(mlp, name, new)
+        old = mlp.down_proj
+        mlp.down_proj = torch.nn.Linear(len(idx), old.out_features, bias=False)
+        mlp.down_proj.weight.data = old.weight.data[:, idx].clone()
+    return model
+
+
+def fields(reader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+def tensor(reader, name: str) -> np.ndarray:
+    """A tensor back in numpy's [rows, cols] order, dequantized to float32."""
+    from gguf.quants import dequantize
+
+    t = next(t for t in reader.tensors if t.name == name)
+    data = dequantize(t.data, t.tensor_type)
+    return np.asarray(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+
+
+def hf_to_meta_rows(n_rows: int, n_head: int) -> list[int]:
+    """For each GGUF row, the HF row it holds: per head, HF rows j and d/2 + j become adjacent rows 2j, 2j+1."""
+    d = n_rows // n_head
+    order = []
+    for h in range(n_head):
+        for j in range(d // 2):
+            order += [h * d + j, h * d + d // 2 + j]
+    return order
+
+
+@pytest.fixture
+def uniform_folder(tmp_path, one_thread):
+    return save(tiny_model(layers=3, heads=4, kv=2, hidden=32, inter=64), tmp_path / "uniform")
+
+
+@pytest.fixture
+def per_layer_folder(tmp_path, one_thread):
+    model = tiny_model(layers=3, heads=4, kv=2, hidden=32, inter=64)
+    # block 1: one query head per KV group kept (heads 0 and 2); block 2: 40 of 64 FFN channels
+    shrink(model, {1: [0, 2]}, {2: list(range(0, 64, 8)) + list(range(1, 64, 2))[:32]})
+    layers = [{"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64},
+              {"num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 64},
+              {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 40}]
+    return save(model, tmp_path / "per-layer", {"daprune_layers": layers}), model
+
+
+def test_uniform_llama_metadata_and_values(uniform_folder, tmp_path):
+    from daprune.export import export_gguf
+
+    out = tmp_path / "m.gguf"
+    res = export_gguf(uniform_folder, out, outtype="f32")
+    assert res.arch == "llama" and res.tokenizer_source == "tokenizer.json"
+    r = gguf.GGUFReader(out)
+    f = fields(r)
+    assert f["general.architecture"] == "llama"
+    assert (f["llama.block_count"], f["llama.embedding_length"], f["llama.feed_forward_length"]) == (3, 32, 64)
+    assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"]) == (4, 2)
+    assert f["llama.attention.key_length"] == 8 and f["llama.rope.dimension_count"] == 8
+    assert f["general.file_type"] == 0
+    # tokenizer metadata rebuilt from tokenizer.json
+    assert f["tokenizer.ggml.model"] == "gpt2" and len(f["tokenizer.ggml.tokens"]) == 128
+    assert f["tokenizer.ggml.tokens"][:3] == ["<unk>", "<s>", "</s>"] and f["tokenizer.ggml.merges"] == ["a b", "c d"]
+    assert f["tokenizer.ggml.bos_token_id"] == 1 and f["tokenizer.ggml.eos_token_id"] == 2
+    model = torch.nn.Module()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(uniform_folder)
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    names = {t.name for t in r.tensors}
+    assert "output.weight" in names and len(names) == 3 + 9 * 3  # embd, norm, head + 9 per block
+    np.testing.assert_array_equal(tensor(r, "token_embd.weight"), sd["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(tensor(r, "blk.2.ffn_down.weight"), sd["model.layers.2.mlp.down_proj.weight"])
+    np.testing.assert_array_equal(tensor(r, "blk.0.attn_v.weight"), sd["model.layers.0.self_attn.v_proj.weight"])
+    # q/k: rotary permutation, row by row
+    q = sd["model.layers.1.self_attn.q_proj.weight"]
+    np.testing.assert_array_equal(tensor(r, "blk.1.attn_q.weight"), q[hf_to_meta_rows(32, 4)])
+    k = sd["model.layers.1.self_attn.k_proj.weight"]
+    np.testing.assert_array_equal(tensor(r, "blk.1.attn_k.weight"), k[hf_to_meta_rows(16, 2)])
+
+
+def test_transformers_reads_the_uniform_gguf_back_to_the_same_logits(uniform_folder, tmp_path):
+    """transformers' own GGUF loader undoes llama.cpp's q/k layout: equal logits prove the round trip."""
+    from transformers import AutoModelForCausalLM
+
+    from daprune.export import export_gguf
+
+    export_gguf(uniform_folder, tmp_path / "m.gguf", outtype="f32")
+    ref = AutoModelForCausalLM.from_pretrained(uniform_folder).eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_model_uses_deci_with_per_layer_arrays(per_layer_folder, tmp_path):
+    from daprune.export import export_gguf
+
+    folder, model = per_layer_folder
+    out = tmp_path / "d.gguf"
+    res = export_gguf(folder, out, outtype="f16")
+    assert res.arch == "deci"
+    r = gguf.GGUFReader(out)
+    f = fields(r)
+    assert f["general.architecture"] == "deci" and f["general.file_type"] == 1
+    assert f["deci.attention.head_count"] == [4, 2, 4]
+    assert f["deci.attention.head_count_kv"] == [2, 2, 2]
+    assert f["deci.feed_forward_length"] == [64, 64, 40]
+    assert f["deci.attention.key_length"] == 8 and f["deci.attention.value_length"] == 8
+    shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}  # GGUF order: [cols, rows]
+    assert shapes["blk.1.attn_q.weight"] == [32, 16] and shapes["blk.1.attn_output.weight"] == [16, 32]
+    assert shapes["blk.2.ffn_gate.weight"] == [32, 40] and shapes["blk.2.ffn_down.weight"] == [40, 32]
+    assert next(t for t in r.tensors if t.name == "blk.0.attn_norm.weight").tensor_type == gguf.GGMLQuantizationType.F32
+    q1 = model.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    got = tensor(r, "blk.1.attn_q.weight")
+    np.testing.assert_allclose(got, q1[hf_to_meta_rows(16, 2)].astype(np.float16), rtol=0, atol=0)
+    down = model.model.layers[2].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(tensor(r, "blk.2.ffn_down.weight"), down.astype(np.float16).astype(np.float32))
+
+
+def test_q8_0_and_bf16_types(per_layer_folder, tmp_path):
+    from daprune.export import export_gguf
+
+    folder, model = per_layer_folder
+    res = export_gguf(folder, tmp_path / "q.gguf", outtype="q8_0")
+    r = gguf.GGUFReader(tmp_path / "q.gguf")
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0  # rows of 32: whole blocks
+    assert types["blk.2.ffn_down.weight"] == gguf.GGMLQuantizationType.F16  # rows of 40: not whole blocks
+    # inputs of 16 (two heads of 8) and 40 channels are not whole blocks either
+    assert res.fallback_f16 == ["blk.1.attn_output.weight", "blk.2.ffn_down.weight"]
+    up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    got = tensor(r, "blk.0.ffn_up.weight")
+    # q8_0 by its definition: per 32-value block d = max|x| / 127 (stored as f16), q = round(x / d) in int8
+    blocks = up.reshape(-1, 32).astype(np.float32)
+    d = np.abs(blocks).max(1, keepdims=True) / 127
+    q = np.round(blocks / d)
+    expected = (q * d.astype(np.float16).astype(np.float32)).reshape(up.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert np.abs(got - up).max() < 0.6 * d.max()
+    export_gguf(folder, tmp_path / "b.gguf", outtype="bf16")
+    rb = gguf.GGUFReader(tmp_path / "b.gguf")
+    assert fields(rb)["general.file_type"] == 32
+    ref = model.model.layers[0].mlp.up_proj.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(tensor(rb, "blk.0.ffn_up.weight"), ref)
+
+
+def test_tokenizer_copied_from_a_source_gguf(uniform_folder, tmp_path):
+    """tokenizer.* keys are copied with their values and types when a source GGUF is given."""
+    from daprune.export import export_gguf
+
+    src = tmp_path / "src.gguf"
+    w = gguf.GGUFWriter(src, arch="llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(128)])
+    w.add_token_types([1] * 128)
+    w.add_bos_token_id(5)
+    w.add_chat_template("{{ x }}")
+    w.add_tensor("dummy", np.zeros(2, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    res = export_gguf(uniform_folder, tmp_path / "m.gguf", tokenizer_gguf=src)
+    f = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert res.tokenizer_source == str(src)
+    assert f["tokenizer.ggml.tokens"][7] == "t7" and f["tokenizer.ggml.bos_token_id"] == 5
+    assert f["tokenizer.chat_template"] == "{{ x }}" and "tokenizer.ggml.merges" not in f
+
+
+def test_unsupported_family_is_one_clear_error(tmp_path, one_thread):
+    from daprune.errors import DapruneError
+    from daprune.export import export_gguf
+
+    folder = save(tiny_model("qwen3", layers=2), tmp_path / "qwen3")
+    with pytest.raises(DapruneError, match="no GGUF export for model type 'qwen3'"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_per_layer_family_without_graph_points_to_uniform(monkeypatch):
+    from daprune.export import arch
+
+    monkeypatch.setitem(arch.FAMILIES, "fake", ("fake", None))
+    shapes = [arch.LayerShape(4, 2, 64), arch.LayerShape(2, 2, 64)]
+    with pytest.raises(arch.ExportError, match="--layout uniform"):
+        arch.choose_arch("fake", shapes)
+    assert arch.choose_arch("fake", shapes[:1] * 3) == "fake"
+
+
+def test_cli_export(per_layer_folder, tmp_path, capsys):
+    from daprune.cli import main
+
+    folder, _ = per_layer_folder
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "c.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "architecture deci" in out and "[4, 2, 4]" in out
+    assert main(["export", str(tmp_path / "missing"), "--gguf", str(tmp_path / "y.gguf")]) == 2
