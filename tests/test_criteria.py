@@ -334,19 +334,20 @@ def test_select_units_hand():
 def test_adaptive_plans_meet_budget():
     from daprune.adaptive import adaptive_plans
     from daprune.config import PruneConfig
-    from daprune.pipeline import embed_tokens
     from daprune.schedule import channel_params, head_unit_params
+    from daprune.streaming import ResidentStore
 
     model = tiny_model(layers=5)
     adapter = get_adapter(model)
     ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
     cfg = PruneConfig(channel_multiple=8, batch_size=4)
-    xp = embed_tokens(adapter, ids, 4)
+    store = ResidentStore(adapter)
+    xp, contexts = store.embed(ids, 4), store.layer_inputs(24)
     target = 30_000.0
     before = [p.clone() for p in model.parameters()]
     for ffn, head in (("flap", "flap"), ("second-moment", "second-moment"), ("l2", None)):
         crit_h = get_criterion(head) if head else None
-        plans = adaptive_plans(adapter, xp, adapter.block_context(xp[:1]), range(1, 4), target, get_criterion(ffn),
+        plans = adaptive_plans(adapter, xp, contexts, range(1, 4), target, get_criterion(ffn),
                                crit_h, cfg)
         assert sorted(plans) == [1, 2, 3]
         assert sum(p.params for p in plans.values()) >= target

@@ -265,8 +265,11 @@ def _logprob(model, ctx: list[int], cont: list[int]) -> float:
 
 def test_template_needs_only_torch_and_transformers():
     imports = [line for line in modeling_template().splitlines() if line.startswith(("import ", "from "))]
-    assert imports and all(line.split()[1].split(".")[0] in ("__future__", "torch", "transformers")
-                           for line in imports)
+    import sys
+
+    allowed = ("__future__", "torch", "transformers", *sys.stdlib_module_names)
+    assert imports and all(line.split()[1].split(".")[0] in allowed for line in imports)
+    assert "daprune" not in "".join(imports)
 
 
 def test_load_refuses_pickled_weights(tmp_path):

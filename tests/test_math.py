@@ -12,6 +12,7 @@ from daprune.models.adapter import get_adapter
 from daprune.recovery import objective, ridge_solve
 from daprune.schedule import candidate_plans, channel_params, head_unit_params
 from daprune.stats import Moments
+from daprune.streaming import ResidentStore
 
 
 def test_ridge_solve_recovers_exact_linear_map():
@@ -85,26 +86,29 @@ def test_algorithm2_and_gqa_selection():
 
 
 def test_attention_probs_match_eager_attention():
+    """The probabilities the head criterion reads are the ones the model's eager attention returns."""
     model = tiny_model()
     model.config._attn_implementation = "eager"
     ids = torch.randint(0, 128, (2, 10))
     out = model(ids, output_attentions=True)
+    model.config._attn_implementation = "sdpa"
     adapter = get_adapter(model)
-    hidden = adapter.embed(ids)
-    ctx = adapter.block_context(hidden)
-    block = adapter.block(0)
-    probs = block.attention_probs(block.attn_norm()(hidden), ctx)
-    torch.testing.assert_close(probs, out.attentions[0].float(), rtol=1e-5, atol=1e-5)
+    store = ResidentStore(adapter)
+    hidden, ctx = store.embed(ids, 2), store.layer_inputs(10)
+    probs: list[torch.Tensor] = []
+    adapter.block(0).forward(hidden, ctx[0], probs)
+    torch.testing.assert_close(probs[0], out.attentions[0].float(), rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # switched back after reading the probabilities
 
 
 def test_block_forward_matches_model():
     model = tiny_model()
     ids = torch.randint(0, 128, (2, 10))
     adapter = get_adapter(model)
-    h = adapter.embed(ids)
-    ctx = adapter.block_context(h)
+    store = ResidentStore(adapter)
+    h, ctx = store.embed(ids, 2), store.layer_inputs(10)
     for i in range(adapter.n_layers):
-        h = adapter.block(i).forward(h, ctx)
+        h = adapter.block(i).forward(h, ctx[i])
     ref = model(ids, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(model.model.norm(h), ref, rtol=1e-5, atol=1e-5)
 

@@ -37,7 +37,7 @@ from daprune.criteria.base import Criterion
 from daprune.errors import ConfigError
 from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
-from daprune.schedule import BlockPlan, channel_params, head_unit_params
+from daprune.schedule import BlockPlan, channel_params, group_params, head_unit_params, plan_params
 from daprune.stats import BlockStats, Moments
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,18 @@ class Unit:
 
 
 def head_units(block: BlockAdapter, z_heads: torch.Tensor) -> list[Unit]:
-    """Units k = 1..group_size-1: the k-th least important query head of every KV group."""
+    """Units k = 1..group_size-1: the k-th least important query head of every KV group.
+
+    Multi-head attention (group size 1): unit k is the k-th least important head, all but one removable.
+    """
     groups = block.head_groups()
     g = block.group_size
     if g < 2:
-        return []
+        if block.n_heads < 2:
+            return []
+        scores = torch.sort(z_heads.double()).values[: block.n_heads - 1]
+        gp = group_params(block)
+        return [Unit(float(scores[k]), "head", block.index, k + 1, gp) for k in range(len(scores))]
     ranked = torch.stack([torch.sort(z_heads[torch.tensor(grp)]).values for grp in groups])  # [kv, g]
     scores = torch.cummax(ranked.mean(0)[: g - 1], 0).values
     hu = head_unit_params(block)
@@ -140,7 +147,7 @@ def block_scores(block: BlockAdapter, x: torch.Tensor, ctx: dict, roles: list[st
 
 
 @torch.no_grad()
-def adaptive_plans(adapter: ModelAdapter, xp: torch.Tensor, ctx: dict, layer_range: range,
+def adaptive_plans(adapter: ModelAdapter, xp: torch.Tensor, contexts: list[dict], layer_range: range,
                    total_target_params: float, ffn_crit: Criterion, head_crit: Criterion | None,
                    cfg: PruneConfig) -> dict[int, BlockPlan]:
     """Per-block plans removing >= ``total_target_params`` in ``layer_range``, chosen across blocks.
@@ -153,7 +160,7 @@ def adaptive_plans(adapter: ModelAdapter, xp: torch.Tensor, ctx: dict, layer_ran
     units: list[Unit] = []
     x = xp
     for i in range(layer_range.stop):
-        block = adapter.block(i)
+        block, ctx = adapter.block(i), contexts[i]
         if i not in layer_range:
             x = torch.cat([block.forward(x[s : s + cfg.batch_size], ctx) for s in range(0, x.shape[0], cfg.batch_size)])
             continue
@@ -170,6 +177,9 @@ def adaptive_plans(adapter: ModelAdapter, xp: torch.Tensor, ctx: dict, layer_ran
         c = taken.get((i, "channel"), 0)
         keep = block.n_channels - c
         c += keep % m  # kept channels must be a multiple: remove a few more (stays >= m, see channel_units)
-        plans[i] = BlockPlan(k, c, k * head_unit_params(block) + c * channel_params(block))
-    log.info("adaptive plans: %s", {i: (p.heads_per_group, p.channels) for i, p in plans.items()})
+        if block.group_size == 1:  # multi-head attention: k whole heads
+            plans[i] = BlockPlan(0, c, plan_params(block, 0, k, c), kv_groups=k)
+        else:
+            plans[i] = BlockPlan(k, c, k * head_unit_params(block) + c * channel_params(block))
+    log.info("adaptive plans: %s", {i: (p.heads_per_group, p.kv_groups, p.channels) for i, p in plans.items()})
     return plans

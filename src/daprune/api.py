@@ -91,7 +91,7 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     from daprune.checkpoint import WorkDir, default_work_dir, source_fingerprint
     from daprune.io import check_output, probe_writable
     from daprune.models.loading import resolve_source
-    from daprune.streaming import ACTIVATION_MODES, WeightsReader, resolve_device
+    from daprune.streaming import ACTIVATION_MODES, WeightsReader, count_parameters, resolve_device
 
     if isinstance(model, (str, os.PathLike)):  # a source (folder, .gguf, hub id), not a loaded model
         settings["model"], model = str(model), None
@@ -137,6 +137,8 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
         with _disk_full_is_an_error(out, work, resources, "the work folder"):
             result = run.execute()
         shapes = run.adapter.update_config()
+        # counted after update_config: FLAP's zero biases made model-wide there are written, so they count
+        result.params_after = count_parameters(run.model)
         run.timings["total_s"] = time.perf_counter() - t0
         report = build_report(cfg, source, run.calib_info, result, shapes, run.timings)
         report["execution"] = {"device": str(device), "streaming": use_streaming, "activations": activations,
@@ -574,6 +576,11 @@ def build_report(cfg, source, calib_info, result, shapes, timings) -> dict:
             "removed": before - after,
             "achieved_sparsity": (before - after) / before,
             "requested_sparsity": cfg.sparsity,
+            "sparsity_basis": cfg.sparsity_basis,
+            "blocks_before": result.block_params_before,
+            "blocks_after": result.block_params_after,
+            "achieved_block_sparsity": (result.block_params_before - result.block_params_after)
+            / max(result.block_params_before, 1),
             "target_per_block": result.target_per_block,
         },
         "shapes": shapes,

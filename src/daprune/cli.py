@@ -12,7 +12,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from daprune.config import FFN_CRITERIA, HEAD_CRITERIA, HEAD_SPLITS, RECOVERY_MODES, SCHEDULES, SELECTIONS, PruneConfig
+from daprune.config import (
+    FFN_CRITERIA,
+    HEAD_CRITERIA,
+    HEAD_SPLITS,
+    RECOVERY_MODES,
+    SCHEDULES,
+    SELECTIONS,
+    SPARSITY_BASES,
+    PruneConfig,
+)
 from daprune.errors import DapruneError, Interrupted
 
 # Each module exposes add_parser(subparsers) -> {command_name: handler(args) -> exit code}.
@@ -53,6 +62,12 @@ def _prune_parser(sub) -> None:
                    help="auto: heads vs channels by measured output error; paper: same ratio; ffn-only")
     p.add_argument("--tau", type=float, default=d.tau, help="JS divergence threshold (nats) for redundant heads")
     p.add_argument("--channel-multiple", type=int, default=d.channel_multiple)
+    p.add_argument("--kv-groups", action="store_true",
+                   help="GQA models may also lose whole KV groups with their query heads "
+                        "(multi-head models always may)")
+    p.add_argument("--sparsity-basis", choices=SPARSITY_BASES, default=d.sparsity_basis,
+                   help="--sparsity is a fraction of all parameters (total, the paper's convention) or of the decoder "
+                        "blocks' parameters (blocks: for models whose embeddings dominate, e.g. Gemma-3-270M)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default=d.device,

@@ -33,6 +33,7 @@ RECOVERY_MODES = ("none", "paper", "post", "both")
 HEAD_SPLITS = ("auto", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive")
 SELECTIONS = ("auto", "score", "greedy", "obs")
+SPARSITY_BASES = ("total", "blocks")
 # OBS compensation solves an FFN-width least-squares problem: below this many calibration tokens per
 # FFN channel it overfits (held-out LAMBADA, SmolLM2 at 20%: obs 86.9 with 2k tokens vs greedy 79.3;
 # obs 68.7 with 8k tokens), so "auto" falls back to greedy selection.
@@ -67,6 +68,10 @@ class PruneConfig:
     recovery_damp: float = 1e-4
     recovery_prior: str = "zero"
     channel_multiple: int = 1
+    # GQA models may also lose whole KV groups (with their query heads); multi-head models always may
+    kv_groups: bool = False
+    # what --sparsity is a fraction of: "total" parameters (the paper's convention) or "blocks" (decoder blocks)
+    sparsity_basis: str = "total"
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -104,6 +109,9 @@ class PruneConfig:
             if self.recovery_nsamples < self.nsamples:
                 raise ConfigError(f"--recovery-nsamples ({self.recovery_nsamples}) must be >= --nsamples "
                                   f"({self.nsamples}): the re-fit sees the scoring samples plus extra ones")
+        if self.sparsity_basis not in SPARSITY_BASES:
+            raise ConfigError(f"--sparsity-basis must be one of {', '.join(SPARSITY_BASES)}, "
+                              f"got {self.sparsity_basis!r}")
         if self.channel_multiple < 1:
             raise ConfigError("--channel-multiple must be >= 1")
         if not math.isfinite(self.tau) or self.tau < 0:

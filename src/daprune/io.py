@@ -157,19 +157,12 @@ def write_remote_code(folder: Path) -> None:
 
 
 def _remote_class(model_type: str | None) -> str:
-    """Class in modeling_daprune.py for a model type; parsed from the template so the two cannot drift."""
-    import ast
+    """Class in modeling_daprune.py for a model type; read from the template so the two cannot drift."""
+    from daprune.io_templates.modeling_daprune import CLASSES
 
-    tree = ast.parse(modeling_template())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CLASSES" for t in node.targets):
-            classes = ast.literal_eval(node.value)
-            break
-    else:  # pragma: no cover - the template always defines CLASSES
-        raise OutputError(f"{MODELING_FILE} has no CLASSES table")
-    if model_type not in classes:
-        raise OutputError(f"no per-layer remote code for model type {model_type!r}; supported: {sorted(classes)}")
-    return classes[model_type]
+    if model_type not in CLASSES:
+        raise OutputError(f"no per-layer remote code for model type {model_type!r}; supported: {sorted(CLASSES)}")
+    return CLASSES[model_type]
 
 
 def load_pruned(folder: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu"):
@@ -228,20 +221,21 @@ def _load_tokenizer(folder: Path):
 
 
 def reshape_layers(adapter, layers: list[dict] | None) -> None:
-    """Shrink freshly initialised blocks to the per-layer shapes recorded in the config (``layers``; None
-    keeps the shapes) and give every block the extra biases listed in ``config.daprune_extra_biases``."""
+    """Shrink freshly initialised blocks to the per-layer records in the config (``layers``; None keeps the
+    shapes) and give every block the extra biases listed in ``config.daprune_extra_biases``.
+
+    The resizing is the remote code's own (``modeling_daprune.resize_block``): one implementation for
+    ``trust_remote_code`` loading, ``daprune.load`` and a pruned folder used as a streaming source.
+    """
+    from daprune.io_templates.modeling_daprune import resize_block
+
     add_extra_biases(adapter)
     if layers is None:
         return
     if len(layers) != adapter.n_layers:
         raise ModelSourceError(f"config.daprune_layers has {len(layers)} entries for {adapter.n_layers} layers")
-    for i, shape in enumerate(layers):
-        block = adapter.block(i)
-        heads = shape["num_attention_heads"]
-        kv = shape["num_key_value_heads"]
-        per = heads // kv
-        block.slice_heads([g * block.group_size + j for g in range(kv) for j in range(per)])
-        block.slice_ffn(range(shape["intermediate_size"]))
+    for layer, record in zip(adapter.layers(), layers, strict=True):
+        resize_block(layer, record)
 
 
 def add_extra_biases(adapter) -> None:

@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL, PruneConfig, parse_layers
 from daprune.criteria.base import Criterion, get_criterion
-from daprune.criteria.similarity import JSAccumulator, algorithm2, select_heads
+from daprune.criteria.similarity import JSAccumulator, algorithm2, select_head_plan
 from daprune.errors import CalibrationError, ConfigError, NumericalError
 from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
 from daprune.recovery import ridge_solve
-from daprune.schedule import BlockPlan, candidate_plans, check_budget, paper_plan
+from daprune.schedule import BlockPlan, block_parameters, candidate_plans, check_budget, paper_plan
 from daprune.selection import greedy_order, obs_order
 from daprune.stats import BlockStats, Moments
 
@@ -105,14 +105,15 @@ class BlockPruner:
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair for i, m in enumerate(tgt[r])}
         bs = self.cfg.batch_size
         for s in range(0, xp.shape[0], bs):
+            k = max(0, min(bs, n_score - s))  # rows of this batch that are scoring samples
+            probs: list[torch.Tensor] | None = [] if js is not None and k else None
             with capture({r: lin[r] for r in roles}) as got:
-                block.forward(xp[s : s + bs], ctx)
+                block.forward(xp[s : s + bs], ctx, probs)
             dense_out = {}
             if need_dense:
                 with capture(dense_mods) as dgot:
                     dense.forward(xd[s : s + bs], ctx)
                 dense_out = dgot
-            k = max(0, min(bs, n_score - s))  # rows of this batch that are scoring samples
             for r, pair in roles.items():
                 x = got[r][0]
                 y = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
@@ -120,8 +121,8 @@ class BlockPruner:
                     moments[r].update(x[:k], None if y is None or r in fit else y[:k])
                 if r in fit:
                     fit[r].update(x, y)
-            if js is not None and k:
-                js.update(block.attention_probs(got["attn_in"][0][:k], ctx))
+            if probs:
+                js.update(probs[0][:k])
         moments.update({f"{r}:fit": m for r, m in fit.items()})
         return moments
 
@@ -169,15 +170,15 @@ class BlockPruner:
         cfg = self.cfg
         if block.index in self.plans:  # a global (adaptive) schedule decided this block's share
             return self.plans[block.index]
-        heads_allowed = self.head_crit is not None and block.group_size > 1
+        heads_allowed = self.head_crit is not None and (block.group_size > 1 or block.n_heads > 1)
         plans = candidate_plans(block, self.target, cfg.channel_multiple,
-                                max_heads_per_group=None if heads_allowed else 0)
+                                max_heads_per_group=None if heads_allowed else 0, kv_groups=cfg.kv_groups)
         if not plans:
             raise ConfigError(f"block {block.index}: the per-block budget cannot be met")
         if cfg.head_split == "ffn-only" or len(plans) == 1:
             return plans[0]
         if cfg.head_split == "paper":
-            plan = paper_plan(block, self.target, cfg.channel_multiple)
+            plan = paper_plan(block, self.target, cfg.channel_multiple, cfg.kv_groups)
             return plan if plan is not None else plans[0]
         # auto: pick the split with the least squared error added to the residual stream, measured
         # exactly from the second moments of the o_proj and down_proj inputs.
@@ -188,12 +189,12 @@ class BlockPruner:
         hd = block.head_dim
         best, best_err = plans[0], float("inf")
         for plan in plans:
-            heads = select_heads(block.head_groups(), plan.heads_per_group, head_imp, redundant)
+            heads = select_head_plan(block.head_groups(), plan.heads_per_group, plan.kv_groups, head_imp, redundant)
             cols = torch.tensor([h * hd + i for h in heads for i in range(hd)], dtype=torch.long)
             e_attn = float(torch.einsum("oi,ij,oj->", o[:, cols], z2[cols][:, cols], o[:, cols])) if heads else 0.0
             rm = ffn_rank[: plan.channels]
             e_ffn = float(torch.einsum("oi,ij,oj->", d[:, rm], h2[rm][:, rm], d[:, rm])) if plan.channels else 0.0
-            rec.split_errors[str(plan.heads_per_group)] = {"attn": e_attn, "ffn": e_ffn, "channels": plan.channels}
+            rec.split_errors[_plan_key(plan)] = {"attn": e_attn, "ffn": e_ffn, "channels": plan.channels}
             if e_attn + e_ffn < best_err:
                 best, best_err = plan, e_attn + e_ffn
         return best
@@ -226,9 +227,9 @@ class BlockPruner:
             rec.damping["qkv"] = self.refit(block.attn_in(), self.fit_moments(m, "attn_in"))
 
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
-        js = JSAccumulator(block.n_heads) if self.use_similarity and block.group_size > 1 else None
+        js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
         roles = {"o_in": paper or post, "down_in": False}
-        if js is not None or "attn_in" in needs:
+        if "attn_in" in needs:
             roles["attn_in"] = False
         if "ffn_in" in needs:
             roles["ffn_in"] = False
@@ -249,11 +250,12 @@ class BlockPruner:
                 redundant = algorithm2(div, cfg.tau, head_imp)
                 rec.redundant_heads = redundant
         plan = self.choose_plan(block, stats, head_imp, redundant, rec)
-        rec.plan = {"heads_per_group": plan.heads_per_group, "channels": plan.channels, "params": plan.params}
+        rec.plan = {"heads_per_group": plan.heads_per_group, "kv_groups": plan.kv_groups, "channels": plan.channels,
+                    "params": plan.params}
 
         # 3) heads
-        removed_heads = select_heads(block.head_groups(), plan.heads_per_group, head_imp, redundant) \
-            if plan.heads_per_group else []
+        removed_heads = select_head_plan(block.head_groups(), plan.heads_per_group, plan.kv_groups, head_imp,
+                                         redundant) if plan.heads_per_group or plan.kv_groups else []
         keep_heads = [h for h in range(block.n_heads) if h not in removed_heads]
         if removed_heads:
             hd = block.head_dim
@@ -321,17 +323,18 @@ class PipelineResult:
     params_after: int
     target_per_block: float
     timings: dict
-
-
-@torch.no_grad()
-def embed_tokens(adapter: ModelAdapter, ids: torch.Tensor, bs: int) -> torch.Tensor:
-    dev = next(adapter.model.parameters()).device
-    return torch.cat([adapter.embed(ids[s : s + bs].to(dev)) for s in range(0, ids.shape[0], bs)])
+    block_params_before: int = 0
+    block_params_after: int = 0
 
 
 def copy_block(block: BlockAdapter) -> BlockAdapter:
     """An independent copy of a block (the dense reference while the original is being pruned)."""
     return type(block)(copy.deepcopy(block.layer), block.index)
+
+
+def _plan_key(plan: BlockPlan) -> str:
+    """report.json key of a candidate split: heads per group, with whole KV groups when any."""
+    return str(plan.heads_per_group) if not plan.kv_groups else f"{plan.kv_groups}g+{plan.heads_per_group}"
 
 
 @torch.no_grad()
@@ -352,10 +355,12 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     acts = store.acts
     layer_range = parse_layers(cfg.layers, adapter.n_layers)
     params_before = count_parameters(adapter.model)
+    blocks_before = block_parameters([adapter.block(i) for i in range(adapter.n_layers)])
+    basis = params_before if cfg.sparsity_basis == "total" else blocks_before
     target = 0.0
     if cfg.sparsity > 0:  # from the dense shapes: before any restored block is given its pruned shape
-        target = check_budget([adapter.block(i) for i in layer_range], params_before, cfg.sparsity,
-                              cfg.channel_multiple)
+        target = check_budget([_canonical(adapter, i) for i in layer_range], basis, cfg.sparsity,
+                              cfg.channel_multiple, cfg.kv_groups, cfg.sparsity_basis)
     hidden = adapter.config.hidden_size
     if ids.numel() < hidden:
         raise CalibrationError(
@@ -382,14 +387,14 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         start, records = 0, []
         xp = store.embed(ids, cfg.batch_size)
         xd = None  # the dense stream equals the pruned one until the first pruned block
-    ctx = adapter.block_context(xp[:1].to(store.device))
+    contexts = store.layer_inputs(ids.shape[1])  # what the model itself passes each layer
     if plans is None and cfg.schedule == "adaptive" and cfg.sparsity > 0:
         # FLAP-style global structure search: needs every block's scores before any block is pruned
         from daprune.adaptive import adaptive_plans
 
         view = LoadingAdapter(adapter, store)
         try:
-            plans = adaptive_plans(view, xp[: cfg.nsamples], ctx, layer_range, target * len(layer_range), ffn_crit,
+            plans = adaptive_plans(view, xp[: cfg.nsamples], contexts, layer_range, target * len(layer_range), ffn_crit,
                                    head_crit, cfg)
         finally:
             view.close()
@@ -404,6 +409,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     for i in tqdm(range(start, adapter.n_layers), desc="pruning blocks", disable=not progress,
                   initial=start, total=adapter.n_layers):
         _seed_block(cfg.seed, i)
+        ctx = contexts[i]
         block = store.load(i)
         x_dense = xp if xd is None else xd
         if i in layer_range and cfg.sparsity > 0:
@@ -432,8 +438,17 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
                          for k, t in (("xp", xp), ("xd", xd))}
             work.commit(i, records, xp, xd, plans, acts_files=files)
         acts.gc([xp, xd])
-    return PipelineResult(records, params_before, count_parameters(adapter.model), target,
-                          {"pipeline_s": time.perf_counter() - t0})
+    after = count_parameters(adapter.model)
+    blocks_after = block_parameters([adapter.block(i) for i in range(adapter.n_layers)])
+    return PipelineResult(records, params_before, after, target, {"pipeline_s": time.perf_counter() - t0},
+                          blocks_before, blocks_after)
+
+
+def _canonical(adapter: ModelAdapter, index: int) -> BlockAdapter:
+    """Block ``index`` in canonical form (fused/transposed weights as plain linears), for accounting."""
+    block = adapter.block(index)
+    block.to_canonical()
+    return block
 
 
 _BLOCK_SEED_STRIDE = 1_000_003  # > any block count: (seed, block) pairs never collide

@@ -27,11 +27,12 @@ device, in CPU memory, or memory-mapped files in the work folder (``--activation
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from torch import nn
 
 from daprune.errors import ConfigError, CorruptWeightsError, DeviceError, WeightsMismatchError
 from daprune.models.adapter import BlockAdapter, ModelAdapter
+from daprune.models.layer_inputs import capture_layer_inputs
 
 log = logging.getLogger(__name__)
 
@@ -279,22 +281,27 @@ def assign_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         setattr(mod, attr, nn.Parameter(t, requires_grad=grad and t.is_floating_point()))
 
 
-def reshape_block_to(block: BlockAdapter, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Slice a (dense) block to the head/channel counts that ``shapes`` (names relative to the layer) imply.
+def save_block(path: Path, prefix: str, block: BlockAdapter) -> None:
+    """Checkpoint a finished block: its tensors in native form, and beside them its shape record.
 
-    Only sizes matter: the tensors are replaced right after, so it keeps the first heads/channels.
+    The record (a JSON file, written first) lets a resumed run rebuild the block's shapes and layout
+    attributes with the same function the loaders use. It is not safetensors metadata, whose key order
+    is not stable, so the shard's bytes would differ between identical runs.
     """
-    names = {id(m): n for n, m in block.layer.named_modules()}
-    q, k, _ = block.attn_in()
-    hd = block.head_dim
-    heads = shapes[names[id(q)] + ".weight"][0] // hd
-    kv = shapes[names[id(k)] + ".weight"][0] // hd
-    channels = shapes[names[id(block.ffn_out())] + ".weight"][1]
-    if (heads, kv) != (block.n_heads, block.n_kv_heads):
-        g, per = block.group_size, heads // kv
-        block.slice_heads([grp * g + j for grp in range(kv) for j in range(per)])
-    if channels != block.n_channels:
-        block.slice_ffn(range(channels))
+    from daprune.checkpoint import atomic_save_tensors, atomic_write_json
+
+    atomic_write_json(path.with_suffix(".json"), block.record())  # leaves the block in native form
+    atomic_save_tensors(path, {prefix + k: v for k, v in block.layer.state_dict().items()})
+
+
+def record_of(path: Path) -> dict:
+    """The shape record saved with a block checkpoint (see :func:`save_block`)."""
+    from daprune.errors import ResumeError
+
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        raise ResumeError(f"{path} was written by an older daprune without block shapes; rerun with --no-resume")
+    return json.loads(side.read_text())
 
 
 def trim_heap() -> None:
@@ -441,14 +448,35 @@ class ResidentStore:
     def block_prefix(self, i: int) -> str:
         return f"{self.prefix}.{i}."
 
+    def outside_layers(self) -> contextlib.AbstractContextManager:
+        """Context in which the model's tensors outside its layers (embeddings, final norm) are real."""
+        return contextlib.nullcontext()
+
     def embed(self, ids: torch.Tensor, bs: int) -> torch.Tensor:
-        x = torch.cat([self.adapter.embed(ids[s : s + bs].to(self.device)) for s in range(0, ids.shape[0], bs)])
+        """What the model feeds its first layer (embedding, scaling, learned positions), batch by batch."""
+        with self.outside_layers():
+            x = torch.cat([self._first_hidden(ids[s : s + bs]) for s in range(0, ids.shape[0], bs)])
         return self.acts.adopt(x, "embed")
+
+    def _first_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return capture_layer_inputs(self.adapter.model, self.adapter.layers(), ids.to(self.device), upto=0)[0]
+
+    def layer_inputs(self, seqlen: int) -> list[dict]:
+        """Per layer, the arguments the model passes it for one sequence of ``seqlen`` tokens.
+
+        Captured once from the model's own forward (masks, rotary tables per layer type): they depend only
+        on the length, and broadcast over any batch size.
+        """
+        ids = torch.zeros(1, seqlen, dtype=torch.long, device=self.device)
+        with self.outside_layers():
+            return capture_layer_inputs(self.adapter.model, self.adapter.layers(), ids)[1]
 
     def load(self, i: int) -> BlockAdapter:
         if i not in self._hooks:
             self._hooks[i] = self.acts.hook(self.adapter.layers()[i])
-        return self.adapter.block(i)
+        block = self.adapter.block(i)
+        block.to_canonical()
+        return block
 
     def release(self, i: int) -> None:
         for h in self._hooks.pop(i, []):
@@ -456,22 +484,23 @@ class ResidentStore:
 
     def finish(self, i: int, path: Path | None) -> None:
         self.release(i)
+        block = self.adapter.block(i)
+        block.to_native()
         if path is not None:
-            from daprune.checkpoint import atomic_save_tensors
-
-            layer = self.adapter.layers()[i]
-            atomic_save_tensors(path, {self.block_prefix(i) + k: v for k, v in layer.state_dict().items()})
+            save_block(path, self.block_prefix(i), block)
 
     def restore(self, i: int, path: Path) -> None:
         """Replace block ``i`` by its pruned tensors from an interrupted run's checkpoint."""
         from safetensors.torch import load_file
 
+        from daprune.io_templates.modeling_daprune import resize_block
+
         pre = self.block_prefix(i)
         tensors = {k[len(pre):]: v for k, v in load_file(str(path)).items()}
-        block = self.adapter.block(i)
-        reshape_block_to(block, {k: tuple(v.shape) for k, v in tensors.items()})
-        dev = block.ffn_out().weight.device
-        assign_tensors(block.layer, {k: v.to(dev) for k, v in tensors.items()})
+        layer = self.adapter.layers()[i]
+        dev = next(layer.parameters()).device
+        resize_block(layer, record_of(path))
+        assign_tensors(layer, {k: v.to(dev) for k, v in tensors.items()})
 
 
 class StreamingStore(ResidentStore):
@@ -497,18 +526,22 @@ class StreamingStore(ResidentStore):
                 if b is not None and b.device.type != "meta":
                     mod._buffers[k] = b.to(self.device)
 
-    def embed(self, ids: torch.Tensor, bs: int) -> torch.Tensor:
-        emb = self.adapter.model.get_input_embeddings()
-        key = param_name(self.adapter.model, emb.weight)
-        skeleton_weight = emb.weight  # restored after, so a tied lm_head stays tied to the same Parameter
-        w = self.reader.get_many([key], self.dtype, self.device)[key]
-        emb.weight = nn.Parameter(w, requires_grad=False)
+    @contextlib.contextmanager
+    def outside_layers(self) -> Iterator[None]:
+        """Read the tensors outside the layers (not an untied LM head) for the occasion, then drop them."""
+        model = self.adapter.model
+        out_emb = model.get_output_embeddings()
+        tied = out_emb is None or out_emb.weight is model.get_input_embeddings().weight
+        skip = set() if tied else {id(out_emb.weight)}
+        layers = self.prefix + "."
+        saved = {n: p for n, p in model.named_parameters() if not n.startswith(layers) and id(p) not in skip}
+        assign_tensors(model, self.reader.get_many(list(saved), self.dtype, self.device))
         try:
-            x = torch.cat([self.adapter.embed(ids[s : s + bs].to(self.device)) for s in range(0, ids.shape[0], bs)])
-        finally:
-            emb.weight = skeleton_weight
-            del w
-        return self.acts.adopt(x, "embed")
+            yield
+        finally:  # back to the skeleton's own (meta) Parameters, so a tied lm_head stays tied
+            for n, p in saved.items():
+                parent, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, p)
 
     def load(self, i: int) -> BlockAdapter:
         if i in self._loaded:
@@ -519,13 +552,13 @@ class StreamingStore(ResidentStore):
         on = self.device if self.placement.device_map is None else torch.device("cpu")
         tensors = {k[len(pre):]: v for k, v in self.reader.get_many(keys, self.dtype, on).items()}
         block = self.adapter.block(i)
-        reshape_block_to(block, {k: tuple(v.shape) for k, v in tensors.items()})
-        assign_tensors(layer, tensors)
+        assign_tensors(layer, tensors)  # the skeleton already has the source's (maybe per-layer) shapes
         del tensors
         if self.placement.device_map is not None:
             self._dispatch(layer, self.placement.device_map)
         self._hooks[i] = self.acts.hook(layer)
         self._loaded.add(i)
+        block.to_canonical()
         return block
 
     @staticmethod
@@ -569,24 +602,23 @@ class StreamingStore(ResidentStore):
     def finish(self, i: int, path: Path | None) -> None:
         if path is None:
             raise ConfigError("streaming mode needs a work folder for the block shards")
-        from daprune.checkpoint import atomic_save_tensors
-
-        layer = self.adapter.layers()[i]
         trim_heap()  # the pruner's freed temporaries first: serialising copies the block once more
-        atomic_save_tensors(path, {self.block_prefix(i) + k: v for k, v in layer.state_dict().items()})
+        save_block(path, self.block_prefix(i), self.adapter.block(i))
         self.release(i)
 
     def restore(self, i: int, path: Path) -> None:
         """Give meta block ``i`` the pruned shapes saved by an interrupted run (headers only, no data)."""
         from safetensors import safe_open
 
+        from daprune.io_templates.modeling_daprune import resize_block
+
         pre = self.block_prefix(i)
         with safe_open(str(path), framework="pt") as fh:
             names = fh.keys()
             shapes = {k[len(pre):]: tuple(fh.get_slice(k).get_shape()) for k in names}
-        block = self.adapter.block(i)
-        reshape_block_to(block, shapes)
-        assign_tensors(block.layer, {k: torch.empty(s, dtype=self.dtype, device="meta") for k, s in shapes.items()})
+        layer = self.adapter.layers()[i]
+        resize_block(layer, record_of(path))
+        assign_tensors(layer, {k: torch.empty(s, dtype=self.dtype, device="meta") for k, s in shapes.items()})
 
 
 class LoadingAdapter:

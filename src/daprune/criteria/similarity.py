@@ -98,10 +98,35 @@ def select_heads(
     return sorted(pruned)
 
 
-def select_kv_groups(groups: Sequence[Sequence[int]], n_groups: int, importance: torch.Tensor) -> list[int]:
-    """Alternative GQA rule: prune whole KV groups (least total importance first); returns heads."""
-    ranked = sorted(range(len(groups)), key=lambda g: (float(sum(importance[h] for h in groups[g])), g))
+def select_kv_groups(groups: Sequence[Sequence[int]], n_groups: int, importance: torch.Tensor,
+                     redundant: Sequence[int] = ()) -> list[int]:
+    """Whole KV groups to prune (multi-head attention: single heads); returns their query heads.
+
+    Groups all of whose heads Algorithm 2 found redundant go first (in the order it found them), then the
+    groups of least total importance.
+    """
+    if n_groups <= 0:
+        return []
+    if n_groups >= len(groups):
+        raise ValueError(f"cannot prune {n_groups} of {len(groups)} KV groups")
+    pos = {h: i for i, h in enumerate(redundant)}
+
+    def key(g: int):
+        heads = groups[g]
+        if all(h in pos for h in heads):
+            return (0, max(pos[h] for h in heads), g)
+        return (1, float(sum(importance[h] for h in heads)), g)
+
+    ranked = sorted(range(len(groups)), key=key)
     return sorted(h for g in ranked[:n_groups] for h in groups[g])
+
+
+def select_head_plan(groups: Sequence[Sequence[int]], per_group: int, n_groups: int, importance: torch.Tensor,
+                     redundant: Sequence[int] = ()) -> list[int]:
+    """Heads to prune: ``n_groups`` whole KV groups, then ``per_group`` query heads of each remaining group."""
+    gone = select_kv_groups(groups, n_groups, importance, redundant)
+    left = [g for g in groups if g[0] not in gone]
+    return sorted(gone + select_heads(left, per_group, importance, redundant))
 
 
 MAX_JS = math.log(2.0)

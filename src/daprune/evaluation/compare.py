@@ -201,7 +201,7 @@ def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluato
             progress: bool = False, memory: PeakRSS | None = None) -> dict:
     """Load fresh, prune (unless Dense), evaluate; return the row's record with its full report settings."""
     from daprune.api import prune
-    from daprune.models.adapter import get_adapter
+    from daprune.streaming import count_parameters
 
     memory = memory or PeakRSS()
     gc.collect()
@@ -212,7 +212,7 @@ def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluato
     load_s = time.perf_counter() - t0
     record: dict[str, Any] = {"key": row.key, "label": row.label, "group": row.group}
     if row.key == "dense":
-        params_before = get_adapter(model).num_parameters()
+        params_before = count_parameters(model)
         record.update({"prune_s": 0.0, "settings": None, "report": None})
     else:
         cfg = row_config(row, base)
@@ -230,7 +230,7 @@ def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluato
         })
     record["load_s"] = load_s
     record["peak_rss_prune_mb"] = memory.peak() / 2**20
-    params = get_adapter(model).num_parameters()  # after sync_biases: FLAP's zero biases count too
+    params = count_parameters(model)  # after sync_biases: FLAP's zero biases count too
     record["params"] = params
     record["bias_params"] = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
     record["params_removed"] = params_before - params

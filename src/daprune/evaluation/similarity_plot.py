@@ -67,7 +67,7 @@ def graphs_from_model(model, tokenizer, blocks: list[int], *, calibration: str =
     from daprune.criteria.similarity import JSAccumulator
     from daprune.data.calibration import calibration_tokens
     from daprune.models.adapter import get_adapter
-    from daprune.pipeline import embed_tokens
+    from daprune.streaming import ResidentStore
 
     adapter = get_adapter(model)
     bad = [b for b in blocks if not 0 <= b < adapter.n_layers]
@@ -75,17 +75,22 @@ def graphs_from_model(model, tokenizer, blocks: list[int], *, calibration: str =
         raise ConfigError(f"block(s) {bad} out of range: the model has {adapter.n_layers} blocks")
     ids, _ = calibration_tokens(calibration, model, tokenizer, nsamples, seqlen, seed, data_dir=data_dir,
                                 progress=progress)
-    x = embed_tokens(adapter, ids, batch_size)
-    ctx = adapter.block_context(x[:1])
+    store = ResidentStore(adapter)
+    x = store.embed(ids, batch_size)
+    contexts = store.layer_inputs(ids.shape[1])
     out = []
     for i in range(max(blocks) + 1):
-        block = adapter.block(i)
-        if i in blocks:
-            acc = JSAccumulator(block.n_heads)
-            for s in range(0, x.shape[0], batch_size):
-                acc.update(block.attention_probs(block.attn_norm()(x[s : s + batch_size]), ctx))
+        block, ctx = adapter.block(i), contexts[i]
+        ys = []
+        acc = JSAccumulator(block.n_heads) if i in blocks else None
+        for s in range(0, x.shape[0], batch_size):
+            probs: list[torch.Tensor] | None = [] if acc is not None else None
+            ys.append(block.forward(x[s : s + batch_size], ctx, probs))
+            if acc is not None:
+                acc.update(probs[0])
+        if acc is not None:
             out.append(HeadGraph(i, acc.divergence, block.head_groups()))
-        x = torch.cat([block.forward(x[s : s + batch_size], ctx) for s in range(0, x.shape[0], batch_size)])
+        x = torch.cat(ys)
     return sorted(out, key=lambda g: blocks.index(g.block))
 
 

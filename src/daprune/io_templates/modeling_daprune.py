@@ -4,49 +4,79 @@ Written next to ``config.json`` by ``daprune`` so that ``AutoModelForCausalLM.fr
 trust_remote_code=True)`` (and tools built on it, such as lm-eval) can load a non-uniform pruned model.
 
 No modeling code is copied here: each class subclasses the installed transformers' own
-``*ForCausalLM`` and, after the parent builds the dense-shaped skeleton, swaps every block's linears
-for ones of the per-layer shapes listed in ``config.daprune_layers``, and gives the linears named in
-``config.daprune_extra_biases`` a bias (FLAP's bias compensation on families whose config has no bias
-flag for them, e.g. Qwen2's o_proj or Mistral's down_proj; vanilla transformers would drop those, so
-such folders ship this file even when every block has the same shape). The safetensors weights then
-load into those shapes as usual. The file needs only torch and transformers, not daprune.
+``*ForCausalLM`` and, after the parent builds the dense-shaped skeleton, resizes every block's linears
+to the shapes recorded for it in ``config.daprune_layers`` (``modules``: weight shape per linear, in the
+family's own layout, e.g. GPT-2's transposed Conv1D) and sets the module attributes recorded with them
+(``attributes``: head counts or split sizes the family's forward reads; one under ``...config.`` gives
+that module its own copy of the config first). Linears named in ``config.daprune_extra_biases`` get a
+bias (FLAP's bias compensation on families whose config has no bias flag for them, e.g. Qwen2's o_proj;
+vanilla transformers would drop those, so such folders ship this file even when every block has the same
+shape). The safetensors weights then load into those shapes as usual. The file needs only torch and
+transformers, not daprune; daprune's own loader uses the same functions.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import transformers
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 
-def _resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
-    """A fresh Linear like ``linear`` (bias, dtype, device: meta while from_pretrained builds) but resized."""
-    return nn.Linear(
-        linear.in_features if in_features is None else in_features,
-        linear.out_features if out_features is None else out_features,
-        bias=linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
+def _resized(module: nn.Module, shape) -> nn.Module:
+    """A fresh module like ``module`` (bias, dtype, device: meta while from_pretrained builds) of weight ``shape``."""
+    w = module.weight
+    bias = getattr(module, "bias", None) is not None
+    if isinstance(module, nn.Linear):
+        return nn.Linear(int(shape[1]), int(shape[0]), bias=bias, device=w.device, dtype=w.dtype)
+    if type(module).__name__ == "Conv1D":  # GPT-2 style: weight [in, out]
+        new = copy.copy(module)
+        new._parameters = dict(module._parameters)
+        new.weight = nn.Parameter(torch.empty(int(shape[0]), int(shape[1]), device=w.device, dtype=w.dtype))
+        if bias:
+            new.bias = nn.Parameter(torch.empty(int(shape[1]), device=w.device, dtype=w.dtype))
+        new.nf = int(shape[1])
+        return new
+    raise TypeError(f"cannot resize a {type(module).__name__}")
 
 
-def _shrink_block(block: nn.Module, shape: dict) -> None:
-    """Give one decoder block the attention heads and FFN width recorded for it."""
-    attn, mlp = block.self_attn, block.mlp
-    heads, kv = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"])
+def _set(root: nn.Module, dotted: str, value) -> None:
+    """Set a dotted attribute; a path through ``config`` gets that module its own config copy first."""
+    parts = dotted.split(".")
+    obj = root
+    for part in parts[:-1]:
+        if part == "config":
+            obj.config = copy.copy(obj.config)
+        obj = getattr(obj, part) if not part.isdigit() else obj[int(part)]
+    setattr(obj, parts[-1], value)
+
+
+def _legacy_modules(block: nn.Module, shape: dict) -> dict:
+    """Module shapes of records written before ``modules`` existed (Llama-shaped families only)."""
+    attn, hidden = block.self_attn, block.self_attn.q_proj.in_features
+    q, kv = int(shape["num_attention_heads"]) * attn.head_dim, int(shape["num_key_value_heads"]) * attn.head_dim
     inter = int(shape["intermediate_size"])
-    q_dim, kv_dim = heads * attn.head_dim, kv * attn.head_dim
-    attn.q_proj = _resized(attn.q_proj, out_features=q_dim)
-    attn.k_proj = _resized(attn.k_proj, out_features=kv_dim)
-    attn.v_proj = _resized(attn.v_proj, out_features=kv_dim)
-    attn.o_proj = _resized(attn.o_proj, in_features=q_dim)
-    # the attention kernels repeat (or group) K/V by this factor, so it must follow the block's own shapes
-    attn.num_key_value_groups = heads // kv
-    mlp.gate_proj = _resized(mlp.gate_proj, out_features=inter)
-    mlp.up_proj = _resized(mlp.up_proj, out_features=inter)
-    mlp.down_proj = _resized(mlp.down_proj, in_features=inter)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = inter
+    return {"self_attn.q_proj": [q, hidden], "self_attn.k_proj": [kv, hidden], "self_attn.v_proj": [kv, hidden],
+            "self_attn.o_proj": [hidden, q], "mlp.gate_proj": [inter, hidden], "mlp.up_proj": [inter, hidden],
+            "mlp.down_proj": [hidden, inter]}
+
+
+def resize_block(block: nn.Module, record: dict) -> None:
+    """Give one decoder block the module shapes and layout attributes recorded for it."""
+    modules = record.get("modules") or _legacy_modules(block, record)
+    for name, shape in modules.items():
+        parent, _, attr = name.rpartition(".")
+        owner = block.get_submodule(parent) if parent else block
+        old = getattr(owner, attr)
+        if list(old.weight.shape) != list(shape):
+            setattr(owner, attr, _resized(old, shape))
+    attributes = record.get("attributes")
+    if attributes is None and "modules" not in record:  # legacy Llama-shaped record
+        attributes = {"self_attn.num_key_value_groups":
+                      int(record["num_attention_heads"]) // int(record["num_key_value_heads"])}
+    for name, value in (attributes or {}).items():
+        _set(block, name, value)
 
 
 def _add_biases(block: nn.Module, names) -> None:
@@ -63,14 +93,14 @@ def apply_daprune_layers(model: nn.Module) -> None:
 
     Either key may be absent (a uniform model with FLAP biases has only the second); no-op without both.
     """
-    shapes = getattr(model.config, "daprune_layers", None)
+    records = getattr(model.config, "daprune_layers", None)
     biases = list(getattr(model.config, "daprune_extra_biases", None) or [])
-    blocks = model.model.layers
-    if shapes and len(shapes) != len(blocks):
-        raise ValueError(f"config.daprune_layers has {len(shapes)} entries for {len(blocks)} layers")
+    blocks = model.get_submodule(getattr(model.config, "daprune_layers_path", None) or "model.layers")
+    if records and len(records) != len(blocks):
+        raise ValueError(f"config.daprune_layers has {len(records)} entries for {len(blocks)} layers")
     for i, block in enumerate(blocks):
-        if shapes:
-            _shrink_block(block, shapes[i])
+        if records:
+            resize_block(block, records[i])
         _add_biases(block, biases)
 
 
@@ -82,26 +112,24 @@ class DaprunePerLayerShapes:
         apply_daprune_layers(self)
 
 
-class DapruneLlamaForCausalLM(DaprunePerLayerShapes, LlamaForCausalLM):
-    """Llama with per-layer head counts and FFN widths."""
-
-
-class DapruneMistralForCausalLM(DaprunePerLayerShapes, MistralForCausalLM):
-    """Mistral with per-layer head counts and FFN widths."""
-
-
-class DapruneQwen2ForCausalLM(DaprunePerLayerShapes, Qwen2ForCausalLM):
-    """Qwen2 with per-layer head counts and FFN widths."""
-
-
-class DapruneQwen3ForCausalLM(DaprunePerLayerShapes, Qwen3ForCausalLM):
-    """Qwen3 with per-layer head counts and FFN widths."""
-
-
-# config.model_type -> class name that daprune writes into config.auto_map
-CLASSES = {
-    "llama": "DapruneLlamaForCausalLM",
-    "mistral": "DapruneMistralForCausalLM",
-    "qwen2": "DapruneQwen2ForCausalLM",
-    "qwen3": "DapruneQwen3ForCausalLM",
+# config.model_type -> (class name that daprune writes into config.auto_map, transformers parent class)
+FAMILIES = {
+    "llama": ("DapruneLlamaForCausalLM", "LlamaForCausalLM"),
+    "mistral": ("DapruneMistralForCausalLM", "MistralForCausalLM"),
+    "qwen2": ("DapruneQwen2ForCausalLM", "Qwen2ForCausalLM"),
+    "qwen3": ("DapruneQwen3ForCausalLM", "Qwen3ForCausalLM"),
+    "granite": ("DapruneGraniteForCausalLM", "GraniteForCausalLM"),
+    "gemma": ("DapruneGemmaForCausalLM", "GemmaForCausalLM"),
+    "gemma2": ("DapruneGemma2ForCausalLM", "Gemma2ForCausalLM"),
+    "gemma3_text": ("DapruneGemma3ForCausalLM", "Gemma3ForCausalLM"),
+    "phi3": ("DaprunePhi3ForCausalLM", "Phi3ForCausalLM"),
+    "opt": ("DapruneOPTForCausalLM", "OPTForCausalLM"),
+    "gpt2": ("DapruneGPT2LMHeadModel", "GPT2LMHeadModel"),
+    "gpt_neox": ("DapruneGPTNeoXForCausalLM", "GPTNeoXForCausalLM"),
 }
+CLASSES = {model_type: name for model_type, (name, _) in FAMILIES.items()}
+
+for _name, _parent in FAMILIES.values():  # one subclass per family this transformers version has
+    if hasattr(transformers, _parent):
+        globals()[_name] = type(_name, (DaprunePerLayerShapes, getattr(transformers, _parent)),
+                                {"__doc__": f"{_parent} with per-layer head counts and FFN widths."})

@@ -1,11 +1,23 @@
 """The interface between the pruning algorithm and a model family.
 
 Everything that knows module names lives behind :class:`ModelAdapter` and :class:`BlockAdapter`;
-the pipeline, criteria and recovery only see linears, activations and index sets.
+the pipeline, criteria and recovery only see linears, activations and index sets. An adapter states
+*structure only*: which linears are the level-1 and level-2 ends of the two depth-2 units of a block
+(attention: q, k, v -> o; FFN: gate, up -> down, or fc1 -> fc2 for a plain FFN), the activation, the
+config keys that hold the widths, and the module attributes the family's forward reads. It never
+computes anything a layer computes: layers run through the model's own forward with the arguments
+the model passes them (:mod:`daprune.models.layer_inputs`).
+
+A new family is one small file: subclass :class:`BlockAdapter` (the six structure methods, plus
+``to_canonical`` / ``to_native`` if its weights are fused or transposed, plus ``on_heads_changed`` if
+its forward reads head counts from module attributes), subclass :class:`ModelAdapter` (``layers``,
+``block``, ``model_types``, ``shape_keys``), decorate it with :func:`register` and add the module to
+``FAMILY_MODULES``.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -14,11 +26,18 @@ import torch
 from torch import nn
 
 from daprune.errors import UnsupportedModelError
+from daprune.models.layer_inputs import attention_implementation, layer_call
 
 log = logging.getLogger(__name__)
 
 # config key: names (inside a block) of the linears that carry biases the family's config cannot express
 EXTRA_BIASES_KEY = "daprune_extra_biases"
+# config key: per-block shapes of a model whose blocks differ (read by the remote code and daprune.load)
+LAYERS_KEY = "daprune_layers"
+# config key: dotted path of the decoder layers' ModuleList (the remote code needs it for every family)
+LAYERS_PATH_KEY = "daprune_layers_path"
+# modules that register a family adapter (imported on first use)
+FAMILY_MODULES = ("daprune.models.llama",)
 
 
 def _zero_bias(lin: nn.Linear) -> None:
@@ -28,6 +47,20 @@ def _zero_bias(lin: nn.Linear) -> None:
                                 requires_grad=lin.weight.requires_grad)
 
 
+def slice_linear(linear: nn.Linear, idx: torch.Tensor, dim: int) -> None:
+    """Keep rows (dim=0: outputs, with their bias) or columns (dim=1: inputs) of a Linear, in place."""
+    idx = idx.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(dim, idx).contiguous(),
+                                 requires_grad=linear.weight.requires_grad)
+    if dim == 0:
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.data.index_select(0, idx).contiguous(),
+                                       requires_grad=linear.bias.requires_grad)
+        linear.out_features = linear.weight.shape[0]
+    else:
+        linear.in_features = linear.weight.shape[1]
+
+
 class BlockAdapter(ABC):
     """One decoder block seen as two depth-2 modules: attention (q,k,v -> o) and FFN (gate,up -> down)."""
 
@@ -35,7 +68,7 @@ class BlockAdapter(ABC):
         self.layer = layer
         self.index = index
 
-    # -- structure ---------------------------------------------------------------------------------
+    # -- structure (in canonical form: plain nn.Linear, weight [out, in]) ----------------------------------
     @abstractmethod
     def attn_in(self) -> list[nn.Linear]:
         """Level-1 attention linears [q, k, v]."""
@@ -46,25 +79,31 @@ class BlockAdapter(ABC):
 
     @abstractmethod
     def ffn_in(self) -> list[nn.Linear]:
-        """Level-1 FFN linears [gate, up] (gate first: the score needs to know which one is gated)."""
+        """Level-1 FFN linears: [gate, up] for a gated FFN (gate first), [fc1] for a plain one."""
 
     @abstractmethod
     def ffn_out(self) -> nn.Linear:
-        """Level-2 FFN linear (down)."""
+        """Level-2 FFN linear (down / fc2)."""
 
     @abstractmethod
     def ffn_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The gate activation (SiLU for SwiGLU)."""
+        """The FFN activation (SiLU for SwiGLU, GELU for GeGLU and most plain FFNs)."""
 
     @abstractmethod
-    def attn_norm(self) -> nn.Module: ...
+    def attention_module(self) -> nn.Module:
+        """The module whose forward returns ``(attn_output, attn_weights)``."""
 
-    @abstractmethod
-    def ffn_norm(self) -> nn.Module: ...
+    def ffn_module(self) -> nn.Module:
+        """The FFN as one module (input: its normed input; output: its contribution), for tests and FLAP."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its FFN as one module")
 
     @property
     @abstractmethod
     def head_dim(self) -> int: ...
+
+    @property
+    def gated(self) -> bool:
+        return len(self.ffn_in()) == 2
 
     @property
     def n_heads(self) -> int:
@@ -87,38 +126,84 @@ class BlockAdapter(ABC):
         g = self.group_size
         return [list(range(k * g, (k + 1) * g)) for k in range(self.n_kv_heads)]
 
-    # -- computation ---------------------------------------------------------------------------------
-    def forward(self, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """Run the whole block; ``ctx`` holds what ModelAdapter.block_context returned."""
-        out = self.layer(hidden, **ctx)
-        return out[0] if isinstance(out, tuple) else out
+    # -- fused / transposed weights -------------------------------------------------------------------
+    def to_canonical(self) -> None:
+        """Present fused or transposed weights as plain Linears (the model's forward must still run)."""
+        return None
 
-    def attention(self, normed: torch.Tensor, ctx: dict) -> torch.Tensor:
-        out = self.attention_module()(hidden_states=normed, attention_mask=ctx["attention_mask"],
-                                      position_embeddings=ctx["position_embeddings"])
-        return out[0] if isinstance(out, tuple) else out
+    def to_native(self) -> None:
+        """Undo :meth:`to_canonical`, so saved tensors keep the family's own names and layouts."""
+        return None
 
-    @abstractmethod
-    def attention_module(self) -> nn.Module: ...
+    # -- computation ----------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, ctx: dict, probs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Run the whole block with the arguments the model gave it (``ctx``).
 
-    @abstractmethod
-    def ffn_module(self) -> nn.Module: ...
-
-    @abstractmethod
-    def attention_probs(self, normed: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """Per-head attention probabilities [batch, heads, q, k] in fp32.
-
-        Computed explicitly because sdpa ignores ``output_attentions``.
+        With ``probs`` (a list), attention runs in the family's eager implementation and its attention
+        probabilities ``[batch, heads, q, k]`` (masking, soft-capping, sliding windows: all the model's own)
+        are appended to it, for the head-similarity criterion.
         """
+        if probs is None:
+            return layer_call(self.layer, hidden, ctx)
+        attn = self.attention_module()
 
-    # -- surgery -------------------------------------------------------------------------------------
-    @abstractmethod
+        def grab(_m, _args, out):
+            probs.append(out[1].detach().float())
+
+        handle = attn.register_forward_hook(grab)
+        try:
+            with attention_implementation(attn.config, "eager"):
+                return layer_call(self.layer, hidden, ctx)
+        finally:
+            handle.remove()
+
+    # -- surgery ----------------------------------------------------------------------------------------
     def slice_heads(self, keep: Sequence[int]) -> None:
-        """Keep these query heads (and the KV heads they use); GQA groups must stay equal in size."""
+        """Keep these query heads and the KV heads they use.
 
-    @abstractmethod
+        Every kept KV group must keep the same number of query heads (so the block stays an ordinary GQA
+        block); a KV group none of whose heads is kept is removed whole (multi-head attention: a head).
+        """
+        keep = sorted(int(h) for h in keep)
+        g = self.group_size
+        kv_keep = sorted({h // g for h in keep})
+        counts = {kv: sum(1 for h in keep if h // g == kv) for kv in kv_keep}
+        if not keep or len(set(counts.values())) != 1:
+            raise ValueError(f"block {self.index}: GQA groups would become unequal: {counts}")
+        hd = self.head_dim
+        q_idx = torch.tensor([h * hd + d for h in keep for d in range(hd)])
+        kv_idx = torch.tensor([kv * hd + d for kv in kv_keep for d in range(hd)])
+        q, k, v = self.attn_in()
+        slice_linear(q, q_idx, 0)
+        slice_linear(k, kv_idx, 0)
+        slice_linear(v, kv_idx, 0)
+        slice_linear(self.attn_out(), q_idx, 1)
+        self.on_heads_changed(len(keep), len(kv_keep))
+
     def slice_ffn(self, keep: Sequence[int]) -> None:
-        """Keep these FFN channels (rows of gate/up, columns of down)."""
+        """Keep these FFN channels (rows of the level-1 linears, columns of the level-2 one)."""
+        idx = torch.as_tensor(sorted(int(c) for c in keep), dtype=torch.long)
+        for lin in self.ffn_in():
+            slice_linear(lin, idx, 0)
+        slice_linear(self.ffn_out(), idx, 1)
+        self.on_ffn_changed(len(idx))
+
+    def on_heads_changed(self, n_heads: int, n_kv_heads: int) -> None:
+        """Update module attributes the family's forward reads (head counts, split sizes)."""
+        for name, value in self.layout_attributes().items():
+            _set_dotted(self.layer, name, value)
+
+    def on_ffn_changed(self, n_channels: int) -> None:
+        """Update module attributes that hold the FFN width."""
+        for name, value in self.layout_attributes().items():
+            _set_dotted(self.layer, name, value)
+
+    def layout_attributes(self) -> dict[str, int]:
+        """Module attributes (dotted, inside the block) that must follow the block's current shapes.
+
+        Recorded per block in the config, so the remote code and ``daprune.load`` set them after resizing.
+        """
+        return {}
 
     def add_output_bias(self, kind: str, bias: torch.Tensor) -> None:
         """Add ``bias`` to the output of o_proj (``kind`` "attention") or down_proj ("mlp"), creating it if absent.
@@ -153,11 +238,35 @@ class BlockAdapter(ABC):
             "intermediate_size": self.n_channels,
         }
 
+    def record(self) -> dict:
+        """Everything needed to rebuild this block's shapes from a dense skeleton.
+
+        Widths and layout attributes are read in canonical form, module shapes in native form (the form
+        the remote code and ``daprune.load`` resize); the block is left in native form.
+        """
+        self.to_canonical()
+        shape, attrs = self.shape(), self.layout_attributes()
+        self.to_native()
+        modules = {name: list(mod.weight.shape) for name, mod in self.layer.named_modules()
+                   if name and type(mod).__name__ in ("Linear", "Conv1D") and hasattr(mod, "weight")}
+        return {**shape, "modules": modules, **({"attributes": attrs} if attrs else {})}
+
+
+def _set_dotted(root: nn.Module, name: str, value) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, value)
+
 
 class ModelAdapter(ABC):
-    """Whole-model access: embeddings, blocks, per-block call context, config updates."""
+    """Whole-model access: the decoder layers, block adapters, config updates."""
 
     model_types: tuple[str, ...] = ()
+    # config keys of the widths that pruning changes; kv_heads None: a multi-head-only family
+    shape_keys: dict[str, str | None] = {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+                                         "channels": "intermediate_size"}
+    # config key of the head size; None: the family derives it (hidden size / heads), so fewer heads
+    # cannot be expressed in its plain config and need per-layer records
+    head_dim_key: str | None = "head_dim"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -170,27 +279,16 @@ class ModelAdapter(ABC):
     def block(self, index: int, layer: nn.Module | None = None) -> BlockAdapter:
         """Adapter for block ``index`` (or for ``layer``, e.g. a copy of it)."""
 
-    @abstractmethod
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
-
-    @abstractmethod
-    def block_context(self, hidden: torch.Tensor) -> dict:
-        """Keyword arguments every block forward needs (causal mask, rotary embeddings)."""
-
     @property
     def n_layers(self) -> int:
         return len(self.layers())
 
-    def num_parameters(self) -> int:
-        """Unique parameters: tied embeddings are counted once."""
-        seen: set[int] = set()
-        total = 0
-        for p in self.model.parameters():
-            if p.data_ptr() in seen:
-                continue
-            seen.add(p.data_ptr())
-            total += p.numel()
-        return total
+    def layers_path(self) -> str:
+        target = self.layers()
+        for name, mod in self.model.named_modules():
+            if mod is target:
+                return name
+        raise ValueError("the decoder layers are not part of the model")  # pragma: no cover
 
     def bias_flag(self, kind: str) -> str | None:
         """Config flag that gives all ``kind`` ("attention"/"mlp") linears a bias, or None if the family has none."""
@@ -246,9 +344,47 @@ class ModelAdapter(ABC):
             delattr(self.config, EXTRA_BIASES_KEY)
         return kinds
 
-    @abstractmethod
+    def expressible(self, shape: dict[str, int]) -> bool:
+        """Whether the family's plain config can state these (uniform) widths."""
+        keys = self.shape_keys
+        if keys["kv_heads"] is None and shape["num_key_value_heads"] != shape["num_attention_heads"]:
+            return False
+        if self.head_dim_key is None:
+            return shape["num_attention_heads"] == getattr(self.config, keys["heads"])
+        return True
+
     def update_config(self) -> dict:
-        """Write the blocks' current shapes into the config; return the per-layer shapes."""
+        """Write the blocks' current shapes into the config; return the per-layer shapes.
+
+        Uniform widths the family's config can state go into its own keys (vanilla transformers loads the
+        folder); otherwise ``daprune_layers`` records every block's module shapes and layout attributes.
+        """
+        blocks = [self.block(i) for i in range(self.n_layers)]
+        for b in blocks:
+            b.to_canonical()
+        try:
+            self.sync_biases()  # FLAP-compensated blocks got o/down biases: make them model-wide
+            shapes = [b.shape() for b in blocks]
+        finally:
+            for b in blocks:
+                b.to_native()
+        cfg = self.config
+        uniform = all(s == shapes[0] for s in shapes)
+        if self.head_dim_key is not None:
+            setattr(cfg, self.head_dim_key, blocks[0].head_dim)  # explicit: hidden/heads no longer gives it
+        if uniform and self.expressible(shapes[0]):
+            names = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads",
+                     "intermediate_size": "channels"}
+            for key, value in shapes[0].items():
+                if self.shape_keys[names[key]] is not None:
+                    setattr(cfg, self.shape_keys[names[key]], value)
+            for key in (LAYERS_KEY, LAYERS_PATH_KEY):
+                if hasattr(cfg, key):
+                    delattr(cfg, key)
+        else:
+            setattr(cfg, LAYERS_KEY, [b.record() for b in blocks])
+            setattr(cfg, LAYERS_PATH_KEY, self.layers_path())
+        return {"layers": shapes, "uniform": uniform}
 
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
@@ -261,8 +397,8 @@ def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def supported_model_types() -> list[str]:
-    from daprune.models import llama  # noqa: F401  (registers the Llama family)
-
+    for name in FAMILY_MODULES:
+        importlib.import_module(name)
     return sorted(_REGISTRY)
 
 
