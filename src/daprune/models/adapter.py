@@ -37,7 +37,8 @@ LAYERS_KEY = "daprune_layers"
 # config key: dotted path of the decoder layers' ModuleList (the remote code needs it for every family)
 LAYERS_PATH_KEY = "daprune_layers_path"
 # modules that register a family adapter (imported on first use)
-FAMILY_MODULES = ("daprune.models.llama",)
+FAMILY_MODULES = ("daprune.models.llama", "daprune.models.phi3", "daprune.models.opt", "daprune.models.gpt2",
+                  "daprune.models.gpt_neox")
 
 
 def _zero_bias(lin: nn.Linear) -> None:
