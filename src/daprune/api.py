@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from daprune.config import PruneConfig, parse_layers
-from daprune.errors import ConfigError, DapruneError, TokenizerError
+from daprune.errors import ConfigError, DapruneError, NumericalError, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,9 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     except DapruneError as exc:
         if work is not None and not exc.keeps_work:
             work.remove()  # a deterministic input problem: resuming would fail the same way
+        if isinstance(exc, NumericalError):  # say what the user can check, not only where it showed
+            raise NumericalError(f"{exc}: the model's weights hold NaN or inf, or values overflow --dtype "
+                                 f"{cfg.dtype}") from exc
         raise
     finally:
         run.cleanup()
