@@ -519,6 +519,17 @@ def test_pickle_weights_without_tokenizer_prune_with_random_calibration(capsys, 
     assert json.loads((out / "report.json").read_text())["execution"]["streaming"] is False
 
 
+def test_eval_of_a_folder_without_tokenizer_is_one_line(capsys, tmp_path):
+    """Evaluation tokenizes text: there the missing tokenizer is an error (prune with random ids needs none)."""
+    folder = save_model(tiny_model(layers=2), tmp_path / "model", tokenizer=False)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    code = main(["eval", "--model", str(folder), "--ppl", "wikitext2", "--quiet"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and f"{folder} has no tokenizer (tokenizer.json" in line, line
+    assert snapshot(tmp_path) == before
+
+
 # -- Ctrl-C and SIGTERM in a real subprocess --------------------------------------------------------------------
 _CHILD = """
 import os, signal, sys

@@ -221,6 +221,7 @@ class _Run:
             if self.reader is not None:  # fail on missing/mis-shaped tensors instead of random-initialising them
                 self.reader.check_against(build_skeleton(self.source.path, DTYPES[self.cfg.dtype]))
             model, tokenizer, self.source = load_model(self.cfg.model, dtype=self.cfg.dtype, device=str(self.device),
+                                                       tokenizer_required=False,
                                                        cache=self.cache)
         else:
             model.to(DTYPES[self.cfg.dtype])

@@ -149,10 +149,12 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     cache: str | os.PathLike | None = None,
+    tokenizer_required: bool = True,
 ):
     """Load ``(model, tokenizer, ModelSource)``; pruned non-uniform folders load through daprune.io.
 
-    The tokenizer is None for a local folder that has none (see :func:`has_tokenizer`).
+    A local folder without tokenizer files (see :func:`has_tokenizer`) is a TokenizerError, or, with
+    ``tokenizer_required=False`` (pruning with random ids needs none), gives tokenizer None.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,6 +165,11 @@ def load_model(
         model, tok = load_pruned(src.path, dtype=dtype, device=device)
         return model, tok, src
     check_architecture(src.path)
+    if tokenizer_required and src.kind != "hub" and not has_tokenizer(src.path):
+        from daprune.errors import TokenizerError
+
+        raise TokenizerError(f"{src.origin} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the model's "
+                             "tokenizer files into the folder")
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=DTYPES[dtype])
         tok = AutoTokenizer.from_pretrained(src.path) if src.kind == "hub" or has_tokenizer(src.path) else None
