@@ -94,13 +94,13 @@ def test_missing_model(run_cli, tmp_path):
 
 
 def test_unknown_architecture(run_cli, tmp_path):
-    from transformers import GPT2Config
+    from transformers import BloomConfig
 
-    folder = tmp_path / "gpt2"
-    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(folder)
+    folder = tmp_path / "bloom"
+    BloomConfig(n_layer=2, hidden_size=32, n_head=2).save_pretrained(folder)
     out = tmp_path / "out"
     _assert_refused(run_cli("prune", "--model", str(folder), "--out", str(out), cwd=tmp_path), out,
-                    "unsupported architecture 'gpt2'; daprune supports: llama")
+                    "unsupported architecture 'bloom'; daprune supports: gemma, gemma2, gemma3_text, gpt2")
 
 
 def test_non_finite_activations(run_cli, nan_folder, tmp_path):

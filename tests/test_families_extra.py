@@ -19,7 +19,7 @@ from conftest import CharTokenizer
 from torch import nn
 
 import daprune
-from daprune.errors import ModelSourceError, UnsupportedModelError
+from daprune.errors import UnsupportedModelError
 from daprune.models.adapter import get_adapter, supported_model_types
 from daprune.models.gpt2 import GPT2Adapter
 from daprune.models.gpt_neox import GPTNeoXAdapter
@@ -329,13 +329,7 @@ def test_prune_end_to_end(family, tmp_path):
     assert torch.equal(logits(unchanged), logits(dense))
 
 
-# transformers saves GPT-NeoX's lm_head as "embed_out" and renames it back on load only for the class named
-# GPTNeoXForCausalLM; daprune.load (plain load_state_dict) and the remote-code subclass get no renaming
-NEOX_LOAD = pytest.mark.xfail(strict=True, raises=ModelSourceError,
-                              reason="embed_out.weight is not renamed to lm_head.weight on reload")
-
-
-@pytest.mark.parametrize("family", [f if f != "gpt_neox" else pytest.param(f, marks=NEOX_LOAD) for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_folder_loads_with_its_per_layer_shapes(family, tmp_path):
     """Fewer heads change head_dim-derived shapes these configs cannot state: per-layer records, reloaded."""
     from transformers import AutoModelForCausalLM
@@ -348,14 +342,7 @@ def test_pruned_folder_loads_with_its_per_layer_shapes(family, tmp_path):
     assert torch.equal(logits(remote), want)
 
 
-# GPT-2's Conv1Ds and GPT-NeoX's MLP linears always have biases, but ModelAdapter.sync_biases records them in
-# config.daprune_extra_biases (no config flag names them), so even a uniform prune ships remote code
-EXTRA_BIASES = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                 reason="sync_biases records biases the family always has")
-
-
-@pytest.mark.parametrize("family", ["phi3", "opt", pytest.param("gpt2", marks=EXTRA_BIASES),
-                                    pytest.param("gpt_neox", marks=EXTRA_BIASES)])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_uniform_ffn_prune_loads_with_vanilla_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -365,14 +352,7 @@ def test_uniform_ffn_prune_loads_with_vanilla_transformers(family, tmp_path):
     assert torch.equal(logits(vanilla), logits(result.model))
 
 
-STREAM_FUSED = pytest.mark.xfail(strict=True, raises=ModelSourceError,
-                                 reason="the streaming store reads the skeleton's names after "
-                                 "pipeline._canonical converted it (e.g. qkv_proj.q.weight)")
-
-
-@pytest.mark.parametrize("family", [pytest.param("phi3", marks=STREAM_FUSED), "opt",
-                                    pytest.param("gpt2", marks=STREAM_FUSED),
-                                    pytest.param("gpt_neox", marks=NEOX_LOAD)])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_streaming_prune_equals_in_memory(family, tmp_path):
     tiny(family).save_pretrained(tmp_path / "src")
     streamed = _prune(str(tmp_path / "src"), sparsity=0.2, out=str(tmp_path / "o"), streaming=True)

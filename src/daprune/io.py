@@ -199,11 +199,14 @@ def _load_nonuniform(folder: Path, config, layers: list[dict] | None, dtype: tor
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     reshape_layers(get_adapter(model), layers)
+    from daprune.models.checkpoint_keys import renamed
+
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    missing, unexpected = model.load_state_dict(renamed(state, model), strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
     if missing or unexpected:
         raise ModelSourceError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()

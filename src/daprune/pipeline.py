@@ -359,8 +359,10 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     basis = params_before if cfg.sparsity_basis == "total" else blocks_before
     target = 0.0
     if cfg.sparsity > 0:  # from the dense shapes: before any restored block is given its pruned shape
-        target = check_budget([_canonical(adapter, i) for i in layer_range], basis, cfg.sparsity,
-                              cfg.channel_multiple, cfg.kv_groups, cfg.sparsity_basis)
+        blocks = [_canonical(adapter, i) for i in layer_range]
+        target = check_budget(blocks, basis, cfg.sparsity, cfg.channel_multiple, cfg.kv_groups, cfg.sparsity_basis)
+        for b in blocks:  # back to the form the stores read and write
+            b.to_native()
     hidden = adapter.config.hidden_size
     if ids.numel() < hidden:
         raise CalibrationError(

@@ -172,6 +172,7 @@ class WeightsReader:
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         self.files = files
+        self.file_key: dict[str, str] = {}  # the model's name of a tensor -> its name in the checkpoint
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
@@ -180,6 +181,7 @@ class WeightsReader:
                     names = fh.keys()  # safe_open handles are not iterable
                     for key in names:
                         self.where[key] = f
+                        self.file_key[key] = key
                         self.shapes[key] = tuple(fh.get_slice(key).get_shape())
             except Exception as exc:  # safetensors raises its own error type (and OSError for unreadable files)
                 raise CorruptWeightsError(
@@ -206,7 +208,7 @@ class WeightsReader:
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as fh:
                     for k in ks:
-                        t = fh.get_tensor(k)
+                        t = fh.get_tensor(self.file_key[k])
                         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                             t = t.to(dtype)
                         out[k] = t.to(device)
@@ -220,7 +222,15 @@ class WeightsReader:
         """Every tensor the model (skeleton) expects is present with the shape its config implies.
 
         ``from_pretrained`` would silently random-initialise missing tensors; that must be an error here.
+        Checkpoint names are first mapped to the model's with transformers' renaming rules for the family.
         """
+        from daprune.models.checkpoint_keys import renamer
+
+        rename = renamer(model)
+        old = (self.where, self.shapes, self.file_key)
+        self.where = {rename(k): v for k, v in old[0].items()}
+        self.shapes = {rename(k): v for k, v in old[1].items()}
+        self.file_key = {rename(k): v for k, v in old[2].items()}
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         tied = tied_lm_head_key(model)
         missing = [k for k in expected if k not in self.shapes and k != tied]
@@ -547,6 +557,7 @@ class StreamingStore(ResidentStore):
         if i in self._loaded:
             return self.adapter.block(i)
         layer = self.adapter.layers()[i]
+        self.adapter.block(i).to_native()  # tensors are read under the family's own names
         pre = self.block_prefix(i)
         keys = [pre + k for k in layer.state_dict()]
         on = self.device if self.placement.device_map is None else torch.device("cpu")
@@ -554,11 +565,11 @@ class StreamingStore(ResidentStore):
         block = self.adapter.block(i)
         assign_tensors(layer, tensors)  # the skeleton already has the source's (maybe per-layer) shapes
         del tensors
+        block.to_canonical()  # before dispatch: accelerate's hooks must sit on the modules that run
         if self.placement.device_map is not None:
             self._dispatch(layer, self.placement.device_map)
         self._hooks[i] = self.acts.hook(layer)
         self._loaded.add(i)
-        block.to_canonical()
         return block
 
     @staticmethod

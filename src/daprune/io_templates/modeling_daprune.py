@@ -41,7 +41,7 @@ def _resized(module: nn.Module, shape) -> nn.Module:
     raise TypeError(f"cannot resize a {type(module).__name__}")
 
 
-def _set(root: nn.Module, dotted: str, value) -> None:
+def set_path(root: nn.Module, dotted: str, value) -> None:
     """Set a dotted attribute; a path through ``config`` gets that module its own config copy first."""
     parts = dotted.split(".")
     obj = root
@@ -76,7 +76,7 @@ def resize_block(block: nn.Module, record: dict) -> None:
         attributes = {"self_attn.num_key_value_groups":
                       int(record["num_attention_heads"]) // int(record["num_key_value_heads"])}
     for name, value in (attributes or {}).items():
-        _set(block, name, value)
+        set_path(block, name, value)
 
 
 def _add_biases(block: nn.Module, names) -> None:
@@ -129,7 +129,26 @@ FAMILIES = {
 }
 CLASSES = {model_type: name for model_type, (name, _) in FAMILIES.items()}
 
+def _share_renamings(name: str, parent: str) -> None:
+    """Give the subclass its parent's checkpoint renaming rules (e.g. GPT-NeoX's embed_out -> lm_head).
+
+    transformers looks the rules up by class name and skips custom-code classes without their own entry,
+    so without this a tensor the family renames would be silently missing.
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # older transformers: no renaming rules
+        return
+    rules = get_checkpoint_conversion_mapping(parent)
+    if rules:
+        register_checkpoint_conversion_mapping(name, rules, overwrite=True)
+
+
 for _name, _parent in FAMILIES.values():  # one subclass per family this transformers version has
     if hasattr(transformers, _parent):
         globals()[_name] = type(_name, (DaprunePerLayerShapes, getattr(transformers, _parent)),
                                 {"__doc__": f"{_parent} with per-layer head counts and FFN widths."})
+        _share_renamings(_name, _parent)

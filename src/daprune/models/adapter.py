@@ -254,8 +254,10 @@ class BlockAdapter(ABC):
 
 
 def _set_dotted(root: nn.Module, name: str, value) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, value)
+    """The remote code's own setter: a path through ``config`` gives that module its own config copy."""
+    from daprune.io_templates.modeling_daprune import set_path
+
+    set_path(root, name, value)
 
 
 class ModelAdapter(ABC):
@@ -295,6 +297,13 @@ class ModelAdapter(ABC):
         """Config flag that gives all ``kind`` ("attention"/"mlp") linears a bias, or None if the family has none."""
         return None
 
+    def native_biases(self, kind: str) -> bool:
+        """Whether every block's ``kind`` level-2 linear always has a bias in this family (GPT-2, NeoX's MLP).
+
+        Such biases need neither a config flag nor a ``daprune_extra_biases`` entry.
+        """
+        return False
+
     def ensure_biases(self, kind: str) -> bool:
         """Make ``kind``'s biases model-wide: zeros where missing in every block, and the config flag set.
 
@@ -331,7 +340,7 @@ class ModelAdapter(ABC):
         blocks = [self.block(i) for i in range(self.n_layers)]
         for kind in ("attention", "mlp"):
             level2 = [(b, b.attn_out() if kind == "attention" else b.ffn_out()) for b in blocks]
-            if not any(lin.bias is not None for _, lin in level2):
+            if not any(lin.bias is not None for _, lin in level2) or self.native_biases(kind):
                 continue
             kinds.append(kind)
             if self.ensure_biases(kind):

@@ -83,5 +83,8 @@ class GPT2Adapter(ModelAdapter):
     def layers(self) -> nn.ModuleList:
         return self.model.transformer.h
 
+    def native_biases(self, kind: str) -> bool:
+        return True  # every Conv1D has a bias
+
     def block(self, index: int, layer: nn.Module | None = None) -> GPT2Block:
         return GPT2Block(self.layers()[index] if layer is None else layer, index)

@@ -72,3 +72,6 @@ class GPTNeoXAdapter(ModelAdapter):
     def bias_flag(self, kind: str) -> str | None:
         # attention biases follow ``attention_bias``; the MLP's linears always have biases
         return "attention_bias" if kind == "attention" else None
+
+    def native_biases(self, kind: str) -> bool:
+        return kind == "mlp"
