@@ -360,3 +360,28 @@ def test_streaming_prune_equals_in_memory(family, tmp_path):
     for a, b in zip(streamed.report["layers"], in_memory.report["layers"], strict=True):
         assert (a["kept_heads"], a["kept_channels"]) == (b["kept_heads"], b["kept_channels"])
     assert torch.equal(logits(streamed.model), logits(in_memory.model))
+
+
+@pytest.mark.parametrize("criterion", ["paper", "paper-uncentred", "authors"])
+def test_gated_only_criteria_are_refused_on_plain_ffns(criterion):
+    """The paper's SwiGLU score has no meaning without a gate: refused before calibration, naming the fix."""
+    from daprune.errors import ConfigError
+
+    model = tiny("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="gated FFNs .* --ffn-criterion second-moment"):
+        _prune(model, sparsity=0.2, ffn_criterion=criterion)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_taylor_gradients_on_fused_and_plain_blocks(family):
+    """LLM-Pruner's Taylor score works on transposed (GPT-2) and fused gated (Phi-3) weights, and the
+    gradient pass leaves the model in its native form with its requires_grad flags."""
+    dense = tiny(family)
+    model = copy.deepcopy(dense)
+    result = _prune(model, sparsity=0.2, ffn_criterion="taylor-e1", head_criterion="taylor-e1")
+    assert any(rec["kept_channels"] < INTER for rec in result.report["layers"][:3])
+    names = set(result.model.state_dict())
+    assert names == set(dense.state_dict())  # native names again
+    assert all(p.requires_grad for p in result.model.parameters())

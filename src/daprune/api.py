@@ -198,12 +198,14 @@ class _Run:
     def prepare_streaming(self) -> None:
         from daprune.models.adapter import get_adapter
         from daprune.models.loading import DTYPES
+        from daprune.pipeline import check_criteria_fit
         from daprune.streaming import StreamingStore, build_skeleton, plan_placement
 
         t = time.perf_counter()
         dtype = DTYPES[self.cfg.dtype]
         self.model = build_skeleton(self.source.path, dtype)
         self.adapter = get_adapter(self.model)  # unsupported architecture: refused before any weight is read
+        check_criteria_fit(self.adapter, self.cfg)
         self.reader.check_against(self.model)
         parse_layers(self.cfg.layers, self.adapter.n_layers)
         self.tokenizer = load_tokenizer(Path(self.source.path))
@@ -214,6 +216,7 @@ class _Run:
     def prepare_resident(self, model, tokenizer) -> None:
         from daprune.models.adapter import get_adapter
         from daprune.models.loading import DTYPES, load_model
+        from daprune.pipeline import check_criteria_fit
         from daprune.streaming import ResidentStore, build_skeleton
 
         t = time.perf_counter()
@@ -228,6 +231,7 @@ class _Run:
         model.eval()
         self.model, self.tokenizer = model, tokenizer
         self.adapter = get_adapter(model)
+        check_criteria_fit(self.adapter, self.cfg)
         parse_layers(self.cfg.layers, self.adapter.n_layers)  # empty range -> ConfigError before any work
         dev = next(model.parameters()).device
         self.store = ResidentStore(self.adapter, self._activations(dev))

@@ -446,6 +446,22 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
                           blocks_before, blocks_after)
 
 
+def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
+    """Refuse, before any work, a criterion that is undefined for this family's blocks (plain FFNs)."""
+    names = [cfg.ffn_criterion] + ([cfg.head_criterion] if cfg.head_criterion not in ("similarity", "none") else [])
+    gated = [n for n in names if get_criterion(n).gated_only]
+    if not gated:
+        return
+    for i in parse_layers(cfg.layers, adapter.n_layers):
+        block = _canonical(adapter, i)
+        plain = not block.gated
+        block.to_native()
+        if plain:
+            raise ConfigError(f"criterion {gated[0]!r} is defined for gated FFNs (SwiGLU/GeGLU) only, but the "
+                              f"FFN of this {adapter.config.model_type} model is plain (one input projection); "
+                              "use --ffn-criterion second-moment (the same idea on the FFN output's real input)")
+
+
 def _canonical(adapter: ModelAdapter, index: int) -> BlockAdapter:
     """Block ``index`` in canonical form (fused/transposed weights as plain linears), for accounting."""
     block = adapter.block(index)

@@ -24,6 +24,7 @@ class Criterion:
     name: str = ""
     needs: frozenset[str] = frozenset()
     data_free: bool = False
+    gated_only: bool = False  # defined only for gated FFNs (SwiGLU / GeGLU: a gate and an up projection)
 
     def __init__(self, seed: int = 0, **options):
         self.seed = seed

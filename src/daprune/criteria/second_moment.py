@@ -41,6 +41,7 @@ class SecondMoment(Criterion):
 class PaperSecondMoment(SecondMoment):
     name = "paper"
     needs = frozenset({"ffn_in", "o_in"})
+    gated_only = True  # the score is the product of the gate's and the up projection's terms
     centred = True
 
     def sigma(self, stats: BlockStats) -> torch.Tensor:

@@ -32,9 +32,10 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def block_linears(block: BlockAdapter) -> dict[str, torch.nn.Linear]:
+    """The block's linears by role; a plain FFN's one level-1 linear is "up" (it has no gate)."""
     q, k, v = block.attn_in()
-    gate, up = block.ffn_in()
-    return {"q": q, "k": k, "v": v, "o": block.attn_out(), "gate": gate, "up": up, "down": block.ffn_out()}
+    level1 = dict(zip(("gate", "up") if block.gated else ("up",), block.ffn_in(), strict=True))
+    return {"q": q, "k": k, "v": v, "o": block.attn_out(), **level1, "down": block.ffn_out()}
 
 
 def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 8,
@@ -45,9 +46,12 @@ def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.
     get ``requires_grad`` (no gradient buffers for embeddings / norms); every parameter's flag is restored
     and ``.grad`` cleared afterwards, so the model leaves exactly as it came.
     """
-    linears = {(i, r): lin for i in range(adapter.n_layers) for r, lin in block_linears(adapter.block(i)).items()}
+    blocks = [adapter.block(i) for i in range(adapter.n_layers)]
+    for b in blocks:  # fused / transposed weights as the plain linears the pipeline will score
+        b.to_canonical()
+    linears = {(b.index, r): lin for b in blocks for r, lin in block_linears(b).items()}
     params = list(model.parameters())
-    saved = [p.requires_grad for p in params]
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}  # by name: fused modules are rebuilt
     acc = {key: torch.zeros(lin.weight.shape, dtype=torch.float32) for key, lin in linears.items()}
     dev = next(model.parameters()).device
     n, seqlen = ids.shape
@@ -71,8 +75,12 @@ def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.
                     acc[key] += lin.weight.grad.float().cpu()
                     lin.weight.grad = None
     finally:
-        for p, flag in zip(params, saved, strict=True):
-            p.requires_grad_(flag)
+        for lin in linears.values():
+            lin.weight.grad = None
+        for b in blocks:
+            b.to_native()
+        for name, p in model.named_parameters():  # native modules again
+            p.requires_grad_(saved.get(name, p.requires_grad))
             p.grad = None
         model.train(was_training)
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -103,7 +111,8 @@ class _Taylor(Criterion):
         return w * g
 
     def ffn_scores(self, block: BlockAdapter, stats: BlockStats) -> torch.Tensor:
-        rows = sum(self.reduce(self._salience(block, stats, role), 1) for role in ("gate", "up"))
+        level1 = ("gate", "up") if block.gated else ("up",)
+        rows = sum(self.reduce(self._salience(block, stats, role), 1) for role in level1)
         return rows + self.reduce(self._salience(block, stats, "down"), 0)
 
     def head_scores(self, block: BlockAdapter, stats: BlockStats) -> torch.Tensor:
