@@ -99,7 +99,7 @@ def run_worker(gguf: Path, task_file: Path, threads: int, timeout: int = 1200) -
 def hf_side(folder: str, text_ids, windows, speed_prompt, new_tokens: int) -> dict:
     import torch
 
-    from daprune.io import load_pruned
+    from daprune.loader import load_pruned
 
     model, _ = load_pruned(folder)
     with torch.no_grad():

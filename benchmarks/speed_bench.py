@@ -7,7 +7,7 @@ Usage::
                                                 [--device cpu|cuda|auto]
 
 For every channel multiple it runs ``daprune.api.prune`` (default settings otherwise), saves the
-result with ``daprune.io.save_pruned``, reloads the folder the way ``daprune bench`` does and times
+result with ``daprune.output.save_pruned``, reloads the folder the way ``daprune bench`` does and times
 dense vs pruned in each dtype (alternating repeats, medians; see ``daprune.evaluation.bench``).
 Writes ``docs/speed.json`` and ``docs/speed.md`` and prints the tables.
 """

@@ -20,8 +20,8 @@ from daprune.evaluation.bench import (
     summarise,
     weight_bytes,
 )
-from daprune.io import save_pruned
 from daprune.models.adapter import get_adapter
+from daprune.output import save_pruned
 
 METRIC_KEYS = {"params", "weight_bytes", "macs_per_token", "macs_linear", "macs_attention", "prefill_b1_tok_s",
                "prefill_b8_tok_s", "decode_tok_s", "median_s", "times_s"}

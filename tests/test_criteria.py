@@ -281,7 +281,7 @@ def test_flap_pruned_model_reloads(tmp_path, schedule):
     from transformers import AutoModelForCausalLM
 
     from daprune.api import prune
-    from daprune.io import load_pruned
+    from daprune.loader import load_pruned
 
     model = tiny_model(layers=3)
     res = prune(model=model, tokenizer=CharTokenizer(), calibration="random", nsamples=8, seqlen=24, layers="0:",
@@ -335,7 +335,7 @@ def test_adaptive_plans_meet_budget():
     from daprune.adaptive import adaptive_plans
     from daprune.config import PruneConfig
     from daprune.schedule import channel_params, head_unit_params
-    from daprune.streaming import ResidentStore
+    from daprune.stores import ResidentStore
 
     model = tiny_model(layers=5)
     adapter = get_adapter(model)

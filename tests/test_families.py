@@ -17,7 +17,7 @@ from conftest import CharTokenizer
 
 import daprune
 from daprune.models.adapter import get_adapter
-from daprune.streaming import ResidentStore
+from daprune.stores import ResidentStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

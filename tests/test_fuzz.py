@@ -454,8 +454,8 @@ def _safetensors_enospc(*_a, **_k):
 
 
 @pytest.mark.parametrize("target,fault,where", [
-    ("daprune.io.write_remote_code", _enospc, "the output folder"),  # OSError ENOSPC
-    ("daprune.streaming.write_streaming_output", _safetensors_enospc, "the output folder"),  # safetensors' error
+    ("daprune.output.write_remote_code", _enospc, "the output folder"),  # OSError ENOSPC
+    ("daprune.output.write_streaming_output", _safetensors_enospc, "the output folder"),  # safetensors' error
 ])
 def test_disk_full_while_writing_output_keeps_work_and_resumes(capsys, model_dir, tmp_path, monkeypatch, target,
                                                                fault, where):

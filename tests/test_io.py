@@ -14,8 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import daprune
 from daprune.api import prune
 from daprune.errors import ModelSourceError, OutputError
-from daprune.io import MODELING_FILE, load_pruned, modeling_template, save_pruned
+from daprune.loader import load_pruned
 from daprune.models.adapter import get_adapter
+from daprune.output import MODELING_FILE, modeling_template, save_pruned
 
 IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(3))
 ARCHS = ["llama", "qwen2", "mistral"]

@@ -97,8 +97,9 @@ def test_saved_non_uniform_model_is_scored_from_trimmed_logits(one_thread, tmp_p
     """A pruned folder, loaded either way, keeps logits_to_keep, so the saving applies to it."""
     from transformers import AutoModelForCausalLM
 
-    from daprune.io import load_pruned, save_pruned
+    from daprune.loader import load_pruned
     from daprune.models.adapter import get_adapter
+    from daprune.output import save_pruned
 
     model = tiny_model(vocab=96)
     adapter = get_adapter(model)

@@ -12,7 +12,7 @@ from daprune.models.adapter import get_adapter
 from daprune.recovery import objective, ridge_solve
 from daprune.schedule import candidate_plans, channel_params, head_unit_params
 from daprune.stats import Moments
-from daprune.streaming import ResidentStore
+from daprune.stores import ResidentStore
 
 
 def test_ridge_solve_recovers_exact_linear_map():

@@ -156,7 +156,7 @@ def test_extra_recovery_samples_feed_the_refit_statistics_only(one_thread):
     model = tiny_model()
     adapter = get_adapter(model)
     x = torch.randn(6, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    from daprune.streaming import ResidentStore
+    from daprune.stores import ResidentStore
 
     ctx = ResidentStore(adapter).layer_inputs(16)[1]
     block = adapter.block(1)

@@ -100,14 +100,14 @@ def test_crash_anywhere_then_resume(src, reference, tmp_path, monkeypatch, block
 
 def test_crash_while_writing_output_then_resume(src, reference, tmp_path, monkeypatch):
     """All blocks done, killed while assembling the folder: the rerun only assembles it."""
-    import daprune.io as io
+    import daprune.output as output
 
     out = tmp_path / "out"
 
     def boom(_tmp):
         raise Crash("assembling")
 
-    monkeypatch.setattr(io, "write_remote_code", boom)
+    monkeypatch.setattr(output, "write_remote_code", boom)
     with pytest.raises(Crash):
         main(["prune", "--model", str(src), "--out", str(out), *ARGS])
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
@@ -217,15 +217,15 @@ def test_adaptive_schedule_resumes_with_its_saved_plans(src, tmp_path, monkeypat
 
 
 def test_kill9_during_output_assembly_leaves_nothing_behind(tmp_path):
-    """A kill -9 inside io.atomic_dir orphans its temp folder (and, mid-overwrite, the old output); the next
+    """A kill -9 inside output.atomic_dir orphans its temp folder (and, mid-overwrite, the old output); the next
     atomic_dir for that output removes the dead process's leftovers and nothing else."""
     import shutil
 
-    from daprune.checkpoint import owner_tag
-    from daprune.io import atomic_dir
+    from daprune.atomic import owner_tag
+    from daprune.output import atomic_dir
 
     out = tmp_path / "out"
-    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom daprune.io import atomic_dir\n"
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom daprune.output import atomic_dir\n"
             "with atomic_dir(sys.argv[1]) as tmp:\n    (Path(tmp) / 'half.safetensors').write_bytes(b'x')\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=240)

@@ -29,7 +29,7 @@ def _tied_model():
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from daprune.io import load_pruned
+    from daprune.loader import load_pruned
 
     return load_pruned(folder)[0].state_dict()
 
@@ -124,7 +124,7 @@ def test_sharded_source_with_index(tmp_path):
 
 def test_only_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
     """Memory independent of depth: at most one block holds real tensors at any moment."""
-    from daprune.streaming import StreamingStore
+    from daprune.stores import StreamingStore
 
     save_model(tiny_model(layers=6), tmp_path / "src", tokenizer=False)
     seen: list[int] = []
@@ -152,7 +152,7 @@ def test_streaming_refused_where_impossible(tmp_path):
 
 
 def test_device_resolution():
-    from daprune.streaming import resolve_device
+    from daprune.devices import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
@@ -169,32 +169,33 @@ def test_multi_gpu_placement_splits_an_oversized_block(monkeypatch):
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
 
-    import daprune.streaming as st
+    import daprune.devices as devices
 
     with init_empty_weights():
         layer = tiny_model(layers=1).model.layers[0]
     size = compute_module_sizes(layer, dtype=torch.float32)[""]
     children = {name for name, _ in layer.named_children()}
-    monkeypatch.setattr(st, "resolve_device", lambda spec: torch.device("cuda", 0))
-    one = st.plan_placement("auto", layer, torch.float32, free_memory={0: size * 10, 1: size})
+    monkeypatch.setattr(devices, "resolve_device", lambda spec: torch.device("cuda", 0))
+    one = devices.plan_placement("auto", layer, torch.float32, free_memory={0: size * 10, 1: size})
     assert one.device_map is None and one.device == torch.device("cuda", 0)
     # 0.8 x the block per GPU: accelerate keeps room for the largest part on the first GPU, so three are needed
-    split = st.plan_placement("auto", layer, torch.float32, free_memory={i: int(size * 2.4) for i in range(3)})
+    split = devices.plan_placement("auto", layer, torch.float32, free_memory={i: int(size * 2.4) for i in range(3)})
     assert split.device_map is not None and set(split.device_map) == children  # attention and MLP never split
     assert len(set(split.device_map.values())) == 2 and "cpu" not in split.device_map.values()
     assert split.device == torch.device("cuda", min(split.device_map.values()))
     # two such GPUs are too few: the part that fits on neither goes to the CPU
-    mixed = st.plan_placement("auto", layer, torch.float32,
+    mixed = devices.plan_placement("auto", layer, torch.float32,
                               free_memory={0: int(size * 2.4), 1: int(size * 2.4), "cpu": size * 30})
     assert mixed.device_map is not None and set(mixed.device_map) == children
     assert "cpu" in mixed.device_map.values() and mixed.device.type == "cuda"
     with pytest.raises(DeviceError, match="more than the visible GPUs offer"):
-        st.plan_placement("auto", layer, torch.float32, free_memory={0: size // 4, 1: size // 4})
-    cpu = st.plan_placement("auto", layer, torch.float32, free_memory={0: size // 4, 1: size // 4, "cpu": size * 30})
+        devices.plan_placement("auto", layer, torch.float32, free_memory={0: size // 4, 1: size // 4})
+    cpu = devices.plan_placement("auto", layer, torch.float32,
+                                 free_memory={0: size // 4, 1: size // 4, "cpu": size * 30})
     assert cpu.device_map is None and cpu.device == torch.device("cpu")  # fits nowhere but the CPU
     with pytest.raises(DeviceError, match="more than the visible GPUs and the free CPU memory offer"):
-        st.plan_placement("auto", layer, torch.float32, free_memory={0: size // 4, 1: size // 4, "cpu": size})
-    fixed = st.plan_placement("cuda", layer, torch.float32, free_memory={0: 1, 1: 1})
+        devices.plan_placement("auto", layer, torch.float32, free_memory={0: size // 4, 1: size // 4, "cpu": size})
+    fixed = devices.plan_placement("cuda", layer, torch.float32, free_memory={0: 1, 1: 1})
     assert fixed.device_map is None  # an explicit device is never split
 
 
@@ -202,7 +203,8 @@ def test_multi_gpu_placement_splits_an_oversized_block(monkeypatch):
 def test_device_map_execution_is_bit_identical(tmp_path, monkeypatch, kind):
     """The device-map branch (dispatch_model hooks in load, their removal in release), run on the CPU only:
     the placement is forced to a device map whose parts are all on "cpu"; weights equal a plain streaming run."""
-    import daprune.streaming as st
+    import daprune.devices as devices
+    import daprune.stores as stores
 
     src = save_model(tiny_model(layers=3), tmp_path / "src")
     settings = {**FAST, "layers": "0:"}
@@ -212,11 +214,11 @@ def test_device_map_execution_is_bit_identical(tmp_path, monkeypatch, kind):
         if kind == "per-child":
             device_map = {name: "cpu" for name, _ in layer.named_children()}
         else:
-            device_map = st.block_device_map(layer, dtype, {"cpu": 10**9})
-        return st.Placement(torch.device("cpu"), device_map)
+            device_map = devices.block_device_map(layer, dtype, {"cpu": 10**9})
+        return devices.Placement(torch.device("cpu"), device_map)
 
     hooked: list[bool] = []
-    orig_load, orig_release = st.StreamingStore.load, st.StreamingStore.release
+    orig_load, orig_release = stores.StreamingStore.load, stores.StreamingStore.release
 
     def load(self, i):
         block = orig_load(self, i)
@@ -228,9 +230,9 @@ def test_device_map_execution_is_bit_identical(tmp_path, monkeypatch, kind):
         layer = self.adapter.layers()[i]
         assert not any(hasattr(m, "_hf_hook") for m in layer.modules()) and "to" not in layer.__dict__
 
-    monkeypatch.setattr(st, "plan_placement", placement)
-    monkeypatch.setattr(st.StreamingStore, "load", load)
-    monkeypatch.setattr(st.StreamingStore, "release", release)
+    monkeypatch.setattr(devices, "plan_placement", placement)
+    monkeypatch.setattr(stores.StreamingStore, "load", load)
+    monkeypatch.setattr(stores.StreamingStore, "release", release)
     res = prune(model=str(src), out=str(tmp_path / "mapped"), **settings)
     assert res.report["execution"]["streaming"]
     assert hooked and all(hooked)
@@ -244,7 +246,7 @@ def test_cpu_activations_with_moving_hooks(tmp_path, monkeypatch):
 
     Without a GPU the two devices coincide, so force the hooks on to check they keep results identical.
     """
-    from daprune.streaming import Activations
+    from daprune.activations import Activations
 
     monkeypatch.setattr(Activations, "moves", property(lambda self: True))
     a, b = _pair(tmp_path, tiny_model(layers=3), layers="0:", activations="cpu")

@@ -21,7 +21,7 @@ def __getattr__(name: str):
 
         return prune
     if name == "load":
-        from daprune.io import load_pruned
+        from daprune.loader import load_pruned
 
         return load_pruned
     if name == "evaluate":

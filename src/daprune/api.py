@@ -4,7 +4,7 @@ Two execution modes share one block loop (:func:`daprune.pipeline.run_pipeline`)
 
 * **streaming** (default when the source is a local safetensors folder, incl. the cached default model,
   and an output folder is given): blocks are read from disk one at a time, so memory does not grow
-  with depth (:mod:`daprune.streaming`);
+  with depth (:mod:`daprune.stores`);
 * **in memory**: the whole model is loaded (hub ids, model objects passed in, criteria that need
   gradients of the whole model, ``--no-streaming``).
 
@@ -54,7 +54,7 @@ class PruneResult:
     @property
     def model(self) -> torch.nn.Module | None:
         if self._model is None and self.out is not None:
-            from daprune.io import load_pruned
+            from daprune.loader import load_pruned
 
             dtype = self.report.get("settings", {}).get("dtype", "float32")
             self._model, _ = load_pruned(self.out, dtype=dtype)
@@ -88,10 +88,12 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     ``work_dir`` (default ``OUT.daprune-work``), ``activations`` (``device`` | ``cpu`` | ``disk``: where the
     two activation streams live), ``extra(tmp)`` (adds files to the output folder before it appears).
     """
+    from daprune.activations import ACTIVATION_MODES
     from daprune.checkpoint import WorkDir, default_work_dir, source_fingerprint
-    from daprune.io import check_output, probe_writable
+    from daprune.devices import resolve_device
     from daprune.models.loading import resolve_source
-    from daprune.streaming import ACTIVATION_MODES, WeightsReader, count_parameters, resolve_device
+    from daprune.output import check_output, probe_writable
+    from daprune.weights import WeightsReader, count_parameters
 
     if isinstance(model, (str, os.PathLike)):  # a source (folder, .gguf, hub id), not a loaded model
         settings["model"], model = str(model), None
@@ -196,10 +198,12 @@ class _Run:
 
     # -- loading -------------------------------------------------------------------------------------------
     def prepare_streaming(self) -> None:
+        from daprune.devices import plan_placement
+        from daprune.loader import build_skeleton
         from daprune.models.adapter import get_adapter
         from daprune.models.loading import DTYPES
         from daprune.pipeline import check_criteria_fit
-        from daprune.streaming import StreamingStore, build_skeleton, plan_placement
+        from daprune.stores import StreamingStore
 
         t = time.perf_counter()
         dtype = DTYPES[self.cfg.dtype]
@@ -214,10 +218,11 @@ class _Run:
         self.timings["load_s"] = time.perf_counter() - t
 
     def prepare_resident(self, model, tokenizer) -> None:
+        from daprune.loader import build_skeleton
         from daprune.models.adapter import get_adapter
         from daprune.models.loading import DTYPES, load_model
         from daprune.pipeline import check_criteria_fit
-        from daprune.streaming import ResidentStore, build_skeleton
+        from daprune.stores import ResidentStore
 
         t = time.perf_counter()
         if model is None:
@@ -238,7 +243,7 @@ class _Run:
         self.timings["load_s"] = time.perf_counter() - t
 
     def _activations(self, device: torch.device):
-        from daprune.streaming import Activations
+        from daprune.activations import Activations
 
         folder = None
         if self.activations == "disk":
@@ -325,20 +330,13 @@ class _Run:
 
     # -- writing -------------------------------------------------------------------------------------------
     def write(self, out, overwrite: bool, report: dict, extra) -> Path:
-        from daprune.io import atomic_dir, save_pruned, write_json, write_remote_code
-        from daprune.streaming import write_streaming_output
+        from daprune.output import model_weights, streamed_weights, write_output
 
-        if not self.store.streaming:
-            return save_pruned(self.model, self.tokenizer, out, report, overwrite=overwrite, extra=extra)
-        with atomic_dir(out, overwrite) as tmp:
-            write_streaming_output(self.store, self.work.block_file, tmp)
-            write_remote_code(tmp)
-            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(tmp)
-            write_json(tmp / "report.json", report)
-            if extra is not None:
-                extra(tmp)
-        return Path(out)
+        if self.store.streaming:
+            weights = streamed_weights(self.store, self.work.block_file)
+        else:
+            weights = model_weights(self.model)
+        return write_output(out, weights, self.tokenizer, report, overwrite=overwrite, extra=extra)
 
     def cleanup(self) -> None:
         if self._scratch is not None:
@@ -542,15 +540,6 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
     finally:
         if was and not enabled:
             hf_logging.enable_progress_bar()
-
-
-def rewrite_report(out: str | os.PathLike, report: dict) -> None:
-    """Replace ``out/report.json`` atomically (e.g. to add evaluation results after the folder exists)."""
-    from daprune.checkpoint import atomic_write_bytes
-    from daprune.io import _json_default
-
-    data = json.dumps(report, indent=2, default=_json_default) + "\n"
-    atomic_write_bytes(Path(out) / "report.json", data.encode())
 
 
 def _needs(name: str) -> frozenset[str]:

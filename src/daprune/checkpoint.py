@@ -12,9 +12,9 @@ otherwise) the run keeps, after every finished block:
   BlockRecords so far, the adaptive plans, and the run's *identity*: every setting, a fingerprint of the
   model source and a digest of the calibration token ids.
 
-Every file is written to a temporary name, fsynced and ``os.replace``-d into place, and ``state.json``
-is written last, so a kill at any instant leaves either the previous commit or the new one, never a
-half-written one. A rerun with the same identity continues after the last committed block; with a
+Every file is written to a temporary name, fsynced and ``os.replace``-d into place (:mod:`daprune.atomic`),
+and ``state.json`` is written last, so a kill at any instant leaves either the previous commit or the new
+one, never a half-written one. A rerun with the same identity continues after the last committed block; with a
 different identity it refuses (``ResumeError``, naming what differs) unless ``--no-resume`` discards
 the folder. Per-block RNG seeds come from (seed, block index), so a resumed run draws exactly what the
 uninterrupted one would have, and its output files are byte-identical.
@@ -33,13 +33,13 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from daprune.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json, fsync_file, pid_alive
 from daprune.errors import ResumeError
 
 log = logging.getLogger(__name__)
@@ -54,65 +54,6 @@ def default_work_dir(out: str | os.PathLike) -> Path:
     """``OUT.daprune-work`` beside the output: same filesystem, so shards can be hard-linked into place."""
     out = Path(out).expanduser()
     return out.with_name(out.name + WORK_SUFFIX)
-
-
-# -- atomic file writes -------------------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _tmp_name(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either its old content or all of ``data``, never a prefix."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors ``save_file`` through a temp name + fsync + rename (tensors are made contiguous on CPU)."""
-    from safetensors.torch import save_file
-
-    tmp = _tmp_name(path)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata or {"format": "pt"})
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 # -- identity of a run --------------------------------------------------------------------------------------
@@ -241,7 +182,7 @@ class WorkDir:
             pid = int(lock.read_text().strip())
         except (OSError, ValueError):
             pid = None
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
             raise ResumeError(f"another daprune process (pid {pid}) is using the work folder {self.path}")
         atomic_write_bytes(lock, str(os.getpid()).encode())
         self._lock = lock
@@ -355,57 +296,6 @@ class WorkDir:
         shutil.rmtree(self.path, ignore_errors=True)
         self.state = None
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie or a reused pid still counts as alive: refusing is the safe side; the message names the pid
-    return Path(f"/proc/{pid}").exists() if Path("/proc").is_dir() else True
-
-
-# -- temp folders beside an output (io.atomic_dir) ------------------------------------------------------------
-def owner_tag() -> str:
-    """``PID-HOST`` for temp names: which process owns a temp folder (HOST: 8 hex digits of the host name).
-
-    The host part keeps a process on another machine (an output folder on a shared filesystem) from
-    judging a folder by a pid that means nothing on this one.
-    """
-    import socket
-
-    return f"{os.getpid()}-{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}"
-
-
-def remove_stale_siblings(out: Path) -> list[Path]:
-    """Delete ``.OUT.tmp-PID-HOST-*`` / ``.OUT.old-PID-HOST`` left beside ``out`` by a killed process.
-
-    ``io.atomic_dir`` names its temp folder (and, on --overwrite, the replaced output) this way; a
-    ``kill -9`` while the output is assembled leaves them behind. Only folders whose owner is a dead
-    process on this host are removed: this process's, a live one's, another host's, and names without
-    an owner (older versions) are kept. Returns what was removed.
-    """
-    import re
-
-    pid_s, host = owner_tag().split("-")
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-([0-9a-f]{{8}})(?:-.*)?")
-    removed = []
-    try:
-        siblings = list(out.parent.iterdir())
-    except OSError:
-        return removed
-    for p in siblings:
-        m = pattern.fullmatch(p.name)
-        if m is None or m[2] != host or not p.is_dir() or p.is_symlink():
-            continue
-        if int(m[1]) == int(pid_s) or _alive(int(m[1])):
-            continue
-        log.warning("removing %s, left by a killed daprune process (pid %s)", p, m[1])
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
 
 
 def _test_kill(block: int, phase: str) -> None:

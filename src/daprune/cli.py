@@ -123,7 +123,7 @@ def cmd_prune(args) -> int:
 
     fields = {k: getattr(args, k) for k in PruneConfig.__dataclass_fields__ if hasattr(args, k)}
     cfg = PruneConfig(**fields)
-    from daprune.io import check_output
+    from daprune.output import check_output
 
     cfg.validate()
     check_output(args.out, args.overwrite)  # refuse before minutes of work, not after
@@ -136,8 +136,8 @@ def cmd_prune(args) -> int:
                    overwrite=args.overwrite, streaming=args.streaming, resume=args.resume, work_dir=args.work_dir,
                    activations=args.activations, extra=plot)
     if args.eval_ppl:
-        from daprune.api import rewrite_report
         from daprune.evaluation.perplexity import evaluate
+        from daprune.output import rewrite_report
 
         result.report["eval"] = evaluate(result.model, result.tokenizer, ppl=args.eval_ppl, data_dir=args.data_dir,
                                          max_windows=args.max_windows, progress=not args.quiet)

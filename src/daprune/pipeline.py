@@ -30,7 +30,7 @@ from daprune.stats import BlockStats, Moments
 
 if TYPE_CHECKING:
     from daprune.checkpoint import WorkDir
-    from daprune.streaming import ResidentStore
+    from daprune.stores import ResidentStore
 
 log = logging.getLogger(__name__)
 
@@ -344,11 +344,12 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     """Prune ``adapter.model`` in place, block by block, from calibration token ids.
 
     ``store`` decides how blocks are obtained: resident (default, the whole model in memory) or streamed
-    from disk one at a time (:class:`daprune.streaming.StreamingStore`), and where the activation
+    from disk one at a time (:class:`daprune.stores.StreamingStore`), and where the activation
     streams live. ``work`` (a :class:`daprune.checkpoint.WorkDir`) checkpoints every finished block and,
     if it holds an interrupted run, continues after its last finished block.
     """
-    from daprune.streaming import LoadingAdapter, ResidentStore, count_parameters
+    from daprune.stores import LoadingAdapter, ResidentStore
+    from daprune.weights import count_parameters
 
     t0 = time.perf_counter()
     store = store or ResidentStore(adapter)

@@ -280,8 +280,8 @@ def baseline_source(model_dir: str) -> str:
 
 
 def load_for_bench(source: str, dtype: str, device: str, cache: str | None = None) -> nn.Module:
-    """Any model source; local folders go through daprune.io so non-uniform ones need no remote code."""
-    from daprune.io import load_pruned
+    """Any model source; local folders go through daprune.loader so non-uniform ones need no remote code."""
+    from daprune.loader import load_pruned
     from daprune.models.loading import load_model, resolve_source
 
     src = resolve_source(source, cache)

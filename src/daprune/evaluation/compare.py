@@ -201,7 +201,7 @@ def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluato
             progress: bool = False, memory: PeakRSS | None = None) -> dict:
     """Load fresh, prune (unless Dense), evaluate; return the row's record with its full report settings."""
     from daprune.api import prune
-    from daprune.streaming import count_parameters
+    from daprune.weights import count_parameters
 
     memory = memory or PeakRSS()
     gc.collect()

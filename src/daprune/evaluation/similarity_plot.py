@@ -67,7 +67,7 @@ def graphs_from_model(model, tokenizer, blocks: list[int], *, calibration: str =
     from daprune.criteria.similarity import JSAccumulator
     from daprune.data.calibration import calibration_tokens
     from daprune.models.adapter import get_adapter
-    from daprune.streaming import ResidentStore
+    from daprune.stores import ResidentStore
 
     adapter = get_adapter(model)
     bad = [b for b in blocks if not 0 <= b < adapter.n_layers]

@@ -332,7 +332,7 @@ class ModelAdapter(ABC):
         (Mistral, Qwen2, Qwen3's MLP) only the level-2 linear of every block gets a bias (zeros where it had
         none) and its name inside the block ("self_attn.o_proj", "mlp.down_proj") is recorded in
         ``config.daprune_extra_biases``: vanilla transformers cannot build such biases for these families, so
-        ``daprune.load`` and the remote code (which ``io.write_remote_code`` then ships even for uniform
+        ``daprune.load`` and the remote code (which ``output.write_remote_code`` then ships even for uniform
         shapes) rebuild them from that list.
         """
         kinds: list[str] = []

@@ -151,7 +151,7 @@ def load_model(
     cache: str | os.PathLike | None = None,
     tokenizer_required: bool = True,
 ):
-    """Load ``(model, tokenizer, ModelSource)``; pruned non-uniform folders load through daprune.io.
+    """Load ``(model, tokenizer, ModelSource)``; pruned non-uniform folders load through daprune.loader.
 
     A local folder without tokenizer files (see :func:`has_tokenizer`) is a TokenizerError, or, with
     ``tokenizer_required=False`` (pruning with random ids needs none), gives tokenizer None.
@@ -160,7 +160,7 @@ def load_model(
 
     src = resolve_source(source, cache)
     if src.kind != "hub" and _needs_daprune_loader(Path(src.path)):
-        from daprune.io import load_pruned
+        from daprune.loader import load_pruned
 
         model, tok = load_pruned(src.path, dtype=dtype, device=device)
         return model, tok, src
@@ -193,6 +193,6 @@ def _needs_daprune_loader(folder: Path) -> bool:
     cfg = folder / "config.json"
     if not cfg.is_file():
         return False
-    from daprune.io import needs_remote_code
+    from daprune.loader import needs_remote_code
 
     return needs_remote_code(json.loads(cfg.read_text()))

@@ -1,0 +1,132 @@
+"""Crash-safe writing: files that hold either their old content or all of the new, never a prefix.
+
+Why: a run can be killed at any instant (``kill -9``, out of memory, a pre-empted job), and both the
+work folder (:mod:`daprune.checkpoint`) and the output folder (:mod:`daprune.output`) must then still be
+usable or recognisably left over. Every file goes to a temporary name, is fsynced and ``os.replace``-d
+into place; temp folders carry their owner (:func:`owner_tag`), so that what a killed process left
+behind is removed by the next run (:func:`remove_stale_siblings`) and a live one's never is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _tmp_name(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either its old content or all of ``data``, never a prefix."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors ``save_file`` through a temp name + fsync + rename (tensors are made contiguous on CPU)."""
+    from safetensors.torch import save_file
+
+    tmp = _tmp_name(path)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata or {"format": "pt"})
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie or a reused pid still counts as alive: refusing is the safe side; the message names the pid
+    return Path(f"/proc/{pid}").exists() if Path("/proc").is_dir() else True
+
+
+def owner_tag() -> str:
+    """``PID-HOST`` for temp names: which process owns a temp folder (HOST: 8 hex digits of the host name).
+
+    The host part keeps a process on another machine (an output folder on a shared filesystem) from
+    judging a folder by a pid that means nothing on this one.
+    """
+    import socket
+
+    return f"{os.getpid()}-{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}"
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Delete ``.OUT.tmp-PID-HOST-*`` / ``.OUT.old-PID-HOST`` left beside ``out`` by a killed process.
+
+    ``output.atomic_dir`` names its temp folder (and, on --overwrite, the replaced output) this way; a
+    ``kill -9`` while the output is assembled leaves them behind. Only folders whose owner is a dead
+    process on this host are removed: this process's, a live one's, another host's, and names without
+    an owner (older versions) are kept. Returns what was removed.
+    """
+    import re
+
+    pid_s, host = owner_tag().split("-")
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-([0-9a-f]{{8}})(?:-.*)?")
+    removed = []
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m is None or m[2] != host or not p.is_dir() or p.is_symlink():
+            continue
+        if int(m[1]) == int(pid_s) or pid_alive(int(m[1])):
+            continue
+        log.warning("removing %s, left by a killed daprune process (pid %s)", p, m[1])
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

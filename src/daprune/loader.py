@@ -1,0 +1,150 @@
+"""Turning a model folder into a model: whole (:func:`load_pruned`) or as a weightless skeleton.
+
+Why one module: a daprune output may have per-layer shapes (``config.daprune_layers``) and biases its
+family's config cannot express (``config.daprune_extra_biases``); every way of building a model from such
+a folder (``daprune.load``, evaluation, and a pruned folder used again as a streaming source) must give
+the freshly built blocks those shapes before the weights go in. :func:`reshape_layers` does that with
+the remote code's own ``resize_block``, so the two cannot drift. Weights are read from safetensors only,
+never from pickles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from daprune.errors import ModelSourceError
+from daprune.models.adapter import EXTRA_BIASES_KEY
+
+log = logging.getLogger(__name__)
+
+
+def needs_remote_code(config) -> bool:
+    """Whether a saved config (dict or transformers config) describes a model vanilla transformers cannot build.
+
+    True for per-layer shapes (``daprune_layers``) and for extra biases (``daprune_extra_biases``): FLAP's
+    compensation biases on o_proj / down_proj of Mistral, Qwen2 and Qwen3's MLP, whose configs have no flag
+    for them. Vanilla ``from_pretrained`` (``trust_remote_code=False``) would build those linears without a
+    bias, skip the saved bias tensors as unexpected keys and give wrong logits even when shapes are uniform.
+    """
+    def get(key):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    return bool(get("daprune_layers") or get(EXTRA_BIASES_KEY))
+
+
+
+def load_pruned(folder: str | os.PathLike, *, dtype: str = "float32", device: str = "cpu"):
+    """Load a daprune output folder, including non-uniform ones, without remote code.
+
+    Returns ``(model, tokenizer)``; the tokenizer is None when the folder has none (tiny test models).
+    Weights are read from safetensors only, never from pickles.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from daprune.models.loading import DTYPES
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder} is not a model folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelSourceError(f"{folder} has no .safetensors weights")
+    # trust_remote_code=False: the folder's own transformers classes, never its modeling_daprune.py
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    if not needs_remote_code(config):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=False)
+    else:
+        model = _load_nonuniform(folder, config, getattr(config, "daprune_layers", None), DTYPES[dtype])
+    return model.to(device).eval(), _load_tokenizer(folder)
+
+
+def _load_nonuniform(folder: Path, config, layers: list[dict] | None, dtype: torch.dtype):
+    """Build the dense skeleton, slice it to the recorded shapes and add the recorded extra biases, then load
+    the safetensors state (strictly: a tensor the skeleton has no place for is an error, not a silent drop)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from daprune.models.adapter import get_adapter
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    reshape_layers(get_adapter(model), layers)
+    from daprune.models.checkpoint_keys import renamed
+
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(renamed(state, model), strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ModelSourceError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model
+
+
+def _load_tokenizer(folder: Path):
+    """The folder's tokenizer, or None when it was saved without one."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / n).is_file() for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def reshape_layers(adapter, layers: list[dict] | None) -> None:
+    """Shrink freshly initialised blocks to the per-layer records in the config (``layers``; None keeps the
+    shapes) and give every block the extra biases listed in ``config.daprune_extra_biases``.
+
+    The resizing is the remote code's own (``modeling_daprune.resize_block``): one implementation for
+    ``trust_remote_code`` loading, ``daprune.load`` and a pruned folder used as a streaming source.
+    """
+    from daprune.io_templates.modeling_daprune import resize_block
+
+    add_extra_biases(adapter)
+    if layers is None:
+        return
+    if len(layers) != adapter.n_layers:
+        raise ModelSourceError(f"config.daprune_layers has {len(layers)} entries for {adapter.n_layers} layers")
+    for layer, record in zip(adapter.layers(), layers, strict=True):
+        resize_block(layer, record)
+
+
+def add_extra_biases(adapter) -> None:
+    """Zero biases (filled by the weights) on the linears named in ``config.daprune_extra_biases``, every block."""
+    names = list(getattr(adapter.config, EXTRA_BIASES_KEY, None) or [])
+    for i in range(adapter.n_layers if names else 0):
+        block = adapter.block(i)
+        for name in names:
+            block.ensure_bias(name)
+
+
+def build_skeleton(folder: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
+    """The model's module tree on the meta device (shapes only), with the folder's generation config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from daprune.models.adapter import get_adapter
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelSourceError(f"cannot read the model config of {folder}: {exc}") from exc
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # on meta tensors from_config leaves tied embeddings as two Parameters; tie them again
+    model.eval()
+    if (folder / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except Exception as exc:  # a broken generation config should not stop pruning
+            log.warning("ignoring unreadable generation_config.json: %s", exc)
+    layers = getattr(config, "daprune_layers", None)
+    # a daprune output used as source: give the skeleton its per-layer shapes and extra (FLAP) biases
+    reshape_layers(get_adapter(model), layers or None)
+    return model
