@@ -26,8 +26,11 @@ def summary(report: dict) -> str:
     s = report["settings"]
     head = [
         f"model          {report.get('model_source') and report['model_source']['origin'] or s['model']}",
-        f"parameters     {p['before']:,} -> {p['after']:,}  (removed {p['achieved_sparsity']:.2%}, "
-        f"requested {p['requested_sparsity']:.2%})",
+        f"parameters     {p['before']:,} -> {p['after']:,}  (removed {p['achieved_sparsity']:.2%}"
+        + (f", requested {p['requested_sparsity']:.2%})" if p.get("sparsity_basis", "total") == "total" else ")"),
+        *([f"blocks         {p['blocks_before']:,} -> {p['blocks_after']:,}  (removed "
+           f"{p['achieved_block_sparsity']:.2%} of the decoder blocks, requested {p['requested_sparsity']:.2%})"]
+          if p.get("sparsity_basis") == "blocks" else []),
         f"criteria       FFN {s['ffn_criterion']}, heads {s['head_criterion']} (split {s['head_split']}, "
         f"tau {s['tau']}), recovery {s['recovery']}",
         f"calibration    {report['calibration']['source']}: {s['nsamples']} x {s['seqlen']} tokens, seed {s['seed']}",

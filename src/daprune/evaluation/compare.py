@@ -427,6 +427,9 @@ def add_parser(sub) -> dict:
     p.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--sparsity", type=float, default=d.sparsity)
     p.add_argument("--layers", default=d.layers)
+    p.add_argument("--sparsity-basis", choices=("total", "blocks"), default=d.sparsity_basis,
+                   help="--sparsity of all parameters (total) or of the decoder blocks' parameters (blocks)")
+    p.add_argument("--kv-groups", action="store_true", help="GQA models may also lose whole KV groups")
     p.add_argument("--rows", default=None,
                    help=f"comma-separated subset ({', '.join(ROW_BY_KEY)}), 'all', or default (the paper's rows)")
     p.add_argument("--calibration", default=d.calibration,
@@ -561,12 +564,14 @@ def cmd_compare(args) -> int:
         args.max_windows = None
     base = PruneConfig(model=args.model, sparsity=args.sparsity, layers=args.layers, calibration=args.calibration,
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, tau=args.tau,
-                       head_split=args.head_split, batch_size=args.batch_size)
+                       head_split=args.head_split, batch_size=args.batch_size,
+                       sparsity_basis=args.sparsity_basis, kv_groups=args.kv_groups)
     base.validate()
     rows = select_rows(args.rows)
     zeroshot = _zeroshot_fn(args)
     meta = {"command": shlex.join(sys.argv),
-            "model": args.model, "sparsity": args.sparsity, "max_windows": args.max_windows, "ppl": args.ppl,
+            "model": args.model, "sparsity": args.sparsity, "sparsity_basis": args.sparsity_basis,
+            "max_windows": args.max_windows, "ppl": args.ppl,
             "tasks": args.tasks, "limit": args.limit, "zeroshot_dtype": args.zeroshot_dtype, "threads": _threads(),
             "window_note": "evenly spaced subset of the non-overlapping 128-token windows"
             if args.max_windows else "all windows"}
