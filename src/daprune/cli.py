@@ -54,9 +54,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="uniform ratio per block (paper) or adaptive across blocks (FLAP-style)")
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
-                   help="auto: obs with >= 4 calibration tokens per FFN channel, else greedy; "
+                   help="auto: with --ffn-criterion second-moment, obs with >= 4 calibration tokens per FFN channel, "
+                        "else greedy; with any other criterion, score; "
                         "score: rank by the criterion; greedy: exact output error incl. correlations; "
-                        "obs: greedy with least-squares compensation")
+                        "obs: greedy with least-squares compensation (greedy and obs need second-moment)")
     p.add_argument("--obs-damp", type=float, default=d.obs_damp)
     p.add_argument("--head-split", choices=HEAD_SPLITS, default=d.head_split,
                    help="auto: heads vs channels by measured output error; paper: same ratio; ffn-only")

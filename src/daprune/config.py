@@ -38,6 +38,9 @@ SPARSITY_BASES = ("total", "blocks")
 # FFN channel it overfits (held-out LAMBADA, SmolLM2 at 20%: obs 86.9 with 2k tokens vs greedy 79.3;
 # obs 68.7 with 8k tokens), so "auto" falls back to greedy selection.
 OBS_MIN_TOKENS_PER_CHANNEL = 4
+# the FFN criterion whose question greedy/OBS selection answers exactly (the output energy of the removed
+# channels): under ``selection="auto"`` only this criterion hands the choice of removed channels to greedy/OBS
+OUTPUT_CRITERION = "second-moment"
 
 
 @dataclass
@@ -96,6 +99,11 @@ class PruneConfig:
             raise ConfigError(f"unknown head split {self.head_split!r}; choose from {', '.join(HEAD_SPLITS)}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
+        if self.selection in ("greedy", "obs") and self.ffn_criterion != OUTPUT_CRITERION:
+            raise ConfigError(f"--selection {self.selection} chooses every removed FFN channel by the output error, so "
+                              f"--ffn-criterion {self.ffn_criterion} would only order the kept ones "
+                              "and change nothing; use --selection score (or auto) with it, or --ffn-criterion "
+                              f"{OUTPUT_CRITERION}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.recovery_prior not in ("zero", "original"):
@@ -127,6 +135,13 @@ class PruneConfig:
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         parse_layers(self.layers, 10**6)  # syntax only; the range is checked against the model later
+
+    def ffn_selection(self) -> str:
+        """The FFN selection rule before the per-block token check: "auto" stays "auto" (greedy or OBS)
+        only for the output criterion; any other criterion is asked for, so its scores decide ("score")."""
+        if self.selection == "auto" and self.ffn_criterion != OUTPUT_CRITERION:
+            return "score"
+        return self.selection
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -76,9 +76,14 @@ class BlockPruner:
         self.use_similarity = cfg.head_criterion == "similarity"
 
     def selection(self, block: BlockAdapter) -> str:
-        """The FFN selection rule for this block; "auto" picks OBS only with enough tokens."""
-        if self.cfg.selection != "auto":
-            return self.cfg.selection
+        """The FFN selection rule for this block; "auto" picks OBS only with enough tokens.
+
+        A non-default ``--ffn-criterion`` turns "auto" into "score" (PruneConfig.ffn_selection): greedy/OBS
+        would pick every removed channel and leave the chosen criterion nothing to decide.
+        """
+        rule = self.cfg.ffn_selection()
+        if rule != "auto":
+            return rule
         enough = self.ntokens >= OBS_MIN_TOKENS_PER_CHANNEL * block.n_channels
         return "obs" if enough else "greedy"
 
