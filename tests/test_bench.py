@@ -143,13 +143,14 @@ def gpu_count(monkeypatch):
     def set_count(n: int) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return set_count
 
 
 def test_device_auto_prefers_cuda(gpu_count):
     gpu_count(1)
-    assert resolve_device("auto") == "cuda"
-    assert resolve_device("cuda") == "cuda" and resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == "cuda:0"
+    assert resolve_device("cuda") == "cuda:0" and resolve_device("cpu") == "cpu"
     gpu_count(0)
     assert resolve_device("auto") == "cpu"
 
@@ -161,7 +162,7 @@ def test_device_cuda_without_gpu_is_a_clear_error(gpu_count, folders, capsys):
     _, pruned = folders
     assert main(["bench", "--model", str(pruned), "--device", "cuda", "--repeats", "1"]) == 2
     err = capsys.readouterr().err
-    assert "--device cuda: no CUDA device is available" in err and "Traceback" not in err
+    assert "--device cuda: no CUDA device is visible" in err and "Traceback" not in err
 
 
 def _speed_bench():

@@ -199,7 +199,7 @@ class _Run:
     # -- loading -------------------------------------------------------------------------------------------
     def prepare_streaming(self) -> None:
         from daprune.devices import plan_placement
-        from daprune.loader import build_skeleton
+        from daprune.loader import build_skeleton, load_tokenizer
         from daprune.models.adapter import get_adapter
         from daprune.models.loading import DTYPES
         from daprune.pipeline import check_criteria_fit
@@ -359,19 +359,6 @@ class _SpecialIds:
         eos = pick("eos_token_id")
         self.eos_token_id = eos[0] if isinstance(eos, list) and eos else eos
         self.pad_token_id = pick("pad_token_id")
-
-
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer, None when it has none; a broken one is a TokenizerError, not a traceback."""
-    from transformers import AutoTokenizer
-
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((folder / n).is_file() for n in names):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:
-        raise TokenizerError(f"cannot load the tokenizer in {folder}: {exc}") from exc
 
 
 def check_tokenizer(tokenizer, calibration: str) -> None:

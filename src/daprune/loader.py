@@ -59,7 +59,7 @@ def load_pruned(folder: str | os.PathLike, *, dtype: str = "float32", device: st
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=False)
     else:
         model = _load_nonuniform(folder, config, getattr(config, "daprune_layers", None), DTYPES[dtype])
-    return model.to(device).eval(), _load_tokenizer(folder)
+    return model.to(device).eval(), load_tokenizer(folder)
 
 
 def _load_nonuniform(folder: Path, config, layers: list[dict] | None, dtype: torch.dtype):
@@ -86,14 +86,19 @@ def _load_nonuniform(folder: Path, config, layers: list[dict] | None, dtype: tor
     return model
 
 
-def _load_tokenizer(folder: Path):
-    """The folder's tokenizer, or None when it was saved without one."""
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer, None when it has none; a broken one is a TokenizerError, not a traceback."""
     from transformers import AutoTokenizer
+
+    from daprune.errors import TokenizerError
 
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((folder / n).is_file() for n in names):
         return None
-    return AutoTokenizer.from_pretrained(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise TokenizerError(f"cannot load the tokenizer in {folder}: {exc}") from exc
 
 
 def reshape_layers(adapter, layers: list[dict] | None) -> None:

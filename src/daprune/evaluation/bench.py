@@ -261,11 +261,10 @@ def format_bench(result: dict) -> str:
 
 # -- command line --------------------------------------------------------------------------------------
 def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return name
+    """The device as torch names it (``cuda:0``), resolved by daprune's one device resolver."""
+    from daprune.devices import resolve_device as resolve
+
+    return str(resolve(name))
 
 
 def baseline_source(model_dir: str) -> str:
