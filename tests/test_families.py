@@ -193,7 +193,7 @@ def test_uniform_prune_loads_in_vanilla_transformers(family, tmp_path):
     assert torch.equal(logits(vanilla), logits(result.model))
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_streaming_equals_in_memory(family, tmp_path):
     tiny(family).save_pretrained(tmp_path / "src")
     streamed = _prune(str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True, head_split="paper")
