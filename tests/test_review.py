@@ -69,3 +69,43 @@ def test_default_criterion_keeps_greedy_and_obs():
     assert PruneConfig(ffn_criterion="l1").ffn_selection() == "score"
     for rule in ("score", "greedy", "obs"):
         assert PruneConfig(selection=rule).ffn_selection() == rule
+
+
+# -- item 4: centred moments on high-mean channels -----------------------------------------------------------------
+def _reference_cov(x: torch.Tensor) -> torch.Tensor:
+    """Two-pass float64 population covariance, written out independently of Moments."""
+    x = x.double()
+    xc = x - x.sum(0) / x.shape[0]
+    return xc.T @ xc / x.shape[0]
+
+
+def test_covariance_of_a_high_mean_channel_matches_float64():
+    """A channel of mean 1e4 and std 1 next to ordinary ones, fed in uneven batches: fp32 E[xx^T] - mm^T
+    would lose the variance entirely (E[x^2] = 1e8 has a resolution of 8 in fp32)."""
+    from daprune.stats import Moments
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 5, generator=g, dtype=torch.float64)
+    x[:, 0] = 1e4 + x[:, 0]
+    x[:, 1] = -3e3 + 2 * x[:, 1] + 0.5 * x[:, 0]  # high mean too, and correlated with channel 0
+    x32 = x.float()  # what the model hands over; the reference sees the same fp32 values
+    mom = Moments("high-mean")
+    for a, b in [(0, 1), (1, 700), (700, 701), (701, 2048), (2048, 3000)]:
+        mom.update(x32[a:b])
+    ref = _reference_cov(x32)
+    torch.testing.assert_close(mom.cov.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mom.var.double(), torch.diagonal(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mom.mean.double(), x32.double().mean(0), rtol=1e-6, atol=1e-3)
+    naive = mom.second - torch.outer(mom.mean, mom.mean)  # the old formula: wrong by far more than the tolerance
+    assert abs(float(naive[0, 0]) - float(ref[0, 0])) > 0.05
+
+
+def test_variance_only_moments_refuse_the_full_covariance():
+    from daprune.errors import NumericalError
+    from daprune.stats import Moments
+
+    mom = Moments("diag", full_cov=False)
+    mom.update(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    torch.testing.assert_close(mom.var, torch.tensor([1.0, 4.0]))
+    with pytest.raises(NumericalError, match="full covariance"):
+        _ = mom.cov

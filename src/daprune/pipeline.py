@@ -74,6 +74,8 @@ class BlockPruner:
         self.target = target
         self.grads = grads or {}
         self.use_similarity = cfg.head_criterion == "similarity"
+        # roles whose full centred covariance a criterion reads (a second Gram matmul: only where needed)
+        self.cov_roles = ffn_crit.needs_cov | (head_crit.needs_cov if head_crit is not None else frozenset())
 
     def selection(self, block: BlockAdapter) -> str:
         """The FFN selection rule for this block; "auto" picks OBS only with enough tokens.
@@ -104,8 +106,9 @@ class BlockPruner:
                "down_in": [dense.ffn_out()]}
         n_score = min(self.n_score or xp.shape[0], xp.shape[0])
         split = n_score < xp.shape[0]
-        moments = {r: Moments(f"block {block.index} {r}") for r in roles}
-        fit = {r: Moments(f"block {block.index} {r} (re-fit)") for r, pair in roles.items() if pair and split}
+        moments = {r: Moments(f"block {block.index} {r}", full_cov=r in self.cov_roles) for r in roles}
+        fit = {r: Moments(f"block {block.index} {r} (re-fit)", full_cov=False) for r, pair in roles.items()
+               if pair and split}
         need_dense = any(roles.values())
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair for i, m in enumerate(tgt[r])}
         bs = self.cfg.batch_size

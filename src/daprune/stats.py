@@ -14,9 +14,17 @@ from daprune.errors import NumericalError
 
 
 class Moments:
-    """Running E[x], E[x x^T] and, optionally, E[x y^T] for paired targets y."""
+    """Running E[x], E[x x^T] and, optionally, E[x y^T] for paired targets y.
 
-    def __init__(self, name: str = ""):
+    The centred statistics (``var``, ``cov``) are *not* derived from the raw fp32 Gram: E[x x^T] - m m^T
+    cancels catastrophically on high-mean channels (mean 1e4, std 1: fp32 keeps E[x^2] = 1e8 to about
+    +-8, so the variance comes out as noise). They are accumulated centred instead, merging each batch's
+    fp64 mean and centred sums by Chan et al.'s pairwise rule. The per-channel variance costs O(tokens x
+    width) and is always kept; the full covariance costs a second Gram matmul, so the pipeline asks for it
+    (``full_cov``) only where a criterion reads it. The raw sums are untouched, so ``second`` is unchanged.
+    """
+
+    def __init__(self, name: str = "", full_cov: bool = True):
         self.name = name
         self.n = 0
         self.sum: torch.Tensor | None = None
@@ -24,6 +32,10 @@ class Moments:
         self.cross: torch.Tensor | None = None
         self.ysum: torch.Tensor | None = None
         self.ysq = 0.0
+        self.full_cov = full_cov
+        self._mean64: torch.Tensor | None = None  # fp64 running mean (Chan merge)
+        self._m2_diag: torch.Tensor | None = None  # fp64 sum of squared deviations, per channel
+        self._m2: torch.Tensor | None = None  # fp64 centred Gram sum (x - mean)(x - mean)^T, when full_cov
 
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -42,7 +54,28 @@ class Moments:
             self.cross += x.T @ y
             self.ysum += y.sum(0)
             self.ysq += float(y.pow(2).sum())
+        self._merge_centred(x)
         self.n += x.shape[0]
+
+    def _merge_centred(self, x: torch.Tensor) -> None:
+        """Chan's merge of this batch's mean and centred sums into the running ones (before ``n`` grows)."""
+        nb, na = x.shape[0], self.n
+        if nb == 0:
+            return
+        xd = x.double()
+        mb = xd.mean(0)
+        xc = xd - mb
+        m2b_diag = xc.pow(2).sum(0)
+        m2b = (xc.float().T @ xc.float()).double() if self.full_cov else None  # centred: fp32 matmul is exact enough
+        if self._mean64 is None:
+            self._mean64, self._m2_diag, self._m2 = mb, m2b_diag, m2b
+            return
+        delta = mb - self._mean64
+        w = na * nb / (na + nb)
+        self._mean64 = self._mean64 + delta * (nb / (na + nb))
+        self._m2_diag = self._m2_diag + m2b_diag + delta.pow(2) * w
+        if self.full_cov:
+            self._m2 = self._m2 + m2b + torch.outer(delta, delta) * w
 
     @property
     def mean(self) -> torch.Tensor:
@@ -54,10 +87,20 @@ class Moments:
         return self.gram / self.n
 
     @property
+    def var(self) -> torch.Tensor:
+        """Per-channel (population) variance, accumulated centred in fp64; fp32 like the other statistics."""
+        return (self._m2_diag / self.n).float()
+
+    @property
     def cov(self) -> torch.Tensor:
-        """Mean-centred covariance (what the paper's text calls Sigma)."""
-        m = self.mean
-        return self.second - torch.outer(m, m)
+        """Mean-centred (population) covariance, what the paper's text calls Sigma; accumulated centred.
+
+        Needs ``full_cov=True``: computing it from the raw Gram is exactly the cancellation avoided here.
+        """
+        if self._m2 is None:
+            raise NumericalError(f"{self.name or 'these moments'}: the full covariance was not accumulated "
+                                 "(Moments(full_cov=False)); read .var for the per-channel variance")
+        return (self._m2 / self.n).float()
 
     @property
     def cross_mean(self) -> torch.Tensor:

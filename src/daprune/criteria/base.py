@@ -23,6 +23,7 @@ class Criterion:
 
     name: str = ""
     needs: frozenset[str] = frozenset()
+    needs_cov: frozenset[str] = frozenset()  # roles whose full centred covariance (Moments.cov) the scores read
     data_free: bool = False
     gated_only: bool = False  # defined only for gated FFNs (SwiGLU / GeGLU: a gate and an up projection)
 

@@ -31,7 +31,7 @@ from daprune.stats import BlockStats, Moments
 
 def fluctuation(weight: torch.Tensor, mom: Moments) -> torch.Tensor:
     """Var(X_j) * ||W[:, j]||^2 for every input column j (variance over calibration tokens)."""
-    var = torch.diagonal(mom.cov).clamp_min(0)
+    var = mom.var.clamp_min(0)  # accumulated centred: no E[x^2] - m^2 cancellation on high-mean channels
     return var * weight.float().pow(2).sum(0)
 
 

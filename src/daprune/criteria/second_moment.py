@@ -41,6 +41,7 @@ class SecondMoment(Criterion):
 class PaperSecondMoment(SecondMoment):
     name = "paper"
     needs = frozenset({"ffn_in", "o_in"})
+    needs_cov = frozenset({"ffn_in"})
     gated_only = True  # the score is the product of the gate's and the up projection's terms
     centred = True
 
@@ -58,6 +59,7 @@ class PaperSecondMoment(SecondMoment):
 class PaperUncentred(PaperSecondMoment):
     name = "paper-uncentred"
     centred = False
+    needs_cov = frozenset()
 
 
 @register
