@@ -109,3 +109,54 @@ def test_variance_only_moments_refuse_the_full_covariance():
     torch.testing.assert_close(mom.var, torch.tensor([1.0, 4.0]))
     with pytest.raises(NumericalError, match="full covariance"):
         _ = mom.cov
+
+
+# -- item 3: OBS chunks never take both halves of a duplicate pair -------------------------------------------------
+def _duplicate_pairs_problem(pairs: int = 40, single: int = 80, out: int = 24, tokens: int = 4000):
+    """Activations and down_proj columns where channel 2i+1 is an exact copy of channel 2i (same input, same
+    column): either alone is free to remove (the twin takes over its output), both together are not."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(tokens, pairs + single, generator=g, dtype=torch.float64)
+    h = torch.cat([base[:, :pairs].repeat_interleave(2, 1), base[:, pairs:]], 1)
+    dcols = torch.randn(out, pairs + single, generator=g, dtype=torch.float64)
+    d = torch.cat([dcols[:, :pairs].repeat_interleave(2, 1), dcols[:, pairs:]], 1)
+    return h, d
+
+
+def _compensated_residual(h: torch.Tensor, d: torch.Tensor, removed: list[int]) -> float:
+    """Relative output error after the best least-squares re-fit of the kept columns (numpy-free lstsq)."""
+    keep = [i for i in range(h.shape[1]) if i not in set(removed)]
+    y = h @ d.T
+    w = torch.linalg.lstsq(h[:, keep], y).solution
+    return float((h[:, keep] @ w - y).norm() / y.norm())
+
+
+def test_obs_removes_only_one_of_each_duplicate_pair():
+    from daprune.selection import obs_order
+
+    h, d = _duplicate_pairs_problem()
+    second = (h.T @ h / h.shape[0]).float()
+    count = 40  # > steps: chunks of 2, so the old top-k chunk took a pair's two identical costs together
+    order, w = obs_order(d.float(), second, count, damp=1e-6)
+    assert len(set(order)) == count
+    pairs_hit = [c // 2 for c in order]
+    assert all(c < 80 for c in order), "only duplicates are free"
+    assert len(set(pairs_hit)) == count, "both halves of a pair removed"
+    assert _compensated_residual(h, d, order) < 1e-6  # every removed channel's twin carries its output
+    both = [0, 1] + list(range(2, 2 * (count - 1), 2))  # what removing a whole pair would cost, for scale
+    assert _compensated_residual(h, d, both) > 0.05
+
+
+def test_obs_chunk_is_sequential_obs_within_its_pool():
+    """With one chunk for everything, the picks equal one-at-a-time OBS (steps=count) on a random problem."""
+    from daprune.selection import obs_order
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(500, 30, generator=g)
+    h[:, 7] = h[:, 3] + 0.01 * torch.randn(500, generator=g)
+    d = torch.randn(6, 30, generator=g)
+    second = h.T @ h / 500
+    one_by_one, w1 = obs_order(d, second, 5, damp=1e-4, steps=5)
+    chunked, w2 = obs_order(d, second, 5, damp=1e-4, steps=1)
+    assert chunked == one_by_one
+    torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-5)

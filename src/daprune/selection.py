@@ -39,10 +39,11 @@ def obs_order(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1
               steps: int = 32) -> tuple[list[int], torch.Tensor]:
     """Removal order with least-squares compensation; returns it and the compensated weight [out, in].
 
-    Channels leave in about ``steps`` chunks, each the cheapest by the current OBS cost
-    ||W_:,j||^2 / [S^-1]_jj, followed by one joint Schur-complement update (BLAS matmuls; removing
-    one channel per step costs ~45 s per SmolLM2 block on a busy 2-core CPU, chunks ~1 s). The
-    returned weight has the removed columns at zero and the kept ones compensated.
+    Channels leave in about ``steps`` chunks followed by one joint Schur-complement update each (BLAS
+    matmuls; removing one channel per full update costs ~45 s per SmolLM2 block on a busy 2-core CPU,
+    chunks ~1 s). A chunk is chosen one channel at a time (:func:`_pick_chunk`), re-costing after each
+    pick, so of two duplicate channels (each free while the other stays) only one goes. The returned
+    weight has the removed columns at zero and the kept ones compensated.
     """
     w = d.double().clone()
     s = second.double()
@@ -52,9 +53,7 @@ def obs_order(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1
     chunk = max(1, -(-count // steps))
     order: list[int] = []
     while len(order) < count:
-        cost = w.pow(2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)
-        cost[dead] = float("inf")
-        b = torch.topk(cost, min(chunk, count - len(order)), largest=False).indices
+        b = _pick_chunk(w, hinv, dead, min(chunk, count - len(order)))
         order += b.tolist()
         inv_bb = torch.linalg.inv(hinv[b][:, b])
         rows = hinv[b]  # [k, I]
@@ -64,3 +63,41 @@ def obs_order(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1
         w[:, b] = 0.0
         hinv[b, b] = 1.0  # keep removed indices inert (their rows and columns are now zero)
     return order, w.float()
+
+
+def _obs_cost(w: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
+    """OBS cost of removing each column alone: ||W_:,j||^2 / [S^-1]_jj."""
+    return w.pow(2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)
+
+
+def _pick_chunk(w: torch.Tensor, hinv: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
+    """Up to ``k`` channels, picked one at a time by exact sequential OBS within a small candidate pool.
+
+    Ranking all channels by their individual cost once would take two duplicate channels together: each is
+    free while its twin stays, but not both. So the pool (the ``2k + 8`` individually cheapest) is updated
+    after every pick with the same rank-1 OBS step the full matrices get, restricted to the pool
+    (O(pool^2) per pick). The chunk ends early when the next pick would cost more than the cheapest
+    channel outside the pool, whose cost the pool cannot track.
+    """
+    cost = _obs_cost(w, hinv)
+    cost[dead] = float("inf")
+    alive = int((~dead).sum())
+    p = min(alive, 2 * k + 8)
+    ranked = torch.topk(cost, min(alive, p + 1), largest=False).indices
+    pool, outside = ranked[:p], (float(cost[ranked[p]]) if len(ranked) > p else float("inf"))
+    hp = hinv[pool][:, pool].clone()
+    wp = w[:, pool].clone()
+    free = torch.ones(p, dtype=torch.bool)
+    picked: list[int] = []
+    while len(picked) < k:
+        c = _obs_cost(wp, hp)
+        c[~free] = float("inf")
+        j = int(torch.argmin(c))
+        if picked and float(c[j]) > outside:
+            break
+        picked.append(j)
+        free[j] = False
+        col = hp[:, j].clone()
+        wp -= torch.outer(wp[:, j], col) / hp[j, j]
+        hp -= torch.outer(col, col) / hp[j, j]
+    return pool[torch.tensor(picked, dtype=torch.long)]
