@@ -160,3 +160,56 @@ def test_obs_chunk_is_sequential_obs_within_its_pool():
     chunked, w2 = obs_order(d, second, 5, damp=1e-4, steps=1)
     assert chunked == one_by_one
     torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-5)
+
+
+# -- item 2: per-block errors on held-out calibration rows ---------------------------------------------------------
+def _state_hash(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("kw", [dict(recovery="paper"), dict(nsamples=16), dict(nsamples=6, recovery="post")])
+def test_heldout_rows_change_nothing_but_the_report(kw, one_thread):
+    """Held-out rows ride along in both streams but no statistic sees them: same kept channels, same weights,
+    same fit-row errors (nsamples=6 with batch 4: the last fit batch is partial, the held-out rows start a new one)."""
+    plain = _prune(tiny_model(), sparsity=0.25, **kw)
+    held = _prune(tiny_model(), sparsity=0.25, heldout_nsamples=3, **kw)
+    assert _state_hash(plain.model) == _state_hash(held.model)
+    assert plain.report["kept_channels"] == held.report["kept_channels"]
+    for a, b in zip(plain.report["layers"], held.report["layers"], strict=True):
+        assert (a["kept_heads"], a["error"], a["error_no_recovery"]) == (b["kept_heads"], b["error"],
+                                                                          b["error_no_recovery"])
+        assert a["error_heldout"] is None
+        assert b["error_heldout"] is not None or not b["pruned"]
+    assert held.report["calibration"]["heldout"]["nsamples"] == 3
+
+
+def test_heldout_error_shows_the_refit_overfit(one_thread):
+    """The paper's re-fit on 2 x 32 tokens (fewer than the 96-wide FFN: underdetermined least squares) lowers
+    every block's error on its own rows and raises it on held-out rows; with 48 x 32 tokens the same re-fit
+    lowers the held-out error too. Only the held-out columns tell the two apart."""
+    few = _prune(tiny_model(), sparsity=0.25, recovery="paper", nsamples=2, heldout_nsamples=4)
+    rows = [r for r in few.report["layers"] if r["pruned"]]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["error"] < r["error_no_recovery"], r  # what the fit-row errors alone report: recovery helps
+        assert r["error_heldout"] > r["error_no_recovery_heldout"], r  # it hurts on rows it did not see
+    many = _prune(tiny_model(), sparsity=0.25, recovery="paper", nsamples=48, heldout_nsamples=8)
+    for r in (r for r in many.report["layers"] if r["pruned"]):
+        assert r["error_heldout"] < r["error_no_recovery_heldout"], r
+
+
+def test_summary_table_shows_heldout_columns(one_thread):
+    from daprune.report import layer_table
+
+    res = _prune(tiny_model(), sparsity=0.25, recovery="paper", heldout_nsamples=2)
+    table = layer_table(res.report["layers"])
+    assert "out held-out" in table.splitlines()[0] and "no-rec held-out" in table.splitlines()[0]
+    first = next(r for r in res.report["layers"] if r["pruned"])
+    assert f"{first['error_heldout']:.4g}" in table.splitlines()[2]
+    assert "held-out" not in layer_table(_prune(tiny_model(), sparsity=0.25).report["layers"])

@@ -36,6 +36,7 @@ from daprune.errors import ConfigError, DapruneError, NumericalError, TokenizerE
 log = logging.getLogger(__name__)
 
 RECOVERY_SEED_OFFSET = 7919  # seed of the re-fit's extra calibration samples: seed + this
+HELDOUT_SEED_OFFSET = 104729  # seed of the held-out calibration samples (--heldout-nsamples): seed + this
 
 
 class PruneResult:
@@ -283,6 +284,13 @@ class _Run:
             ids = torch.cat([ids, more])
             info["recovery_extra"] = {"nsamples": extra, "seed": more_info["seed"],
                                       "used_for": "least-squares re-fit statistics only, not scores"}
+        if cfg.heldout_nsamples:  # last rows: no statistic sees them, each block's error is measured on them
+            held, held_info = calibration_tokens(cfg.calibration, gen_model, tok, cfg.heldout_nsamples, cfg.seqlen,
+                                                 cfg.seed + HELDOUT_SEED_OFFSET, data_dir=self.data_dir,
+                                                 self_gen=cfg.self_gen, progress=self.progress)
+            ids = torch.cat([ids, held])
+            info["heldout"] = {"nsamples": cfg.heldout_nsamples, "seed": held_info["seed"],
+                               "used_for": "per-block error_heldout only, never a statistic"}
         if gen_model is not self.model:
             del gen_model
             gc.collect()
@@ -324,7 +332,7 @@ class _Run:
             self.timings["gradients_s"] = time.perf_counter() - t2
         seed_everything(cfg.seed)
         result = run_pipeline(self.adapter, ids, cfg, progress=self.progress, grads=grads, store=self.store,
-                              work=self.work)
+                              work=self.work, heldout=cfg.heldout_nsamples)
         self.timings.update(result.timings)
         return result
 
@@ -477,7 +485,7 @@ def check_resources(cfg: PruneConfig, model_config, streaming: bool, activations
     from daprune import resources as res
 
     dims = res.ModelDims.from_config(model_config)
-    nsamples = max(cfg.nsamples, cfg.recovery_nsamples or 0)
+    nsamples = max(cfg.nsamples, cfg.recovery_nsamples or 0) + cfg.heldout_nsamples  # every row in the streams
     on_cpu = device.type == "cpu" or activations == "cpu"
     est = res.estimate(dims, nsamples=nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size, dtype=cfg.dtype,
                        sparsity=cfg.sparsity, streaming=streaming, activations=activations, selection=cfg.selection)

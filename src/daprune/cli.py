@@ -47,6 +47,9 @@ def _prune_parser(sub) -> None:
                    help="calibration samples for the re-fit's least squares: the --nsamples scoring samples plus "
                         "extra ones (default: the scoring samples only; the re-fit overfits with few tokens)")
     p.add_argument("--recovery-damp", type=float, default=d.recovery_damp)
+    p.add_argument("--heldout-nsamples", type=int, default=d.heldout_nsamples,
+                   help="extra calibration samples no statistic sees; report.json gives each block's error on them "
+                        "(error_heldout), which shows a re-fit's overfit (default 0: none)")
     p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior)
     p.add_argument("--layers", default=d.layers, help="block range START:STOP (default 4:-2 as in the paper)")
     p.add_argument("--ffn-criterion", choices=FFN_CRITERIA, default=d.ffn_criterion)

@@ -69,6 +69,9 @@ class PruneConfig:
     # extra ones (the paper's "w/ remedy" rows used 1,024 extra); None: the scoring samples only
     recovery_nsamples: int | None = None
     recovery_damp: float = 1e-4
+    # calibration samples held out of every statistic (own seed), only to measure each block's error on rows
+    # the scores and re-fits never saw (report.json error_heldout); 0: none (the default keeps runs as before)
+    heldout_nsamples: int = 0
     recovery_prior: str = "zero"
     channel_multiple: int = 1
     # GQA models may also lose whole KV groups (with their query heads); multi-head models always may
@@ -117,6 +120,8 @@ class PruneConfig:
             if self.recovery_nsamples < self.nsamples:
                 raise ConfigError(f"--recovery-nsamples ({self.recovery_nsamples}) must be >= --nsamples "
                                   f"({self.nsamples}): the re-fit sees the scoring samples plus extra ones")
+        if self.heldout_nsamples < 0:
+            raise ConfigError(f"--heldout-nsamples must be >= 0, got {self.heldout_nsamples}")
         if self.sparsity_basis not in SPARSITY_BASES:
             raise ConfigError(f"--sparsity-basis must be one of {', '.join(SPARSITY_BASES)}, "
                               f"got {self.sparsity_basis!r}")

@@ -47,6 +47,10 @@ class BlockRecord:
     error_input: float = 0.0
     error_no_recovery: float | None = None
     error: float = 0.0
+    # the same errors on held-out calibration rows that no statistic saw (None: none held out); the gap to
+    # ``error`` / ``error_no_recovery`` is the re-fit's (or the selection's) overfit to its own rows
+    error_heldout: float | None = None
+    error_no_recovery_heldout: float | None = None
     damping: dict = field(default_factory=dict)
     split_errors: dict = field(default_factory=dict)
     head_divergence: list[list[float]] | None = None
@@ -69,6 +73,7 @@ class BlockPruner:
         self.plans = plans or {}
         self.ntokens = 0  # scoring calibration tokens, set by run_pipeline
         self.n_score: int | None = None  # stream rows that are scoring samples (the rest: re-fit only)
+        self.n_fit: int | None = None  # stream rows any statistic may see; the rest are held out (errors only)
         self.ffn_crit = ffn_crit
         self.head_crit = head_crit
         self.target = target
@@ -104,23 +109,25 @@ class BlockPruner:
                "down_in": block.ffn_out()}
         tgt = {"attn_in": dense.attn_in(), "o_in": [dense.attn_out()], "ffn_in": dense.ffn_in(),
                "down_in": [dense.ffn_out()]}
-        n_score = min(self.n_score or xp.shape[0], xp.shape[0])
-        split = n_score < xp.shape[0]
+        n_fit = min(self.n_fit or xp.shape[0], xp.shape[0])  # held-out rows never enter a statistic
+        n_score = min(self.n_score or n_fit, n_fit)
+        split = n_score < n_fit
         moments = {r: Moments(f"block {block.index} {r}", full_cov=r in self.cov_roles) for r in roles}
         fit = {r: Moments(f"block {block.index} {r} (re-fit)", full_cov=False) for r, pair in roles.items()
                if pair and split}
         need_dense = any(roles.values())
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair for i, m in enumerate(tgt[r])}
         bs = self.cfg.batch_size
-        for s in range(0, xp.shape[0], bs):
+        for s in range(0, n_fit, bs):
+            e = min(s + bs, n_fit)
             k = max(0, min(bs, n_score - s))  # rows of this batch that are scoring samples
             probs: list[torch.Tensor] | None = [] if js is not None and k else None
             with capture({r: lin[r] for r in roles}) as got:
-                block.forward(xp[s : s + bs], ctx, probs)
+                block.forward(xp[s:e], ctx, probs)
             dense_out = {}
             if need_dense:
                 with capture(dense_mods) as dgot:
-                    dense.forward(xd[s : s + bs], ctx)
+                    dense.forward(xd[s:e], ctx)
                 dense_out = dgot
             for r, pair in roles.items():
                 x = got[r][0]
@@ -315,9 +322,22 @@ class BlockPruner:
             if plan.channels:
                 self.ffn_crit.after_ffn_prune(plain, removed.tolist(), stats)
                 plain.slice_ffn(keep.tolist())
-            rec.error_no_recovery = _rel(_forward(plain, xp, ctx, cfg.batch_size), yd)
+            rec.error_no_recovery, rec.error_no_recovery_heldout = self.split_errors(plain, xp, yd, ctx)
         rec.seconds = time.perf_counter() - t0
         return rec
+
+
+    def split_errors(self, block: BlockAdapter, x: torch.Tensor, y: torch.Tensor,
+                     ctx: dict) -> tuple[float, float | None]:
+        """Relative error of ``block`` on ``x`` against ``y`` on the fit rows and (if any) the held-out rows.
+
+        Each part runs in its own batches, so the fit rows are computed exactly as without held-out rows.
+        """
+        n_fit = min(self.n_fit or x.shape[0], x.shape[0])
+        fit = _rel(_forward(block, x[:n_fit], ctx, self.cfg.batch_size), y[:n_fit])
+        if n_fit == x.shape[0]:
+            return fit, None
+        return fit, _rel(_forward(block, x[n_fit:], ctx, self.cfg.batch_size), y[n_fit:])
 
 
 def _forward(block: BlockAdapter, x: torch.Tensor, ctx: dict, bs: int) -> torch.Tensor:
@@ -348,13 +368,15 @@ def _plan_key(plan: BlockPlan) -> str:
 @torch.no_grad()
 def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, progress: bool = True,
                  grads: dict | None = None, store: ResidentStore | None = None,
-                 work: WorkDir | None = None) -> PipelineResult:
+                 work: WorkDir | None = None, heldout: int = 0) -> PipelineResult:
     """Prune ``adapter.model`` in place, block by block, from calibration token ids.
 
     ``store`` decides how blocks are obtained: resident (default, the whole model in memory) or streamed
     from disk one at a time (:class:`daprune.stores.StreamingStore`), and where the activation
     streams live. ``work`` (a :class:`daprune.checkpoint.WorkDir`) checkpoints every finished block and,
-    if it holds an interrupted run, continues after its last finished block.
+    if it holds an interrupted run, continues after its last finished block. The last ``heldout`` rows of
+    ``ids`` are held out: they travel with both streams, but no statistic (score, selection, re-fit) sees
+    them; each block's errors are also measured on them (``error_heldout``), so overfitting shows.
     """
     from daprune.stores import LoadingAdapter, ResidentStore
     from daprune.weights import count_parameters
@@ -372,10 +394,13 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         target = check_budget(blocks, basis, cfg.sparsity, cfg.channel_multiple, cfg.kv_groups, cfg.sparsity_basis)
         for b in blocks:  # back to the form the stores read and write
             b.to_native()
+    if heldout < 0 or (heldout and heldout >= ids.shape[0]):
+        raise ConfigError(f"{heldout} held-out rows leave none of the {ids.shape[0]} calibration rows to prune with")
+    n_fit = ids.shape[0] - heldout
     hidden = adapter.config.hidden_size
-    if ids.numel() < hidden:
+    if n_fit * ids.shape[1] < hidden:
         raise CalibrationError(
-            f"{ids.numel()} calibration tokens are fewer than the hidden size {hidden}: the input second "
+            f"{n_fit * ids.shape[1]} calibration tokens are fewer than the hidden size {hidden}: the input second "
             "moments would be rank-deficient; raise --nsamples or --seqlen"
         )
     ffn_crit = get_criterion(cfg.ffn_criterion, seed=cfg.seed)
@@ -410,12 +435,13 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         finally:
             view.close()
     pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
-    pruner.n_score = min(cfg.nsamples, ids.shape[0])
+    pruner.n_score = min(cfg.nsamples, n_fit)
+    pruner.n_fit = n_fit
     widest = max(adapter.block(i).n_channels for i in layer_range) if cfg.recovery != "none" else 0
-    if cfg.sparsity > 0 and ids.numel() < OBS_MIN_TOKENS_PER_CHANNEL * widest:
+    if cfg.sparsity > 0 and n_fit * ids.shape[1] < OBS_MIN_TOKENS_PER_CHANNEL * widest:
         log.warning("recovery re-fits %d-wide least-squares problems on only %d calibration tokens: expect it to "
                     "overfit (held-out tuning: 16 x 128 tokens hurt, 128 x 128 helped); pass --recovery-nsamples 128 "
-                    "or more", widest, ids.numel())
+                    "or more", widest, n_fit * ids.shape[1])
     pruner.ntokens = pruner.n_score * ids.shape[1]
     for i in tqdm(range(start, adapter.n_layers), desc="pruning blocks", disable=not progress,
                   initial=start, total=adapter.n_layers):
@@ -435,8 +461,10 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             xp = yd  # streams still identical
         else:
             yp = acts.forward(block, xp, ctx, cfg.batch_size, f"p-{i:05d}")
-            rec.error_input = _rel(xp, x_dense)
-            rec.error = _rel(yp, yd)
+            rec.error_input = _rel(xp[:n_fit], x_dense[:n_fit])
+            rec.error = _rel(yp[:n_fit], yd[:n_fit])
+            if heldout:
+                rec.error_heldout = _rel(yp[n_fit:], yd[n_fit:])
             xp, xd = yp, yd
         if not torch.isfinite(xp).all():
             raise NumericalError(f"non-finite activations after block {i}")

@@ -36,18 +36,30 @@ def summary(report: dict) -> str:
         f"calibration    {report['calibration']['source']}: {s['nsamples']} x {s['seqlen']} tokens, seed {s['seed']}",
         f"time           {report['timings']['total_s']:.1f} s",
     ]
-    rows = []
-    for r in report["layers"]:
-        if not r["pruned"]:
-            continue
-        rows.append([r["index"], len(r["kept_heads"]), r["kept_channels"], r["error_input"],
-                     r["error_no_recovery"], r["error"], r["seconds"]])
-    table = format_table(rows, ["block", "heads", "channels", "err in", "err no-rec", "err out", "s"])
+    table = layer_table(report["layers"])
     extra = []
     if "eval" in report:
         for k, v in report["eval"].get("ppl", {}).items():
             extra.append(f"perplexity     {k}: {v:.2f}")
     return "\n".join(head + extra) + "\n\n" + table
+
+
+def layer_table(layers: list[dict]) -> str:
+    """Per pruned block: kept structure and relative errors; the held-out columns (errors on calibration rows
+    no statistic saw, ``--heldout-nsamples``) appear when the run measured them, next to the fit-row errors
+    they are to be compared with."""
+    held = any(r.get("error_heldout") is not None for r in layers)
+    rows = []
+    for r in layers:
+        if not r["pruned"]:
+            continue
+        row = [r["index"], len(r["kept_heads"]), r["kept_channels"], r["error_input"], r["error_no_recovery"]]
+        row += [r.get("error_no_recovery_heldout")] if held else []
+        row += [r["error"]] + ([r.get("error_heldout")] if held else []) + [r["seconds"]]
+        rows.append(row)
+    headers = ["block", "heads", "channels", "err in", "err no-rec"] + (["no-rec held-out"] if held else [])
+    headers += ["err out"] + (["out held-out"] if held else []) + ["s"]
+    return format_table(rows, headers)
 
 
 def plot_layers(report: dict, path: Path) -> Path | None:
