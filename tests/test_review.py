@@ -213,3 +213,69 @@ def test_summary_table_shows_heldout_columns(one_thread):
     first = next(r for r in res.report["layers"] if r["pruned"])
     assert f"{first['error_heldout']:.4g}" in table.splitlines()[2]
     assert "held-out" not in layer_table(_prune(tiny_model(), sparsity=0.25).report["layers"])
+
+
+# -- item 5: the head/FFN split measured on the real block -------------------------------------------------------
+def _block_setup(rows: int = 4, seqlen: int = 16):
+    from daprune.models.adapter import get_adapter
+    from daprune.stores import ResidentStore
+
+    model = tiny_model()
+    adapter = get_adapter(model)
+    x = torch.randn(rows, seqlen, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ctx = ResidentStore(adapter).layer_inputs(seqlen)[1]
+    return adapter.block(1), x, ctx
+
+
+def test_measured_split_error_equals_the_masked_block(one_thread):
+    """measure_plan (slice a copy) == E||masked(x) - y||^2 with the same heads' o columns and channels' down
+    columns zeroed in an independent copy, computed in float64 here."""
+    import copy
+
+    from daprune.config import PruneConfig
+    from daprune.criteria.base import get_criterion
+    from daprune.pipeline import BlockPruner
+    from daprune.stats import BlockStats
+
+    block, x, ctx = _block_setup()
+    with torch.no_grad():
+        y = block.forward(x, ctx) + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        pruner = BlockPruner(PruneConfig(selection="greedy"), get_criterion("second-moment"),
+                             get_criterion("second-moment"), 0.0)
+        heads, removed = [1, 4], [0, 5, 7, 50, 95]  # one query head of each KV group (6 heads, 2 groups)
+        got = pruner.measure_plan(block, heads, removed, BlockStats(), x, y, ctx)
+        masked = type(block)(copy.deepcopy(block.layer), block.index)
+        hd = masked.head_dim
+        for h in heads:
+            masked.attn_out().weight[:, h * hd : (h + 1) * hd] = 0
+        masked.ffn_out().weight[:, removed] = 0
+        want = (masked.forward(x, ctx).double() - y.double()).pow(2).sum(-1).mean()
+    assert got == pytest.approx(float(want), rel=1e-4)
+    assert block.n_heads == 6 and block.n_channels == 96  # the trial worked on a copy
+
+
+def test_compensation_equals_least_squares_on_the_kept_columns():
+    from daprune.pipeline import compensate
+
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    d = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    keep = [0, 2, 3, 5, 8, 9, 11]
+    w = compensate(d.float(), (h.T @ h / 400).float(), keep, damp=1e-10)
+    ref = torch.linalg.lstsq(h[:, keep], h @ d.T).solution.T
+    torch.testing.assert_close(w[:, keep].double(), ref, rtol=1e-3, atol=1e-4)
+    assert w[:, [1, 4, 6, 7, 10]].abs().max() == 0
+
+
+@pytest.mark.parametrize("nsamples", [8, 16])  # greedy / obs selection under auto
+def test_measured_split_picks_the_least_real_error(nsamples, one_thread):
+    res = _prune(tiny_model(), sparsity=0.3, head_split="measured", nsamples=nsamples)
+    for r in (r for r in res.report["layers"] if r["pruned"]):
+        cands = r["split_errors"]
+        assert len(cands) >= 2 and all({"estimate", "measured"} <= c.keys() for c in cands.values())
+        best = min(cands, key=lambda k: cands[k]["measured"])
+        assert int(best) == r["plan"]["heads_per_group"], (r["index"], cands)
+    first = next(r for r in res.report["layers"] if r["pruned"])
+    assert first["error_input"] == 0  # same input in both streams: without heads the estimate is exact (greedy)
+    if nsamples == 8:
+        assert first["split_errors"]["0"]["measured"] == pytest.approx(first["split_errors"]["0"]["estimate"], rel=1e-3)

@@ -63,7 +63,9 @@ def _prune_parser(sub) -> None:
                         "obs: greedy with least-squares compensation (greedy and obs need second-moment)")
     p.add_argument("--obs-damp", type=float, default=d.obs_damp)
     p.add_argument("--head-split", choices=HEAD_SPLITS, default=d.head_split,
-                   help="auto: heads vs channels by measured output error; paper: same ratio; ffn-only")
+                   help="auto: heads vs channels by the output error estimated from second moments; measured: by "
+                        "each candidate's real block output error (one trial forward per candidate); paper: same "
+                        "ratio; ffn-only")
     p.add_argument("--tau", type=float, default=d.tau, help="JS divergence threshold (nats) for redundant heads")
     p.add_argument("--channel-multiple", type=int, default=d.channel_multiple)
     p.add_argument("--kv-groups", action="store_true",

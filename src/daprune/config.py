@@ -30,7 +30,7 @@ FFN_CRITERIA = (
 HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp", "flap", "taylor-e1",
                  "taylor-vector", "none")
 RECOVERY_MODES = ("none", "paper", "post", "both")
-HEAD_SPLITS = ("auto", "paper", "ffn-only")
+HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive")
 SELECTIONS = ("auto", "score", "greedy", "obs")
 SPARSITY_BASES = ("total", "blocks")
