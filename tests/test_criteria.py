@@ -242,6 +242,29 @@ def test_taylor_prune_end_to_end():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_taylor_vector_keeps_the_top_channels_by_autograd_salience():
+    """End to end, FFN-only, no recovery: the kept channels are the top ones by sum over the channel's weight
+    vectors of |sum w * dL/dw|, with L the mean NLL of the dense model on the calibration windows (autograd here)."""
+    import torch.nn.functional as F
+
+    from daprune.api import prune
+
+    ref = tiny_model(layers=4)
+    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))  # calibration="random", seed 0
+    logits = ref(input_ids=ids).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    mlps = [ref.model.layers[i].mlp for i in (1, 2)]
+    lins = [m for mlp in mlps for m in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)]
+    grads = torch.autograd.grad(loss, lins)
+    res = prune(model=tiny_model(layers=4), tokenizer=CharTokenizer(), calibration="random", nsamples=8, seqlen=24,
+                layers="1:-1", ffn_criterion="taylor-vector", head_split="ffn-only", sparsity=0.2, progress=False)
+    for n, i in enumerate((1, 2)):
+        (gw, gg), (uw, ug), (dw, dg) = [(lins[3 * n + k].double(), grads[3 * n + k].double()) for k in range(3)]
+        score = (gw * gg).sum(1).abs() + (uw * ug).sum(1).abs() + (dw * dg).sum(0).abs()
+        kept = res.report["kept_channels"][i]
+        assert kept == sorted(torch.topk(score, len(kept)).indices.tolist()), i
+
+
 # -- FLAP compensation and loading ------------------------------------------------------------------------
 def _ffn_io(block, x: torch.Tensor) -> tuple[torch.Tensor, Moments]:
     from daprune.hooks import capture
@@ -272,7 +295,16 @@ def test_flap_compensation_lowers_ffn_error():
         get_criterion("flap", compensate=comp).after_ffn_prune(b, removed, st)
         b.slice_ffn(keep)
         errs[comp] = float((b.ffn_module()(x) - y).norm() / y.norm())
+        if comp:
+            got = b.ffn_module()(x).double()
     assert errs[True] < 0.9 * errs[False], errs
+    # exactly: the removed channels' output is replaced by its mean, D_R E[h_R] (h written out in float64 here)
+    mlp = model.model.layers[0].mlp
+    x64 = x.double()
+    h = torch.nn.functional.silu(x64 @ mlp.gate_proj.weight.double().T) * (x64 @ mlp.up_proj.weight.double().T)
+    d = mlp.down_proj.weight.double()
+    want = h[:, keep] @ d[:, keep].T + d[:, removed] @ h[:, removed].mean(0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("schedule", ["uniform", "adaptive"])

@@ -53,6 +53,30 @@ def test_ridge_prior_original_shrinks_toward_it():
     torch.testing.assert_close(w, prior, rtol=1e-3, atol=1e-3)
 
 
+def test_ridge_with_prior_is_the_minimiser_on_raw_data():
+    """At a moderate ridge the solution minimises mean||x W^T - y||^2 + lambda ||W - prior||^2 written on the raw
+    rows (lambda = damp * mean E[x_j^2]): autograd's gradient there is zero and any perturbation costs more."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64) + 0.3
+    y = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    prior = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    m = Moments()
+    m.update(x.float(), y.float())
+    damp = 0.3
+    w, _ = ridge_solve(m.second, m.cross_mean, damp=damp, prior=prior.float())
+    lam = damp * float(x.pow(2).mean())
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        return (x @ v.T - y).pow(2).sum(1).mean() + lam * (v - prior).pow(2).sum()
+
+    v = w.double().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(v), v)
+    assert float(grad.abs().max()) < 1e-4
+    for _ in range(5):
+        step = 1e-2 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+        assert float(loss(w.double() + step)) > float(loss(w.double()))
+
+
 def test_js_divergence_bounds():
     p = torch.tensor([[0.5, 0.5, 0.0]])
     assert float(js_rows(p, p)) == 0.0
@@ -64,14 +88,29 @@ def test_js_divergence_bounds():
     assert math.isclose(float(js_rows(p2, q2)), want, rel_tol=1e-6)
 
 
+def _js_reference(p: torch.Tensor, q: torch.Tensor) -> float:
+    """JS(P||Q) averaged over every (sample, query) row, written out in float64 with plain loops."""
+    total, rows = 0.0, 0
+    for a, b in zip(p.double().reshape(-1, p.shape[-1]), q.double().reshape(-1, q.shape[-1]), strict=True):
+        js = 0.0
+        for pi, qi in zip(a.tolist(), b.tolist(), strict=True):
+            mi = 0.5 * (pi + qi)
+            js += 0.5 * (pi * math.log(pi / mi) if pi > 0 else 0.0) + 0.5 * (qi * math.log(qi / mi) if qi > 0 else 0.0)
+        total, rows = total + js, rows + 1
+    return total / rows
+
+
 def test_js_accumulator_mean_over_rows():
-    probs = torch.softmax(torch.randn(2, 3, 4, 4), -1)
+    probs = torch.softmax(3 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), -1)
+    probs[1, 2, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # a causal-style row with exact zeros
     acc = JSAccumulator(3)
     acc.update(probs[:1])
-    acc.update(probs[1:])
-    want = js_rows(probs[:, 0], probs[:, 2]).mean()
-    torch.testing.assert_close(acc.divergence[0, 2], want.float())
+    acc.update(probs[1:])  # batches of different content: the mean is over all rows, not over batches
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        want = _js_reference(probs[:, i], probs[:, j])
+        assert math.isclose(float(acc.divergence[i, j]), want, rel_tol=1e-5), (i, j)
     assert torch.equal(acc.divergence, acc.divergence.T)
+    assert float(acc.divergence[1, 1]) == 0.0
 
 
 def test_algorithm2_and_gqa_selection():
