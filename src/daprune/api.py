@@ -488,7 +488,8 @@ def check_resources(cfg: PruneConfig, model_config, streaming: bool, activations
     nsamples = max(cfg.nsamples, cfg.recovery_nsamples or 0) + cfg.heldout_nsamples  # every row in the streams
     on_cpu = device.type == "cpu" or activations == "cpu"
     est = res.estimate(dims, nsamples=nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size, dtype=cfg.dtype,
-                       sparsity=cfg.sparsity, streaming=streaming, activations=activations, selection=cfg.selection)
+                       sparsity=cfg.sparsity, streaming=streaming, activations=activations,
+                       selection=cfg.ffn_selection())
     report: dict = {"estimate": est.to_dict(), "checked": {"memory": on_cpu, "disk": out is not None}}
     if on_cpu:
         available = res.available_memory()
