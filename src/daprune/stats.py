@@ -1,4 +1,5 @@
-"""Streaming fp32 accumulators for second moments, Gram and cross matrices.
+"""Streaming accumulators for second moments, Gram and cross matrices (fp32 sums; centred statistics
+merged in fp64).
 
 Calibration activations arrive batch by batch; nothing here keeps more than the running sums, so
 memory is independent of the number of calibration tokens.
@@ -44,7 +45,8 @@ class Moments:
         if self.gram is None:
             self.sum = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
             self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        self.sum += x.sum(0)
+        xsum = x.sum(0)
+        self.sum += xsum
         self.gram += x.T @ x
         if y is not None:
             y = y.reshape(-1, y.shape[-1]).float()
@@ -54,19 +56,22 @@ class Moments:
             self.cross += x.T @ y
             self.ysum += y.sum(0)
             self.ysq += float(y.pow(2).sum())
-        self._merge_centred(x)
+        self._merge_centred(x, xsum)
         self.n += x.shape[0]
 
-    def _merge_centred(self, x: torch.Tensor) -> None:
-        """Chan's merge of this batch's mean and centred sums into the running ones (before ``n`` grows)."""
+    def _merge_centred(self, x: torch.Tensor, xsum: torch.Tensor) -> None:
+        """Chan's merge of this batch's mean and centred sums into the running ones (before ``n`` grows).
+
+        Within a batch fp32 is enough once centred on the batch's own mean (its rounding error only adds
+        n * err^2 to the squared deviations); the merge across batches, where the means meet, runs in fp64.
+        """
         nb, na = x.shape[0], self.n
         if nb == 0:
             return
-        xd = x.double()
-        mb = xd.mean(0)
-        xc = xd - mb
-        m2b_diag = xc.pow(2).sum(0)
-        m2b = (xc.float().T @ xc.float()).double() if self.full_cov else None  # centred: fp32 matmul is exact enough
+        xc = x - xsum / nb
+        m2b_diag = xc.pow(2).sum(0).double()
+        m2b = (xc.T @ xc).double() if self.full_cov else None
+        mb = (xsum / nb).double()
         if self._mean64 is None:
             self._mean64, self._m2_diag, self._m2 = mb, m2b_diag, m2b
             return
