@@ -376,9 +376,9 @@ def compensate(d: torch.Tensor, second: torch.Tensor, keep: list[int], damp: flo
     """``d`` with the kept columns re-fitted by least squares to the full output, the rest zero (what OBS ends
     with): W_K = D S[:, K] (S[K, K] + lambda I)^-1, lambda = damp * mean(diag S) as in obs_order."""
     s = second.double()
-    k = torch.tensor(keep, dtype=torch.long)
+    k = torch.tensor(keep, dtype=torch.long, device=s.device)
     lam = damp * torch.diagonal(s).mean().clamp_min(1e-12)
-    skk = s[k][:, k] + lam * torch.eye(len(keep), dtype=s.dtype)
+    skk = s[k][:, k] + lam * torch.eye(len(keep), dtype=s.dtype, device=s.device)
     w = torch.zeros_like(d, dtype=torch.float64)
     w[:, k] = torch.linalg.solve(skk, (d.double() @ s[:, k]).T).T
     return w.float()

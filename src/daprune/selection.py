@@ -87,7 +87,7 @@ def _pick_chunk(w: torch.Tensor, hinv: torch.Tensor, dead: torch.Tensor, k: int)
     pool, outside = ranked[:p], (float(cost[ranked[p]]) if len(ranked) > p else float("inf"))
     hp = hinv[pool][:, pool].clone()
     wp = w[:, pool].clone()
-    free = torch.ones(p, dtype=torch.bool)
+    free = torch.ones(p, dtype=torch.bool, device=w.device)
     picked: list[int] = []
     while len(picked) < k:
         c = _obs_cost(wp, hp)
@@ -100,4 +100,4 @@ def _pick_chunk(w: torch.Tensor, hinv: torch.Tensor, dead: torch.Tensor, k: int)
         col = hp[:, j].clone()
         wp -= torch.outer(wp[:, j], col) / hp[j, j]
         hp -= torch.outer(col, col) / hp[j, j]
-    return pool[torch.tensor(picked, dtype=torch.long)]
+    return pool[torch.tensor(picked, dtype=torch.long, device=pool.device)]
