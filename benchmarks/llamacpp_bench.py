@@ -53,7 +53,7 @@ def worker(gguf: str, task_file: str, threads: int) -> dict:
     ids = task["text_ids"]
     llm.reset()
     llm.eval(ids)
-    out["text_logits"] = np.asarray(llm.scores[: len(ids)], dtype=np.float32).tolist()
+    np.save(task["logits_file"], np.asarray(llm.scores[: len(ids)], dtype=np.float32))  # not through JSON: 9 MB
     nll, count = 0.0, 0
     for w in task["windows"]:
         llm.reset()
@@ -69,7 +69,7 @@ def worker(gguf: str, task_file: str, threads: int) -> dict:
     out["generation"] = gen["choices"][0]["text"]
     prompt, new = task["speed_prompt"], task["new_tokens"]
     pp, tg = [], []
-    for _ in range(3):
+    for _ in range(task["repeats"]):
         fast.reset()
         t0 = time.perf_counter()
         fast.eval(prompt)
@@ -84,24 +84,30 @@ def worker(gguf: str, task_file: str, threads: int) -> dict:
 
 
 def run_worker(gguf: Path, task_file: Path, threads: int, timeout: int = 1200) -> dict:
+    logits = task_file.parent / f"{gguf.stem}.logits.npy"
+    task = json.loads(task_file.read_text())
+    task_file = task_file.with_name(f"task-{gguf.stem}.json")
+    task_file.write_text(json.dumps({**task, "logits_file": str(logits)}))
     proc = subprocess.run([sys.executable, __file__, "--worker", str(gguf), "--task", str(task_file),
                            "--threads", str(threads)], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         signal = -proc.returncode if proc.returncode < 0 else None
         return {"error": f"llama.cpp process ended with {'signal ' + str(signal) if signal else proc.returncode}",
                 "stderr_tail": proc.stderr[-800:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["text_logits"] = np.load(logits)
+    return out
 
 
 # -- transformers side --------------------------------------------------------------------------------------
 
 
-def hf_side(folder: str, text_ids, windows, speed_prompt, new_tokens: int) -> dict:
+def hf_side(folder: str, text_ids, windows, speed_prompt, new_tokens: int, repeats: int) -> dict:
     import torch
 
-    from daprune.loader import load_pruned
+    import daprune
 
-    model, _ = load_pruned(folder)
+    model, _ = daprune.load(folder)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([text_ids])).logits[0].float().numpy()
         nll, count = 0.0, 0
@@ -111,7 +117,7 @@ def hf_side(folder: str, text_ids, windows, speed_prompt, new_tokens: int) -> di
             count += len(w) - 1
         ids = torch.tensor([speed_prompt])
         pp, tg = [], []
-        for _ in range(3):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             model(input_ids=ids)
             pp.append(len(speed_prompt) / (time.perf_counter() - t0))
@@ -145,13 +151,16 @@ def main() -> None:
     ap.add_argument("--task", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pruned", default=None, help="per-layer pruned folder (daprune prune --out ...)")
     ap.add_argument("--uniform", default=None, help="uniform pruned folder (no daprune_layers in config.json)")
-    ap.add_argument("--dense", default=None, help="dense folder (default: the converted embedded SmolLM2)")
-    ap.add_argument("--outtypes", default="f16,q8_0")
+    ap.add_argument("--dense", default=None,
+                    help="dense folder (default: the converted embedded SmolLM2; 'none': skip the dense rows)")
     ap.add_argument("--extra-gguf", action="append", default=[],
                     help="NAME=FILE: also run this GGUF in llama.cpp (e.g. the packaged Q4_1) and report if it works")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per speed figure (median)")
+    ap.add_argument("--q8-models", default="per-layer pruned",
+                    help="models (comma separated names) that also get a q8_0 row; f16 for every model")
     ap.add_argument("--gguf-dir", default=None, help="where GGUFs are written (default: a temp folder)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -167,7 +176,7 @@ def main() -> None:
     from daprune.export import export_gguf
     from daprune.models.loading import load_model, resolve_source
 
-    dense = args.dense or resolve_source(None).path
+    dense = args.dense if args.dense not in (None, "none") else resolve_source(None).path
     _, tok, _ = load_model(dense)
     text_ids = tok(TEXT)["input_ids"]
     stream = torch.tensor(tok(load_text("wikitext2"))["input_ids"])
@@ -177,16 +186,19 @@ def main() -> None:
     gdir.mkdir(parents=True, exist_ok=True)
     task_file = gdir / "task.json"
     task_file.write_text(json.dumps({"text_ids": text_ids, "windows": wins, "prompt": PROMPT,
-                                     "speed_prompt": speed_prompt, "new_tokens": args.new_tokens}))
-    models = [("dense", dense), ("uniform pruned", args.uniform), ("per-layer pruned", args.pruned)]
+                                     "speed_prompt": speed_prompt, "new_tokens": args.new_tokens,
+                                     "repeats": args.repeats}))
+    models = [("per-layer pruned", args.pruned), ("uniform pruned", args.uniform),
+              ("dense", None if args.dense == "none" else dense)]
     results = []
     for name, folder in models:
         if not folder:
             continue
         t0 = time.perf_counter()
-        hf = hf_side(folder, text_ids, wins, speed_prompt, args.new_tokens)
+        hf = hf_side(folder, text_ids, wins, speed_prompt, args.new_tokens, args.repeats)
         print(f"{name}: transformers done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        for outtype in args.outtypes.split(","):
+        types = ["f16", "q8_0"] if name in args.q8_models.split(",") else ["f16"]
+        for outtype in types:
             path = gdir / f"{name.replace(' ', '-')}-{outtype}.gguf"
             res = export_gguf(folder, path, outtype=outtype)
             cpp = run_worker(path, task_file, args.threads)
