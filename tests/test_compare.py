@@ -212,6 +212,23 @@ def test_child_argv_forwards_the_settings():
     assert child.ppl == "" and child.tasks == "piqa"
 
 
+def test_child_sees_every_setting_of_the_parent():
+    """Every option (but the row selection and where the row's JSON goes) reaches the row's child process:
+    a setting dropped here silently changes what the child prunes (it once dropped --sparsity-basis)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    compare.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--sparsity", "0.3", "--sparsity-basis", "blocks", "--kv-groups",
+                              "--layers", "2:-1", "--head-split", "paper", "--tau", "0.1", "--nsamples", "4",
+                              "--seqlen", "64", "--seed", "3", "--batch-size", "2", "--max-windows", "9",
+                              "--model", "m.gguf", "--limit", "5", "--tasks", "piqa", "--ppl", "ptb"])
+    child = parser.parse_args(compare.child_argv(args, "l2", "/tmp/r.json")[3:])
+    own = {"rows", "json", "isolate", "resume"}
+    differ = {k: (v, getattr(child, k)) for k, v in vars(args).items() if k not in own and getattr(child, k) != v}
+    assert not differ
+
+
 def test_peak_rss_falls_back_to_sampling_when_kernel_reset_is_ignored(monkeypatch):
     """Some machines accept the clear_refs write but keep the old mark: sampling must take over."""
     monkeypatch.setattr(compare.PeakRSS, "_kernel_reset", staticmethod(lambda: False))

@@ -468,7 +468,8 @@ def add_parser(sub) -> dict:
 # options forwarded to a row's child process: (attribute, flag)
 _FORWARD = (("model", "--model"), ("sparsity", "--sparsity"), ("layers", "--layers"),
             ("calibration", "--calibration"), ("nsamples", "--nsamples"), ("seqlen", "--seqlen"), ("seed", "--seed"),
-            ("tau", "--tau"), ("head_split", "--head-split"), ("batch_size", "--batch-size"), ("ppl", "--ppl"),
+            ("tau", "--tau"), ("head_split", "--head-split"), ("sparsity_basis", "--sparsity-basis"),
+            ("batch_size", "--batch-size"), ("ppl", "--ppl"),
             ("max_windows", "--max-windows"), ("eval_batch_size", "--eval-batch-size"), ("tasks", "--tasks"),
             ("limit", "--limit"), ("zeroshot_dtype", "--zeroshot-dtype"), ("data_dir", "--data-dir"),
             ("cache_dir", "--cache-dir"))
@@ -481,6 +482,8 @@ def child_argv(args, key: str, json_path: str) -> list[str]:
         value = getattr(args, attr, None)
         if value is not None:  # "" too: --ppl= means no perplexity, not the default corpora
             argv += [f"{flag}={value}"]
+    if getattr(args, "kv_groups", False):
+        argv.append("--kv-groups")
     if args.quiet:
         argv.append("--quiet")
     return argv
