@@ -191,11 +191,14 @@ class BlockAdapter(ABC):
 
     def on_heads_changed(self, n_heads: int, n_kv_heads: int) -> None:
         """Update module attributes the family's forward reads (head counts, split sizes)."""
-        for name, value in self.layout_attributes().items():
-            _set_dotted(self.layer, name, value)
+        self.apply_layout()
 
     def on_ffn_changed(self, n_channels: int) -> None:
         """Update module attributes that hold the FFN width."""
+        self.apply_layout()
+
+    def apply_layout(self) -> None:
+        """Set every :meth:`layout_attributes` entry on the block (the remote code's own setter)."""
         for name, value in self.layout_attributes().items():
             _set_dotted(self.layer, name, value)
 

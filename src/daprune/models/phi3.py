@@ -8,7 +8,6 @@ head pruning each pruned block's attention gets its own copy of the config with 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -18,7 +17,6 @@ from daprune.models.adapter import BlockAdapter, ModelAdapter, register
 from daprune.models.fused import FusedLinear, equal_split
 
 # attribute paths through a module's config: that module gets its own config copy before they are set
-_CONFIG_ATTRS = ("self_attn.config.num_attention_heads", "self_attn.config.num_key_value_heads")
 
 
 class Phi3Block(BlockAdapter):
@@ -68,20 +66,13 @@ class Phi3Block(BlockAdapter):
 
     def layout_attributes(self) -> dict[str, int]:
         return {
+            # through ``config``: the base class's setter gives this block its own config copy, since the
+            # blocks share one and the forward reads the counts from it
             "self_attn.config.num_attention_heads": self.n_heads,  # where the forward cuts the query rows
             "self_attn.config.num_key_value_heads": self.n_kv_heads,
             "self_attn.num_key_value_heads": self.n_kv_heads,  # where it cuts key from value rows
             "self_attn.num_key_value_groups": self.group_size,  # K/V repeat factor of the eager kernel
         }
-
-    def on_heads_changed(self, n_heads: int, n_kv_heads: int) -> None:
-        attn = self.layer.self_attn
-        # a shallow copy: this block's counts must not change the other blocks' (which share the config)
-        attn.config = copy.copy(attn.config)
-        for name, value in self.layout_attributes().items():
-            owner, _, attr = name.rpartition(".")
-            target = attn.config if name in _CONFIG_ATTRS else self.layer.get_submodule(owner)
-            setattr(target, attr, value)
 
     def on_ffn_changed(self, n_channels: int) -> None:
         """Nothing to do: ``chunk(2)`` splits gate from up by the output's width."""
