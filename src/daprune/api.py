@@ -117,7 +117,7 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
         reader = WeightsReader(source.path)  # headers only: corrupt/truncated shards fail here
         check_weight_dtypes(reader)
         reader = reader if reader.available else None
-    use_streaming = _choose_streaming(streaming, model is not None, out, reader, cfg)
+    use_streaming = _choose_streaming(streaming, model is not None, out, reader, cfg, model_config)
 
     work = None
     if out is not None and source is not None:
@@ -163,9 +163,15 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     return PruneResult(None if use_streaming else run.model, tokenizer, report, out_path)
 
 
-def _choose_streaming(streaming: bool | None, model_given: bool, out, reader, cfg: PruneConfig) -> bool:
+def _choose_streaming(streaming: bool | None, model_given: bool, out, reader, cfg: PruneConfig,
+                      model_config=None) -> bool:
     """Stream when possible and not turned off; ``--streaming`` where it is impossible is an error."""
+    from daprune.models.moe import MoEAdapter
+
     reasons = []
+    if getattr(model_config, "model_type", None) in MoEAdapter.model_types:
+        reasons.append("mixture-of-experts checkpoints store experts in another layout than the model's fused "
+                       "3-D parameters (transformers converts them while loading the whole model)")
     if model_given:
         reasons.append("a loaded model object was passed")
     if out is None:

@@ -20,6 +20,7 @@ from daprune.config import (
     SCHEDULES,
     SELECTIONS,
     SPARSITY_BASES,
+    UNROUTED_EXPERTS,
     PruneConfig,
 )
 from daprune.errors import DapruneError, Interrupted
@@ -74,6 +75,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--sparsity-basis", choices=SPARSITY_BASES, default=d.sparsity_basis,
                    help="--sparsity is a fraction of all parameters (total, the paper's convention) or of the decoder "
                         "blocks' parameters (blocks: for models whose embeddings dominate, e.g. Gemma-3-270M)")
+    p.add_argument("--unrouted-experts", choices=UNROUTED_EXPERTS, default=d.unrouted_experts,
+                   help="mixture-of-experts models: experts no calibration token is routed to keep the channels with "
+                        "the largest weights (magnitude), those the layer's whole input favours (uniform), or the "
+                        "layer's experts are not pruned at all (keep)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default=d.device,

@@ -34,6 +34,8 @@ HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive")
 SELECTIONS = ("auto", "score", "greedy", "obs")
 SPARSITY_BASES = ("total", "blocks")
+# mixture-of-experts models: what ranks the channels of an expert no calibration token is routed to
+UNROUTED_EXPERTS = ("magnitude", "uniform", "keep")
 # OBS compensation solves an FFN-width least-squares problem: below this many calibration tokens per
 # FFN channel it overfits (held-out LAMBADA, SmolLM2 at 20%: obs 86.9 with 2k tokens vs greedy 79.3;
 # obs 68.7 with 8k tokens), so "auto" falls back to greedy selection.
@@ -78,6 +80,8 @@ class PruneConfig:
     kv_groups: bool = False
     # what --sparsity is a fraction of: "total" parameters (the paper's convention) or "blocks" (decoder blocks)
     sparsity_basis: str = "total"
+    # mixture-of-experts models: how to rank the channels of experts the calibration never routes to
+    unrouted_experts: str = "magnitude"
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -125,6 +129,9 @@ class PruneConfig:
         if self.sparsity_basis not in SPARSITY_BASES:
             raise ConfigError(f"--sparsity-basis must be one of {', '.join(SPARSITY_BASES)}, "
                               f"got {self.sparsity_basis!r}")
+        if self.unrouted_experts not in UNROUTED_EXPERTS:
+            raise ConfigError(f"--unrouted-experts must be one of {', '.join(UNROUTED_EXPERTS)}, "
+                              f"got {self.unrouted_experts!r}")
         if self.channel_multiple < 1:
             raise ConfigError("--channel-multiple must be >= 1")
         if not math.isfinite(self.tau) or self.tau < 0:

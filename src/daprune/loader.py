@@ -58,31 +58,33 @@ def load_pruned(folder: str | os.PathLike, *, dtype: str = "float32", device: st
     if not needs_remote_code(config):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=False)
     else:
-        model = _load_nonuniform(folder, config, getattr(config, "daprune_layers", None), DTYPES[dtype])
+        model = _load_nonuniform(folder, config, DTYPES[dtype])
     return model.to(device).eval(), load_tokenizer(folder)
 
 
-def _load_nonuniform(folder: Path, config, layers: list[dict] | None, dtype: torch.dtype):
-    """Build the dense skeleton, slice it to the recorded shapes and add the recorded extra biases, then load
-    the safetensors state (strictly: a tensor the skeleton has no place for is an error, not a silent drop)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+def _load_nonuniform(folder: Path, config, dtype: torch.dtype):
+    """Load through the remote code's own class, imported from daprune (the folder's copy never runs).
 
-    from daprune.models.adapter import get_adapter
+    ``from_pretrained`` of that class builds the dense skeleton, resizes it to the recorded shapes, adds the
+    recorded extra biases and loads the safetensors with transformers' own checkpoint conversions
+    (renamings such as NeoX's ``embed_out``; per-expert MoE tensors fused into 3-D parameters), so this and
+    ``trust_remote_code=True`` are one implementation. Strict: a tensor missing from the folder, one the
+    skeleton has no place for, or a shape mismatch is an error, never a silently random weight.
+    """
+    from daprune.io_templates import modeling_daprune
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    reshape_layers(get_adapter(model), layers)
-    from daprune.models.checkpoint_keys import renamed
-
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(renamed(state, model), strict=False)
+    name = modeling_daprune.CLASSES.get(getattr(config, "model_type", None))
+    cls = getattr(modeling_daprune, name, None) if name else None
+    if cls is None:
+        raise ModelSourceError(f"{folder}: no per-layer class for model type {config.model_type!r} in this "
+                               "transformers version")
+    model, info = cls.from_pretrained(folder, config=config, dtype=dtype, output_loading_info=True)
     tied = getattr(model.config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise ModelSourceError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
+    missing = [k for k in info.get("missing_keys", []) if not (tied and k.endswith("lm_head.weight"))]
+    unexpected, mismatched = list(info.get("unexpected_keys", [])), list(info.get("mismatched_keys", []))
+    if missing or unexpected or mismatched:
+        raise ModelSourceError(f"weights do not match the config: missing {sorted(missing)[:3]}, unexpected "
+                               f"{sorted(unexpected)[:3]}, mismatched {sorted(mismatched)[:3]}")
     return model
 
 

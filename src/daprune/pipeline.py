@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL, PruneConfig, parse_layers
 from daprune.criteria.base import Criterion, get_criterion
 from daprune.criteria.similarity import JSAccumulator, algorithm2, select_head_plan
 from daprune.errors import CalibrationError, ConfigError, NumericalError
+from daprune.experts import ExpertRanker, check_moe_fit, is_moe, prune_experts, unit_stats
 from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
 from daprune.recovery import ridge_solve
@@ -56,6 +58,8 @@ class BlockRecord:
     head_divergence: list[list[float]] | None = None
     redundant_heads: list[int] = field(default_factory=list)
     kept_channel_idx: list[int] = field(default_factory=list)
+    # mixture-of-experts blocks: tokens routed to each expert, kept channels per expert, unrouted experts
+    experts: dict | None = None
     seconds: float = 0.0
 
 
@@ -82,7 +86,7 @@ class BlockPruner:
         # roles whose full centred covariance a criterion reads (a second Gram matmul: only where needed)
         self.cov_roles = ffn_crit.needs_cov | (head_crit.needs_cov if head_crit is not None else frozenset())
 
-    def selection(self, block: BlockAdapter) -> str:
+    def selection(self, block: BlockAdapter, tokens: int | None = None) -> str:
         """The FFN selection rule for this block; "auto" picks OBS only with enough tokens.
 
         A non-default ``--ffn-criterion`` turns "auto" into "score" (PruneConfig.ffn_selection): greedy/OBS
@@ -91,7 +95,8 @@ class BlockPruner:
         rule = self.cfg.ffn_selection()
         if rule != "auto":
             return rule
-        enough = self.ntokens >= OBS_MIN_TOKENS_PER_CHANNEL * block.n_channels
+        tokens = self.ntokens if tokens is None else tokens  # an expert: the tokens routed to it
+        enough = tokens >= OBS_MIN_TOKENS_PER_CHANNEL * block.n_channels
         return "obs" if enough else "greedy"
 
     # -- statistics ---------------------------------------------------------------------------------
@@ -105,10 +110,8 @@ class BlockPruner:
         (``--recovery-nsamples``), a paired role's least-squares statistics over *all* samples come back
         under ``"ROLE:fit"``.
         """
-        lin = {"attn_in": block.attn_in()[0], "o_in": block.attn_out(), "ffn_in": block.ffn_in()[0],
-               "down_in": block.ffn_out()}
-        tgt = {"attn_in": dense.attn_in(), "o_in": [dense.attn_out()], "ffn_in": dense.ffn_in(),
-               "down_in": [dense.ffn_out()]}
+        lin = {r: _role_linears(block, r)[0] for r in roles}
+        tgt = {r: _role_linears(dense, r) for r, pair in roles.items() if pair}
         n_fit = min(self.n_fit or xp.shape[0], xp.shape[0])  # held-out rows never enter a statistic
         n_score = min(self.n_score or n_fit, n_fit)
         split = n_score < n_fit
@@ -201,10 +204,9 @@ class BlockPruner:
             return plan if plan is not None else plans[0]
         # auto: pick the split with the least squared error added to the residual stream, measured
         # exactly from the second moments of the o_proj and down_proj inputs.
-        ffn_rank = self.ffn_ranking(block, stats, max(p.channels for p in plans))
-        d = block.ffn_out().weight.float()
+        ffn_error = self.ffn_error(block, stats, max(p.channels for p in plans), trial)
         o = block.attn_out().weight.float()
-        h2, z2 = stats.down_in.second, stats.o_in.second
+        z2 = stats.o_in.second
         hd = block.head_dim
         measured = cfg.head_split == "measured" and trial is not None
         best, best_err = plans[0], float("inf")
@@ -212,8 +214,7 @@ class BlockPruner:
             heads = select_head_plan(block.head_groups(), plan.heads_per_group, plan.kv_groups, head_imp, redundant)
             cols = torch.tensor([h * hd + i for h in heads for i in range(hd)], dtype=torch.long)
             e_attn = float(torch.einsum("oi,ij,oj->", o[:, cols], z2[cols][:, cols], o[:, cols])) if heads else 0.0
-            rm = ffn_rank[: plan.channels]
-            e_ffn = float(torch.einsum("oi,ij,oj->", d[:, rm], h2[rm][:, rm], d[:, rm])) if plan.channels else 0.0
+            e_ffn, rm = ffn_error(plan.channels)
             row = {"attn": e_attn, "ffn": e_ffn, "channels": plan.channels, "estimate": e_attn + e_ffn}
             err = e_attn + e_ffn
             if measured:
@@ -222,6 +223,24 @@ class BlockPruner:
             if err < best_err:
                 best, best_err = plan, err
         return best
+
+    def ffn_error(self, block: BlockAdapter, stats: BlockStats, most: int,
+                  rows: tuple) -> Callable[[int], tuple[float, torch.Tensor]]:
+        """``channels -> (estimated FFN output energy removed, the channels removed)`` for the split decision.
+
+        A mixture-of-experts block sums its experts' estimates, from statistics of the scoring ``rows``."""
+        if is_moe(block):
+            ranker = ExpertRanker(self, block, unit_stats(block, rows[0], rows[2], self.cfg), rows[0], rows[2])
+            return lambda c: (ranker.error(c, most), torch.empty(0, dtype=torch.long))
+        ffn_rank = self.ffn_ranking(block, stats, most)
+        d, h2 = block.ffn_out().weight.float(), stats.down_in.second
+
+        def error(channels: int) -> tuple[float, torch.Tensor]:
+            rm = ffn_rank[:channels]
+            e = float(torch.einsum("oi,ij,oj->", d[:, rm], h2[rm][:, rm], d[:, rm])) if channels else 0.0
+            return e, rm
+
+        return error
 
     def measure_plan(self, block: BlockAdapter, heads: list[int], removed: list[int], stats: BlockStats,
                      x: torch.Tensor, y: torch.Tensor, ctx: dict) -> float:
@@ -244,10 +263,13 @@ class BlockPruner:
         out = _forward(trial, x, ctx, self.cfg.batch_size)
         return float((out.float() - y.float()).pow(2).sum(-1).mean())
 
-    def ffn_ranking(self, block: BlockAdapter, stats: BlockStats, count: int) -> torch.Tensor:
-        """Channel indices, first the ``count`` to remove, in removal order; then the rest by score."""
+    def ffn_ranking(self, block: BlockAdapter, stats: BlockStats, count: int, rule: str | None = None) -> torch.Tensor:
+        """Channel indices, first the ``count`` to remove, in removal order; then the rest by score.
+
+        ``block`` may also be one FFN of a mixture-of-experts block (``models.moe.FFNUnit``), with ``rule``
+        its own selection rule."""
         by_score = torch.sort(self.ffn_crit.ffn_scores(block, stats).float(), stable=True).indices
-        if self.selection(block) == "score" or count == 0:
+        if (rule or self.selection(block)) == "score" or count == 0:
             return by_score
         # greedy output approximation (also the estimate for obs, whose compensation comes later)
         first = greedy_order(block.ffn_out().weight.float(), stats.down_in.second, count)
@@ -273,13 +295,14 @@ class BlockPruner:
 
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
         js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
-        roles = {"o_in": paper or post, "down_in": False}
+        moe = is_moe(block)  # experts: their statistics come per expert (daprune.experts), not from hooks here
+        roles = {"o_in": paper or post} if moe else {"o_in": paper or post, "down_in": False}
         if "attn_in" in needs:
             roles["attn_in"] = False
-        if "ffn_in" in needs:
+        if "ffn_in" in needs and not moe:
             roles["ffn_in"] = False
         m = self.collect(block, dense, xp, xd, ctx, roles, js)
-        stats.o_in, stats.down_in = m["o_in"], m["down_in"]
+        stats.o_in, stats.down_in = m["o_in"], m.get("down_in")
         stats.attn_in = stats.attn_in or m.get("attn_in")
         stats.ffn_in = m.get("ffn_in")
         o_fit = self.fit_moments(m, "o_in")
@@ -295,7 +318,7 @@ class BlockPruner:
                 redundant = algorithm2(div, cfg.tau, head_imp)
                 rec.redundant_heads = redundant
         n_score = min(self.n_score or xp.shape[0], self.n_fit or xp.shape[0], xp.shape[0])
-        trial = (xp[:n_score], yd[:n_score], ctx) if cfg.head_split == "measured" else None
+        trial = (xp[:n_score], yd[:n_score], ctx)
         plan = self.choose_plan(block, stats, head_imp, redundant, rec, trial)
         rec.plan = {"heads_per_group": plan.heads_per_group, "kv_groups": plan.kv_groups, "channels": plan.channels,
                     "params": plan.params}
@@ -312,6 +335,13 @@ class BlockPruner:
             self.head_crit.after_head_prune(block, removed_heads, stats)
             block.slice_heads(keep_heads)
         rec.kept_heads = keep_heads
+
+        if moe:  # 4') every expert its own depth-2 unit, statistics after the heads were cut
+            rec.experts = prune_experts(self, block, xp[:n_score], ctx, plan.channels)
+            rec.kept_channels = block.n_channels
+            rec.plan["selection"] = ",".join(rec.experts["selection"])
+            rec.seconds = time.perf_counter() - t0
+            return rec
 
         # 4) FFN: gate/up re-fit, then down's input and re-fit, then channel scores on recovered weights
         if paper:
@@ -370,6 +400,17 @@ class BlockPruner:
         if n_fit == x.shape[0]:
             return fit, None
         return fit, _rel(_forward(block, x[n_fit:], ctx, self.cfg.batch_size), y[n_fit:])
+
+
+def _role_linears(block: BlockAdapter, role: str) -> list:
+    """The linears whose (shared) input a statistic role describes; the first one is hooked."""
+    if role == "attn_in":
+        return block.attn_in()
+    if role == "o_in":
+        return [block.attn_out()]
+    if role == "ffn_in":
+        return block.ffn_in()
+    return [block.ffn_out()]
 
 
 def compensate(d: torch.Tensor, second: torch.Tensor, keep: list[int], damp: float) -> torch.Tensor:
@@ -528,7 +569,8 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
 
 
 def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
-    """Refuse, before any work, a criterion that is undefined for this family's blocks (plain FFNs)."""
+    """Refuse, before any work, a criterion or setting undefined for this family's blocks (plain FFNs, experts)."""
+    check_moe_fit(adapter, cfg)
     names = [cfg.ffn_criterion] + ([cfg.head_criterion] if cfg.head_criterion not in ("similarity", "none") else [])
     gated = [n for n in names if get_criterion(n).gated_only]
     if not gated:

@@ -18,8 +18,15 @@ from daprune.errors import ConfigError
 from daprune.models.adapter import BlockAdapter
 
 
-def channel_params(block: BlockAdapter) -> int:
-    """Parameters freed by removing one FFN channel: a row of each level-1 linear and a down column."""
+def channel_params(block: BlockAdapter) -> float:
+    """Parameters freed by removing one FFN channel: a row of each level-1 linear and a down column.
+
+    A mixture-of-experts block states its own unit (one channel of every routed expert, plus the shared
+    expert's proportional share).
+    """
+    own = getattr(block, "channel_params", None)
+    if own is not None:
+        return own()
     n = sum(lin.in_features + (1 if lin.bias is not None else 0) for lin in block.ffn_in())
     return n + block.ffn_out().out_features
 
@@ -57,12 +64,23 @@ class BlockPlan:
 
 def plan_params(block: BlockAdapter, heads_per_group: int, kv_groups: int, channels: int) -> int:
     left = block.n_kv_heads - kv_groups
-    return (kv_groups * group_params(block) + heads_per_group * left * query_head_params(block)
-            + channels * channel_params(block))
+    return round(kv_groups * group_params(block) + heads_per_group * left * query_head_params(block)
+                 + channels * channel_params(block))
+
+
+def width_multiple(block: BlockAdapter, multiple: int) -> int:
+    """The multiple kept FFN widths are rounded to: ``--channel-multiple`` and the block's own alignment.
+
+    Mixture-of-experts blocks need kept expert widths whose rows are 16-byte aligned (transformers' default
+    grouped-matmul expert kernel refuses others: "strides should be multiple of 16 bytes"), so their
+    widths are also multiples of ``block.width_alignment`` (8: 16 bytes in bf16/fp16).
+    """
+    return math.lcm(max(multiple, 1), getattr(block, "width_alignment", 1))
 
 
 def channels_for(block: BlockAdapter, params: float, multiple: int) -> int | None:
     """Fewest channels to prune so that >= ``params`` are freed and kept channels are a multiple."""
+    multiple = width_multiple(block, multiple)
     n = block.n_channels
     c = max(0, math.ceil(params / channel_params(block)))
     keep = n - c
@@ -115,7 +133,7 @@ def paper_plan(block: BlockAdapter, target: float, multiple: int = 1, kv_groups:
 def max_removable(block: BlockAdapter, multiple: int = 1, kv_groups: bool = False) -> int:
     """Most a block can lose: all but one query head and all but ``multiple`` channels."""
     heads = max(plan_params(block, k, r, 0) for r, k in head_options(block, kv_groups))
-    return heads + (block.n_channels - multiple) * channel_params(block)
+    return round(heads + (block.n_channels - width_multiple(block, multiple)) * channel_params(block))
 
 
 def block_parameters(blocks: list[BlockAdapter]) -> int:

@@ -59,19 +59,39 @@ class Moments:
         self._merge_centred(x, xsum)
         self.n += x.shape[0]
 
+    def add_zeros(self, count: int) -> None:
+        """Count ``count`` all-zero rows without materialising them.
+
+        A routed expert contributes nothing to the tokens the router sends elsewhere; its moments over *all*
+        tokens (the units of the block output error) are its routed rows plus that many zero rows.
+        """
+        if count <= 0:
+            return
+        if self.gram is None:
+            raise NumericalError(f"{self.name or 'these moments'}: zero rows need at least one real row first")
+        width = self.gram.shape[0]
+        zeros = torch.zeros(width, dtype=torch.float64, device=self.gram.device)
+        self._merge_stats(count, zeros, zeros.clone(), torch.zeros(width, width, dtype=torch.float64,
+                                                                   device=self.gram.device) if self.full_cov else None)
+        self.n += count
+
     def _merge_centred(self, x: torch.Tensor, xsum: torch.Tensor) -> None:
         """Chan's merge of this batch's mean and centred sums into the running ones (before ``n`` grows).
 
         Within a batch fp32 is enough once centred on the batch's own mean (its rounding error only adds
         n * err^2 to the squared deviations); the merge across batches, where the means meet, runs in fp64.
         """
-        nb, na = x.shape[0], self.n
+        nb = x.shape[0]
         if nb == 0:
             return
         xc = x - xsum / nb
         m2b_diag = xc.pow(2).sum(0).double()
         m2b = (xc.T @ xc).double() if self.full_cov else None
-        mb = (xsum / nb).double()
+        self._merge_stats(nb, (xsum / nb).double(), m2b_diag, m2b)
+
+    def _merge_stats(self, nb: int, mb: torch.Tensor, m2b_diag: torch.Tensor, m2b: torch.Tensor | None) -> None:
+        """Chan's pairwise merge of a batch's (count, fp64 mean, centred sums) into the running ones."""
+        na = self.n
         if self._mean64 is None:
             self._mean64, self._m2_diag, self._m2 = mb, m2b_diag, m2b
             return

@@ -6,7 +6,8 @@ trust_remote_code=True)`` (and tools built on it, such as lm-eval) can load a no
 No modeling code is copied here: each class subclasses the installed transformers' own
 ``*ForCausalLM`` and, after the parent builds the dense-shaped skeleton, resizes every block's linears
 to the shapes recorded for it in ``config.daprune_layers`` (``modules``: weight shape per linear, in the
-family's own layout, e.g. GPT-2's transposed Conv1D) and sets the module attributes recorded with them
+family's own layout, e.g. GPT-2's transposed Conv1D; ``tensors``: other parameters pruning reshapes, such
+as the fused 3-D expert weights of mixture-of-experts layers) and sets the module attributes recorded with them
 (``attributes``: head counts or split sizes the family's forward reads; one under ``...config.`` gives
 that module its own copy of the config first). Linears named in ``config.daprune_extra_biases`` get a
 bias (FLAP's bias compensation on families whose config has no bias flag for them, e.g. Qwen2's o_proj;
@@ -71,6 +72,13 @@ def resize_block(block: nn.Module, record: dict) -> None:
         old = getattr(owner, attr)
         if list(old.weight.shape) != list(shape):
             setattr(owner, attr, _resized(old, shape))
+    for name, shape in (record.get("tensors") or {}).items():  # fused 3-D expert weights
+        parent, _, attr = name.rpartition(".")
+        owner = block.get_submodule(parent) if parent else block
+        old = getattr(owner, attr)
+        if list(old.shape) != list(shape):
+            setattr(owner, attr, nn.Parameter(torch.empty([int(d) for d in shape], device=old.device,
+                                                          dtype=old.dtype), requires_grad=old.requires_grad))
     attributes = record.get("attributes")
     if attributes is None and "modules" not in record:  # legacy Llama-shaped record
         attributes = {"self_attn.num_key_value_groups":
@@ -126,6 +134,9 @@ FAMILIES = {
     "opt": ("DapruneOPTForCausalLM", "OPTForCausalLM"),
     "gpt2": ("DapruneGPT2LMHeadModel", "GPT2LMHeadModel"),
     "gpt_neox": ("DapruneGPTNeoXForCausalLM", "GPTNeoXForCausalLM"),
+    "mixtral": ("DapruneMixtralForCausalLM", "MixtralForCausalLM"),
+    "qwen2_moe": ("DapruneQwen2MoeForCausalLM", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("DapruneQwen3MoeForCausalLM", "Qwen3MoeForCausalLM"),
 }
 CLASSES = {model_type: name for model_type, (name, _) in FAMILIES.items()}
 

@@ -38,7 +38,7 @@ LAYERS_KEY = "daprune_layers"
 LAYERS_PATH_KEY = "daprune_layers_path"
 # modules that register a family adapter (imported on first use)
 FAMILY_MODULES = ("daprune.models.llama", "daprune.models.phi3", "daprune.models.opt", "daprune.models.gpt2",
-                  "daprune.models.gpt_neox")
+                  "daprune.models.gpt_neox", "daprune.models.moe")
 
 
 def _zero_bias(lin: nn.Linear) -> None:
@@ -253,7 +253,17 @@ class BlockAdapter(ABC):
         self.to_native()
         modules = {name: list(mod.weight.shape) for name, mod in self.layer.named_modules()
                    if name and type(mod).__name__ in ("Linear", "Conv1D") and hasattr(mod, "weight")}
-        return {**shape, "modules": modules, **({"attributes": attrs} if attrs else {})}
+        tensors = self.tensor_shapes()
+        return {**shape, "modules": modules, **({"tensors": tensors} if tensors else {}),
+                **({"attributes": attrs} if attrs else {})}
+
+    def tensor_shapes(self) -> dict[str, list[int]]:
+        """Shapes of parameters that pruning changes outside any Linear (fused 3-D expert weights)."""
+        return {}
+
+    def level2(self, kind: str) -> nn.Linear | None:
+        """The level-2 linear of ``kind`` ("attention": o_proj, "mlp": down_proj), None where there is no single one."""
+        return self.attn_out() if kind == "attention" else self.ffn_out()
 
 
 def _set_dotted(root: nn.Module, name: str, value) -> None:
@@ -342,7 +352,7 @@ class ModelAdapter(ABC):
         extra: set[str] = set()
         blocks = [self.block(i) for i in range(self.n_layers)]
         for kind in ("attention", "mlp"):
-            level2 = [(b, b.attn_out() if kind == "attention" else b.ffn_out()) for b in blocks]
+            level2 = [(b, lin) for b in blocks if (lin := b.level2(kind)) is not None]
             if not any(lin.bias is not None for _, lin in level2) or self.native_biases(kind):
                 continue
             kinds.append(kind)
@@ -387,7 +397,8 @@ class ModelAdapter(ABC):
             setattr(cfg, self.head_dim_key, blocks[0].head_dim)  # explicit: hidden/heads no longer gives it
         if uniform and self.expressible(shapes[0]):
             names = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads",
-                     "intermediate_size": "channels"}
+                     "intermediate_size": "channels", "moe_intermediate_size": "experts",
+                     "shared_expert_intermediate_size": "shared"}
             for key, value in shapes[0].items():
                 if self.shape_keys[names[key]] is not None:
                     setattr(cfg, self.shape_keys[names[key]], value)
