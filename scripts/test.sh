@@ -7,5 +7,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 if [ -z "${DAPRUNE_DATA_DIR:-}" ] && [ -d ../shared/data ]; then export DAPRUNE_DATA_DIR="$(cd ../shared/data && pwd)"; fi
 export DAPRUNE_CACHE="${DAPRUNE_CACHE:-$PWD/.cache}"
-ruff check src tests benchmarks
+ruff check src tests benchmarks examples
 python -m pytest -q "$@"

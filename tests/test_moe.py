@@ -114,7 +114,8 @@ def test_prune_save_reload_generate(family, tmp_path):
         width = model.model.layers[row["index"]].mlp.experts.down_proj.shape[2]
         assert width == info["kept_channels"] == row["kept_channels"]
         if family == "qwen2_moe":
-            assert info["shared_kept_channels"] == model.model.layers[row["index"]].mlp.shared_expert.down_proj.in_features
+            shared = model.model.layers[row["index"]].mlp.shared_expert
+            assert info["shared_kept_channels"] == shared.down_proj.in_features
             assert info["shared_kept_channels"] < SHARED
     assert model.model.layers[0].mlp.experts.down_proj.shape[2] == WIDTH  # outside --layers: untouched
     params = sum(p.numel() for p in model.parameters())
@@ -245,4 +246,44 @@ def test_settings_without_meaning_for_experts_are_refused_before_work(tmp_path):
     with pytest.raises(ConfigError, match="streaming is not possible.*mixture-of-experts"):
         daprune.prune(model=str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True, sparsity=0.2,
                       layers="1:3", calibration="random", nsamples=8, seqlen=SEQ, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_prunes_a_checkpoint_folder_and_reports_experts(tmp_path, capsys):
+    """A saved checkpoint (per-expert tensors on disk, fused 3-D parameters in the model) through the CLI."""
+    import json
+
+    from daprune.cli import main
+
+    tiny("qwen2_moe").save_pretrained(tmp_path / "src")
+    out = tmp_path / "o"
+    rc = main(["prune", "--model", str(tmp_path / "src"), "--out", str(out), "--sparsity", "0.2", "--layers", "1:3",
+               "--calibration", "random", "--nsamples", "8", "--seqlen", str(SEQ), "--batch-size", "4", "--quiet"])
+    assert rc == 0
+    assert "kept/expert" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["unrouted_experts"] == "magnitude"
+    assert [r["experts"]["kept_channels"] for r in report["layers"] if r["pruned"]] == \
+        [s["moe_intermediate_size"] for s in report["shapes"]["layers"][1:3]]
+    assert (out / "layers.png").is_file()
+
+
+@pytest.mark.parametrize("which", ["one expert's gate", "every expert of a layer"])
+def test_a_missing_expert_tensor_is_an_error_not_a_random_expert(tmp_path, which):
+    """Per-expert tensors are merged while loading; a gap is refused (transformers' conversion error, or our
+    check of its loading report), never a randomly initialised expert."""
+    from safetensors.torch import load_file, save_file
+
+    from daprune.errors import ModelSourceError, WeightsMismatchError
+
+    tiny("mixtral").save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    state = load_file(str(path))
+    experts = [k for k in state if "layers.1." in k and "experts." in k]
+    gone = experts[:1] if which.startswith("one") else experts
+    save_file({k: v for k, v in state.items() if k not in gone}, str(path), metadata={"format": "pt"})
+    error, match = (ModelSourceError, "conversion") if which.startswith("one") else (WeightsMismatchError, "missing")
+    with pytest.raises(error, match=match):
+        daprune.prune(model=str(tmp_path / "src"), out=str(tmp_path / "o"), sparsity=0.2, layers="1:3",
+                      calibration="random", nsamples=8, seqlen=SEQ, progress=False)
     assert not (tmp_path / "o").exists()

@@ -227,6 +227,7 @@ class _Run:
     def prepare_resident(self, model, tokenizer) -> None:
         from daprune.loader import build_skeleton
         from daprune.models.adapter import get_adapter
+        from daprune.models.checkpoint_keys import converts_tensors
         from daprune.models.loading import DTYPES, load_model
         from daprune.pipeline import check_criteria_fit
         from daprune.stores import ResidentStore
@@ -234,7 +235,9 @@ class _Run:
         t = time.perf_counter()
         if model is None:
             if self.reader is not None:  # fail on missing/mis-shaped tensors instead of random-initialising them
-                self.reader.check_against(build_skeleton(self.source.path, DTYPES[self.cfg.dtype]))
+                skeleton = build_skeleton(self.source.path, DTYPES[self.cfg.dtype])
+                if not converts_tensors(skeleton):  # else: checked after from_pretrained's conversions
+                    self.reader.check_against(skeleton)
             model, tokenizer, self.source = load_model(self.cfg.model, dtype=self.cfg.dtype, device=str(self.device),
                                                        tokenizer_required=False,
                                                        cache=self.cache)

@@ -37,6 +37,8 @@ def summary(report: dict) -> str:
         f"time           {report['timings']['total_s']:.1f} s",
     ]
     table = layer_table(report["layers"])
+    if any(r.get("experts") for r in report["layers"]):
+        table += "\n\n" + expert_table(report["layers"])
     extra = []
     if "eval" in report:
         for k, v in report["eval"].get("ppl", {}).items():
@@ -62,6 +64,24 @@ def layer_table(layers: list[dict]) -> str:
     return format_table(rows, headers)
 
 
+def expert_table(layers: list[dict]) -> str:
+    """Per pruned mixture-of-experts block: channels each expert keeps, calibration tokens routed per expert,
+    and the experts no token reached (with what ``--unrouted-experts`` did to them)."""
+    rows = []
+    for r in layers:
+        info = r.get("experts")
+        if not r["pruned"] or not info:
+            continue
+        tokens = sorted(info["tokens"])
+        unrouted = ", ".join(str(e) for e in info["unrouted"]) or "-"
+        if info["unrouted"]:
+            unrouted += f" ({info['unrouted_policy']})"
+        rows.append([r["index"], len(tokens), info["kept_channels"], info.get("shared_kept_channels", "-"),
+                     tokens[0], tokens[len(tokens) // 2], tokens[-1], unrouted])
+    return format_table(rows, ["block", "experts", "kept/expert", "shared kept", "tokens min", "median", "max",
+                               "unrouted"])
+
+
 def plot_layers(report: dict, path: Path) -> Path | None:
     """Per-block relative output error and kept heads/channels; skipped without matplotlib."""
     try:
@@ -80,8 +100,10 @@ def plot_layers(report: dict, path: Path) -> Path | None:
     ax1.set_ylabel("relative error vs dense")
     ax1.legend()
     shapes = report["shapes"]["layers"]
-    ax2.bar(idx, [s["intermediate_size"] for s in shapes], color="tab:blue", label="FFN channels")
-    ax2.set_ylabel("FFN channels kept")
+    moe = any("moe_intermediate_size" in s for s in shapes)
+    widths = [s.get("moe_intermediate_size", s.get("intermediate_size", 0)) for s in shapes]
+    ax2.bar(idx, widths, color="tab:blue", label="FFN channels")
+    ax2.set_ylabel("FFN channels kept" + (" (per expert)" if moe else ""))
     ax3 = ax2.twinx()
     ax3.plot(idx, [s["num_attention_heads"] for s in shapes], "r^-", label="query heads")
     ax3.set_ylabel("query heads kept")
