@@ -287,3 +287,24 @@ def test_a_missing_expert_tensor_is_an_error_not_a_random_expert(tmp_path, which
         daprune.prune(model=str(tmp_path / "src"), out=str(tmp_path / "o"), sparsity=0.2, layers="1:3",
                       calibration="random", nsamples=8, seqlen=SEQ, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_dense_layers_of_a_moe_model_and_obs_on_experts(tmp_path):
+    """Qwen2-MoE's ``mlp_only_layers`` are ordinary FFN blocks beside the MoE ones; with enough routed tokens
+    per channel the experts use OBS (kept columns compensated), and the mixed folder still round-trips."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(tiny("qwen2_moe").config)
+    config.mlp_only_layers = [1]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert not hasattr(model.model.layers[1].mlp, "experts")
+    result = _prune(model, sparsity=0.1, nsamples=32, out=str(tmp_path / "o"))
+    rows = {r["index"]: r for r in result.report["layers"]}
+    assert rows[1]["experts"] is None and rows[1]["kept_channels"] < 96  # the dense FFN, pruned as usual
+    assert "obs" in rows[2]["experts"]["selection"]
+    want = logits(result.model)
+    reloaded, _ = daprune.load(tmp_path / "o")
+    assert torch.equal(logits(reloaded), want)
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "o", trust_remote_code=True).eval()
+    assert torch.equal(logits(remote), want)
