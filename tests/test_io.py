@@ -79,6 +79,39 @@ def test_nonuniform_config_and_files(nonuniform):
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
 
 
+def test_vanilla_loading_of_a_per_layer_folder_fails_at_once_asking_for_remote_code(nonuniform):
+    """In a fresh interpreter (no daprune imported): vanilla from_pretrained stops before building any model,
+    with transformers' own "trust_remote_code=True" message (the folder has its own model type, as DeciLM's do);
+    with remote code the same folder loads."""
+    import subprocess
+    import sys
+
+    res, out = nonuniform
+    cfg = json.loads((out / "config.json").read_text())
+    family = res.model.config.model_type
+    assert cfg["model_type"] == f"daprune_{family}" and cfg["architectures"][0].startswith("Daprune")
+    assert cfg["auto_map"]["AutoConfig"].startswith("modeling_daprune.Daprune")
+    code = f"""
+import sys, transformers
+from transformers import AutoModelForCausalLM
+built = []
+orig = transformers.PreTrainedModel.__init__
+def spy(self, *a, **k):
+    built.append(type(self).__name__)
+    orig(self, *a, **k)
+transformers.PreTrainedModel.__init__ = spy
+try:
+    AutoModelForCausalLM.from_pretrained({str(out)!r})
+except ValueError as exc:
+    assert "trust_remote_code=True" in str(exc), str(exc)
+    assert not built, built
+    assert "daprune" not in sys.modules
+    print("REFUSED")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip().endswith("REFUSED"), run.stdout + run.stderr
+
+
 def test_nonuniform_remote_code_round_trip(nonuniform):
     res, out = nonuniform
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()

@@ -166,10 +166,11 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
 def _choose_streaming(streaming: bool | None, model_given: bool, out, reader, cfg: PruneConfig,
                       model_config=None) -> bool:
     """Stream when possible and not turned off; ``--streaming`` where it is impossible is an error."""
+    from daprune.models.adapter import family_of
     from daprune.models.moe import MoEAdapter
 
     reasons = []
-    if getattr(model_config, "model_type", None) in MoEAdapter.model_types:
+    if family_of(model_config) in MoEAdapter.model_types:
         reasons.append("mixture-of-experts checkpoints store experts in another layout than the model's fused "
                        "3-D parameters (transformers converts them while loading the whole model)")
     if model_given:
@@ -410,12 +411,16 @@ def check_model_config(cfg: PruneConfig, source, model) -> object:
     else:
         from transformers import AutoConfig
 
+        from daprune.loader import register_auto_classes
+        from daprune.models.adapter import family_of
+
+        register_auto_classes()  # a daprune per-layer folder as the source: its own model type
         where = f"{source.origin}'s config.json" if source.kind != "hub" else f"the config of {source.origin}"
         try:
             config = AutoConfig.from_pretrained(source.path)
         except Exception as exc:
             raise ModelSourceError(f"cannot read the model config of {source.origin}: {exc}") from exc
-        if config.model_type not in supported_model_types():
+        if family_of(config) not in supported_model_types():
             raise UnsupportedModelError(f"unsupported architecture {config.model_type!r}; daprune supports: "
                                         f"{', '.join(supported_model_types())}")
     for name in _REQUIRED_DIMS + _OPTIONAL_DIMS:

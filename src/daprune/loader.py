@@ -23,6 +23,32 @@ from daprune.models.adapter import EXTRA_BIASES_KEY
 log = logging.getLogger(__name__)
 
 
+_REGISTERED = False
+
+
+def register_auto_classes() -> None:
+    """Let transformers' Auto classes build daprune's per-layer model types in this process.
+
+    A per-layer folder says model_type "daprune_<family>" so that vanilla transformers refuses it; daprune
+    itself reads such folders with the *installed* package's classes (``io_templates.modeling_daprune``,
+    the same code the folder ships), never the folder's copy, so ``trust_remote_code`` stays False.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from daprune.io_templates import modeling_daprune
+
+    for name, _parent in modeling_daprune.FAMILIES.values():
+        model_cls = getattr(modeling_daprune, name, None)
+        if model_cls is None:  # a family this transformers version does not have
+            continue
+        AutoConfig.register(model_cls.config_class.model_type, model_cls.config_class, exist_ok=True)
+        AutoModelForCausalLM.register(model_cls.config_class, model_cls, exist_ok=True)
+    _REGISTERED = True
+
+
 def needs_remote_code(config) -> bool:
     """Whether a saved config (dict or transformers config) describes a model vanilla transformers cannot build.
 
@@ -54,6 +80,7 @@ def load_pruned(folder: str | os.PathLike, *, dtype: str = "float32", device: st
     if not any(folder.glob("*.safetensors")):
         raise ModelSourceError(f"{folder} has no .safetensors weights")
     # trust_remote_code=False: the folder's own transformers classes, never its modeling_daprune.py
+    register_auto_classes()
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if not needs_remote_code(config):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=False)
@@ -73,7 +100,7 @@ def _load_nonuniform(folder: Path, config, dtype: torch.dtype):
     """
     from daprune.io_templates import modeling_daprune
 
-    name = modeling_daprune.CLASSES.get(getattr(config, "model_type", None))
+    name = modeling_daprune.CLASSES.get(modeling_daprune.base_model_type(getattr(config, "model_type", None)))
     cls = getattr(modeling_daprune, name, None) if name else None
     if cls is None:
         raise ModelSourceError(f"{folder}: no per-layer class for model type {config.model_type!r} in this "
@@ -138,6 +165,7 @@ def build_skeleton(folder: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     from daprune.models.adapter import get_adapter
 
     folder = Path(folder)
+    register_auto_classes()  # a daprune per-layer folder as the source: its own model type
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:

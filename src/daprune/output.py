@@ -193,15 +193,28 @@ def write_remote_code(folder: Path) -> None:
 
     Added when ``needs_remote_code``: non-uniform shapes, or extra biases (see there) even with uniform
     shapes, since vanilla transformers cannot load extra biases for those families; such a folder loads
-    correctly only with ``trust_remote_code=True`` or through ``daprune.load``. Stripped otherwise.
+    correctly only with ``trust_remote_code=True`` or through ``daprune.load``, so its config gets its own
+    model type ("daprune_<family>") and an ``AutoConfig`` entry: vanilla loading then fails at once asking
+    for ``trust_remote_code=True``. Stripped otherwise (and the family's own model type restored).
     """
+    from daprune.io_templates.modeling_daprune import PREFIX, base_model_type, config_class_name
+
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
     auto_map = {k: v for k, v in cfg.get("auto_map", {}).items() if not str(v).startswith(f"{_REMOTE_MODULE}.")}
+    family = base_model_type(cfg.get("model_type"))
     if needs_remote_code(cfg):
-        auto_map["AutoModelForCausalLM"] = f"{_REMOTE_MODULE}.{_remote_class(cfg.get('model_type'))}"
+        # its own model type (as DeciLM does): vanilla transformers refuses it at once, asking for remote code
+        name = _remote_class(family)
+        cfg["model_type"], cfg["architectures"] = PREFIX + family, [name]
+        auto_map["AutoConfig"] = f"{_REMOTE_MODULE}.{config_class_name(family)}"
+        auto_map["AutoModelForCausalLM"] = f"{_REMOTE_MODULE}.{name}"
         (folder / MODELING_FILE).write_text(modeling_template())
     else:
+        if family != cfg.get("model_type"):  # a per-layer source pruned to uniform shapes: the family's own type
+            from daprune.io_templates.modeling_daprune import FAMILIES
+
+            cfg["model_type"], cfg["architectures"] = family, [FAMILIES[family][1]]
         (folder / MODELING_FILE).unlink(missing_ok=True)
     if auto_map:
         cfg["auto_map"] = auto_map

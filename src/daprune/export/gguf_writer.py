@@ -29,6 +29,7 @@ from daprune.export.arch import (
     to_gguf_rotary,
 )
 from daprune.export.tokenizer import tokenizer_fields
+from daprune.io_templates.modeling_daprune import base_model_type
 
 OUTTYPES = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
@@ -114,7 +115,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     files = _weight_files(folder)
     shapes = _tensor_shapes(files)
     layers = layer_shapes({k: v[0] for k, v in shapes.items()}, int(config["num_hidden_layers"]), head_dim)
-    arch = choose_arch(str(config.get("model_type")), layers)
+    arch = choose_arch(str(base_model_type(config.get("model_type"))), layers)
     gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
     names = _tensor_names(shapes, gguf_arch, len(layers), config)
     wanted, ftype = OUTTYPES[outtype]

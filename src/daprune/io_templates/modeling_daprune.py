@@ -139,8 +139,25 @@ FAMILIES = {
     "qwen3_moe": ("DapruneQwen3MoeForCausalLM", "Qwen3MoeForCausalLM"),
 }
 CLASSES = {model_type: name for model_type, (name, _) in FAMILIES.items()}
+# A per-layer folder's config.json says model_type "daprune_<family>" (and an auto_map to the classes here), as
+# DeciLM checkpoints do: vanilla transformers does not know the type, so loading without remote code stops at
+# once with "pass trust_remote_code=True" instead of building a full-size model and failing on every shape.
+PREFIX = "daprune_"
 
-def _share_renamings(name: str, parent: str) -> None:
+
+def base_model_type(model_type):
+    """The family's own model type for a daprune per-layer type ("daprune_llama" -> "llama"); others unchanged."""
+    if isinstance(model_type, str) and model_type.startswith(PREFIX) and model_type[len(PREFIX):] in FAMILIES:
+        return model_type[len(PREFIX):]
+    return model_type
+
+
+def config_class_name(model_type: str) -> str:
+    """Name of the config class here for a family, e.g. "DapruneLlamaConfig"."""
+    name = CLASSES[model_type]
+    return name.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config")
+
+def _share_renamings(name: str, parent: str, model_type: str = "") -> None:
     """Give the subclass its parent's checkpoint renaming rules (e.g. GPT-NeoX's embed_out -> lm_head).
 
     transformers looks the rules up by class name and skips custom-code classes without their own entry,
@@ -153,13 +170,21 @@ def _share_renamings(name: str, parent: str) -> None:
         )
     except ImportError:  # older transformers: no renaming rules
         return
-    rules = get_checkpoint_conversion_mapping(parent)
+    rules = get_checkpoint_conversion_mapping(parent) or (get_checkpoint_conversion_mapping(model_type)
+                                                          if model_type else None)
     if rules:
-        register_checkpoint_conversion_mapping(name, rules, overwrite=True)
+        for key in (name, PREFIX + model_type):
+            register_checkpoint_conversion_mapping(key, rules, overwrite=True)
 
 
-for _name, _parent in FAMILIES.values():  # one subclass per family this transformers version has
+for _type, (_name, _parent) in FAMILIES.items():  # one config and model subclass per family transformers has
     if hasattr(transformers, _parent):
-        globals()[_name] = type(_name, (DaprunePerLayerShapes, getattr(transformers, _parent)),
-                                {"__doc__": f"{_parent} with per-layer head counts and FFN widths."})
-        _share_renamings(_name, _parent)
+        _model = getattr(transformers, _parent)
+        _config = type(config_class_name(_type), (_model.config_class,),
+                       {"model_type": PREFIX + _type, "__doc__": f"{_model.config_class.__name__} of a per-layer "
+                        "pruned model (its own model type, so only code that can resize blocks loads it)."})
+        globals()[_config.__name__] = _config
+        globals()[_name] = type(_name, (DaprunePerLayerShapes, _model),
+                                {"config_class": _config,
+                                 "__doc__": f"{_parent} with per-layer head counts and FFN widths."})
+        _share_renamings(_name, _parent, _type)

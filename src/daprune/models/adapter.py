@@ -426,9 +426,16 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def family_of(config) -> str | None:
+    """The family's model type of a config, also for daprune's per-layer types ("daprune_llama" -> "llama")."""
+    from daprune.io_templates.modeling_daprune import base_model_type
+
+    return base_model_type(getattr(config, "model_type", None))
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     supported = supported_model_types()
-    model_type = getattr(model.config, "model_type", None)
+    model_type = family_of(model.config)
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r}; daprune supports: {', '.join(supported)}"

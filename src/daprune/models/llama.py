@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from daprune.models.adapter import BlockAdapter, ModelAdapter, register
+from daprune.models.adapter import BlockAdapter, ModelAdapter, family_of, register
 
 
 class LlamaBlock(BlockAdapter):
@@ -74,4 +74,4 @@ class LlamaFamilyAdapter(ModelAdapter):
                    "gemma3_text": {"attention": "attention_bias"}}
 
     def bias_flag(self, kind: str) -> str | None:
-        return self._BIAS_FLAGS.get(getattr(self.config, "model_type", ""), {}).get(kind)
+        return self._BIAS_FLAGS.get(family_of(self.config) or "", {}).get(kind)

@@ -129,13 +129,15 @@ def check_architecture(folder_or_id: str) -> str:
     """Fail early, before downloading or loading weights, when no adapter fits the model."""
     from transformers import AutoConfig
 
-    from daprune.models.adapter import supported_model_types
+    from daprune.loader import register_auto_classes
+    from daprune.models.adapter import family_of, supported_model_types
 
+    register_auto_classes()
     try:
         config = AutoConfig.from_pretrained(folder_or_id)
     except Exception as exc:
         raise ModelSourceError(f"cannot read the model config of {folder_or_id}: {exc}") from exc
-    model_type = getattr(config, "model_type", None)
+    model_type = family_of(config)
     if model_type not in supported_model_types():
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r}; daprune supports: {', '.join(supported_model_types())}"

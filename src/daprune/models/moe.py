@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from daprune.models.adapter import register, slice_linear
+from daprune.models.adapter import family_of, register, slice_linear
 from daprune.models.layer_inputs import layer_call
 from daprune.models.llama import LlamaBlock, LlamaFamilyAdapter
 from daprune.stats import Moments
@@ -251,7 +251,7 @@ class MoEAdapter(LlamaFamilyAdapter):
 
     @property
     def shape_keys(self) -> dict[str, str | None]:  # type: ignore[override]
-        mixtral = getattr(self.config, "model_type", "") == "mixtral"
+        mixtral = family_of(self.config) == "mixtral"
         return {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "channels": "intermediate_size",
                 "experts": "intermediate_size" if mixtral else "moe_intermediate_size",
                 "shared": "shared_expert_intermediate_size"}
