@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+import daprune
 from daprune.api import prune
 from daprune.errors import ConfigError, DeviceError
 
@@ -103,8 +104,12 @@ def test_uniform_output_loads_with_vanilla_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
 
     a, b = _pair(tmp_path, _tied_model(), layers="0:", head_split="ffn-only")
-    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
-    assert "lm_head.weight" not in index["weight_map"]  # tied: written once, like save_pretrained
+    assert [f.name for f in (tmp_path / "stream").glob("*.safetensors")] == ["model.safetensors"]  # small: 1 shard
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "stream" / "model.safetensors"), framework="pt") as fh:
+        names = list(fh.keys())  # safe_open handles are not containers
+    assert "lm_head.weight" not in names  # tied: written once, like save_pretrained
     assert not (tmp_path / "stream" / "modeling_daprune.py").exists()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
     ref = b.model
@@ -113,6 +118,37 @@ def test_uniform_output_loads_with_vanilla_from_pretrained(tmp_path):
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(plain(ids).logits, ref(ids).logits)
     assert a.model is not None and a.model.config.intermediate_size == plain.config.intermediate_size
+
+
+@pytest.mark.parametrize("save_dtype", ["source", "float32"])
+def test_output_keeps_the_source_dtype_and_is_sharded_by_size(tmp_path, save_dtype):
+    """A bf16 checkpoint pruned in fp32 is written in bf16 (or what --save-dtype says), in shards of at most
+    --max-shard-size (a block is never split), streaming and in memory alike; report.json counts the files."""
+    from safetensors import safe_open
+
+    model = tiny_model(layers=6).to(torch.bfloat16)
+    a, b = _pair(tmp_path, model, layers="1:-1", max_shard_size="40KB", save_dtype=save_dtype)
+    want = "bfloat16" if save_dtype == "source" else "float32"
+    itemsize = 2 if want == "bfloat16" else 4
+    biggest = max(sum(p.numel() for p in layer.parameters()) for layer in b.model.model.layers) * itemsize
+    bound = max(40_000, biggest) + 8_000  # + the safetensors header
+    for out, res in (("stream", a), ("mem", b)):
+        files = sorted((tmp_path / out).glob("*.safetensors"))
+        assert len(files) > 2 and (tmp_path / out / "model.safetensors.index.json").is_file()
+        assert res.report["output"]["shards"] == len(files) and res.report["output"]["dtype"] == want
+        assert json.loads((tmp_path / out / "config.json").read_text())["dtype"] == want
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                names = fh.keys()  # safe_open handles are not iterable
+                assert {str(fh.get_tensor(k).dtype) for k in names} == {f"torch.{want}"}
+        if out == "stream":  # our writer: shards of at most the limit, or one block where a block is bigger
+            assert all(f.stat().st_size <= bound for f in files)
+    wa, wb = _weights(tmp_path / "stream"), _weights(tmp_path / "mem")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    reloaded, _ = daprune.load(tmp_path / "stream", dtype=want)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, daprune.load(tmp_path / "mem", dtype=want)[0](ids).logits)
 
 
 def test_sharded_source_with_index(tmp_path):

@@ -125,6 +125,10 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     resources = check_resources(cfg, model_config, use_streaming, activations, device, out,
                                 work.path if work is not None else None)
     run = _Run(cfg, device, source, reader, work, activations, work_dir, progress, data_dir, cache)
+    # the checkpoint's own precision, for --save-dtype source (a passed model: its dtype before any cast)
+    run.source_dtype = (reader.floating_dtype() if reader is not None else
+                        str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else
+                        str(getattr(model_config, "dtype", None) or "float32").removeprefix("torch."))
     run.timings["resolve_s"] = time.perf_counter() - t0
     with _hub_progress_bars(progress):
         if use_streaming:
@@ -202,6 +206,7 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.model = self.tokenizer = self.adapter = self.store = None
         self.calib_info: dict = {}
+        self.source_dtype: str | None = None
         self._scratch: Path | None = None
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -348,12 +353,13 @@ class _Run:
 
     # -- writing -------------------------------------------------------------------------------------------
     def write(self, out, overwrite: bool, report: dict, extra) -> Path:
-        from daprune.output import model_weights, streamed_weights, write_output
+        from daprune.output import model_weights, resolve_save_dtype, streamed_weights, write_output
 
+        dtype = resolve_save_dtype(self.cfg.save_dtype, self.source_dtype)
         if self.store.streaming:
-            weights = streamed_weights(self.store, self.work.block_file)
+            weights = streamed_weights(self.store, self.work.block_file, dtype, self.cfg.max_shard_size)
         else:
-            weights = model_weights(self.model)
+            weights = model_weights(self.model, dtype, self.cfg.max_shard_size)
         return write_output(out, weights, self.tokenizer, report, overwrite=overwrite, extra=extra)
 
     def cleanup(self) -> None:
@@ -510,7 +516,7 @@ def check_resources(cfg: PruneConfig, model_config, streaming: bool, activations
         report["available_memory"] = available
         res.check_memory(est, available, res.free_disk(work_path)[1] if work_path is not None else None)
     if out is not None:
-        report["disk"] = res.check_disk(est, out, work_path, linked=streaming)
+        report["disk"] = res.check_disk(est, out, work_path, linked=False)  # output shards are copies, not links
     return report
 
 

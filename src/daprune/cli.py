@@ -80,7 +80,13 @@ def _prune_parser(sub) -> None:
                         "the largest weights (magnitude), those the layer's whole input favours (uniform), or the "
                         "layer's experts are not pruned at all (keep)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
+                   help="precision of the computation (statistics and solves); the weights are written in --save-dtype")
+    p.add_argument("--save-dtype", default=d.save_dtype, choices=("source", "float32", "bfloat16", "float16"),
+                   help="precision of the written weights (source: the model's own, e.g. a bf16 checkpoint stays bf16)")
+    p.add_argument("--max-shard-size", default=d.max_shard_size,
+                   help="largest safetensors shard of the output, as save_pretrained (default 5GB); streaming holds "
+                        "one shard in memory while writing it")
     p.add_argument("--device", default=d.device,
                    help="cpu | cuda | cuda:N | auto (the GPU if one is visible); where each block is pruned")
     p.add_argument("--batch-size", type=int, default=d.batch_size)

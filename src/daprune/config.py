@@ -83,7 +83,12 @@ class PruneConfig:
     # mixture-of-experts models: how to rank the channels of experts the calibration never routes to
     unrouted_experts: str = "magnitude"
     seed: int = 0
+    # precision of the computation (loading, statistics, solves)
     dtype: str = "float32"
+    # precision of the written weights: "source" keeps the model's own (a bf16 checkpoint stays bf16)
+    save_dtype: str = "source"
+    # largest output shard, as save_pretrained understands it ("5GB", "500MB", or bytes)
+    max_shard_size: str = "5GB"
     device: str = "cpu"
     batch_size: int = 8
     self_gen: dict[str, Any] = field(
@@ -144,6 +149,9 @@ class PruneConfig:
             raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("--dtype must be float32, bfloat16 or float16")
+        if self.save_dtype not in ("source", "float32", "bfloat16", "float16"):
+            raise ConfigError("--save-dtype must be source, float32, bfloat16 or float16")
+        parse_size(self.max_shard_size)
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         parse_layers(self.layers, 10**6)  # syntax only; the range is checked against the model later
@@ -157,6 +165,24 @@ class PruneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of a size such as "5GB", "500MB", "2GiB" or 1000000 (save_pretrained's units: GB = 10**9)."""
+    import re
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*", str(text).upper())
+        if not m:
+            raise ConfigError(f"--max-shard-size must look like 5GB, 500MB or a byte count, got {text!r}")
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        value = int(float(m.group(1)) * units[m.group(2)])
+    if value < 1:
+        raise ConfigError(f"--max-shard-size must be positive, got {text!r}")
+    return value
 
 
 def parse_layers(spec: str, n_layers: int) -> range:

@@ -7,9 +7,12 @@ Why one module: a folder is written the same way whether the pruned model is in 
 * An output folder only ever appears complete: everything is written into a hidden temp folder beside
   it and renamed into place at the end (:func:`atomic_dir`); a path that exists or cannot be written is
   refused before any work (:func:`check_output`, :func:`probe_writable`).
-* Streamed weights (:func:`write_streaming_output`): embedding shard, the block shards (hard-linked from
-  the work folder), final norm / lm_head, a sharded ``model.safetensors.index.json``, config and
-  generation config. Tied embeddings write no ``lm_head.weight``, exactly like ``save_pretrained``.
+* Weights are written in the save dtype (the source checkpoint's own precision unless ``--save-dtype``
+  says otherwise) and sharded by size like ``save_pretrained`` (``--max-shard-size``, default 5GB: one
+  ``model.safetensors`` for a small model, ``model-0000k-of-0000N.safetensors`` + index otherwise).
+* Streamed weights (:func:`write_streaming_output`): the embedding, the work folder's block shards and the
+  final norm / lm_head, regrouped into size-bounded shards (one output shard in memory at a time), an
+  index, config and generation config. Tied embeddings write no ``lm_head.weight``, like ``save_pretrained``.
 * Non-uniform models and models with extra biases also get ``modeling_daprune.py`` and a
   ``config.auto_map`` entry (:func:`write_remote_code`).
 """
@@ -99,12 +102,17 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_output(out: str | os.PathLike, weights: Callable[[Path], None], tokenizer, report: dict, *,
+def write_output(out: str | os.PathLike, weights: Callable[[Path], dict | None], tokenizer, report: dict, *,
                  overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``out`` atomically: ``weights(tmp)`` (see :func:`model_weights`, :func:`streamed_weights`), the
-    remote code where needed, the tokenizer (if any), report.json, then ``extra(tmp)`` for added files."""
+    remote code where needed, the tokenizer (if any), report.json, then ``extra(tmp)`` for added files.
+
+    What the weights writer reports (dtype, shards, bytes: counted from the files written) goes into
+    report.json as ``output``."""
     with atomic_dir(out, overwrite) as tmp:
-        weights(tmp)
+        written = weights(tmp)
+        if written:
+            report["output"] = {**written, **_count_shards(tmp)}
         write_remote_code(tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
@@ -126,21 +134,50 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, report: dict, *, overw
     return write_output(out, model_weights(model), tokenizer, report, overwrite=overwrite, extra=extra)
 
 
-def model_weights(model) -> Callable[[Path], None]:
-    """Weights of a model in memory, written by ``save_pretrained``; its config is brought up to date now."""
+def model_weights(model, dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB"
+                  ) -> Callable[[Path], dict]:
+    """Weights of a model in memory, written by ``save_pretrained`` in ``dtype`` (None: as they are), in shards
+    of at most ``max_shard_size``; its config is brought up to date now. The model itself keeps its dtype."""
     _sync_config(model)
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+    def write(tmp: Path) -> dict:
+        target = dtype or next(model.parameters()).dtype
+        state = None
+        if any(p.is_floating_point() and p.dtype != target for p in model.parameters()):
+            cast: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor (save_pretrained drops the copy)
+            state = {k: cast.setdefault(v.data_ptr(), v.to(target)) if v.is_floating_point() else v
+                     for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
         if not any(tmp.glob("*.safetensors")):
             raise OutputError("the model was not written as safetensors")
+        name = str(target).removeprefix("torch.")
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = name  # save_pretrained states the parameters' dtype; the files hold ``target``
+        write_json(tmp / "config.json", cfg)
+        return {"dtype": name, "max_shard_size": max_shard_size}
 
     return write
 
 
-def streamed_weights(store: StreamingStore, block_file: Callable[[int], Path]) -> Callable[[Path], None]:
+def streamed_weights(store: StreamingStore, block_file: Callable[[int], Path], dtype: torch.dtype | None = None,
+                     max_shard_size: str | int = "5GB") -> Callable[[Path], dict]:
     """Weights of a streamed model: ``block_file(i)`` is the work folder's shard of pruned block i."""
-    return lambda tmp: write_streaming_output(store, block_file, tmp)
+    return lambda tmp: write_streaming_output(store, block_file, tmp, dtype, max_shard_size)
+
+
+def _count_shards(folder: Path) -> dict:
+    """What was really written: the safetensors files and their bytes."""
+    files = sorted(folder.glob("*.safetensors"))
+    return {"shards": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def resolve_save_dtype(setting: str, source: str | None) -> torch.dtype:
+    """The dtype weights are written in: ``setting``, or for "source" the checkpoint's own (fp64 as fp32)."""
+    from daprune.models.loading import DTYPES
+
+    name = source if setting == "source" else setting
+    name = {"float64": "float32", None: "float32"}.get(name, name)
+    return DTYPES[name]
 
 
 def _sync_config(model) -> None:
@@ -237,62 +274,78 @@ def _shard_name(k: int, total: int) -> str:
     return f"model-{k:05d}-of-{total:05d}.safetensors"
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem (--work-dir elsewhere) or no hard links: copy
-        shutil.copyfile(src, dst)
-
-
-def write_streaming_output(store: StreamingStore, block_file: Callable[[int], Path], tmp: Path) -> None:
+def write_streaming_output(store: StreamingStore, block_file: Callable[[int], Path], tmp: Path,
+                           dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB") -> dict:
     """Write the weights of a streamed, pruned model into the (atomic temp) folder ``tmp``.
 
-    ``block_file(i)`` is the work folder's shard of pruned block i. Shards: embedding, one per block,
-    then everything else (final norm, an untied lm_head). Blocks lacking the zero biases that
-    ``update_config`` made model-wide (FLAP compensation on some blocks) are rewritten with them.
+    ``block_file(i)`` is the work folder's shard of pruned block i. Tensors go out in model order (embedding,
+    blocks, final norm and an untied lm_head), in ``dtype`` (None: the store's), grouped into shards of at
+    most ``max_shard_size`` (a block is never split; a larger block gets a shard of its own), so at most one
+    output shard is in memory. Blocks lacking the zero biases that ``update_config`` made model-wide (FLAP
+    compensation on some blocks) get them here.
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from daprune.config import parse_size
+
     model, adapter, reader = store.adapter.model, store.adapter, store.reader
-    n = adapter.n_layers
-    total = n + 2
+    dtype = dtype or store.dtype
+    limit = parse_size(max_shard_size)
     expected = model.state_dict()  # meta tensors: names, pruned shapes, dtypes
     tied = tied_lm_head_key(model)
     emb_key = param_name(model, model.get_input_embeddings().weight)
-    weight_map: dict[str, str] = {}
-    meta = {"format": "pt"}
-
-    save_file(reader.get_many([emb_key], store.dtype), str(tmp / _shard_name(1, total)), metadata=meta)
-    weight_map[emb_key] = _shard_name(1, total)
-
-    for i in range(n):
-        src, dst = block_file(i), tmp / _shard_name(i + 2, total)
-        pre = store.block_prefix(i)
-        want = {k: v for k, v in expected.items() if k.startswith(pre)}
-        with safe_open(str(src), framework="pt") as fh:
-            have = set(fh.keys())
-        missing = [k for k in want if k not in have]
-        if missing:
-            if not all(k.endswith(".bias") for k in missing):
-                raise WeightsMismatchError(f"block {i} checkpoint lacks {missing[:3]}")
-            tensors = load_file(str(src))
-            for k in missing:
-                tensors[k] = torch.zeros(want[k].shape, dtype=want[k].dtype)
-            save_file({k: tensors[k] for k in want}, str(dst), metadata=meta)
-        else:
-            _link_or_copy(src, dst)
-        for k in want:
-            weight_map[k] = dst.name
-
     rest = [k for k in expected if not k.startswith(store.prefix + ".") and k not in (emb_key, tied)]
-    save_file(reader.get_many(rest, store.dtype), str(tmp / _shard_name(total, total)), metadata=meta)
-    weight_map.update({k: _shard_name(total, total) for k in rest})
+    groups: list[tuple[str | int, list[str]]] = [("embedding", [emb_key])]
+    groups += [(i, [k for k in expected if k.startswith(store.block_prefix(i))]) for i in range(adapter.n_layers)]
+    groups.append(("rest", rest))
 
-    size = sum(v.numel() * v.element_size() for k, v in expected.items() if k != tied)
-    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    def nbytes(keys: list[str]) -> int:
+        return sum(expected[k].numel() * (dtype.itemsize if expected[k].is_floating_point()
+                                          else expected[k].element_size()) for k in keys)
+
+    shards: list[list[tuple[str | int, list[str]]]] = [[]]
+    size = 0
+    for group in groups:
+        b = nbytes(group[1])
+        if shards[-1] and size + b > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(group)
+        size += b
+
+    def load(what: str | int, keys: list[str]) -> dict[str, torch.Tensor]:
+        if not isinstance(what, int):  # through the compute dtype, exactly as the in-memory model holds them
+            tensors = reader.get_many(keys, store.dtype)
+            return {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        tensors = load_file(str(block_file(what)))
+        missing = [k for k in keys if k not in tensors]
+        if not all(k.endswith(".bias") for k in missing):
+            raise WeightsMismatchError(f"block {what} checkpoint lacks {missing[:3]}")
+        for k in missing:
+            tensors[k] = torch.zeros(expected[k].shape, dtype=dtype)
+        return {k: tensors[k].to(dtype) if tensors[k].is_floating_point() else tensors[k] for k in keys}
+
+    meta = {"format": "pt"}
+    weight_map: dict[str, str] = {}
+    for k, shard in enumerate(shards, 1):
+        name = "model.safetensors" if len(shards) == 1 else _shard_name(k, len(shards))
+        tensors: dict[str, torch.Tensor] = {}
+        for what, keys in shard:
+            tensors.update(load(what, keys))
+        save_file(tensors, str(tmp / name), metadata=meta)
+        weight_map.update({key: name for key in tensors})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": nbytes([k for k in expected if k != tied])},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    old = getattr(model.config, "dtype", None)
+    model.config.dtype = dtype
     model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(tmp)
+    try:
+        model.config.save_pretrained(tmp)
+    finally:
+        model.config.dtype = old
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(tmp)
+    return {"dtype": str(dtype).removeprefix("torch."), "max_shard_size": max_shard_size}

@@ -54,6 +54,7 @@ class WeightsReader:
         self.file_key: dict[str, str] = {}  # the model's name of a tensor -> its name in the checkpoint
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}  # safetensors dtype names ("F32", "BF16", ...)
         for f in files:
             try:
                 with safe_open(str(f), framework="pt") as fh:
@@ -62,6 +63,7 @@ class WeightsReader:
                         self.where[key] = f
                         self.file_key[key] = key
                         self.shapes[key] = tuple(fh.get_slice(key).get_shape())
+                        self.dtypes[key] = fh.get_slice(key).get_dtype()
             except Exception as exc:  # safetensors raises its own error type (and OSError for unreadable files)
                 raise CorruptWeightsError(
                     f"cannot read weights file {f}: {exc} (the file is truncated, corrupt or not safetensors; "
@@ -71,6 +73,18 @@ class WeightsReader:
     @property
     def available(self) -> bool:
         return bool(self.files)
+
+    def floating_dtype(self) -> str | None:
+        """The checkpoint's own precision: the floating dtype holding most of its elements ("bfloat16", ...)."""
+        names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+        count: dict[str, int] = {}
+        for key, dt in self.dtypes.items():
+            if dt in names:
+                n = 1
+                for d in self.shapes[key]:
+                    n *= d
+                count[names[dt]] = count.get(names[dt], 0) + n
+        return max(count, key=count.get) if count else None
 
     def get_many(self, keys: Iterable[str], dtype: torch.dtype | None = None,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
