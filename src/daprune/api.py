@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from daprune.config import PruneConfig, parse_layers
+from daprune.config import PruneConfig
 from daprune.errors import ConfigError, DapruneError, NumericalError, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class _Run:
         self.adapter = get_adapter(self.model)  # unsupported architecture: refused before any weight is read
         check_criteria_fit(self.adapter, self.cfg)
         self.reader.check_against(self.model)
-        parse_layers(self.cfg.layers, self.adapter.n_layers)
+        self.cfg.block_range(self.adapter.n_layers)
         self.tokenizer = load_tokenizer(Path(self.source.path))
         placement = plan_placement(self.cfg.device, self.adapter.layers()[0], dtype)
         self.store = StreamingStore(self.adapter, self.reader, dtype, placement, self._activations(placement.device))
@@ -253,7 +253,7 @@ class _Run:
         self.model, self.tokenizer = model, tokenizer
         self.adapter = get_adapter(model)
         check_criteria_fit(self.adapter, self.cfg)
-        parse_layers(self.cfg.layers, self.adapter.n_layers)  # empty range -> ConfigError before any work
+        self.cfg.block_range(self.adapter.n_layers)  # empty range -> ConfigError before any work
         dev = next(model.parameters()).device
         self.store = ResidentStore(self.adapter, self._activations(dev))
         self.timings["load_s"] = time.perf_counter() - t
@@ -597,6 +597,7 @@ def build_report(cfg, source, calib_info, result, shapes, timings) -> dict:
             "target_per_block": result.target_per_block,
         },
         "shapes": shapes,
+        "layout": result.layout or {"mode": cfg.layout},
         "layers": layers,
         "kept_channels": {r.index: r.kept_channel_idx for r in result.records if r.pruned},
         "timings": timings,

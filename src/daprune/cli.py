@@ -16,6 +16,7 @@ from daprune.config import (
     FFN_CRITERIA,
     HEAD_CRITERIA,
     HEAD_SPLITS,
+    LAYOUTS,
     RECOVERY_MODES,
     SCHEDULES,
     SELECTIONS,
@@ -75,6 +76,11 @@ def _prune_parser(sub) -> None:
     p.add_argument("--sparsity-basis", choices=SPARSITY_BASES, default=d.sparsity_basis,
                    help="--sparsity is a fraction of all parameters (total, the paper's convention) or of the decoder "
                         "blocks' parameters (blocks: for models whose embeddings dominate, e.g. Gemma-3-270M)")
+    p.add_argument("--layout", choices=LAYOUTS, default=d.layout,
+                   help="per-layer: each block in --layers gets its own split (config records per-block shapes; "
+                        "loads with remote code or daprune.load); uniform: every block gets one shared split, "
+                        "chosen by the least total estimated error, so the family's own config states it and "
+                        "vanilla transformers, vLLM and llama.cpp load it")
     p.add_argument("--unrouted-experts", choices=UNROUTED_EXPERTS, default=d.unrouted_experts,
                    help="mixture-of-experts models: experts no calibration token is routed to keep the channels with "
                         "the largest weights (magnitude), those the layer's whole input favours (uniform), or the "

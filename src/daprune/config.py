@@ -34,6 +34,9 @@ HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive")
 SELECTIONS = ("auto", "score", "greedy", "obs")
 SPARSITY_BASES = ("total", "blocks")
+LAYOUTS = ("per-layer", "uniform")
+DEFAULT_LAYERS = "4:-2"  # the paper's block range
+ALL_BLOCKS = ("0:", ":")  # spellings of "every block"
 # mixture-of-experts models: what ranks the channels of an expert no calibration token is routed to
 UNROUTED_EXPERTS = ("magnitude", "uniform", "keep")
 # OBS compensation solves an FFN-width least-squares problem: below this many calibration tokens per
@@ -55,7 +58,7 @@ class PruneConfig:
 
     model: str | None = None
     sparsity: float = 0.2
-    layers: str = "4:-2"
+    layers: str = DEFAULT_LAYERS
     schedule: str = "uniform"
     ffn_criterion: str = "second-moment"
     head_criterion: str = "similarity"
@@ -80,6 +83,9 @@ class PruneConfig:
     kv_groups: bool = False
     # what --sparsity is a fraction of: "total" parameters (the paper's convention) or "blocks" (decoder blocks)
     sparsity_basis: str = "total"
+    # "per-layer": every block in --layers gets its own best split (config records per-block shapes);
+    # "uniform": every block of the model gets one shared split, so the family's plain config states it
+    layout: str = "per-layer"
     # mixture-of-experts models: how to rank the channels of experts the calibration never routes to
     unrouted_experts: str = "magnitude"
     seed: int = 0
@@ -155,6 +161,19 @@ class PruneConfig:
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         parse_layers(self.layers, 10**6)  # syntax only; the range is checked against the model later
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "uniform":
+            if self.layers not in ALL_BLOCKS + (DEFAULT_LAYERS,):
+                raise ConfigError(f"--layout uniform prunes every block to the same widths; --layers {self.layers} "
+                                  "would leave some blocks dense (drop --layers, or use --layout per-layer)")
+            if self.schedule != "uniform":
+                raise ConfigError("--layout uniform gives every block the same widths; --schedule adaptive gives "
+                                  "each its own: choose one")
+
+    def block_range(self, n_layers: int) -> range:
+        """The blocks to prune: ``--layers``, or every block under ``--layout uniform``."""
+        return range(n_layers) if self.layout == "uniform" else parse_layers(self.layers, n_layers)
 
     def ffn_selection(self) -> str:
         """The FFN selection rule before the per-block token check: "auto" stays "auto" (greedy or OBS)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daprune.config import PruneConfig, parse_layers
+from daprune.config import PruneConfig
 from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
 from daprune.models.moe import FFNUnit, MoEBlock, expert_moments
@@ -40,7 +40,7 @@ def is_moe(block) -> bool:
 
 def check_moe_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     """Refuse, before any work, settings that have no meaning for expert FFNs (instead of ignoring them)."""
-    if not any(is_moe(adapter.block(i)) for i in parse_layers(cfg.layers, adapter.n_layers)):
+    if not any(is_moe(adapter.block(i)) for i in cfg.block_range(adapter.n_layers)):
         return
     what = f"this {adapter.config.model_type} model's FFNs are mixtures of experts"
     if cfg.ffn_criterion not in _EXPERT_CRITERIA:

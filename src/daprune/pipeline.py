@@ -9,6 +9,7 @@ the adapter, the math in criteria/recovery/schedule.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL, PruneConfig, parse_layers
+from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL, PruneConfig
 from daprune.criteria.base import Criterion, get_criterion
 from daprune.criteria.similarity import JSAccumulator, algorithm2, select_head_plan
 from daprune.errors import CalibrationError, ConfigError, NumericalError
@@ -184,17 +185,21 @@ class BlockPruner:
 
     # -- planning -----------------------------------------------------------------------------------
     def choose_plan(self, block: BlockAdapter, stats: BlockStats, head_imp: torch.Tensor | None,
-                    redundant: list[int], rec: BlockRecord, trial: tuple | None = None) -> BlockPlan:
+                    redundant: list[int], rec: BlockRecord, trial: tuple | None = None,
+                    candidates: list[BlockPlan] | None = None) -> BlockPlan:
         """The block's heads/channels split. ``auto`` adds the attention and FFN output errors estimated from
         second moments (as if independent; uncompensated even under OBS); ``measured`` runs each candidate on
         ``trial`` = (scoring rows of the pruned stream, the dense outputs on them, ctx) and keeps the one
-        with the least real block output error. Both numbers go to report.json ``split_errors``."""
+        with the least real block output error. Both numbers go to report.json ``split_errors``.
+        ``candidates``: the splits to weigh (default: every split meeting the per-block budget)."""
         cfg = self.cfg
-        if block.index in self.plans:  # a global (adaptive) schedule decided this block's share
+        if block.index in self.plans:  # a global (adaptive or uniform-layout) schedule decided this block's share
             return self.plans[block.index]
-        heads_allowed = self.head_crit is not None and (block.group_size > 1 or block.n_heads > 1)
-        plans = candidate_plans(block, self.target, cfg.channel_multiple,
-                                max_heads_per_group=None if heads_allowed else 0, kv_groups=cfg.kv_groups)
+        plans = candidates
+        if plans is None:
+            heads_allowed = self.head_crit is not None and (block.group_size > 1 or block.n_heads > 1)
+            plans = candidate_plans(block, self.target, cfg.channel_multiple,
+                                    max_heads_per_group=None if heads_allowed else 0, kv_groups=cfg.kv_groups)
         if not plans:
             raise ConfigError(f"block {block.index}: the per-block budget cannot be met")
         if cfg.head_split == "ffn-only" or len(plans) == 1:
@@ -223,6 +228,32 @@ class BlockPruner:
             if err < best_err:
                 best, best_err = plan, err
         return best
+
+    def split_roles(self, block: BlockAdapter, pair_o: bool) -> dict[str, bool]:
+        """Statistics the head/FFN split and the scores read: the inputs of o_proj (paired with the dense
+        outputs when ``pair_o``: a re-fit follows) and down_proj, and whatever else the criteria need.
+        Mixture-of-experts blocks get their FFN statistics per expert (:mod:`daprune.experts`) instead."""
+        needs = self.ffn_crit.needs | (self.head_crit.needs if self.head_crit else frozenset())
+        moe = is_moe(block)
+        roles = {"o_in": pair_o} if moe else {"o_in": pair_o, "down_in": False}
+        if "attn_in" in needs:
+            roles["attn_in"] = False
+        if "ffn_in" in needs and not moe:
+            roles["ffn_in"] = False
+        return roles
+
+    def head_importance(self, block: BlockAdapter, stats: BlockStats, js: JSAccumulator | None,
+                        rec: BlockRecord) -> tuple[torch.Tensor | None, list[int]]:
+        """Head scores and, with the similarity criterion, the redundant heads (Algorithm 2), both into ``rec``."""
+        head_imp, redundant = None, []
+        if self.head_crit is not None:
+            head_imp = self.head_crit.head_scores(block, stats).float()
+            if js is not None:
+                div = js.divergence
+                rec.head_divergence = div.tolist()
+                redundant = algorithm2(div, self.cfg.tau, head_imp)
+                rec.redundant_heads = redundant
+        return head_imp, redundant
 
     def ffn_error(self, block: BlockAdapter, stats: BlockStats, most: int,
                   rows: tuple) -> Callable[[int], tuple[float, torch.Tensor]]:
@@ -295,13 +326,8 @@ class BlockPruner:
 
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
         js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
-        moe = is_moe(block)  # experts: their statistics come per expert (daprune.experts), not from hooks here
-        roles = {"o_in": paper or post} if moe else {"o_in": paper or post, "down_in": False}
-        if "attn_in" in needs:
-            roles["attn_in"] = False
-        if "ffn_in" in needs and not moe:
-            roles["ffn_in"] = False
-        m = self.collect(block, dense, xp, xd, ctx, roles, js)
+        moe = is_moe(block)
+        m = self.collect(block, dense, xp, xd, ctx, self.split_roles(block, paper or post), js)
         stats.o_in, stats.down_in = m["o_in"], m.get("down_in")
         stats.attn_in = stats.attn_in or m.get("attn_in")
         stats.ffn_in = m.get("ffn_in")
@@ -309,14 +335,7 @@ class BlockPruner:
         if paper:
             rec.damping["o"] = self.refit([block.attn_out()], o_fit)
 
-        head_imp, redundant = None, []
-        if self.head_crit is not None:
-            head_imp = self.head_crit.head_scores(block, stats).float()
-            if js is not None:
-                div = js.divergence
-                rec.head_divergence = div.tolist()
-                redundant = algorithm2(div, cfg.tau, head_imp)
-                rec.redundant_heads = redundant
+        head_imp, redundant = self.head_importance(block, stats, js, rec)
         n_score = min(self.n_score or xp.shape[0], self.n_fit or xp.shape[0], xp.shape[0])
         trial = (xp[:n_score], yd[:n_score], ctx)
         plan = self.choose_plan(block, stats, head_imp, redundant, rec, trial)
@@ -438,6 +457,7 @@ class PipelineResult:
     timings: dict
     block_params_before: int = 0
     block_params_after: int = 0
+    layout: dict | None = None  # --layout uniform: the shared split and each candidate's total estimated error
 
 
 def copy_block(block: BlockAdapter) -> BlockAdapter:
@@ -469,7 +489,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     t0 = time.perf_counter()
     store = store or ResidentStore(adapter)
     acts = store.acts
-    layer_range = parse_layers(cfg.layers, adapter.n_layers)
+    layer_range = cfg.block_range(adapter.n_layers)
     params_before = count_parameters(adapter.model)
     blocks_before = block_parameters([adapter.block(i) for i in range(adapter.n_layers)])
     basis = params_before if cfg.sparsity_basis == "total" else blocks_before
@@ -522,12 +542,25 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
     pruner.n_score = min(cfg.nsamples, n_fit)
     pruner.n_fit = n_fit
+    pruner.ntokens = pruner.n_score * ids.shape[1]
+    layout = None
+    if cfg.layout == "uniform" and cfg.sparsity > 0:
+        if plans is None:  # one split for every block, from the dense blocks (restored runs reuse theirs)
+            from daprune.layout import uniform_plan
+
+            view = LoadingAdapter(adapter, store)
+            try:
+                shared, layout = uniform_plan(view, pruner, xp[: pruner.n_score], contexts)
+            finally:
+                view.close()
+            plans = pruner.plans = {i: shared for i in layer_range}
+        else:
+            layout = {"mode": "uniform", "plan": dataclasses.asdict(next(iter(plans.values()))), "restored": True}
     widest = max(adapter.block(i).n_channels for i in layer_range) if cfg.recovery != "none" else 0
     if cfg.sparsity > 0 and n_fit * ids.shape[1] < OBS_MIN_TOKENS_PER_CHANNEL * widest:
         log.warning("recovery re-fits %d-wide least-squares problems on only %d calibration tokens: expect it to "
                     "overfit (held-out tuning: 16 x 128 tokens hurt, 128 x 128 helped); pass --recovery-nsamples 128 "
                     "or more", widest, n_fit * ids.shape[1])
-    pruner.ntokens = pruner.n_score * ids.shape[1]
     for i in tqdm(range(start, adapter.n_layers), desc="pruning blocks", disable=not progress,
                   initial=start, total=adapter.n_layers):
         _seed_block(cfg.seed, i)
@@ -565,7 +598,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     after = count_parameters(adapter.model)
     blocks_after = block_parameters([adapter.block(i) for i in range(adapter.n_layers)])
     return PipelineResult(records, params_before, after, target, {"pipeline_s": time.perf_counter() - t0},
-                          blocks_before, blocks_after)
+                          blocks_before, blocks_after, layout)
 
 
 def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
@@ -575,7 +608,7 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     gated = [n for n in names if get_criterion(n).gated_only]
     if not gated:
         return
-    for i in parse_layers(cfg.layers, adapter.n_layers):
+    for i in cfg.block_range(adapter.n_layers):
         block = _canonical(adapter, i)
         plain = not block.gated
         block.to_native()
