@@ -1,0 +1,119 @@
+"""Quality cost of the output layout (--layout per-layer | uniform) and of --channel-multiple, on real models.
+
+Each row is one plain ``daprune prune`` (20% removed; SmolLM2 of all parameters, Gemma-3-270M of the block
+parameters) with one setting changed, evaluated by the same run (``--eval``: held-out LAMBADA passages,
+WikiText-2 and PTB, evenly spaced 128-token windows). Rows run one at a time in child processes; the JSON
+is rewritten after each row and rows already in it are skipped, so a stopped run continues.
+
+    export DAPRUNE_DATA_DIR=/work/shared/data
+    python benchmarks/layout_bench.py smollm2                    # docs/layout_smollm2.json
+    python benchmarks/layout_bench.py gemma3 --model gemma3-270m.gguf
+    python benchmarks/layout_bench.py smollm2 --table-only       # print the table of a finished run
+
+The dense row is ``daprune eval`` on the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CORPORA = "lambada-heldout,wikitext2,ptb"
+ROWS = {  # name: extra prune arguments (per-layer: the default layout; mN: --channel-multiple N)
+    "per-layer": [],
+    "uniform": ["--layout", "uniform"],
+    "per-layer m8": ["--channel-multiple", "8"],
+    "per-layer m16": ["--channel-multiple", "16"],
+    "per-layer m32": ["--channel-multiple", "32"],
+    "per-layer m64": ["--channel-multiple", "64"],
+    "uniform m64": ["--layout", "uniform", "--channel-multiple", "64"],
+}
+MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}
+
+
+def run_row(model_args: list[str], extra: list[str], windows: int) -> dict:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        out = Path(tmp) / "pruned"
+        cmd = ["daprune", "prune", "--out", str(out), "--sparsity", "0.2", "--eval", CORPORA, "--max-windows",
+               str(windows), "--quiet", *model_args, *extra]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        report = json.loads((out / "report.json").read_text())
+    shapes = report["shapes"]["layers"]
+    return {"command": " ".join(cmd[:2] + ["--out", "OUT"] + cmd[4:]), "wall_s": wall,
+            "prune_s": report["timings"]["total_s"], "ppl": report["eval"]["ppl"],
+            "params_after": report["params"]["after"], "achieved_sparsity": report["params"]["achieved_sparsity"],
+            "achieved_block_sparsity": report["params"]["achieved_block_sparsity"],
+            "uniform": report["shapes"]["uniform"], "layout": report.get("layout"),
+            "widths": sorted({s.get("intermediate_size") for s in shapes}),
+            "heads": sorted({s.get("num_attention_heads") for s in shapes})}
+
+
+def run_dense(model_args: list[str], windows: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dense.json"
+        model = [a for i, a in enumerate(model_args) if i and model_args[i - 1] == "--model"]
+        cmd = ["daprune", "eval", *(["--model", model[0]] if model else []), "--ppl", CORPORA,
+               "--max-windows", str(windows), "--json", str(path), "--quiet"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return {"command": " ".join(cmd[:-3]), "ppl": json.loads(path.read_text())["ppl"]}
+
+
+def table(data: dict) -> str:
+    dense = data["rows"].get("dense", {}).get("ppl", {})
+    lines = ["| setting | uniform config | FFN widths | heads | removed | LAMBADA (held-out) | WikiText-2 | PTB "
+             "| prune s |", "|---|---|---|---|---|---|---|---|---|"]
+    if dense:
+        lines.append(f"| dense | - | - | - | - | {dense['lambada-heldout']:.2f} | {dense['wikitext2']:.2f} | "
+                     f"{dense['ptb']:.2f} | - |")
+    for name, row in data["rows"].items():
+        if name == "dense":
+            continue
+        p = row["ppl"]
+        widths = ", ".join(str(w) for w in row["widths"][:4]) + (" ..." if len(row["widths"]) > 4 else "")
+        removed = row["achieved_block_sparsity"] if data["basis"] == "blocks" else row["achieved_sparsity"]
+        lines.append(f"| {name} | {'yes' if row['uniform'] else 'no'} | {widths} | "
+                     f"{', '.join(str(h) for h in row['heads'])} | {removed:.1%} | {p['lambada-heldout']:.2f} | "
+                     f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {row['prune_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=sorted(MODELS))
+    ap.add_argument("--model", default=None, help="model path (gemma3: the assembled GGUF)")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(ROWS))
+    ap.add_argument("--json", default=None, help="default docs/layout_<which>.json")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    path = Path(args.json or f"docs/layout_{args.which}.json")
+    data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    data.update({"model": args.model or "embedded SmolLM2-135M-Instruct", "windows": args.windows,
+                 "basis": "blocks" if args.which == "gemma3" else "total", "sparsity": 0.2,
+                 "threads": os.environ.get("OMP_NUM_THREADS", "default")})
+    if not args.table_only:
+        model_args = (["--model", args.model] if args.model else []) + MODELS[args.which]
+        todo = ["dense"] + [r for r in ROWS if args.rows is None or r in args.rows.split(",")]
+        for name in todo:
+            if name in data["rows"]:
+                continue
+            print(f"[{name}] ...", file=sys.stderr, flush=True)
+            data["rows"][name] = run_dense(model_args, args.windows) if name == "dense" else \
+                run_row(model_args, ROWS[name], args.windows)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            os.replace(tmp, path)
+    print(table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
