@@ -172,6 +172,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from daprune.data.text import load_text
+    from daprune.data.tokens import bos_per_window, encode_stream, prepend_bos
     from daprune.evaluation.perplexity import windows
     from daprune.export import export_gguf
     from daprune.models.loading import load_model, resolve_source
@@ -179,8 +180,10 @@ def main() -> None:
     dense = args.dense if args.dense not in (None, "none") else resolve_source(None).path
     _, tok, _ = load_model(dense)
     text_ids = tok(TEXT)["input_ids"]
-    stream = torch.tensor(tok(load_text("wikitext2"))["input_ids"])
-    wins = windows(stream, 128, args.windows).tolist()
+    bos = bos_per_window(tok)  # Gemma: BOS in front of every window, as daprune's evaluation does
+    stream = encode_stream(tok, load_text("wikitext2"), bos)
+    wins = windows(stream, 128, args.windows)
+    wins = (prepend_bos(wins, tok.bos_token_id) if bos else wins).tolist()
     speed_prompt = stream[:128].tolist()
     gdir = Path(args.gguf_dir or tempfile.mkdtemp(prefix="daprune-gguf-"))
     gdir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +227,8 @@ def main() -> None:
     if args.json:
         import llama_cpp
 
-        meta = {"windows": args.windows, "seqlen": 128, "threads": args.threads, "new_tokens": args.new_tokens,
+        meta = {"windows": args.windows, "seqlen": 128, "bos_per_window": bos, "dense": dense,
+                "threads": args.threads, "new_tokens": args.new_tokens,
                 "text": TEXT, "prompt": PROMPT, "llama_cpp_python": llama_cpp.__version__,
                 "cpu": _cpu(), "data": os.environ.get("DAPRUNE_DATA_DIR")}
         Path(args.json).write_text(json.dumps({"settings": meta, "rows": results}, indent=2) + "\n")

@@ -237,23 +237,113 @@ def test_tokenizer_copied_from_a_source_gguf(uniform_folder, tmp_path):
 
 
 def test_unsupported_family_is_one_clear_error(tmp_path, one_thread):
+    from test_families_extra import tiny as tiny_extra
+
     from daprune.errors import DapruneError
     from daprune.export import export_gguf
 
-    folder = save(tiny_model("qwen3", layers=2), tmp_path / "qwen3")
-    with pytest.raises(DapruneError, match="no GGUF export for model type 'qwen3'"):
+    folder = save(tiny_extra("phi3"), tmp_path / "phi3")
+    with pytest.raises(DapruneError, match="no GGUF export for model type 'phi3'"):
         export_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_per_layer_family_without_graph_points_to_uniform(monkeypatch):
+def test_per_layer_family_without_graph_points_to_uniform():
+    """llama.cpp reads per-layer widths only in its Llama-shaped deci graph: a per-layer Qwen2 is refused."""
     from daprune.export import arch
 
-    monkeypatch.setitem(arch.FAMILIES, "fake", ("fake", None))
     shapes = [arch.LayerShape(4, 2, 64), arch.LayerShape(2, 2, 64)]
     with pytest.raises(arch.ExportError, match="--layout uniform"):
-        arch.choose_arch("fake", shapes)
-    assert arch.choose_arch("fake", shapes[:1] * 3) == "fake"
+        arch.choose_arch("qwen2", shapes)
+    assert arch.choose_arch("qwen2", shapes[:1] * 3) == "qwen2"
+
+
+def _tiny_family(family: str):
+    """A tiny random Qwen2 / Qwen3 / Gemma-3 (Gemma-3 laid out as llama.cpp's gemma3 graph assumes: a global
+    layer every 6th, no soft-capping; a window of 8 so 30-token texts use it)."""
+    from test_families import tiny
+
+    if family != "gemma3_text":
+        return tiny(family, layers=4)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gemma3_text", vocab_size=128, hidden_size=48, intermediate_size=96,
+                                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                  max_position_embeddings=256, sliding_window=8, query_pre_attn_scalar=12,
+                                  layer_types=["sliding_attention"] * 5 + ["full_attention"], tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+FAMILY_ARCHS = [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gemma3_text", "gemma3")]
+
+
+@pytest.mark.parametrize("family, arch", FAMILY_ARCHS)
+def test_uniform_families_export_to_their_own_architecture(family, arch, tmp_path, one_thread):
+    """Qwen2 / Qwen3 / Gemma-3 as their own llama.cpp architectures: q/k rows as HF stores them (NeoX-style
+    rotary), Qwen2's q/k/v biases kept, Gemma's RMSNorm weights written as 1 + w (llama.cpp multiplies by w),
+    Gemma-3's sliding window and global RoPE base."""
+    from daprune.export import export_gguf
+
+    model = _tiny_family(family)
+    folder = save(model, tmp_path / family)
+    res = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    assert res.arch == arch
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    f = fields(r)
+    assert f["general.architecture"] == arch and f[f"{arch}.attention.key_length"] == 12
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    np.testing.assert_array_equal(tensor(r, "blk.1.attn_q.weight"), sd["model.layers.1.self_attn.q_proj.weight"])
+    if family == "qwen2":
+        np.testing.assert_array_equal(tensor(r, "blk.1.attn_q.bias"), sd["model.layers.1.self_attn.q_proj.bias"])
+    if family == "gemma3_text":
+        for gguf_name, hf_name in (("blk.0.attn_norm", "input_layernorm"), ("blk.0.attn_q_norm", "self_attn.q_norm"),
+                                   ("blk.0.post_ffw_norm", "post_feedforward_layernorm")):
+            np.testing.assert_array_equal(tensor(r, f"{gguf_name}.weight"), sd[f"model.layers.0.{hf_name}.weight"] + 1)
+        assert f["gemma3.attention.sliding_window"] == 8
+        assert f["gemma3.rope.freq_base"] == model.config.rope_parameters["full_attention"]["rope_theta"]
+
+
+def test_gemma3_layouts_llamacpp_computes_differently_are_refused(tmp_path, one_thread):
+    """llama.cpp's gemma3 graph hard-codes a global layer every 6th and no soft-capping: others are refused."""
+    from test_families import tiny
+
+    from daprune.export import export_gguf
+    from daprune.export.arch import ExportError
+
+    folder = save(tiny("gemma3_text", layers=4), tmp_path / "g")  # global every 2nd layer, final soft-capping
+    with pytest.raises(ExportError, match="every 6th layer"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("family, arch", FAMILY_ARCHS)
+def test_llamacpp_runs_each_family_like_transformers(family, arch, tmp_path, one_thread):
+    """The exported GGUF in llama.cpp itself: next-token log-probabilities of a 30-token text equal
+    transformers' within 1e-3 nats (f32), and the same top-1 token everywhere. Skipped without llama_cpp
+    (``pip install daprune[llamacpp]`` compiles it)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from daprune.export import export_gguf
+
+    model = _tiny_family(family)
+    folder = save(model, tmp_path / family)
+    export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[0].float(), -1).numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    try:
+        llm.eval(ids[0].tolist())
+        got = _log_softmax(np.array(llm.scores[:30], dtype=np.float32))
+    finally:
+        llm.close()
+    assert float(np.abs(got - ref).max()) < 1e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
 def test_cli_export(per_layer_folder, tmp_path, capsys):

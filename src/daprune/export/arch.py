@@ -1,9 +1,15 @@
 """Which llama.cpp architecture a pruned folder becomes, and the metadata that describes its shapes.
 
-Uniform blocks keep their family's own GGUF architecture. Blocks with different head counts or FFN widths
-need a graph that reads per-layer arrays; llama.cpp has one for Llama-shaped blocks: ``deci``
-(src/models/deci.cpp reads ``hparams.n_head(il)``, ``n_head_kv(il)`` and ``n_ff(il)`` for every layer).
-Families without such a graph are refused with a pointer to the uniform layout.
+Uniform blocks keep their family's own GGUF architecture (Llama/Mistral -> ``llama``, Qwen2 -> ``qwen2``,
+Qwen3 -> ``qwen3``, Gemma-3 -> ``gemma3``). Blocks with different head counts or FFN widths need a graph
+that reads per-layer arrays; llama.cpp has one for Llama-shaped blocks only: ``deci`` (src/models/deci.cpp
+reads ``hparams.n_head(il)``, ``n_head_kv(il)`` and ``n_ff(il)`` for every layer). Other families are
+refused with a pointer to ``--layout uniform``.
+
+What differs per family is stated in :data:`FAMILIES`: whether llama.cpp wants q/k rows in Meta's
+interleaved rotary layout (Llama; the NeoX-style families take HF's rotate-half rows as they are), and
+whether RMSNorm weights are shifted (Gemma computes ``x * (1 + w)``, llama.cpp ``x * w``, so the
+converter writes ``1 + w``, as llama.cpp's own converter does).
 
 Shapes are read from the weights themselves (q_proj rows / head_dim, k_proj rows / head_dim, gate_proj
 rows), not from ``config.daprune_layers``, so the GGUF always describes the tensors it holds.
@@ -17,13 +23,24 @@ import numpy as np
 
 from daprune.errors import DapruneError
 
-# model_type -> (uniform GGUF architecture, per-layer GGUF architecture or None)
-FAMILIES: dict[str, tuple[str, str | None]] = {
-    "llama": ("llama", "deci"),
-    "mistral": ("llama", "deci"),
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one transformers family maps onto llama.cpp."""
+
+    uniform: str  # GGUF architecture of a model whose blocks all have the same widths
+    per_layer: str | None  # GGUF architecture with per-layer widths, None where llama.cpp has no such graph
+    meta_rope: bool  # llama.cpp rotates adjacent pairs (Meta layout): q/k rows are permuted from HF's
+    norm_shift: float = 0.0  # added to every RMSNorm weight
+
+
+FAMILIES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama", "deci", meta_rope=True),
+    "mistral": ArchSpec("llama", "deci", meta_rope=True),
+    "qwen2": ArchSpec("qwen2", None, meta_rope=False),
+    "qwen3": ArchSpec("qwen3", None, meta_rope=False),
+    "gemma3_text": ArchSpec("gemma3", None, meta_rope=False, norm_shift=1.0),
 }
-# llama.cpp applies rotary embeddings to adjacent pairs (Meta layout) for these; HF stores q/k for rotate-half
-NORM_ROPE = ("llama", "deci")
 
 
 @dataclass(frozen=True)
@@ -56,11 +73,16 @@ def layer_shapes(tensor_shapes: dict[str, tuple[int, ...]], n_layers: int, head_
     return shapes
 
 
-def choose_arch(model_type: str, shapes: list[LayerShape]) -> str:
-    """The GGUF architecture for this family and these shapes, or a one-line reason why there is none."""
+def family_spec(model_type: str) -> ArchSpec:
     if model_type not in FAMILIES:
         raise ExportError(f"no GGUF export for model type {model_type!r}; supported: {', '.join(FAMILIES)}")
-    uniform, per_layer = FAMILIES[model_type]
+    return FAMILIES[model_type]
+
+
+def choose_arch(model_type: str, shapes: list[LayerShape]) -> str:
+    """The GGUF architecture for this family and these shapes, or a one-line reason why there is none."""
+    spec = family_spec(model_type)
+    uniform, per_layer = spec.uniform, spec.per_layer
     if len(set(shapes)) <= 1:
         return uniform
     if per_layer is None:
@@ -69,18 +91,54 @@ def choose_arch(model_type: str, shapes: list[LayerShape]) -> str:
     return per_layer
 
 
-def rope_theta(config: dict) -> float:
-    """``rope_theta`` from a transformers 4 (top level) or 5 (``rope_parameters``) config."""
+def _rope_params(config: dict) -> list[dict]:
+    """Every RoPE parameter set of a config: one, or one per layer type (Gemma-3: full and sliding attention)."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return list(params.values())
+    return [params]
+
+
+def rope_theta(config: dict) -> float:
+    """``rope_theta`` from a transformers 4 (top level) or 5 (``rope_parameters``) config; with one set per
+    layer type, the global (full-attention) layers' base, which is what llama.cpp's ``rope.freq_base`` means
+    (its Gemma-3 graph uses 10,000 for the sliding-window layers itself)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def check_rope(config: dict) -> None:
     """Only plain RoPE is written; scaled variants (llama3, yarn, ...) need tensors or keys not handled here."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
-        raise ExportError(f"RoPE scaling {kind!r} is not supported by the GGUF export (only plain RoPE)")
+    for params in _rope_params(config):
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in ("default", None):
+            raise ExportError(f"RoPE scaling {kind!r} is not supported by the GGUF export (only plain RoPE)")
+
+
+def check_family(config: dict, arch: str) -> None:
+    """Refuse what llama.cpp's graph for ``arch`` would compute differently from transformers.
+
+    llama.cpp's Gemma-3 graph hard-codes a global layer every 6th layer (the rest sliding-window), a RoPE
+    base of 10,000 on the sliding layers, and no logit soft-capping; a config that says otherwise would
+    export to a GGUF that runs but computes another model.
+    """
+    if arch != "gemma3":
+        return
+    types = config.get("layer_types")
+    if types is not None:
+        want = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(len(types))]
+        if list(types) != want:
+            raise ExportError("llama.cpp's gemma3 graph puts a global-attention layer every 6th layer; this model's "
+                              "layer_types differ, so its GGUF would compute another model")
+    sliding = (config.get("rope_parameters") or {}).get("sliding_attention")
+    if isinstance(sliding, dict) and float(sliding.get("rope_theta", 10000.0)) != 10000.0:
+        raise ExportError("llama.cpp's gemma3 graph uses RoPE base 10000 on sliding-window layers; this model does not")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if config.get(key):
+            raise ExportError(f"llama.cpp's gemma3 graph applies no {key.replace('_', ' ')}; this model sets "
+                              f"{key}={config[key]}")
 
 
 def hparams(config: dict, shapes: list[LayerShape], head_dim: int, arch: str) -> dict[str, object]:
@@ -104,6 +162,8 @@ def hparams(config: dict, shapes: list[LayerShape], head_dim: int, arch: str) ->
         "rope_freq_base": rope_theta(config),
         "layer_norm_rms_eps": float(config.get("rms_norm_eps", 1e-6)),
         "vocab_size": int(config["vocab_size"]),
+        **({"sliding_window": int(config["sliding_window"])} if arch == "gemma3" and config.get("sliding_window")
+           else {}),
     }
 
 

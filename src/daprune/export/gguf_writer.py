@@ -20,10 +20,11 @@ from gguf.quants import quantize
 from safetensors import safe_open
 
 from daprune.export.arch import (
-    NORM_ROPE,
     ExportError,
+    check_family,
     check_rope,
     choose_arch,
+    family_spec,
     hparams,
     layer_shapes,
     to_gguf_rotary,
@@ -115,7 +116,10 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     files = _weight_files(folder)
     shapes = _tensor_shapes(files)
     layers = layer_shapes({k: v[0] for k, v in shapes.items()}, int(config["num_hidden_layers"]), head_dim)
-    arch = choose_arch(str(base_model_type(config.get("model_type"))), layers)
+    family = str(base_model_type(config.get("model_type")))
+    arch = choose_arch(family, layers)
+    spec = family_spec(family)
+    check_family(config, arch)
     gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
     names = _tensor_names(shapes, gguf_arch, len(layers), config)
     wanted, ftype = OUTTYPES[outtype]
@@ -147,7 +151,10 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for hf_name, _gguf_name, qtype in plan:
-            writer.write_tensor_data(_encode(_read(shapes[hf_name][1], hf_name, layers, head_dim, arch), qtype))
+            data = _read(shapes[hf_name][1], hf_name, layers, head_dim, spec.meta_rope)
+            if spec.norm_shift and "norm" in hf_name:  # Gemma: x * (1 + w) in transformers, x * w in llama.cpp
+                data = data + np.float32(spec.norm_shift)
+            writer.write_tensor_data(_encode(data, qtype))
         writer.close()
         os.replace(tmp, out)
     finally:
@@ -184,11 +191,11 @@ def _order(name: str) -> tuple:
     return (0 if "embed" in name else 2, 0, name)
 
 
-def _read(file: Path, hf_name: str, layers, head_dim: int, arch: str) -> np.ndarray:
+def _read(file: Path, hf_name: str, layers, head_dim: int, meta_rope: bool) -> np.ndarray:
     with safe_open(file, framework="pt") as st:
         t = st.get_tensor(hf_name).to(torch.float32)
     data = t.numpy()
-    if arch in NORM_ROPE and (".q_proj." in hf_name or ".k_proj." in hf_name):
+    if meta_rope and (".q_proj." in hf_name or ".k_proj." in hf_name):
         block = layers[int(hf_name.split(".")[2])]
         data = to_gguf_rotary(data, block.n_head if ".q_proj." in hf_name else block.n_head_kv)
     return data
