@@ -159,17 +159,23 @@ def test_slicing_equals_masking(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_save_reload_generate(family, tmp_path):
     """Heads and channels go; the folder reloads with the same logits; cached generation == greedy argmax."""
-    from transformers import AutoModelForCausalLM
 
     result = _prune(tiny(family), sparsity=0.25, head_split="paper", out=str(tmp_path / "o"))
     model = result.model
     shapes = result.report["shapes"]["layers"]
     assert any(s["num_attention_heads"] < 4 for s in shapes) and any(s["intermediate_size"] < 96 for s in shapes)
     assert all(s["num_key_value_heads"] == 2 for s in shapes)  # the GQA rule: KV heads are kept
+    assert_reloads_and_generates(model, tmp_path / "o")
+
+
+def assert_reloads_and_generates(model, folder) -> None:
+    """``folder`` reloads (daprune.load and remote code) with ``model``'s logits; cached generation == greedy."""
+    from transformers import AutoModelForCausalLM
+
     want = logits(model)
-    reloaded, _ = daprune.load(tmp_path / "o")
+    reloaded, _ = daprune.load(folder)
     assert torch.equal(logits(reloaded), want)
-    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "o", trust_remote_code=True).eval()
+    remote = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert torch.equal(logits(remote), want)
     prompt = ids(1, 6)
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,

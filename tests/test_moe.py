@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from conftest import CharTokenizer
+from test_families import SEQ, assert_reloads_and_generates, ids, logits
 
 import daprune
 from daprune.errors import ConfigError
@@ -21,7 +22,6 @@ from daprune.stores import ResidentStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SEQ = 24
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 EXPERTS, WIDTH, SHARED = 4, 64, 40
 
@@ -45,15 +45,6 @@ def tiny(family: str, *, layers: int = 4, seed: int = 0, experts: int = EXPERTS)
             elif name.endswith(".bias"):
                 p.normal_(0, 0.1)
     return model
-
-
-def ids(n: int = 2, seq: int = SEQ) -> torch.Tensor:
-    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(1))
-
-
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model(ids()).logits
 
 
 def _prune(model, **kw):
@@ -101,7 +92,6 @@ def test_experts_must_keep_equal_widths():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_save_reload_generate(family, tmp_path):
     """Expert channels go; routing counts add up; the folder reloads with the same logits; generation works."""
-    from transformers import AutoModelForCausalLM
 
     result = _prune(tiny(family), sparsity=0.25, out=str(tmp_path / "o"))
     model = result.model
@@ -120,18 +110,7 @@ def test_prune_save_reload_generate(family, tmp_path):
     assert model.model.layers[0].mlp.experts.down_proj.shape[2] == WIDTH  # outside --layers: untouched
     params = sum(p.numel() for p in model.parameters())
     assert result.report["params"]["after"] == params
-    want = logits(model)
-    reloaded, _ = daprune.load(tmp_path / "o")
-    assert torch.equal(logits(reloaded), want)
-    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "o", trust_remote_code=True).eval()
-    assert torch.equal(logits(remote), want)
-    prompt = ids(1, 6)
-    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(4):
-            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
-    assert torch.equal(out, seq)
+    assert_reloads_and_generates(model, tmp_path / "o")
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
