@@ -26,8 +26,8 @@ from pathlib import Path
 
 CORPORA = "lambada-heldout,wikitext2,ptb"
 ROWS = {  # name: extra prune arguments (per-layer: the default layout; mN: --channel-multiple N)
-    "per-layer": [],
-    "uniform": ["--layout", "uniform"],
+    "per-layer": ["--channel-multiple", "1"],
+    "uniform": ["--layout", "uniform", "--channel-multiple", "1"],
     "per-layer m8": ["--channel-multiple", "8"],
     "per-layer m16": ["--channel-multiple", "16"],
     "per-layer m32": ["--channel-multiple", "32"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 
@@ -29,7 +30,9 @@ def _evaluator(model, tok):
     return {"ppl": {"wikitext2": r["ppl"]}, "ppl_details": {"wikitext2": r}}
 
 
-BASE = PruneConfig(sparsity=0.2, layers="1:-1", calibration="random", nsamples=8, seqlen=32, batch_size=8)
+# channel_multiple=1: tiny FFNs (64 wide) would round the default multiple's budget too coarsely to compare rows
+BASE = PruneConfig(sparsity=0.2, layers="1:-1", calibration="random", nsamples=8, seqlen=32, batch_size=8,
+                   channel_multiple=1)
 
 
 def test_select_rows():
@@ -326,3 +329,17 @@ def test_full_zeroshot_results_attach_only_to_the_model_they_scored():
                 {"flap": _full_result()}):  # no such row
         with pytest.raises(ValueError):
             compare.merge_full_zeroshot(table, bad)
+
+
+def test_rows_recorded_before_a_setting_existed_are_reused_only_at_its_default():
+    """A row saved before e.g. ``layout`` existed stands when the new run uses that setting's default."""
+    rows = compare.select_rows("dense,l2")
+    meta = {"model": None, "sparsity": 0.2, "max_windows": 8, "ppl": "wikitext2", "tasks": "", "limit": None}
+    settings = compare.row_config(compare.ROW_BY_KEY["l2"], BASE).to_dict()
+    older = {k: v for k, v in settings.items() if k not in ("layout", "save_dtype")}
+    old = {**meta, "rows": [{"key": "dense", "settings": None}, {"key": "l2", "settings": older}]}
+    assert sorted(compare.reusable_rows(old, meta, rows, BASE)) == ["dense", "l2"]
+    uniform = dataclasses.replace(BASE, layout="uniform")
+    assert sorted(compare.reusable_rows(old, meta, rows, uniform)) == ["dense"]
+    other_multiple = dataclasses.replace(BASE, channel_multiple=16)  # recorded in the old row: compared
+    assert sorted(compare.reusable_rows(old, meta, rows, other_multiple)) == ["dense"]

@@ -242,8 +242,8 @@ def test_gqa_keeps_kv_heads_unless_kv_groups_is_asked():
     base = tiny("llama", heads=4, kv=2)
     for i in range(1, 5):
         _silence_heads(base, i, [2, 3])  # the whole second KV group adds nothing
-    plain = _prune(copy.deepcopy(base), sparsity=0.3, tau=0.0)
-    grouped = _prune(copy.deepcopy(base), sparsity=0.3, kv_groups=True, tau=0.0)
+    plain = _prune(copy.deepcopy(base), sparsity=0.3, tau=0.0, channel_multiple=1)  # fine budget granularity
+    grouped = _prune(copy.deepcopy(base), sparsity=0.3, kv_groups=True, tau=0.0, channel_multiple=1)
     assert all(s["num_key_value_heads"] == 2 for s in plain.report["shapes"]["layers"])
     for row in grouped.report["layers"][1:5]:
         assert row["kept_heads"] == [0, 1] and row["plan"]["kv_groups"] == 1, row

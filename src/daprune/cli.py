@@ -69,7 +69,9 @@ def _prune_parser(sub) -> None:
                         "each candidate's real block output error (one trial forward per candidate); paper: same "
                         "ratio; ffn-only")
     p.add_argument("--tau", type=float, default=d.tau, help="JS divergence threshold (nats) for redundant heads")
-    p.add_argument("--channel-multiple", type=int, default=d.channel_multiple)
+    p.add_argument("--channel-multiple", type=int, default=d.channel_multiple,
+                   help="kept FFN widths are multiples of this (default 16: measured, llama.cpp's f16 prompt "
+                        "processing runs 1.5x faster on aligned widths for about +2%% perplexity; docs/layout.md)")
     p.add_argument("--kv-groups", action="store_true",
                    help="GQA models may also lose whole KV groups with their query heads "
                         "(multi-head models always may)")

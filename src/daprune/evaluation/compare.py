@@ -430,6 +430,8 @@ def add_parser(sub) -> dict:
     p.add_argument("--sparsity-basis", choices=("total", "blocks"), default=d.sparsity_basis,
                    help="--sparsity of all parameters (total) or of the decoder blocks' parameters (blocks)")
     p.add_argument("--kv-groups", action="store_true", help="GQA models may also lose whole KV groups")
+    p.add_argument("--channel-multiple", type=int, default=d.channel_multiple,
+                   help="kept FFN widths are multiples of this, in every row (the tables in docs/ used 1)")
     p.add_argument("--rows", default=None,
                    help=f"comma-separated subset ({', '.join(ROW_BY_KEY)}), 'all', or default (the paper's rows)")
     p.add_argument("--calibration", default=d.calibration,
@@ -469,6 +471,7 @@ def add_parser(sub) -> dict:
 _FORWARD = (("model", "--model"), ("sparsity", "--sparsity"), ("layers", "--layers"),
             ("calibration", "--calibration"), ("nsamples", "--nsamples"), ("seqlen", "--seqlen"), ("seed", "--seed"),
             ("tau", "--tau"), ("head_split", "--head-split"), ("sparsity_basis", "--sparsity-basis"),
+            ("channel_multiple", "--channel-multiple"),
             ("batch_size", "--batch-size"), ("ppl", "--ppl"),
             ("max_windows", "--max-windows"), ("eval_batch_size", "--eval-batch-size"), ("tasks", "--tasks"),
             ("limit", "--limit"), ("zeroshot_dtype", "--zeroshot-dtype"), ("data_dir", "--data-dir"),
@@ -537,7 +540,18 @@ def reusable_rows(old: dict, meta: dict, rows: list[RowSpec], base: PruneConfig)
             "zeroshot_dtype", "float32"):
         return {}
     wanted = {r.key: (None if r.key == "dense" else row_config(r, base).to_dict()) for r in rows}
-    return {r["key"]: r for r in old.get("rows", []) if r["key"] in wanted and r.get("settings") == wanted[r["key"]]}
+    return {r["key"]: r for r in old.get("rows", [])
+            if r["key"] in wanted and _same_settings(r.get("settings"), wanted[r["key"]])}
+
+
+def _same_settings(old: dict | None, new: dict | None) -> bool:
+    """Equal settings; a setting added after ``old`` was recorded counts as equal when ``new`` has its default
+    (settings are only ever added with defaults that keep the earlier behaviour; a changed default, such as
+    ``channel_multiple``, was recorded in ``old`` and is compared)."""
+    if old is None or new is None:
+        return old == new
+    defaults = PruneConfig().to_dict()
+    return all(old[k] == v if k in old else v == defaults.get(k) for k, v in new.items()) and set(old) <= set(new)
 
 
 def code_version() -> dict[str, Any]:
@@ -568,7 +582,8 @@ def cmd_compare(args) -> int:
     base = PruneConfig(model=args.model, sparsity=args.sparsity, layers=args.layers, calibration=args.calibration,
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, tau=args.tau,
                        head_split=args.head_split, batch_size=args.batch_size,
-                       sparsity_basis=args.sparsity_basis, kv_groups=args.kv_groups)
+                       sparsity_basis=args.sparsity_basis, kv_groups=args.kv_groups,
+                       channel_multiple=args.channel_multiple)
     base.validate()
     rows = select_rows(args.rows)
     zeroshot = _zeroshot_fn(args)
