@@ -23,7 +23,7 @@ from daprune.config import PruneConfig
 from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
 from daprune.models.moe import FFNUnit, MoEBlock, expert_moments
-from daprune.selection import obs_order
+from daprune.selection import obs_ranking
 from daprune.stats import BlockStats, Moments
 
 if TYPE_CHECKING:
@@ -96,24 +96,23 @@ class ExpertRanker:
         if self.stats[u] is not None:
             return self.stats[u]
         if self._uniform is None:
-            self._uniform = _all_token_moments(self.block, self.x, self.ctx, self.pruner.cfg.batch_size)
+            self._uniform, _ = expert_moments(self.block, self.x, self.ctx, self.pruner.cfg.batch_size,
+                                              all_tokens=True)
         return self._uniform[u]
 
-    def order(self, u: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Removal order of unit ``u`` (the first ``count`` to remove), and OBS's compensated down weight."""
+    def order(self, u: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """Removal order of unit ``u`` (the first ``count`` to remove), OBS's compensated down weight (or
+        None), and the rule that chose it (an unrouted expert: "magnitude", or "greedy" on every token)."""
         unit = self.units[u]
-        policy = self.pruner.cfg.unrouted_experts
-        if self.stats[u] is None and policy == "magnitude":
+        if self.stats[u] is None and self.pruner.cfg.unrouted_experts == "magnitude":
             scores = get_criterion("depth2").ffn_scores(unit, BlockStats())
-            return torch.sort(scores.float(), stable=True).indices, None
+            return torch.sort(scores.float(), stable=True).indices, None, "magnitude"
         mom = self.unit_moments(u)
         rule = self.rule(unit) if self.stats[u] is not None else "greedy"
-        stats = BlockStats(down_in=mom)
         if rule == "obs" and count:
-            first, w = obs_order(unit.ffn_out().weight.float(), mom.second, count, self.pruner.cfg.obs_damp)
-            rest = [c for c in range(unit.n_channels) if c not in set(first)]
-            return torch.tensor(first + rest, dtype=torch.long), w
-        return self.pruner.ffn_ranking(unit, stats, count, rule=rule), None
+            order, w = obs_ranking(unit.ffn_out().weight.float(), mom.second, count, self.pruner.cfg.obs_damp)
+            return order, w, rule
+        return self.pruner.ffn_ranking(unit, BlockStats(down_in=mom), count, rule=rule), None, rule
 
     def error(self, channels: int, most: int) -> float:
         """Estimated output energy (per token) removed by cutting ``channels`` of every expert, summed over the
@@ -153,12 +152,11 @@ def prune_experts(pruner: BlockPruner, block: MoEBlock, x: torch.Tensor, ctx: di
     keeps, rules = [], []
     for u, count in enumerate(removals):
         unit = ranker.units[u]
-        order, compensated = ranker.order(u, count)
+        order, compensated, rule = ranker.order(u, count)
         if compensated is not None:  # OBS: the kept columns absorb the removed ones (writes the fused view)
             unit.ffn_out().weight.data.copy_(compensated.to(unit.ffn_out().weight.dtype))
         keeps.append(torch.sort(order[count:]).values.tolist())
-        rules.append("magnitude" if stats[u] is None and cfg.unrouted_experts == "magnitude" else
-                     ("greedy" if stats[u] is None else ranker.rule(unit)))
+        rules.append(rule)
     if channels and not skip:
         shared_keep = keeps[block.n_experts] if block.shared is not None else None
         block.slice_experts(keeps[: block.n_experts], shared_keep)
@@ -168,24 +166,3 @@ def prune_experts(pruner: BlockPruner, block: MoEBlock, x: torch.Tensor, ctx: di
         info["shared_kept_channels"] = block.n_shared
     return info
 
-
-def _all_token_moments(block: MoEBlock, x: torch.Tensor, ctx: dict, batch_size: int) -> list[Moments]:
-    """Every expert's down-projection input over *all* tokens reaching the layer, weight 1 (``uniform``)."""
-    from daprune.models.layer_inputs import layer_call
-
-    n = block.n_channels
-    moms = [Moments(f"block {block.index} expert {e} (all tokens)", full_cov=False) for e in range(block.n_experts)]
-
-    def hook(_m, args):
-        h = args[0].detach().reshape(-1, args[0].shape[-1])
-        for e, mom in enumerate(moms):
-            gu = h @ block.experts.gate_up_proj[e].T
-            mom.update(block.experts.act_fn(gu[:, :n]) * gu[:, n:])
-
-    handle = block.moe.register_forward_pre_hook(hook)
-    try:
-        for s in range(0, x.shape[0], batch_size):
-            layer_call(block.layer, x[s : s + batch_size], ctx)
-    finally:
-        handle.remove()
-    return moms

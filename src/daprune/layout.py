@@ -21,7 +21,7 @@ import torch
 
 from daprune.criteria.similarity import JSAccumulator
 from daprune.errors import ConfigError
-from daprune.schedule import BlockPlan, candidate_plans, paper_plan
+from daprune.schedule import BlockPlan, paper_plan
 from daprune.stats import BlockStats
 
 if TYPE_CHECKING:
@@ -47,10 +47,8 @@ def uniform_plan(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, co
     first = adapter.block(0)
     shape = _shape_key(first)
     # a family whose config derives head_dim from the head count (GPT-2, OPT) cannot state fewer heads
-    heads_allowed = (pruner.head_crit is not None and (first.group_size > 1 or first.n_heads > 1)
-                     and adapter.head_dim_key is not None)
-    plans = candidate_plans(first, pruner.target, cfg.channel_multiple,
-                            max_heads_per_group=None if heads_allowed else 0, kv_groups=cfg.kv_groups)
+    heads_allowed = pruner.heads_allowed(first) and adapter.head_dim_key is not None
+    plans = pruner.candidates(first, heads=heads_allowed)
     if not plans:
         raise ConfigError("--layout uniform: the per-block budget cannot be met at one shared width")
     entry: dict = {"mode": "uniform", "heads": "allowed" if heads_allowed else "kept (the family's config cannot "

@@ -28,7 +28,7 @@ from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
 from daprune.recovery import ridge_solve
 from daprune.schedule import BlockPlan, block_parameters, candidate_plans, check_budget, paper_plan
-from daprune.selection import greedy_order, obs_order
+from daprune.selection import greedy_order, obs_ranking
 from daprune.stats import BlockStats, Moments
 
 if TYPE_CHECKING:
@@ -195,11 +195,7 @@ class BlockPruner:
         cfg = self.cfg
         if block.index in self.plans:  # a global (adaptive or uniform-layout) schedule decided this block's share
             return self.plans[block.index]
-        plans = candidates
-        if plans is None:
-            heads_allowed = self.head_crit is not None and (block.group_size > 1 or block.n_heads > 1)
-            plans = candidate_plans(block, self.target, cfg.channel_multiple,
-                                    max_heads_per_group=None if heads_allowed else 0, kv_groups=cfg.kv_groups)
+        plans = self.candidates(block) if candidates is None else candidates
         if not plans:
             raise ConfigError(f"block {block.index}: the per-block budget cannot be met")
         if cfg.head_split == "ffn-only" or len(plans) == 1:
@@ -228,6 +224,16 @@ class BlockPruner:
             if err < best_err:
                 best, best_err = plan, err
         return best
+
+    def heads_allowed(self, block: BlockAdapter) -> bool:
+        """Whether this block may lose heads: a head criterion, and more than one head to choose from."""
+        return self.head_crit is not None and (block.group_size > 1 or block.n_heads > 1)
+
+    def candidates(self, block: BlockAdapter, heads: bool = True) -> list[BlockPlan]:
+        """Every split meeting the per-block budget (heads only where allowed and ``heads``)."""
+        allowed = heads and self.heads_allowed(block)
+        return candidate_plans(block, self.target, self.cfg.channel_multiple,
+                               max_heads_per_group=None if allowed else 0, kv_groups=self.cfg.kv_groups)
 
     def split_roles(self, block: BlockAdapter, pair_o: bool) -> dict[str, bool]:
         """Statistics the head/FFN split and the scores read: the inputs of o_proj (paired with the dense
@@ -379,10 +385,8 @@ class BlockPruner:
         rec.plan["selection"] = self.selection(block)
         if rec.plan["selection"] == "obs" and plan.channels:
             # OBS: greedy removal with least-squares compensation of the kept down_proj columns
-            first, w = obs_order(block.ffn_out().weight.float(), stats.down_in.second, plan.channels, cfg.obs_damp)
+            order, w = obs_ranking(block.ffn_out().weight.float(), stats.down_in.second, plan.channels, cfg.obs_damp)
             block.ffn_out().weight.data.copy_(w.to(block.ffn_out().weight.dtype))
-            rest = [c for c in range(block.n_channels) if c not in set(first)]
-            order = torch.tensor(first + rest, dtype=torch.long)
         else:
             order = self.ffn_ranking(block, stats, plan.channels)
         removed = order[: plan.channels]

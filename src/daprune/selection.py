@@ -65,6 +65,15 @@ def obs_order(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1
     return order, w.float()
 
 
+def obs_ranking(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1e-2
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every channel index, the ``count`` OBS removes first (in removal order) then the rest in index order,
+    and the compensated weight (:func:`obs_order`)."""
+    first, w = obs_order(d, second, count, damp)
+    taken = set(first)
+    return torch.tensor(first + [c for c in range(d.shape[1]) if c not in taken], dtype=torch.long), w
+
+
 def _obs_cost(w: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
     """OBS cost of removing each column alone: ||W_:,j||^2 / [S^-1]_jj."""
     return w.pow(2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)

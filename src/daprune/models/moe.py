@@ -188,8 +188,8 @@ class MoEBlock(LlamaBlock):
         return weights, index
 
 
-def expert_moments(block: MoEBlock, x: torch.Tensor, ctx: dict, batch_size: int, full_cov: bool = False
-                   ) -> tuple[list[Moments], Moments | None]:
+def expert_moments(block: MoEBlock, x: torch.Tensor, ctx: dict, batch_size: int, full_cov: bool = False,
+                   all_tokens: bool = False) -> tuple[list[Moments], Moments | None]:
     """Routing-weighted moments of every expert's down-projection input over all tokens of ``x``.
 
     Expert ``e``'s row for token t is ``w_te * act(gate_e x_t) * (up_e x_t)`` when the router sends t to e
@@ -198,13 +198,16 @@ def expert_moments(block: MoEBlock, x: torch.Tensor, ctx: dict, batch_size: int,
     token and the greedy / OBS errors keep their meaning (and units) across experts. The shared expert's
     rows are scaled by its sigmoid gate the same way. ``Moments.n`` counts all tokens; each returned
     expert's ``routed`` attribute counts the tokens routed to it.
+
+    ``all_tokens``: instead, every expert's unweighted rows for *every* token reaching the layer (as if
+    the router sent them all: the ``uniform`` choice for experts the calibration never reaches).
     """
     moe = block.moe
     E, n = block.n_experts, block.n_channels
     routed = [Moments(f"block {block.index} expert {e} down_in", full_cov=full_cov) for e in range(E)]
     counts = [0] * E
-    shared = None if block.shared is None else Moments(f"block {block.index} shared expert down_in",
-                                                       full_cov=full_cov)
+    shared = None if block.shared is None or all_tokens else Moments(f"block {block.index} shared expert down_in",
+                                                                     full_cov=full_cov)
     total = 0
 
     def hook(_m, args):
@@ -212,8 +215,14 @@ def expert_moments(block: MoEBlock, x: torch.Tensor, ctx: dict, batch_size: int,
         h = args[0].detach()
         h = h.reshape(-1, h.shape[-1])
         total += h.shape[0]
-        weights, index = block.routing(h)
         act = block.experts.act_fn
+        if all_tokens:
+            for e in range(E):
+                gu = h @ block.experts.gate_up_proj[e].T
+                routed[e].update(act(gu[:, :n]) * gu[:, n:])
+                counts[e] += h.shape[0]
+            return
+        weights, index = block.routing(h)
         for e in range(E):
             tok, pos = torch.where(index == e)
             if tok.numel() == 0:
