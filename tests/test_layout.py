@@ -52,12 +52,16 @@ def test_the_shared_split_follows_the_blocks_errors():
     assert all(len(r["kept_heads"]) == 4 for r in busy.report["layers"])
 
 
-def test_a_family_whose_config_cannot_state_fewer_heads_keeps_them(tmp_path):
-    """GPT-2 derives head_dim from the head count: a uniform layout there prunes FFN channels only."""
+@pytest.mark.parametrize("split", ["auto", "paper"])
+def test_a_family_whose_config_cannot_state_fewer_heads_keeps_them(tmp_path, split):
+    """GPT-2 derives head_dim from the head count: a uniform layout there prunes FFN channels only, under the
+    paper's split rule too."""
     from test_families_extra import tiny as tiny_extra
     from transformers import AutoModelForCausalLM
 
-    result = _prune(tiny_extra("gpt2"), sparsity=0.2, layers="0:", layout="uniform", out=str(tmp_path / "o"))
+    result = _prune(tiny_extra("gpt2"), sparsity=0.2, layers="0:", layout="uniform", head_split=split,
+                    out=str(tmp_path / "o"))
+    assert result.report["shapes"]["uniform"] and not (tmp_path / "o" / "modeling_daprune.py").exists()
     assert result.report["layout"]["heads"].startswith("kept")
     assert all(s["num_attention_heads"] == result.model.config.n_head for s in result.report["shapes"]["layers"])
     vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
