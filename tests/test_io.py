@@ -350,3 +350,26 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path):
         save_pruned(tiny_model(), None, out, {"v": 2}, overwrite=True, extra=_boom)
     assert json.loads((out / "report.json").read_text())["v"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra"])
+def test_daprune_load_refuses_a_per_layer_folder_whose_tensors_do_not_fit(nonuniform, tmp_path, damage):
+    """A missing tensor would be random-initialised and an extra one silently dropped: both are errors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from daprune.errors import WeightsMismatchError
+
+    _, out = nonuniform
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder)
+    path = next(folder.glob("*.safetensors"))
+    state = load_file(str(path))
+    if damage == "missing":
+        state.pop("model.layers.2.mlp.down_proj.weight")
+    else:
+        state["model.layers.2.mlp.spare.weight"] = torch.zeros(2, 2)
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(WeightsMismatchError, match="missing" if damage == "missing" else "no place"):
+        daprune.load(folder)

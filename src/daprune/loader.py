@@ -106,13 +106,32 @@ def _load_nonuniform(folder: Path, config, dtype: torch.dtype):
         raise ModelSourceError(f"{folder}: no per-layer class for model type {config.model_type!r} in this "
                                "transformers version")
     model, info = cls.from_pretrained(folder, config=config, dtype=dtype, output_loading_info=True)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    missing = [k for k in info.get("missing_keys", []) if not (tied and k.endswith("lm_head.weight"))]
-    unexpected, mismatched = list(info.get("unexpected_keys", [])), list(info.get("mismatched_keys", []))
-    if missing or unexpected or mismatched:
-        raise ModelSourceError(f"weights do not match the config: missing {sorted(missing)[:3]}, unexpected "
-                               f"{sorted(unexpected)[:3]}, mismatched {sorted(mismatched)[:3]}")
+    check_loading_info(model, info, str(folder), unexpected_is_error=True)
     return model
+
+
+def check_loading_info(model, info: dict, origin: str, *, unexpected_is_error: bool) -> None:
+    """Refuse what ``from_pretrained`` could not fill (it random-initialises it) or had to reshape.
+
+    Checked after transformers' own checkpoint conversions (MoE experts stored per expert, loaded fused),
+    where file keys cannot be compared with the model's names one by one. A tied LM head is never missing.
+    ``unexpected_is_error``: a daprune folder holds exactly its tensors, so an extra one means a wrong shape
+    record; a source checkpoint may carry tensors current transformers no longer uses (ignored).
+    """
+    from daprune.errors import WeightsMismatchError
+    from daprune.weights import tied_lm_head_key
+
+    tied = tied_lm_head_key(model)
+    missing = sorted(k for k in info.get("missing_keys", []) if k != tied)
+    mismatched = list(info.get("mismatched_keys", []))
+    unexpected = sorted(info.get("unexpected_keys", [])) if unexpected_is_error else []
+    parts = [f"{len(missing)} tensor(s) missing (e.g. {', '.join(missing[:3])})"] if missing else []
+    if mismatched:
+        parts.append(f"{len(mismatched)} of the wrong shape (e.g. {mismatched[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} with no place in the model (e.g. {', '.join(unexpected[:3])})")
+    if parts:
+        raise WeightsMismatchError(f"the weights of {origin} do not match its config.json: {' and '.join(parts)}")
 
 
 def load_tokenizer(folder: Path):

@@ -177,28 +177,11 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(src.path) if src.kind == "hub" or has_tokenizer(src.path) else None
     except Exception as exc:
         raise ModelSourceError(f"cannot load model {src.origin}: {exc}") from exc
-    _check_loading_info(model, info, src.origin)
+    from daprune.loader import check_loading_info
+
+    check_loading_info(model, info, src.origin, unexpected_is_error=False)
     model.to(device).eval()
     return model, tok, src
-
-
-def _check_loading_info(model, info: dict, origin: str) -> None:
-    """A tensor ``from_pretrained`` could not fill (it would random-initialise it) or had to skip is an error.
-
-    This is the check after transformers' own checkpoint conversions (MoE experts stored per expert and
-    loaded fused), where comparing file keys with the model's before loading cannot be done name by name.
-    """
-    from daprune.errors import WeightsMismatchError
-    from daprune.weights import tied_lm_head_key
-
-    tied = tied_lm_head_key(model)
-    missing = [k for k in info.get("missing_keys", []) if k != tied]
-    mismatched = list(info.get("mismatched_keys", []))
-    if missing or mismatched:
-        parts = [f"{len(missing)} tensor(s) missing (e.g. {', '.join(sorted(missing)[:3])})"] if missing else []
-        if mismatched:
-            parts.append(f"{len(mismatched)} of the wrong shape (e.g. {mismatched[0]})")
-        raise WeightsMismatchError(f"the weights of {origin} do not match its config.json: {' and '.join(parts)}")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
