@@ -261,7 +261,7 @@ def test_per_layer_family_without_graph_points_to_uniform():
 def _tiny_family(family: str):
     """A tiny random Qwen2 / Qwen3 / Gemma-3 (Gemma-3 laid out as llama.cpp's gemma3 graph assumes: a global
     layer every 6th, no soft-capping; a window of 8 so 30-token texts use it)."""
-    from test_families import tiny
+    from test_families import randomise_norms_and_biases, tiny
 
     if family != "gemma3_text":
         return tiny(family, layers=4)
@@ -272,12 +272,7 @@ def _tiny_family(family: str):
                                   num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                                   max_position_embeddings=256, sliding_window=8, query_pre_attn_scalar=12,
                                   layer_types=["sliding_attention"] * 5 + ["full_attention"], tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(-0.5, 0.5)
-    return model
+    return randomise_norms_and_biases(AutoModelForCausalLM.from_config(config).eval())
 
 
 FAMILY_ARCHS = [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gemma3_text", "gemma3")]

@@ -43,13 +43,21 @@ def tiny(family: str, *, heads: int = 4, kv: int = 2, layers: int = 6, seed: int
                             layer_types=["sliding_attention", "full_attention"] * (layers // 2)),
     }.get(family, {})
     config = AutoConfig.for_model(family, **kw, **extra)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5) if family not in ("gemma", "gemma2", "gemma3_text") else p.uniform_(-0.5, 0.5)
-            elif name.endswith(".bias"):
-                p.normal_(0, 0.1)
+    return randomise_norms_and_biases(AutoModelForCausalLM.from_config(config).eval())
+
+
+GEMMA_NORMS = ("gemma", "gemma2", "gemma3_text")  # RMSNorm x * (1 + w): weights near 0, not near 1
+
+
+@torch.no_grad()
+def randomise_norms_and_biases(model):
+    """Non-trivial norm weights and biases (random init leaves them at 1 / 0, hiding slicing bugs)."""
+    gemma = model.config.model_type in GEMMA_NORMS
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.uniform_(-0.5, 0.5) if gemma else p.uniform_(0.5, 1.5)
+        elif name.endswith(".bias"):
+            p.normal_(0, 0.1)
     return model
 
 

@@ -11,8 +11,8 @@ import copy
 
 import pytest
 import torch
-from conftest import CharTokenizer
-from test_families import SEQ, assert_reloads_and_generates, ids, logits
+from test_families import SEQ, assert_reloads_and_generates, ids, logits, randomise_norms_and_biases
+from test_families import _prune as prune_tiny
 
 import daprune
 from daprune.errors import ConfigError
@@ -37,21 +37,13 @@ def tiny(family: str, *, layers: int = 4, seed: int = 0, experts: int = EXPERTS)
                                shared_expert_intermediate_size=SHARED, norm_topk_prob=False),
              "qwen3_moe": dict(num_experts=experts, moe_intermediate_size=WIDTH, intermediate_size=96,
                                norm_topk_prob=True)}[family]
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw, **extra)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0, 0.1)
-    return model
+    config = AutoConfig.for_model(family, **kw, **extra)
+    return randomise_norms_and_biases(AutoModelForCausalLM.from_config(config).eval())
 
 
 def _prune(model, **kw):
-    settings = dict(sparsity=0.2, layers="1:3", calibration="random", nsamples=8, seqlen=SEQ, batch_size=4,
-                    progress=False)
-    settings.update(kw)
-    return daprune.prune(model=model, tokenizer=CharTokenizer(), **settings)
+    """The families' tiny-model prune, over blocks 1..2 of these 4-block models."""
+    return prune_tiny(model, **{"layers": "1:3", **kw})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
