@@ -34,6 +34,7 @@ def test_uniform_layout_is_a_plain_checkpoint(family, tmp_path):
     assert result.report["layout"]["mode"] == "uniform"
     vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
     assert torch.equal(logits(vanilla), logits(result.model))
+    assert torch.equal(logits(vanilla), logits(daprune.load(tmp_path / "o")[0]))
 
 
 def test_the_shared_split_follows_the_blocks_errors():

@@ -53,7 +53,7 @@ def test_zero_sparsity_is_exact(family):
     assert torch.equal(logits(_prune(copy.deepcopy(model), sparsity=0.0).model), want)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_slicing_equals_masking(family):
     """Keeping other channels in every expert (and in the shared expert) == zeroing the removed ones' down columns."""
     model = tiny(family)
