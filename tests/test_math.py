@@ -203,3 +203,56 @@ def test_obs_compensation_equals_least_squares_refit():
         refit = torch.linalg.lstsq(h[:, keep], h @ d.T).solution.T
         torch.testing.assert_close(w[:, keep], refit, rtol=1e-4, atol=1e-4)
         assert w[:, order].abs().max() < 1e-6
+
+
+def _raw_ridge(x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor | None, damp: float) -> torch.Tensor:
+    """argmin_W mean||x W^T - y||^2 + lambda ||W - prior||^2 from the raw rows, float64 normal equations."""
+    n, d = x.shape
+    lam = damp * float(x.pow(2).mean())
+    a = x.T @ x / n + lam * torch.eye(d, dtype=x.dtype)
+    b = x.T @ y / n + (lam * prior.T if prior is not None else 0)
+    return torch.linalg.solve(a, b).T
+
+
+def test_heldout_choice_is_the_least_error_on_the_held_out_rows():
+    """Few noisy fit rows (the re-fit overfits when weak): every candidate's held-out error and the winner, recomputed
+    from raw rows; the ridge toward the current weights and toward zero."""
+    from daprune.recovery import HELDOUT_DAMPS, heldout_choice
+
+    g = torch.Generator().manual_seed(11)
+    w_true = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    current = w_true + 0.3 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    xf = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    yf = xf @ w_true.T + 0.5 * torch.randn(9, 3, generator=g, dtype=torch.float64)
+    xh = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    yh = xh @ w_true.T
+    fit, held = Moments(), Moments()
+    fit.update(xf.float(), yf.float())
+    held.update(xh.float(), yh.float())
+    for toward in (True, False):
+        w, errors = heldout_choice(fit, held, None, False, current.float(), toward)
+        want = {"none": float((xh @ current.T - yh).pow(2).sum(1).mean())}
+        for damp in HELDOUT_DAMPS:
+            v = _raw_ridge(xf, yf, current if toward else None, damp)
+            want[f"{damp:g}"] = float((xh @ v.T - yh).pow(2).sum(1).mean())
+        assert errors.keys() == want.keys()
+        for k in want:
+            assert math.isclose(errors[k], want[k], rel_tol=1e-3, abs_tol=1e-5), (k, errors[k], want[k])
+        best = min(want, key=want.get)
+        assert best != "none"  # noisy but informative rows: some strength helps here
+        v = _raw_ridge(xf, yf, current if toward else None, float(best))
+        torch.testing.assert_close(w.double(), v, rtol=1e-3, atol=1e-4)
+
+
+def test_heldout_choice_keeps_weights_no_refit_improves():
+    """Current weights that are exactly right on the held-out rows: no re-fit can beat them, so none is made."""
+    from daprune.recovery import heldout_choice
+
+    g = torch.Generator().manual_seed(12)
+    w_true = torch.randn(2, 5, generator=g)
+    xf, xh = torch.randn(7, 5, generator=g), torch.randn(32, 5, generator=g)
+    fit, held = Moments(), Moments()
+    fit.update(xf, xf @ w_true.T + torch.randn(7, 2, generator=g))
+    held.update(xh, xh @ w_true.T)
+    w, errors = heldout_choice(fit, held, None, False, w_true)
+    assert w is None and min(errors, key=errors.get) == "none"

@@ -198,3 +198,27 @@ def test_recovery_nsamples_end_to_end(one_thread):
     assert _state_hash(more.model) != _state_hash(base.model)  # the re-fit saw different data
     logits = more.model(IDS).logits
     assert torch.isfinite(logits).all()
+
+
+def test_heldout_recovery_never_takes_a_refit_the_held_out_rows_reject(one_thread):
+    """The paper-style re-fit on 2 x 32 tokens overfits (test_review: every block's held-out error rises). With
+    --recovery heldout each linear keeps the candidate (no re-fit or a ridge strength) its held-out rows prefer, as
+    recorded; the blocks' held-out errors stay at or below no recovery's."""
+    res = _prune(tiny_model(), sparsity=0.25, recovery="heldout", nsamples=2, heldout_nsamples=8)
+    pruned = [r for r in res.report["layers"] if r["pruned"]]
+    assert len(pruned) == 4
+    for r in pruned:
+        for key in ("o_post", "down_post"):
+            if key not in r["damping"]:
+                continue
+            d = r["damping"][key]
+            best = min(d["heldout_errors"], key=d["heldout_errors"].get)
+            assert d["damp"] == (None if best == "none" else float(best)), d
+        assert r["error_heldout"] <= r["error_no_recovery_heldout"] * (1 + 1e-6), r
+
+
+def test_heldout_recovery_needs_held_out_rows():
+    from daprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="heldout-nsamples"):
+        _prune(tiny_model(), sparsity=0.25, recovery="heldout")

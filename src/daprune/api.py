@@ -598,6 +598,7 @@ def build_report(cfg, source, calib_info, result, shapes, timings) -> dict:
         },
         "shapes": shapes,
         "layout": result.layout or {"mode": cfg.layout},
+        "allocation": result.allocation,
         "layers": layers,
         "kept_channels": {r.index: r.kept_channel_idx for r in result.records if r.pruned},
         "timings": timings,

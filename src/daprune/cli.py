@@ -44,7 +44,9 @@ def _prune_parser(sub) -> None:
                    help="layer-wise least-squares recovery before scoring (the paper's remedy)")
     p.add_argument("--no-recover", dest="recovery", action="store_const", const="none")
     p.add_argument("--recovery", dest="recovery", choices=RECOVERY_MODES, default=d.recovery,
-                   help="none | paper (re-fit before scoring) | post (re-fit kept columns after) | both")
+                   help="none | paper (re-fit before scoring) | post (re-fit kept columns after) | both | heldout "
+                        "(post, ridge toward the current weights at the strength --heldout-nsamples rows prefer, no "
+                        "re-fit where none helps them)")
     p.add_argument("--recovery-nsamples", type=int, default=d.recovery_nsamples,
                    help="calibration samples for the re-fit's least squares: the --nsamples scoring samples plus "
                         "extra ones (default: the scoring samples only; the re-fit overfits with few tokens)")
@@ -52,12 +54,20 @@ def _prune_parser(sub) -> None:
     p.add_argument("--heldout-nsamples", type=int, default=d.heldout_nsamples,
                    help="extra calibration samples no statistic sees; report.json gives each block's error on them "
                         "(error_heldout), which shows a re-fit's overfit (default 0: none)")
-    p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior)
-    p.add_argument("--layers", default=d.layers, help="block range START:STOP (default 4:-2 as in the paper)")
+    p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior,
+                   help="what the re-fit's ridge pulls toward (default: zero, the paper's; original under "
+                        "--recovery heldout)")
+    p.add_argument("--layers", default=d.layers,
+                   help="block range START:STOP (default 4:-2 as in the paper; every block under --schedule "
+                        "sensitivity)")
     p.add_argument("--ffn-criterion", choices=FFN_CRITERIA, default=d.ffn_criterion)
     p.add_argument("--head-criterion", choices=HEAD_CRITERIA, default=d.head_criterion)
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
-                   help="uniform ratio per block (paper) or adaptive across blocks (FLAP-style)")
+                   help="uniform: the same share per block (paper); adaptive: FLAP's global z-score ranking; "
+                        "sensitivity: each block's share from its measured effect on the output distribution "
+                        "(KL of the model pruned at that block alone, at a few sizes)")
+    p.add_argument("--sensitivity-nsamples", type=int, default=d.sensitivity_nsamples,
+                   help="--schedule sensitivity: calibration rows the KL is measured on (default 4)")
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                    help="auto: with --ffn-criterion second-moment, obs with >= 4 calibration tokens per FFN channel, "
                         "else greedy; with any other criterion, score; "

@@ -29,13 +29,16 @@ FFN_CRITERIA = (
 )
 HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp", "flap", "taylor-e1",
                  "taylor-vector", "none")
-RECOVERY_MODES = ("none", "paper", "post", "both")
+# post: the kept columns of o_proj/down_proj re-fitted after cutting; heldout: post with the ridge toward the
+# current weights at the strength held-out calibration rows prefer, and no re-fit where none helps them
+RECOVERY_MODES = ("none", "paper", "post", "both", "heldout")
+RECOVERY_DAMP = 1e-4
 HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
-SCHEDULES = ("uniform", "adaptive")
+SCHEDULES = ("uniform", "adaptive", "sensitivity")
 SELECTIONS = ("auto", "score", "greedy", "obs")
 SPARSITY_BASES = ("total", "blocks")
 LAYOUTS = ("per-layer", "uniform")
-DEFAULT_LAYERS = "4:-2"  # the paper's block range
+DEFAULT_LAYERS = "4:-2"  # the paper's block range (the default except under --schedule sensitivity)
 ALL_BLOCKS = ("0:", ":")  # spellings of "every block"
 # mixture-of-experts models: what ranks the channels of an expert no calibration token is routed to
 UNROUTED_EXPERTS = ("magnitude", "uniform", "keep")
@@ -46,6 +49,8 @@ OBS_MIN_TOKENS_PER_CHANNEL = 4
 # the FFN criterion whose question greedy/OBS selection answers exactly (the output energy of the removed
 # channels): under ``selection="auto"`` only this criterion hands the choice of removed channels to greedy/OBS
 OUTPUT_CRITERION = "second-moment"
+# --schedule sensitivity: calibration rows its KL measurement runs on by default
+SENSITIVITY_NSAMPLES = 4
 
 
 @dataclass
@@ -58,8 +63,12 @@ class PruneConfig:
 
     model: str | None = None
     sparsity: float = 0.2
-    layers: str = DEFAULT_LAYERS
+    # block range START:STOP; None: the paper's 4:-2, or every block under --schedule sensitivity (which
+    # measures where the budget costs least, so the first and last blocks are candidates too)
+    layers: str | None = None
     schedule: str = "uniform"
+    # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
+    sensitivity_nsamples: int | None = None
     ffn_criterion: str = "second-moment"
     head_criterion: str = "similarity"
     head_split: str = "auto"
@@ -73,11 +82,13 @@ class PruneConfig:
     # samples the least-squares re-fit accumulates its statistics on: the ``nsamples`` scoring samples plus
     # extra ones (the paper's "w/ remedy" rows used 1,024 extra); None: the scoring samples only
     recovery_nsamples: int | None = None
-    recovery_damp: float = 1e-4
+    recovery_damp: float = RECOVERY_DAMP
     # calibration samples held out of every statistic (own seed), only to measure each block's error on rows
     # the scores and re-fits never saw (report.json error_heldout); 0: none (the default keeps runs as before)
     heldout_nsamples: int = 0
-    recovery_prior: str = "zero"
+    # what the re-fit's ridge pulls toward: "zero" (the paper's) or "original" (the weights before the re-fit);
+    # None: zero, except original under --recovery heldout
+    recovery_prior: str | None = None
     # kept FFN widths are multiples of this; 16 by measurement (docs/layout.md): unaligned widths made llama.cpp's
     # prompt processing 27% slower than the dense model's, multiples of 16 made it faster, for ~+2% perplexity
     channel_multiple: int = 16
@@ -126,7 +137,7 @@ class PruneConfig:
                               f"{OUTPUT_CRITERION}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if self.recovery_prior not in ("zero", "original"):
+        if self.recovery_prior not in ("zero", "original", None):
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError("--nsamples must be >= 1 and --seqlen >= 2")
@@ -139,6 +150,13 @@ class PruneConfig:
                                   f"({self.nsamples}): the re-fit sees the scoring samples plus extra ones")
         if self.heldout_nsamples < 0:
             raise ConfigError(f"--heldout-nsamples must be >= 0, got {self.heldout_nsamples}")
+        if self.recovery == "heldout":
+            if self.heldout_nsamples < 1:
+                raise ConfigError("--recovery heldout chooses each re-fit's strength on held-out calibration rows: "
+                                  "add --heldout-nsamples N (e.g. 16)")
+            if self.recovery_damp != RECOVERY_DAMP:
+                raise ConfigError("--recovery heldout chooses the ridge strength itself on held-out rows: drop "
+                                  "--recovery-damp")
         if self.sparsity_basis not in SPARSITY_BASES:
             raise ConfigError(f"--sparsity-basis must be one of {', '.join(SPARSITY_BASES)}, "
                               f"got {self.sparsity_basis!r}")
@@ -162,20 +180,34 @@ class PruneConfig:
         parse_size(self.max_shard_size)
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
-        parse_layers(self.layers, 10**6)  # syntax only; the range is checked against the model later
+        if self.layers is not None:
+            parse_layers(self.layers, 10**6)  # syntax only; the range is checked against the model later
+        if self.sensitivity_nsamples is not None:
+            if self.schedule != "sensitivity":
+                raise ConfigError("--sensitivity-nsamples only matters with --schedule sensitivity")
+            if self.sensitivity_nsamples < 1:
+                raise ConfigError(f"--sensitivity-nsamples must be >= 1, got {self.sensitivity_nsamples}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.layout == "uniform":
-            if self.layers not in ALL_BLOCKS + (DEFAULT_LAYERS,):
+            if self.layers not in ALL_BLOCKS + (DEFAULT_LAYERS, None):
                 raise ConfigError(f"--layout uniform prunes every block to the same widths; --layers {self.layers} "
                                   "would leave some blocks dense (drop --layers, or use --layout per-layer)")
             if self.schedule != "uniform":
-                raise ConfigError("--layout uniform gives every block the same widths; --schedule adaptive gives "
-                                  "each its own: choose one")
+                raise ConfigError(f"--layout uniform gives every block the same widths; --schedule {self.schedule} "
+                                  "gives each its own: choose one")
 
     def block_range(self, n_layers: int) -> range:
         """The blocks to prune: ``--layers``, or every block under ``--layout uniform``."""
-        return range(n_layers) if self.layout == "uniform" else parse_layers(self.layers, n_layers)
+        if self.layout == "uniform":
+            return range(n_layers)
+        return parse_layers(self.layers_spec(), n_layers)
+
+    def layers_spec(self) -> str:
+        """``--layers`` as given, or its default: every block under the sensitivity schedule, else the paper's."""
+        if self.layers is not None:
+            return self.layers
+        return ALL_BLOCKS[1] if self.schedule == "sensitivity" else DEFAULT_LAYERS
 
     def ffn_selection(self) -> str:
         """The FFN selection rule before the per-block token check: "auto" stays "auto" (greedy or OBS)
@@ -183,6 +215,10 @@ class PruneConfig:
         if self.selection == "auto" and self.ffn_criterion != OUTPUT_CRITERION:
             return "score"
         return self.selection
+
+    def ridge_prior(self) -> str:
+        """What the re-fit's ridge pulls toward: ``--recovery-prior``, or its default for the recovery mode."""
+        return self.recovery_prior or ("original" if self.recovery == "heldout" else "zero")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,7 +26,7 @@ from daprune.errors import CalibrationError, ConfigError, NumericalError
 from daprune.experts import ExpertRanker, check_moe_fit, is_moe, prune_experts, unit_stats
 from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
-from daprune.recovery import ridge_solve
+from daprune.recovery import heldout_choice, least_squares_terms, ridge_solve
 from daprune.schedule import BlockPlan, block_parameters, candidate_plans, check_budget, paper_plan
 from daprune.selection import greedy_order, obs_ranking
 from daprune.stats import BlockStats, Moments
@@ -82,6 +82,8 @@ class BlockPruner:
         self.ffn_crit = ffn_crit
         self.head_crit = head_crit
         self.target = target
+        # per-block budgets of a global schedule (``--schedule sensitivity``); blocks not in it get ``target``
+        self.targets: dict[int, float] = {}
         self.grads = grads or {}
         self.use_similarity = cfg.head_criterion == "similarity"
         # roles whose full centred covariance a criterion reads (a second Gram matmul: only where needed)
@@ -119,12 +121,17 @@ class BlockPruner:
         moments = {r: Moments(f"block {block.index} {r}", full_cov=r in self.cov_roles) for r in roles}
         fit = {r: Moments(f"block {block.index} {r} (re-fit)", full_cov=False) for r, pair in roles.items()
                if pair and split}
+        # --recovery heldout: the held-out rows' own least-squares statistics, only to choose the re-fit strength
+        held = {r: Moments(f"block {block.index} {r} (held out)", full_cov=False) for r, pair in roles.items()
+                if pair and self.cfg.recovery == "heldout" and n_fit < xp.shape[0]}
+        n_rows = xp.shape[0] if held else n_fit
         need_dense = any(roles.values())
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair for i, m in enumerate(tgt[r])}
         bs = self.cfg.batch_size
-        for s in range(0, n_fit, bs):
-            e = min(s + bs, n_fit)
-            k = max(0, min(bs, n_score - s))  # rows of this batch that are scoring samples
+        starts = list(range(0, n_fit, bs)) + list(range(n_fit, n_rows, bs))  # fit and held-out rows never share a batch
+        for s in starts:
+            e = min(s + bs, n_fit if s < n_fit else n_rows)
+            k = max(0, min(e - s, n_score - s))  # rows of this batch that are scoring samples
             probs: list[torch.Tensor] | None = [] if js is not None and k else None
             with capture({r: lin[r] for r in roles}) as got:
                 block.forward(xp[s:e], ctx, probs)
@@ -136,6 +143,10 @@ class BlockPruner:
             for r, pair in roles.items():
                 x = got[r][0]
                 y = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
+                if s >= n_fit:
+                    if r in held:
+                        held[r].update(x, y)
+                    continue
                 if k:  # the cross term only where the re-fit reads it: not twice when "ROLE:fit" holds it
                     moments[r].update(x[:k], None if y is None or r in fit else y[:k])
                 if r in fit:
@@ -143,6 +154,7 @@ class BlockPruner:
             if probs:
                 js.update(probs[0][:k])
         moments.update({f"{r}:fit": m for r, m in fit.items()})
+        moments.update({f"{r}:heldout": m for r, m in held.items()})
         return moments
 
     def fit_moments(self, m: dict[str, Moments], role: str) -> Moments:
@@ -150,25 +162,29 @@ class BlockPruner:
         return m.get(f"{role}:fit", m[role])
 
     # -- recovery -----------------------------------------------------------------------------------
-    def refit(self, linears: list, mom: Moments, cols: torch.Tensor | None = None) -> dict:
-        """Least-squares re-fit of ``linears`` (sharing one input) to their dense outputs."""
-        gram, cross = mom.second, mom.cross_mean
-        mean = mom.mean
-        if cols is not None:
-            gram, cross, mean = gram[cols][:, cols], cross[cols], mean[cols]
+    def refit(self, linears: list, mom: Moments, cols: torch.Tensor | None = None,
+              heldout: Moments | None = None) -> dict:
+        """Least-squares re-fit of ``linears`` (sharing one input) to their dense outputs.
+
+        With ``heldout`` moments (``--recovery heldout``) the ridge pulls toward the current weights, its strength
+        is the one with the least error on the held-out rows, and the weights stay as they are when no strength
+        beats them there."""
         has_bias = linears[0].bias is not None
-        if has_bias:  # augment the input with a constant 1 so the bias is fitted too
-            g = torch.zeros(gram.shape[0] + 1, gram.shape[0] + 1, dtype=gram.dtype, device=gram.device)
-            g[:-1, :-1], g[:-1, -1], g[-1, :-1], g[-1, -1] = gram, mean, mean, 1.0
-            gram = g
-            cross = torch.cat([cross, (mom.ysum / mom.n)[None]], 0)
-        prior = None
-        if self.cfg.recovery_prior == "original":
-            ws = [lin.weight.data.float() if cols is None else lin.weight.data.float()[:, cols] for lin in linears]
-            prior = torch.cat(ws, 0)
-            if has_bias:
-                prior = torch.cat([prior, torch.cat([lin.bias.data.float() for lin in linears])[:, None]], 1)
-        w, info = ridge_solve(gram, cross, damp=self.cfg.recovery_damp, prior=prior)
+        ws = [lin.weight.data.float() if cols is None else lin.weight.data.float()[:, cols] for lin in linears]
+        current = torch.cat(ws, 0)
+        if has_bias:
+            current = torch.cat([current, torch.cat([lin.bias.data.float() for lin in linears])[:, None]], 1)
+        toward_current = self.cfg.ridge_prior() == "original"
+        if heldout is not None:
+            w, errors = heldout_choice(mom, heldout, cols, has_bias, current, toward_current)
+            chosen = min(errors, key=errors.get)
+            info = {"damp": None if w is None else float(chosen), "heldout_errors": errors}
+            if w is None:
+                return info
+        else:
+            gram, cross = least_squares_terms(mom, cols, has_bias)
+            w, solve = ridge_solve(gram, cross, damp=self.cfg.recovery_damp, prior=current if toward_current else None)
+            info = {"damp": solve.damp, "escalations": solve.escalations}
         row = 0
         for lin in linears:
             part = w[row : row + lin.out_features]
@@ -181,7 +197,7 @@ class BlockPruner:
                 lin.weight.data[:, cols] = part.to(lin.weight.dtype)
             else:
                 lin.weight.data.copy_(part.to(lin.weight.dtype))
-        return {"damp": info.damp, "escalations": info.escalations}
+        return info
 
     # -- planning -----------------------------------------------------------------------------------
     def choose_plan(self, block: BlockAdapter, stats: BlockStats, head_imp: torch.Tensor | None,
@@ -201,7 +217,7 @@ class BlockPruner:
         if cfg.head_split == "ffn-only" or len(plans) == 1:
             return plans[0]
         if cfg.head_split == "paper":
-            plan = paper_plan(block, self.target, cfg.channel_multiple, cfg.kv_groups)
+            plan = paper_plan(block, self.target_of(block.index), cfg.channel_multiple, cfg.kv_groups)
             return plan if plan is not None else plans[0]
         # auto: pick the split with the least squared error added to the residual stream, measured
         # exactly from the second moments of the o_proj and down_proj inputs.
@@ -225,6 +241,10 @@ class BlockPruner:
                 best, best_err = plan, err
         return best
 
+    def target_of(self, index: int) -> float:
+        """Parameters block ``index`` must lose: its share under a global schedule, else the uniform target."""
+        return self.targets.get(index, self.target)
+
     def heads_allowed(self, block: BlockAdapter) -> bool:
         """Whether this block may lose heads: a head criterion, and more than one head to choose from."""
         return self.head_crit is not None and (block.group_size > 1 or block.n_heads > 1)
@@ -232,7 +252,7 @@ class BlockPruner:
     def candidates(self, block: BlockAdapter, heads: bool = True) -> list[BlockPlan]:
         """Every split meeting the per-block budget (heads only where allowed and ``heads``)."""
         allowed = heads and self.heads_allowed(block)
-        return candidate_plans(block, self.target, self.cfg.channel_multiple,
+        return candidate_plans(block, self.target_of(block.index), self.cfg.channel_multiple,
                                max_heads_per_group=None if allowed else 0, kv_groups=self.cfg.kv_groups)
 
     def split_roles(self, block: BlockAdapter, pair_o: bool) -> dict[str, bool]:
@@ -284,6 +304,13 @@ class BlockPruner:
         """Real squared block output error per token, E||block'(x) - y||^2, of a trial copy with ``heads`` and
         FFN channels ``removed`` cut (under OBS with the kept down_proj columns least-squares compensated), in
         the units of the estimate. Costs one copy and one block forward over the scoring rows per candidate."""
+        out = _forward(self.trial_block(block, heads, removed, stats), x, ctx, self.cfg.batch_size)
+        return float((out.float() - y.float()).pow(2).sum(-1).mean())
+
+    def trial_block(self, block: BlockAdapter, heads: list[int], removed: list[int], stats: BlockStats
+                    ) -> BlockAdapter:
+        """A pruned copy of ``block``: ``heads`` and FFN channels ``removed`` cut, as :meth:`prune` would cut them
+        (under OBS with the kept down_proj columns least-squares compensated); ``block`` is untouched."""
         trial = copy_block(block)
         if heads:
             self.head_crit.after_head_prune(trial, heads, stats)
@@ -297,8 +324,7 @@ class BlockPruner:
                 down.data.copy_(compensate(down.float(), stats.down_in.second, keep, self.cfg.obs_damp).to(down.dtype))
             self.ffn_crit.after_ffn_prune(trial, removed, stats)
             trial.slice_ffn(keep)
-        out = _forward(trial, x, ctx, self.cfg.batch_size)
-        return float((out.float() - y.float()).pow(2).sum(-1).mean())
+        return trial
 
     def ffn_ranking(self, block: BlockAdapter, stats: BlockStats, count: int, rule: str | None = None) -> torch.Tensor:
         """Channel indices, first the ``count`` to remove, in removal order; then the rest by score.
@@ -321,7 +347,7 @@ class BlockPruner:
         t0 = time.perf_counter()
         cfg = self.cfg
         rec = BlockRecord(block.index, True)
-        paper, post = cfg.recovery in ("paper", "both"), cfg.recovery in ("post", "both")
+        paper, post = cfg.recovery in ("paper", "both"), cfg.recovery in ("post", "both", "heldout")
         stats = BlockStats(grads=self.grads.get(block.index, {}))
         needs = self.ffn_crit.needs | (self.head_crit.needs if self.head_crit else frozenset())
 
@@ -356,7 +382,7 @@ class BlockPruner:
             hd = block.head_dim
             kept_cols = torch.tensor([h * hd + i for h in keep_heads for i in range(hd)], dtype=torch.long)
             if post:
-                rec.damping["o_post"] = self.refit([block.attn_out()], o_fit, kept_cols)
+                rec.damping["o_post"] = self.refit([block.attn_out()], o_fit, kept_cols, m.get("o_in:heldout"))
             self.head_crit.after_head_prune(block, removed_heads, stats)
             block.slice_heads(keep_heads)
         rec.kept_heads = keep_heads
@@ -393,7 +419,7 @@ class BlockPruner:
         keep = torch.sort(order[plan.channels :]).values
         if plan.channels:
             if post:
-                rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep)
+                rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep, m.get("down_in:heldout"))
             self.ffn_crit.after_ffn_prune(block, removed.tolist(), stats)
             block.slice_ffn(keep.tolist())
         rec.kept_channels = len(keep)
@@ -462,6 +488,7 @@ class PipelineResult:
     block_params_before: int = 0
     block_params_after: int = 0
     layout: dict | None = None  # --layout uniform: the shared split and each candidate's total estimated error
+    allocation: dict | None = None  # --schedule sensitivity: measured curves and each block's share
 
 
 def copy_block(block: BlockAdapter) -> BlockAdapter:
@@ -547,6 +574,21 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     pruner.n_score = min(cfg.nsamples, n_fit)
     pruner.n_fit = n_fit
     pruner.ntokens = pruner.n_score * ids.shape[1]
+    allocation = restored.extra.get("allocation") if restored is not None else None
+    if cfg.schedule == "sensitivity" and cfg.sparsity > 0:
+        if allocation is None:  # each block's share from its measured effect on the output distribution
+            from daprune.allocation import sensitivity_targets
+            from daprune.config import SENSITIVITY_NSAMPLES
+
+            view = LoadingAdapter(adapter, store)
+            try:
+                with store.outside_layers(head=True):
+                    _, allocation = sensitivity_targets(
+                        view, pruner, xp[: pruner.n_score], contexts, layer_range, target * len(layer_range),
+                        cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES)
+            finally:
+                view.close()
+        pruner.targets = {int(i): float(t) for i, t in allocation["targets"].items()}
     layout = None
     if cfg.layout == "uniform" and cfg.sparsity > 0:
         if plans is None:  # one split for every block, from the dense blocks (restored runs reuse theirs)
@@ -561,7 +603,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         else:
             layout = {"mode": "uniform", "plan": dataclasses.asdict(next(iter(plans.values()))), "restored": True}
     widest = max(adapter.block(i).n_channels for i in layer_range) if cfg.recovery != "none" else 0
-    if cfg.sparsity > 0 and n_fit * ids.shape[1] < OBS_MIN_TOKENS_PER_CHANNEL * widest:
+    if cfg.sparsity > 0 and cfg.recovery != "heldout" and n_fit * ids.shape[1] < OBS_MIN_TOKENS_PER_CHANNEL * widest:
         log.warning("recovery re-fits %d-wide least-squares problems on only %d calibration tokens: expect it to "
                     "overfit (held-out tuning: 16 x 128 tokens hurt, 128 x 128 helped); pass --recovery-nsamples 128 "
                     "or more", widest, n_fit * ids.shape[1])
@@ -571,7 +613,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         ctx = contexts[i]
         block = store.load(i)
         x_dense = xp if xd is None else xd
-        if i in layer_range and cfg.sparsity > 0:
+        if i in layer_range and cfg.sparsity > 0 and pruner.target_of(i) > 0:
             dense = copy_block(block)
             yd = acts.forward(dense, x_dense, ctx, cfg.batch_size, f"d-{i:05d}")
             rec = pruner.prune(block, dense, xp, x_dense, yd, ctx)
@@ -597,12 +639,13 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             if acts.mode == "disk":
                 files = {k: str(acts.file_of(t).relative_to(work.path)) if t is not None else None
                          for k, t in (("xp", xp), ("xd", xd))}
-            work.commit(i, records, xp, xd, plans, acts_files=files)
+            work.commit(i, records, xp, xd, plans, acts_files=files,
+                        extra={"allocation": allocation} if allocation is not None else None)
         acts.gc([xp, xd])
     after = count_parameters(adapter.model)
     blocks_after = block_parameters([adapter.block(i) for i in range(adapter.n_layers)])
     return PipelineResult(records, params_before, after, target, {"pipeline_s": time.perf_counter() - t0},
-                          blocks_before, blocks_after, layout)
+                          blocks_before, blocks_after, layout, allocation)
 
 
 def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from daprune.errors import NumericalError
+from daprune.stats import Moments
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +61,44 @@ def objective(gram: torch.Tensor, cross: torch.Tensor, y_second: torch.Tensor, w
     """E||x W^T - y||^2 from statistics: tr(W G W^T) - 2 tr(W C) + E||y||^2."""
     w = w.double()
     return float(torch.trace(w @ gram.double() @ w.T) - 2 * torch.trace(w @ cross.double()) + y_second)
+
+
+# ridge strengths (relative to the mean Gram diagonal) ``--recovery heldout`` tries, strongest last; with the
+# prior at the original weights a strong ridge is nearly "no re-fit", which is also a candidate of its own
+HELDOUT_DAMPS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def least_squares_terms(mom: Moments, cols: torch.Tensor | None, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[x x^T], E[x y^T]) of ``mom`` over the input columns ``cols``, with a constant-1 input appended when the
+    linear has a bias (so the bias is fitted as one more column)."""
+    gram, cross, mean = mom.second, mom.cross_mean, mom.mean
+    if cols is not None:
+        gram, cross, mean = gram[cols][:, cols], cross[cols], mean[cols]
+    if bias:
+        g = torch.zeros(gram.shape[0] + 1, gram.shape[0] + 1, dtype=gram.dtype, device=gram.device)
+        g[:-1, :-1], g[:-1, -1], g[-1, :-1], g[-1, -1] = gram, mean, mean, 1.0
+        gram = g
+        cross = torch.cat([cross, (mom.ysum / mom.n)[None]], 0)
+    return gram, cross
+
+
+def heldout_choice(fit: Moments, heldout: Moments, cols: torch.Tensor | None, bias: bool, current: torch.Tensor,
+                   toward_current: bool = True) -> tuple[torch.Tensor | None, dict]:
+    """The ridge re-fit whose error on the held-out rows is least, or None when no strength beats leaving
+    ``current`` as it is (``--recovery heldout``: a re-fit that only helps its own rows is skipped).
+
+    ``current``: the weights now, over ``cols`` (bias as the last column when ``bias``); the ridge pulls toward it
+    (``toward_current``) or toward zero. Returns the chosen weight and, for the report, every candidate's held-out
+    error E||x W^T - y||^2.
+    """
+    gram, cross = least_squares_terms(fit, cols, bias)
+    hgram, hcross = least_squares_terms(heldout, cols, bias)
+    hy = heldout.ysq / heldout.n
+    errors = {"none": objective(hgram, hcross, hy, current)}
+    best, best_err = None, errors["none"]
+    for damp in HELDOUT_DAMPS:
+        w, _ = ridge_solve(gram, cross, damp=damp, prior=current if toward_current else None)
+        errors[f"{damp:g}"] = err = objective(hgram, hcross, hy, w)
+        if err < best_err:
+            best, best_err = w, err
+    return best, errors

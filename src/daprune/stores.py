@@ -55,8 +55,9 @@ class ResidentStore:
     def block_prefix(self, i: int) -> str:
         return f"{self.prefix}.{i}."
 
-    def outside_layers(self) -> contextlib.AbstractContextManager:
-        """Context in which the model's tensors outside its layers (embeddings, final norm) are real."""
+    def outside_layers(self, head: bool = False) -> contextlib.AbstractContextManager:
+        """Context in which the model's tensors outside its layers (embeddings, final norm; with ``head`` an
+        untied LM head too) are real."""
         return contextlib.nullcontext()
 
     def embed(self, ids: torch.Tensor, bs: int) -> torch.Tensor:
@@ -134,21 +135,28 @@ class StreamingStore(ResidentStore):
                     mod._buffers[k] = b.to(self.device)
 
     @contextlib.contextmanager
-    def outside_layers(self) -> Iterator[None]:
-        """Read the tensors outside the layers (not an untied LM head) for the occasion, then drop them."""
+    def outside_layers(self, head: bool = False) -> Iterator[None]:
+        """Read the tensors outside the layers (an untied LM head only with ``head``) for the occasion, then
+        drop them."""
         model = self.adapter.model
         out_emb = model.get_output_embeddings()
         tied = out_emb is None or out_emb.weight is model.get_input_embeddings().weight
-        skip = set() if tied else {id(out_emb.weight)}
+        skip = set() if tied or head else {id(out_emb.weight)}
         layers = self.prefix + "."
         saved = {n: p for n, p in model.named_parameters() if not n.startswith(layers) and id(p) not in skip}
+        retie = head and tied and out_emb is not None
+        head_weight = out_emb.weight if retie else None
         assign_tensors(model, self.reader.get_many(list(saved), self.dtype, self.device))
+        if retie:  # the new embedding Parameter is not the head's: tie them again for the occasion
+            out_emb.weight = model.get_input_embeddings().weight
         try:
             yield
         finally:  # back to the skeleton's own (meta) Parameters, so a tied lm_head stays tied
             for n, p in saved.items():
                 parent, _, attr = n.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, attr, p)
+            if head_weight is not None:
+                out_emb.weight = head_weight
 
     def load(self, i: int) -> BlockAdapter:
         if i in self._loaded:

@@ -550,8 +550,18 @@ def _same_settings(old: dict | None, new: dict | None) -> bool:
     ``channel_multiple``, was recorded in ``old`` and is compared)."""
     if old is None or new is None:
         return old == new
+    old, new = _resolved(old), _resolved(new)
     defaults = PruneConfig().to_dict()
     return all(old[k] == v if k in old else v == defaults.get(k) for k, v in new.items()) and set(old) <= set(new)
+
+
+def _resolved(settings: dict) -> dict:
+    """Settings with the defaults that depend on other settings spelled out (``layers``: 4:-2 or every block by
+    schedule; ``recovery_prior`` by recovery mode), so a row recorded while they were plain constants compares
+    equal to the same run now."""
+    fields = PruneConfig.__dataclass_fields__
+    cfg = PruneConfig(**{k: v for k, v in settings.items() if k in fields})
+    return {**settings, "layers": cfg.layers_spec(), "recovery_prior": cfg.ridge_prior()}
 
 
 def code_version() -> dict[str, Any]:

@@ -299,6 +299,26 @@ class ModelAdapter(ABC):
     def n_layers(self) -> int:
         return len(self.layers())
 
+    def final_norm(self) -> nn.Module | None:
+        """The norm between the last decoder layer and the LM head (``model.norm`` in most families)."""
+        return self.model.model.norm
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the last decoder layer's output, as the model's own forward computes them.
+
+        Final norm, LM head, then the config's logit scaling (Granite) and soft-capping (Gemma-2/3). The
+        sensitivity schedule reads the model's output distribution from a stream it propagated itself.
+        """
+        norm = self.final_norm()
+        logits = self.model.get_output_embeddings()(norm(hidden) if norm is not None else hidden)
+        scale = getattr(self.config, "logits_scaling", None)
+        if scale:
+            logits = logits / scale
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def layers_path(self) -> str:
         target = self.layers()
         for name, mod in self.model.named_modules():

@@ -83,6 +83,9 @@ class GPT2Adapter(ModelAdapter):
     def layers(self) -> nn.ModuleList:
         return self.model.transformer.h
 
+    def final_norm(self) -> nn.Module:
+        return self.model.transformer.ln_f
+
     def native_biases(self, kind: str) -> bool:
         return True  # every Conv1D has a bias
 

@@ -66,6 +66,9 @@ class GPTNeoXAdapter(ModelAdapter):
     def layers(self) -> nn.ModuleList:
         return self.model.gpt_neox.layers
 
+    def final_norm(self) -> nn.Module:
+        return self.model.gpt_neox.final_layer_norm
+
     def block(self, index: int, layer: nn.Module | None = None) -> GPTNeoXBlock:
         return GPTNeoXBlock(self.layers()[index] if layer is None else layer, index)
 

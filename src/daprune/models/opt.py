@@ -52,6 +52,12 @@ class OPTAdapter(ModelAdapter):
     def layers(self) -> nn.ModuleList:
         return self.model.model.decoder.layers
 
+    def final_norm(self) -> nn.Module | None:
+        """OPT-350m has none (post-norm blocks) but projects to the embedding width before the LM head."""
+        dec = self.model.model.decoder
+        steps = [m for m in (dec.final_layer_norm, dec.project_out) if m is not None]
+        return nn.Sequential(*steps) if steps else None
+
     def block(self, index: int, layer: nn.Module | None = None) -> OPTBlock:
         return OPTBlock(self.layers()[index] if layer is None else layer, index)
 

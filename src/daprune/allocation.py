@@ -1,0 +1,179 @@
+"""``--schedule sensitivity``: each block's share of the budget from its measured effect on the model's output.
+
+A fixed rule (the paper's 4:-2 with the same share everywhere, FLAP's per-layer z-scores) cannot know that one
+block feeds an attention sink the whole model leans on while its neighbour is nearly redundant; the
+difference between allocations is larger than between criteria (issue "Quality": x1.9 on SmolLM2). So the
+budget is spent where it costs least, by measurement:
+
+1. One pass over the dense model on a few calibration rows. At every candidate block, the block is pruned
+   alone at a few sizes (multiples of the average share), exactly as the pipeline would prune it there
+   (head/FFN split, heads, channels), and the model is run on from the pruned block through the remaining
+   *dense* blocks to the LM head. Its cost at that size is the mean per-token KL divergence of the output
+   distribution from the dense model's, KL(p_dense || p_pruned): the quantity the pruned model should keep
+   small, measured rather than estimated, so a block whose damage is amplified downstream shows it.
+   Every perturbed stream advances block by block with the dense one, so each block is loaded once
+   (streaming works) and the cost is a few block forwards per (block, size) pair.
+2. Costs are taken as additive over blocks. Each block's measured (parameters removed, KL) points, with
+   (0, 0), are reduced to their lower convex hull; the budget goes to hull segments in ascending order of
+   KL per parameter until it is met, the last one in part. A block's share is thus a parameter count
+   between measured sizes (the pipeline's own rounding to whole heads and channels follows), possibly zero:
+   such a block stays dense.
+
+The pipeline then prunes block by block with these shares on the stream earlier pruned blocks produce,
+choosing each block's heads and channels as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from daprune.criteria.similarity import JSAccumulator, select_head_plan
+from daprune.errors import ConfigError
+from daprune.schedule import max_removable
+from daprune.stats import BlockStats
+
+if TYPE_CHECKING:
+    from daprune.models.adapter import ModelAdapter
+    from daprune.pipeline import BlockPruner
+
+# candidate sizes per block, as multiples of the average share (capped at what the block can lose)
+SIZE_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0)
+KL_POSITIONS_STRIDE = 4  # the LM head (up to 262k outputs) runs on every 4th position only
+
+
+@dataclass
+class Curve:
+    """One block's measured cost: parameters removed by the plan at each size, and the resulting KL."""
+
+    block: int
+    params: list[int]
+    kl: list[float]
+
+
+def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Lower convex hull of (x, y) points sorted by x, starting at the smallest x (monotone chain)."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted(points):
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        if hull and p[0] == hull[-1][0]:
+            continue  # same size measured twice (capped multiples): keep the first (lower after sorting)
+        hull.append(p)
+    return hull
+
+
+def allocate(curves: list[Curve], budget: float) -> dict[int, float]:
+    """Parameters each block loses: ``budget`` in all, spent on hull segments by ascending KL per parameter.
+
+    Raises ConfigError when even the largest measured sizes cannot hold the budget.
+    """
+    segments = []  # (slope, block, order within block, params of the segment)
+    for c in curves:
+        hull = lower_hull([(0.0, 0.0)] + [(float(p), float(k)) for p, k in zip(c.params, c.kl, strict=True)])
+        for n, ((x1, y1), (x2, y2)) in enumerate(itertools.pairwise(hull)):
+            segments.append(((y2 - y1) / (x2 - x1), c.block, n, x2 - x1))
+    most = sum(s[3] for s in segments)
+    if most < budget:
+        raise ConfigError(f"the sensitivity schedule measured sizes that free at most {most:,.0f} parameters, fewer "
+                          f"than the budget {budget:,.0f}; widen --layers or lower --sparsity")
+    targets = {c.block: 0.0 for c in curves}
+    left = budget
+    for _, block, _, size in sorted(segments):
+        if left <= 0:
+            break
+        take = min(size, left)
+        targets[block] += take
+        left -= take
+    return targets
+
+
+@torch.no_grad()
+def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
+                        blocks: range, budget: float, nsamples: int, *, head_logits=None
+                        ) -> tuple[dict[int, float], dict]:
+    """Per-block parameter targets (summing to ``budget``) and the report entry with every measured curve.
+
+    ``adapter`` may be a streaming view (blocks loaded on access); ``x`` holds the embedded scoring rows (their
+    statistics choose what each trial removes); the KL is measured on the first ``nsamples`` of them.
+    ``head_logits`` maps a last-layer hidden state to logits (default ``adapter.logits``). Nothing is modified.
+    """
+    from daprune.pipeline import BlockRecord, _forward
+
+    t0 = time.perf_counter()
+    cfg = pruner.cfg
+    bs = cfg.batch_size
+    logits_of = head_logits or adapter.logits
+    sizes = {i: sum(p.numel() for p in adapter.block(i).layer.parameters()) for i in blocks}
+    share = budget / sum(sizes.values())  # the average fraction of a candidate block's parameters
+    ns = max(1, min(nsamples, x.shape[0]))
+    dense = x  # dense stream, every scoring row (statistics)
+    trials: list[tuple[int, int, torch.Tensor]] = []  # (block, params removed, stream of the first ns rows)
+    saved = dict(pruner.targets)
+    try:
+        for j in range(adapter.n_layers):
+            block, ctx = adapter.block(j), contexts[j]
+            trials = [(i, p, _forward(block, h, ctx, bs)) for i, p, h in trials]  # dense block j downstream
+            if j in blocks:
+                stats, head_imp, redundant = _block_statistics(pruner, block, dense, ctx)
+                cap = max_removable(block, cfg.channel_multiple, cfg.kv_groups)
+                seen: set[int] = set()
+                for m in SIZE_MULTIPLES:
+                    pruner.targets[j] = min(m * share * sizes[j], cap)
+                    plans = pruner.candidates(block)
+                    if not plans:
+                        continue
+                    rec = BlockRecord(j, True)
+                    plan = pruner.choose_plan(block, stats, head_imp, redundant, rec, None, candidates=plans)
+                    if plan.params in seen or plan.params == 0:
+                        continue
+                    seen.add(plan.params)
+                    heads = select_head_plan(block.head_groups(), plan.heads_per_group, plan.kv_groups, head_imp,
+                                             redundant) if plan.heads_per_group or plan.kv_groups else []
+                    removed = pruner.ffn_ranking(block, stats, plan.channels)[: plan.channels].tolist()
+                    trial = pruner.trial_block(block, heads, removed, stats)
+                    trials.append((j, plan.params, _forward(trial, dense[:ns], ctx, bs)))
+            dense = _forward(block, dense, ctx, bs)
+    finally:
+        pruner.targets = saved
+    ref = _log_probs(logits_of, dense[:ns], bs)
+    curves = {i: Curve(i, [], []) for i in blocks}
+    for i, p, h in trials:
+        lp = _log_probs(logits_of, h, bs)
+        curves[i].params.append(p)
+        curves[i].kl.append(float((ref.exp() * (ref - lp)).sum(-1).mean()))
+    targets = allocate(list(curves.values()), budget)
+    entry = {"mode": "sensitivity", "measure": "mean per-token KL(dense || this block alone pruned), every "
+             f"{KL_POSITIONS_STRIDE}th position", "nsamples": ns, "size_multiples": list(SIZE_MULTIPLES),
+             "average_share": share, "budget": budget,
+             "curves": {str(i): {"params": c.params, "kl": c.kl} for i, c in curves.items()},
+             "targets": {str(i): t for i, t in targets.items()},
+             "fractions": {str(i): targets[i] / sizes[i] for i in blocks},
+             "seconds": time.perf_counter() - t0}
+    return targets, entry
+
+
+def _block_statistics(pruner: BlockPruner, block, x: torch.Tensor, ctx: dict):
+    """What the pipeline reads to choose a block's split, heads and channels, from the dense stream ``x``."""
+    from daprune.pipeline import BlockRecord
+
+    js = JSAccumulator(block.n_heads) if pruner.use_similarity and block.n_heads > 1 else None
+    m = pruner.collect(block, block, x, x, ctx, pruner.split_roles(block, False), js)
+    stats = BlockStats(attn_in=m.get("attn_in"), o_in=m["o_in"], ffn_in=m.get("ffn_in"), down_in=m.get("down_in"))
+    head_imp, redundant = pruner.head_importance(block, stats, js, BlockRecord(block.index, True))
+    return stats, head_imp, redundant
+
+
+def _log_probs(logits_of, h: torch.Tensor, bs: int) -> torch.Tensor:
+    """Log-probabilities (fp32) at every KL_POSITIONS_STRIDE-th position of the hidden states ``h``."""
+    h = h[:, ::KL_POSITIONS_STRIDE]
+    return torch.cat([torch.log_softmax(logits_of(h[s : s + bs]).float(), -1) for s in range(0, h.shape[0], bs)])
+

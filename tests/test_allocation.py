@@ -1,0 +1,199 @@
+"""``--schedule sensitivity``: measured per-block costs, the allocation that minimises their sum, end to end.
+
+Expected values are computed independently: logits by the model's own forward, each trial's KL by running the
+whole model with the trial block swapped in, the allocation by brute force over every split of the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import CharTokenizer
+from test_families import FAMILIES as LLAMA_LIKE
+from test_families import tiny as tiny_llama_like
+from test_families_extra import FAMILIES as OTHERS
+from test_families_extra import tiny as tiny_other
+
+import daprune
+from daprune.allocation import KL_POSITIONS_STRIDE, Curve, allocate, lower_hull, sensitivity_targets
+from daprune.config import PruneConfig
+from daprune.criteria.base import get_criterion
+from daprune.errors import ConfigError
+from daprune.models.adapter import get_adapter
+from daprune.pipeline import BlockPruner
+from daprune.stores import ResidentStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEQ = 24
+
+
+def _ids(n: int, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(3, vocab, (n, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+# -- the adapter's logits are the model's own -------------------------------------------------------------------
+@pytest.mark.parametrize("family", LLAMA_LIKE + OTHERS)
+@torch.no_grad()
+def test_logits_from_the_last_hidden_state_equal_the_models(family):
+    model = tiny_llama_like(family) if family in LLAMA_LIKE else tiny_other(family)
+    adapter = get_adapter(model)
+    got = {}
+
+    def grab(_m, _a, out):
+        got["h"] = out[0] if isinstance(out, tuple) else out
+
+    handle = adapter.layers()[-1].register_forward_hook(grab)
+    try:
+        want = model(input_ids=_ids(2), use_cache=False).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(adapter.logits(got["h"]), want, rtol=1e-5, atol=1e-5)
+
+
+# -- the allocation -----------------------------------------------------------------------------------------------
+def test_lower_hull_drops_points_above_the_chord():
+    pts = [(0, 0), (1, 5), (2, 2), (3, 4), (4, 10), (5, 16)]  # (5, 16) lies on the last chord's extension
+    assert lower_hull(pts) == [(0, 0), (2, 2), (3, 4), (5, 16)]
+
+
+def _interp(hull, x):
+    for (x1, y1), (x2, y2) in itertools.pairwise(hull):
+        if x1 <= x <= x2:
+            return y1 + (y2 - y1) * (x - x1) / (x2 - x1)
+    raise AssertionError(x)
+
+
+def test_allocation_is_the_least_total_cost_split_of_the_budget():
+    """Brute force over every integer split of the budget (costs between measured sizes interpolated on each
+    block's lower hull, the allocation's own model of a block): none costs less than the allocation."""
+    curves = [Curve(0, [2, 4, 6], [1.0, 5.0, 12.0]),  # convex
+              Curve(1, [2, 4, 6], [3.0, 3.5, 9.0]),  # a cheap second step: its hull skips the first point
+              Curve(2, [3, 6], [0.3, 8.0])]
+    hulls = {c.block: lower_hull([(0.0, 0.0)] + list(zip(map(float, c.params), c.kl, strict=True))) for c in curves}
+    for budget in range(1, 18):
+        got = allocate(curves, budget)
+        assert math.isclose(sum(got.values()), budget)
+        cost = sum(_interp(hulls[b], t) for b, t in got.items())
+        best = min(sum(_interp(hulls[b], t) for b, t in zip((0, 1, 2), split, strict=True))
+                   for split in itertools.product(range(7), range(7), range(7)) if sum(split) == budget)
+        assert cost <= best + 1e-9, budget
+
+
+def test_allocation_refuses_a_budget_beyond_the_measured_sizes():
+    with pytest.raises(ConfigError, match="sensitivity"):
+        allocate([Curve(0, [2, 4], [1.0, 2.0])], 5)
+
+
+# -- the measurement ------------------------------------------------------------------------------------------------
+def _pruner(cfg: PruneConfig, target: float, nsamples: int) -> BlockPruner:
+    pruner = BlockPruner(cfg, get_criterion(cfg.ffn_criterion), get_criterion("second-moment"), target)
+    pruner.n_score = pruner.n_fit = nsamples
+    pruner.ntokens = nsamples * SEQ
+    return pruner
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt2"])
+@torch.no_grad()
+def test_each_measured_kl_is_the_whole_models_with_that_trial_block(family, monkeypatch):
+    """Every (block, size) point: KL(dense || model with that trial block swapped in), both from full forwards."""
+    model = tiny_llama_like(family) if family in LLAMA_LIKE else tiny_other(family)
+    adapter = get_adapter(model)
+    for i in range(adapter.n_layers):
+        adapter.block(i).to_canonical()
+    cfg = PruneConfig(sparsity=0.2, channel_multiple=1, batch_size=4)
+    n, ns = 8, 3
+    ids = _ids(n)
+    store = ResidentStore(adapter)
+    blocks = range(1, adapter.n_layers)
+    pruner = _pruner(cfg, 0.0, n)
+    made = []
+    real_trial = BlockPruner.trial_block
+
+    def keep(self, block, heads, removed, stats):
+        trial = real_trial(self, block, heads, removed, stats)
+        made.append((block.index, trial))
+        return trial
+
+    monkeypatch.setattr(BlockPruner, "trial_block", keep)
+    budget = 0.15 * sum(p.numel() for i in blocks for p in adapter.block(i).layer.parameters())
+    targets, entry = sensitivity_targets(adapter, pruner, store.embed(ids, 4), store.layer_inputs(SEQ), blocks,
+                                         budget, ns)
+    for i in range(adapter.n_layers):
+        adapter.block(i).to_native()
+    dense = torch.log_softmax(model(input_ids=ids[:ns], use_cache=False).logits[:, ::KL_POSITIONS_STRIDE], -1)
+    seen = {i: 0 for i in blocks}
+    assert len(made) == sum(len(c["kl"]) for c in entry["curves"].values()) > len(blocks)
+    for i, trial in made:
+        trial.to_native()
+        swapped = copy.deepcopy(model)
+        get_adapter(swapped).layers()[i] = trial.layer
+        lp = torch.log_softmax(swapped(input_ids=ids[:ns], use_cache=False).logits[:, ::KL_POSITIONS_STRIDE], -1)
+        want = torch.nn.functional.kl_div(lp, dense, log_target=True, reduction="none").sum(-1).mean()
+        got = entry["curves"][str(i)]["kl"][seen[i]]
+        assert math.isclose(got, float(want), rel_tol=1e-3, abs_tol=1e-7), (i, got, float(want))
+        seen[i] += 1
+    assert math.isclose(sum(targets.values()), budget)
+
+
+# -- end to end -----------------------------------------------------------------------------------------------------
+def _prune(model, **kw):
+    settings = dict(sparsity=0.25, calibration="random", nsamples=8, seqlen=SEQ, batch_size=4, progress=False,
+                    channel_multiple=1, schedule="sensitivity")
+    settings.update(kw)
+    return daprune.prune(model=model, tokenizer=CharTokenizer(), **settings)
+
+
+def test_sensitivity_schedule_prunes_every_block_by_its_share():
+    model = tiny_llama_like("llama", layers=6)
+    dense_state = copy.deepcopy(model.state_dict())
+    rep = _prune(model).report
+    alloc = rep["allocation"]
+    assert sorted(alloc["curves"], key=int) == [str(i) for i in range(6)]  # every block is a candidate
+    budget = 0.25 * rep["params"]["before"]
+    assert math.isclose(sum(alloc["targets"].values()), budget)
+    removed = 0
+    for row in rep["layers"]:
+        t = alloc["targets"][str(row["index"])]
+        if t == 0:  # a block given no share stays exactly as it was
+            assert not row["pruned"]
+            prefix = f"model.layers.{row['index']}."
+            assert all(torch.equal(v, dense_state[k]) for k, v in model.state_dict().items() if k.startswith(prefix))
+        else:
+            assert row["pruned"] and row["plan"]["params"] >= t
+            removed += row["plan"]["params"]
+    assert removed == rep["params"]["removed"] >= budget
+    assert len({round(t) for t in alloc["targets"].values()}) > 1  # shares differ: not the uniform rule
+
+
+def test_sensitivity_changes_what_is_removed():
+    uniform = _prune(tiny_llama_like("llama", layers=6), schedule="uniform", layers="0:").report
+    sens = _prune(tiny_llama_like("llama", layers=6)).report
+    assert [r["kept_channels"] for r in uniform["layers"]] != [r["kept_channels"] for r in sens["layers"]]
+
+
+def test_streaming_with_a_tied_head_equals_in_memory(tmp_path):
+    """The KL reads the LM head; in streaming mode a tied head must see the real embedding, not the skeleton's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    streamed = _prune(str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True).report
+    in_memory = _prune(AutoModelForCausalLM.from_pretrained(tmp_path / "src")).report
+    assert streamed["allocation"]["curves"] == in_memory["allocation"]["curves"]
+    assert [r["kept_channels"] for r in streamed["layers"]] == [r["kept_channels"] for r in in_memory["layers"]]
+
+
+def test_settings_the_schedule_cannot_honour_are_refused():
+    with pytest.raises(ConfigError, match="sensitivity-nsamples"):
+        PruneConfig(sensitivity_nsamples=4).validate()
+    with pytest.raises(ConfigError, match="layout uniform"):
+        PruneConfig(schedule="sensitivity", layout="uniform").validate()
+    assert PruneConfig(schedule="sensitivity").block_range(10) == range(10)
+    assert PruneConfig().block_range(10) == range(4, 8)
