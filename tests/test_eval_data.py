@@ -220,3 +220,22 @@ def test_lambada_heldout_is_disjoint_from_calibration():
         tok = RecordingTokenizer()
         after, _ = calibration_tokens("lambada", None, tok, nsamples, 128, 0)
         assert torch.equal(before, after)
+
+
+def test_calibration_mixture_interleaves_its_sources(tmp_path):
+    """``A+B``: even rows are A's own rows (its seed), odd rows B's (seed + 7919), recorded per part; a source
+    named twice is refused before any work."""
+    from conftest import CharTokenizer
+
+    from daprune.data.calibration import calibration_tokens, random_tokens
+    from daprune.errors import CalibrationError
+
+    model, tok = tiny_model(), CharTokenizer()
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    ids, info = calibration_tokens(f"random+{path}", model, tok, 5, 16, 3)
+    assert torch.equal(ids[0::2], random_tokens(model.config.vocab_size, 3, 16, 3))
+    assert torch.equal(ids[1::2], calibration_tokens(str(path), model, tok, 2, 16, 3 + 7919)[0])
+    assert info["kind"] == "mixture" and [p["source"] for p in info["parts"]] == ["random", str(path)]
+    with pytest.raises(CalibrationError, match="once"):
+        calibration_tokens("random+random", model, tok, 4, 16, 0)

@@ -275,17 +275,19 @@ class _Run:
 
     # -- running -------------------------------------------------------------------------------------------
     def calibration(self) -> torch.Tensor:
-        from daprune.data.calibration import calibration_tokens
+        from daprune.data.calibration import calibration_parts, calibration_tokens
 
         cfg = self.cfg
         check_tokenizer(self.tokenizer, cfg.calibration)
-        cached = self.work.cached_ids() if self.work is not None and cfg.calibration == "self" else None
+        generated = "self" in calibration_parts(cfg.calibration)
+        cached = self.work.cached_ids() if self.work is not None and generated else None
         if cached is not None:
             self.calib_info = {"source": cfg.calibration, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
-                               "seed": cfg.seed, "kind": "self-generated", "reused_from_work_folder": True}
+                               "seed": cfg.seed, "kind": "self-generated" if cfg.calibration == "self" else "mixture",
+                               "reused_from_work_folder": True}
             return cached
         gen_model = self.model
-        if self.store.streaming and cfg.calibration == "self":
+        if self.store.streaming and generated:
             gen_model = self._full_model()  # generation is autoregressive: it needs every block at once
         tok = self.tokenizer if self.tokenizer is not None else _SpecialIds(self.model)
         seed_everything(cfg.seed)
@@ -392,7 +394,9 @@ def check_tokenizer(tokenizer, calibration: str) -> None:
     random token, without a pad token the EOS id pads, and without either no padding is needed (all
     samples have the same length). Text calibration is impossible without a tokenizer.
     """
-    if calibration in ("random", "self") or tokenizer is not None:
+    from daprune.data.calibration import calibration_parts
+
+    if tokenizer is not None or all(p in ("random", "self") for p in calibration_parts(calibration)):
         return
     raise TokenizerError(f"calibration source {calibration!r} needs a tokenizer, but the model folder has none; "
                          "add the tokenizer files or use --calibration random (or self)")

@@ -166,10 +166,39 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, *, t
     return torch.cat(out)
 
 
+def calibration_parts(source: str) -> list[str]:
+    """The sources of a mixture ``A+B`` (e.g. ``lambada+self``), or ``[source]``; an existing file is one source
+    even when its name holds a "+"."""
+    if "+" not in source or Path(source).expanduser().is_file():
+        return [source]
+    parts = source.split("+")
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise CalibrationError(f"calibration mixture {source!r}: name each source once, joined by '+' "
+                               f"(e.g. lambada+self); sources: {SOURCES_HELP}")
+    return parts
+
+
 def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int, seed: int,
                        data_dir: str | None = None, self_gen: dict | None = None,
                        progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """Tokens [nsamples, seqlen] and a record of how they were made."""
+    """Tokens [nsamples, seqlen] and a record of how they were made.
+
+    A mixture ``A+B`` draws its rows from each source in turn (row r from source r mod k, each source with its own
+    seed), so the scoring rows, any extra re-fit rows and held-out rows all hold the same mix: one text's habits
+    (book prose, the model's own chat style) weigh less in scores and least-squares re-fits.
+    """
+    parts = calibration_parts(source)
+    if len(parts) > 1:
+        k = len(parts)
+        got = [calibration_tokens(p, model, tokenizer, len(range(j, nsamples, k)), seqlen, seed + 7919 * j, data_dir,
+                                  self_gen, progress) for j, p in enumerate(parts)]
+        ids = torch.empty(nsamples, seqlen, dtype=torch.long)
+        for j, (part_ids, _) in enumerate(got):
+            ids[j::k] = part_ids
+        bos = {i["bos_per_window"] for _, i in got}
+        return ids, {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "kind": "mixture",
+                     "rows": "row r from part r mod k", "parts": [i for _, i in got],
+                     "bos_per_window": bos.pop() if len(bos) == 1 else "per part"}
     info: dict = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     if source == "random":
         ids = random_tokens(model.config.vocab_size, nsamples, seqlen, seed)

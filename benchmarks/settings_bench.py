@@ -1,4 +1,5 @@
-"""Quality cost of the output layout (--layout per-layer | uniform) and of --channel-multiple, on real models.
+"""Quality cost of one setting at a time, on real models: the output layout and --channel-multiple
+(suite ``layout``, docs/layout.md) and the quality levers of issue "Quality" (suite ``quality``, docs/quality.md).
 
 Each row is one plain ``daprune prune`` (20% removed; SmolLM2 of all parameters, Gemma-3-270M of the block
 parameters) with one setting changed, evaluated by the same run (``--eval``: held-out LAMBADA passages,
@@ -6,11 +7,13 @@ WikiText-2 and PTB, evenly spaced 128-token windows). Rows run one at a time in 
 is rewritten after each row and rows already in it are skipped, so a stopped run continues.
 
     export DAPRUNE_DATA_DIR=/work/shared/data
-    python benchmarks/layout_bench.py smollm2                    # docs/layout_smollm2.json
-    python benchmarks/layout_bench.py gemma3 --model gemma3-270m.gguf
-    python benchmarks/layout_bench.py smollm2 --table-only       # print the table of a finished run
+    python benchmarks/settings_bench.py smollm2                  # layout suite: docs/layout_smollm2.json
+    python benchmarks/settings_bench.py gemma3 --model gemma3-270m.gguf
+    python benchmarks/settings_bench.py smollm2 --suite quality  # docs/quality_smollm2.json
+    python benchmarks/settings_bench.py smollm2 --table-only     # print the table of a finished run
 
-The dense row is ``daprune eval`` on the same windows.
+The dense row is ``daprune eval`` on the same windows. Tune on the held-out LAMBADA column only: WikiText-2
+and PTB are test data.
 """
 
 from __future__ import annotations
@@ -25,14 +28,30 @@ import time
 from pathlib import Path
 
 CORPORA = "lambada-heldout,wikitext2,ptb"
-ROWS = {  # name: extra prune arguments (per-layer: the default layout; mN: --channel-multiple N)
-    "per-layer": ["--channel-multiple", "1"],
-    "uniform": ["--layout", "uniform", "--channel-multiple", "1"],
-    "per-layer m8": ["--channel-multiple", "8"],
-    "per-layer m16": ["--channel-multiple", "16"],
-    "per-layer m32": ["--channel-multiple", "32"],
-    "per-layer m64": ["--channel-multiple", "64"],
-    "uniform m64": ["--layout", "uniform", "--channel-multiple", "64"],
+M1 = ["--channel-multiple", "1"]  # quality rows: comparable with docs/compare.md
+HELDOUT_REC = ["--recovery", "heldout", "--heldout-nsamples", "16"]
+SUITES = {
+    "layout": {  # name: extra prune arguments (per-layer: the default layout; mN: --channel-multiple N)
+        "per-layer": M1,
+        "uniform": ["--layout", "uniform", *M1],
+        "per-layer m8": ["--channel-multiple", "8"],
+        "per-layer m16": ["--channel-multiple", "16"],
+        "per-layer m32": ["--channel-multiple", "32"],
+        "per-layer m64": ["--channel-multiple", "64"],
+        "uniform m64": ["--layout", "uniform", "--channel-multiple", "64"],
+    },
+    "quality": {
+        "paper 4:-2": M1,
+        "sensitivity": ["--schedule", "sensitivity", *M1],
+        "adaptive (FLAP)": ["--schedule", "adaptive", *M1],
+        "heldout recovery": [*HELDOUT_REC, *M1],
+        "heldout recovery, 128 re-fit samples": [*HELDOUT_REC, "--recovery-nsamples", "128", *M1],
+        "128 samples": ["--nsamples", "128", *M1],
+        "128 samples + heldout recovery": ["--nsamples", "128", *HELDOUT_REC, *M1],
+        "sensitivity + heldout recovery": ["--schedule", "sensitivity", *HELDOUT_REC, *M1],
+        "lambada+self": ["--calibration", "lambada+self", *M1],
+        "lambada+self + heldout recovery": ["--calibration", "lambada+self", *HELDOUT_REC, *M1],
+    },
 }
 MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}
 
@@ -90,24 +109,26 @@ def main() -> int:
     ap.add_argument("which", choices=sorted(MODELS))
     ap.add_argument("--model", default=None, help="model path (gemma3: the assembled GGUF)")
     ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(ROWS))
-    ap.add_argument("--json", default=None, help="default docs/layout_<which>.json")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="layout")
+    ap.add_argument("--rows", default=None, help="comma-separated subset of the suite's rows")
+    ap.add_argument("--json", default=None, help="default docs/<suite>_<which>.json")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    path = Path(args.json or f"docs/layout_{args.which}.json")
+    rows = SUITES[args.suite]
+    path = Path(args.json or f"docs/{args.suite}_{args.which}.json")
     data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
     data.update({"model": args.model or "embedded SmolLM2-135M-Instruct", "windows": args.windows,
                  "basis": "blocks" if args.which == "gemma3" else "total", "sparsity": 0.2,
                  "threads": os.environ.get("OMP_NUM_THREADS", "default")})
     if not args.table_only:
         model_args = (["--model", args.model] if args.model else []) + MODELS[args.which]
-        todo = ["dense"] + [r for r in ROWS if args.rows is None or r in args.rows.split(",")]
+        todo = ["dense"] + [r for r in rows if args.rows is None or r in args.rows.split(",")]
         for name in todo:
             if name in data["rows"]:
                 continue
             print(f"[{name}] ...", file=sys.stderr, flush=True)
             data["rows"][name] = run_dense(model_args, args.windows) if name == "dense" else \
-                run_row(model_args, ROWS[name], args.windows)
+                run_row(model_args, rows[name], args.windows)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             os.replace(tmp, path)
