@@ -216,6 +216,25 @@ def test_adaptive_schedule_resumes_with_its_saved_plans(src, tmp_path, monkeypat
     assert _hashes(out) == _hashes(ref)
 
 
+def test_sensitivity_schedule_resumes_with_its_saved_shares(src, tmp_path, monkeypatch):
+    """The measured per-block shares are kept in the checkpoint: a resumed run neither re-measures nor drifts."""
+    import daprune.allocation as allocation
+
+    args = ["--model", str(src), *[a for a in ARGS if a not in ("--layers", "1:-1")], "--schedule", "sensitivity"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["prune", "--out", str(ref), *args]) == 0
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(Crash):
+        main(["prune", "--out", str(out), *args])
+    monkeypatch.undo()
+    monkeypatch.setattr(allocation, "sensitivity_targets", lambda *a, **k: pytest.fail("shares were re-measured"))
+    assert main(["prune", "--out", str(out), *args]) == 0
+    assert _hashes(out) == _hashes(ref)
+    saved, first = (json.loads((f / "report.json").read_text())["allocation"] for f in (out, ref))
+    saved.pop("seconds"), first.pop("seconds")  # the interrupted run's measuring time, carried over
+    assert saved == first
+
+
 def test_kill9_during_output_assembly_leaves_nothing_behind(tmp_path):
     """A kill -9 inside output.atomic_dir orphans its temp folder (and, mid-overwrite, the old output); the next
     atomic_dir for that output removes the dead process's leftovers and nothing else."""
