@@ -34,6 +34,7 @@ def summary(report: dict) -> str:
         f"criteria       FFN {s['ffn_criterion']}, heads {s['head_criterion']} (split {s['head_split']}, "
         f"tau {s['tau']}), recovery {s['recovery']}",
         f"calibration    {report['calibration']['source']}: {s['nsamples']} x {s['seqlen']} tokens, seed {s['seed']}",
+        *([_allocation_line(report["allocation"])] if report.get("allocation") else []),
         f"time           {report['timings']['total_s']:.1f} s",
     ]
     table = layer_table(report["layers"])
@@ -44,6 +45,14 @@ def summary(report: dict) -> str:
         for k, v in report["eval"].get("ppl", {}).items():
             extra.append(f"perplexity     {k}: {v:.2f}")
     return "\n".join(head + extra) + "\n\n" + table
+
+
+def _allocation_line(alloc: dict) -> str:
+    """One line for ``--schedule sensitivity``: what the measurement cost and how unevenly it spread the budget."""
+    shares = alloc["fractions"]
+    dense = [i for i, f in shares.items() if f == 0]
+    return (f"allocation     sensitivity ({alloc['seconds']:.1f} s): block shares {min(shares.values()):.0%}.."
+            f"{max(shares.values()):.0%} of their parameters" + (f"; left dense: {', '.join(dense)}" if dense else ""))
 
 
 def layer_table(layers: list[dict]) -> str:
