@@ -24,7 +24,13 @@ import sys
 from pathlib import Path
 
 from daprune.cli import main
-from daprune.evaluation.compare import format_full_zeroshot, format_markdown, merge_full_zeroshot, merge_zeroshot
+from daprune.evaluation.compare import (
+    ROWS,
+    format_full_zeroshot,
+    format_markdown,
+    merge_full_zeroshot,
+    merge_zeroshot,
+)
 
 PPL_JSON = "runs/compare/smollm2_s20.json"
 ZS_JSON = "runs/compare/smollm2_s20_zeroshot.json"
@@ -36,9 +42,14 @@ ZEROSHOT = ["compare", "--sparsity", "0.2", "--rows", ZS_ROWS, "--ppl=", "--task
 # full seven-task runs (zeroshot_bench.py --dtype bf16 --batch-size 8, no --limit), by comparison row
 FULL_ZEROSHOT = {"dense": "docs/zeroshot_dense_full.json", "ours-c": "docs/zeroshot_pruned_full.json"}
 
-DOC = Path("docs/compare.md")
 TABLE = "<!-- table: written by benchmarks/compare_table.py --merge -->", "<!-- /table -->"
 FULL_TABLE = "<!-- full zero-shot: written by benchmarks/compare_table.py --merge -->", "<!-- /full zero-shot -->"
+# where each table's runs are: one JSON, or a folder of one JSON per row (rows run one at a time, e.g. Gemma-3:
+# `daprune compare --model gemma3-270m.gguf --sparsity-basis blocks --channel-multiple 1 --rows ROW
+# --json runs/compare/gemma3_s20/ROW.json`, zero-shot rows likewise into gemma3_s20_zs/)
+TABLES = {"smollm2": {"ppl": PPL_JSON, "zs": ZS_JSON, "doc": "docs/compare.md", "full": FULL_ZEROSHOT},
+          "gemma3": {"ppl": "runs/compare/gemma3_s20", "zs": "runs/compare/gemma3_s20_zs", "doc": "docs/gemma3.md",
+                     "full": {}}}
 
 
 def _replace_between(text: str, markers: tuple[str, str], body: str) -> str:
@@ -49,25 +60,43 @@ def _replace_between(text: str, markers: tuple[str, str], body: str) -> str:
     return head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
 
 
-def merge(out: str) -> int:
-    """One table from the runs: written as JSON to ``out`` and between the markers of docs/compare.md."""
-    zs = json.loads(Path(ZS_JSON).read_text()) if Path(ZS_JSON).is_file() else {"rows": []}
-    table = merge_zeroshot(json.loads(Path(PPL_JSON).read_text()), zs)
-    full = {key: json.loads(Path(f).read_text()) for key, f in FULL_ZEROSHOT.items() if Path(f).is_file()}
+def load_runs(path: str) -> dict:
+    """A compare JSON, or a folder of per-row compare JSONs combined into one (rows in the table's order; the
+    run settings of the first row's file, with every row's own command kept)."""
+    p = Path(path)
+    if not p.exists():
+        return {"rows": []}
+    if p.is_file():
+        return json.loads(p.read_text())
+    runs = [json.loads(f.read_text()) for f in sorted(p.glob("*.json"))]
+    if not runs:
+        return {"rows": []}
+    order = {r.key: i for i, r in enumerate(ROWS)}
+    rows = sorted((dict(r, command=run.get("command")) for run in runs for r in run["rows"]),
+                  key=lambda r: order.get(r["key"], len(order)))
+    return {**runs[0], "rows": rows, "command": "one daprune compare per row (each row's command is in the row)"}
+
+
+def merge(out: str, which: str = "smollm2") -> int:
+    """One table from the runs: written as JSON to ``out`` and between the markers of the table's doc page."""
+    spec = TABLES[which]
+    table = merge_zeroshot(load_runs(spec["ppl"]), load_runs(spec["zs"]))
+    full = {key: json.loads(Path(f).read_text()) for key, f in spec["full"].items() if Path(f).is_file()}
     table = merge_full_zeroshot(table, full)
     Path(out).write_text(json.dumps(table, indent=1) + "\n")
     markdown, full_markdown = format_markdown(table), format_full_zeroshot(table)
     print(markdown + "\n\n" + full_markdown)
-    if DOC.is_file():
-        text = _replace_between(DOC.read_text(), TABLE, markdown)
-        DOC.write_text(_replace_between(text, FULL_TABLE, full_markdown))
+    doc = Path(spec["doc"])
+    if doc.is_file():
+        text = _replace_between(doc.read_text(), TABLE, markdown)
+        doc.write_text(_replace_between(text, FULL_TABLE, full_markdown))
     return 0
 
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if argv[:1] == ["--merge"]:
-        sys.exit(merge(argv[1]))
+    if argv[:1] == ["--merge"]:  # --merge OUT.json [smollm2|gemma3]
+        sys.exit(merge(argv[1], *argv[2:3]))
     if argv[:1] == ["--zeroshot"]:
         sys.exit(main(ZEROSHOT + argv[1:]))
     sys.exit(main(PPL + argv))  # later options win: extra arguments override the defaults
