@@ -359,7 +359,7 @@ class BlockPruner:
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
         js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
         moe = is_moe(block)
-        m = self.collect(block, dense, xp, xd, ctx, self.split_roles(block, paper or post), js)
+        m = split_m = self.collect(block, dense, xp, xd, ctx, self.split_roles(block, paper or post), js)
         stats.o_in, stats.down_in = m["o_in"], m.get("down_in")
         stats.attn_in = stats.attn_in or m.get("attn_in")
         stats.ffn_in = m.get("ffn_in")
@@ -402,7 +402,10 @@ class BlockPruner:
         roles = {"down_in": paper or post}
         if "ffn_in" in needs and not paper:
             roles["ffn_in"] = False
-        m = self.collect(block, dense, xp, xd, ctx, roles)
+        if not removed_heads and not (paper or post) and "down_in" in split_m:
+            m = split_m  # nothing changed since step 2: its FFN statistics stand (one block forward saved)
+        else:
+            m = self.collect(block, dense, xp, xd, ctx, roles)
         stats.down_in = m["down_in"]
         stats.ffn_in = m.get("ffn_in", stats.ffn_in)
         down_fit = self.fit_moments(m, "down_in")
