@@ -148,7 +148,9 @@ def _prune(model, **kw):
     return daprune.prune(model=model, tokenizer=CharTokenizer(), **settings)
 
 
-def test_sensitivity_schedule_prunes_every_block_by_its_share():
+def test_sensitivity_schedule_prunes_every_block_by_its_share(tmp_path):
+    from daprune.report import plot_allocation, summary
+
     model = tiny_llama_like("llama", layers=6)
     dense_state = copy.deepcopy(model.state_dict())
     rep = _prune(model).report
@@ -168,6 +170,9 @@ def test_sensitivity_schedule_prunes_every_block_by_its_share():
             removed += row["plan"]["params"]
     assert removed == rep["params"]["removed"] >= budget
     assert len({round(t) for t in alloc["targets"].values()}) > 1  # shares differ: not the uniform rule
+    assert "allocation     sensitivity" in summary(rep)
+    pytest.importorskip("matplotlib")
+    assert plot_allocation(alloc, tmp_path / "allocation.png").stat().st_size > 1000
 
 
 def test_sensitivity_changes_what_is_removed():

@@ -155,7 +155,7 @@ def _eval_parser(sub) -> None:
 
 def cmd_prune(args) -> int:
     from daprune.api import prune
-    from daprune.report import plot_layers, summary
+    from daprune.report import plot_allocation, plot_layers, summary
 
     fields = {k: getattr(args, k) for k in PruneConfig.__dataclass_fields__ if hasattr(args, k)}
     cfg = PruneConfig(**fields)
@@ -166,7 +166,10 @@ def cmd_prune(args) -> int:
     # the folder is written inside prune() (streaming writes it block by block); evaluation results are
     # added to its report.json afterwards
     def plot(tmp: Path) -> None:  # report.json is already in the folder being assembled
-        plot_layers(json.loads((tmp / "report.json").read_text()), tmp / "layers.png")
+        report = json.loads((tmp / "report.json").read_text())
+        plot_layers(report, tmp / "layers.png")
+        if report.get("allocation"):
+            plot_allocation(report["allocation"], tmp / "allocation.png")
 
     result = prune(cfg, data_dir=args.data_dir, cache=args.cache_dir, progress=not args.quiet, out=args.out,
                    overwrite=args.overwrite, streaming=args.streaming, resume=args.resume, work_dir=args.work_dir,
@@ -179,7 +182,8 @@ def cmd_prune(args) -> int:
                                          max_windows=args.max_windows, progress=not args.quiet)
         rewrite_report(args.out, result.report)
     print(summary(result.report))
-    print(f"\nwrote {args.out} (report.json, layers.png)")
+    print(f"\nwrote {args.out} (report.json, layers.png" + (", allocation.png)" if result.report.get("allocation")
+                                                             else ")"))
     if args.gguf:  # from the written folder, exactly as `daprune export OUT --gguf FILE` would
         from daprune.export.cli import cmd_export
 

@@ -122,3 +122,37 @@ def plot_layers(report: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_allocation(allocation: dict, path: Path, title: str = "") -> Path | None:
+    """``--schedule sensitivity``: every block's measured KL curve (left) and the share it was given (right)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    curves, fractions = allocation["curves"], allocation["fractions"]
+    blocks = sorted(curves, key=int)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    cmap = plt.get_cmap("viridis")
+    for n, b in enumerate(blocks):
+        c = curves[b]
+        size = c["params"][0] / (allocation["size_multiples"][0] * allocation["average_share"])  # block parameters
+        ax1.plot([p / size for p in c["params"]], c["kl"], "o-", ms=3, color=cmap(n / max(len(blocks) - 1, 1)),
+                 label=f"block {b}" if n in (0, len(blocks) - 1) else None)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("fraction of the block's parameters removed (this block alone)")
+    ax1.set_ylabel("KL(dense || pruned), nats per token")
+    ax1.legend()
+    ax2.bar([int(b) for b in blocks], [fractions[b] for b in blocks], color="tab:blue")
+    ax2.axhline(allocation["average_share"], color="gray", ls="--", label="uniform share")
+    ax2.set_xlabel("block")
+    ax2.set_ylabel("share of its parameters removed")
+    ax2.legend()
+    fig.suptitle(title or "daprune --schedule sensitivity: measured cost and allocation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
