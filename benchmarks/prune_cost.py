@@ -55,7 +55,7 @@ def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int, repeats: in
 def run_row(name: str, settings: dict, model_source: str | None, channel_multiple: int) -> dict:
     cfg = PruneConfig(model=model_source, channel_multiple=channel_multiple, **settings)
     cfg.validate()
-    model, tok = load_model(cfg.model)
+    model, tok, _ = load_model(cfg.model)
     model.eval()
     # the scoring (and re-fit) tokens this row calibrates on, generated exactly as the prune will generate them
     n = max(cfg.nsamples, cfg.recovery_nsamples or 0)
