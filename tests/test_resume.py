@@ -205,15 +205,23 @@ def test_adaptive_schedule_resumes_with_its_saved_plans(src, tmp_path, monkeypat
 
     args = ["--model", str(src), *ARGS, "--schedule", "adaptive", "--ffn-criterion", "flap", "--head-criterion",
             "flap"]
+    _resume_without_recomputing(tmp_path, monkeypatch, args, adaptive, "adaptive_plans", "plans were recomputed")
+
+
+def _resume_without_recomputing(tmp_path, monkeypatch, args: list[str], module, name: str, why: str
+                                ) -> tuple[Path, Path]:
+    """Run ``args`` once whole (ref) and once crashed after block 2 then resumed (out) with ``module.name`` made to
+    fail: a global schedule's result must come from the checkpoint. Both outputs are byte-identical."""
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main(["prune", "--out", str(ref), *args]) == 0
     _crash_at(monkeypatch, 2)
     with pytest.raises(Crash):
         main(["prune", "--out", str(out), *args])
     monkeypatch.undo()
-    monkeypatch.setattr(adaptive, "adaptive_plans", lambda *a, **k: pytest.fail("plans were recomputed"))
+    monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(why))
     assert main(["prune", "--out", str(out), *args]) == 0
     assert _hashes(out) == _hashes(ref)
+    return ref, out
 
 
 def test_sensitivity_schedule_resumes_with_its_saved_shares(src, tmp_path, monkeypatch):
@@ -221,15 +229,8 @@ def test_sensitivity_schedule_resumes_with_its_saved_shares(src, tmp_path, monke
     import daprune.allocation as allocation
 
     args = ["--model", str(src), *[a for a in ARGS if a not in ("--layers", "1:-1")], "--schedule", "sensitivity"]
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert main(["prune", "--out", str(ref), *args]) == 0
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(Crash):
-        main(["prune", "--out", str(out), *args])
-    monkeypatch.undo()
-    monkeypatch.setattr(allocation, "sensitivity_targets", lambda *a, **k: pytest.fail("shares were re-measured"))
-    assert main(["prune", "--out", str(out), *args]) == 0
-    assert _hashes(out) == _hashes(ref)
+    ref, out = _resume_without_recomputing(tmp_path, monkeypatch, args, allocation, "sensitivity_targets",
+                                           "shares were re-measured")
     saved, first = (json.loads((f / "report.json").read_text())["allocation"] for f in (out, ref))
     saved.pop("seconds"), first.pop("seconds")  # the interrupted run's measuring time, carried over
     assert saved == first
