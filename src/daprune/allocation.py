@@ -32,10 +32,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daprune.criteria.similarity import JSAccumulator, select_head_plan
+from daprune.criteria.similarity import select_head_plan
 from daprune.errors import ConfigError
-from daprune.schedule import max_removable
-from daprune.stats import BlockStats
+from daprune.schedule import block_parameters, max_removable
 
 if TYPE_CHECKING:
     from daprune.models.adapter import ModelAdapter
@@ -112,7 +111,8 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     cfg = pruner.cfg
     bs = cfg.batch_size
     logits_of = head_logits or adapter.logits
-    sizes = {i: sum(p.numel() for p in adapter.block(i).layer.parameters()) for i in blocks}
+    # parameter counts from the model's own layers (``block(i, layer)`` never loads a streamed block's tensors)
+    sizes = {i: block_parameters([adapter.block(i, adapter.layers()[i])]) for i in blocks}
     share = budget / sum(sizes.values())  # the average fraction of a candidate block's parameters
     ns = max(1, min(nsamples, x.shape[0]))
     dense = x  # dense stream, every scoring row (statistics)
@@ -123,7 +123,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
             block, ctx = adapter.block(j), contexts[j]
             trials = [(i, p, _forward(block, h, ctx, bs)) for i, p, h in trials]  # dense block j downstream
             if j in blocks:
-                stats, head_imp, redundant = _block_statistics(pruner, block, dense, ctx)
+                stats, head_imp, redundant = pruner.dense_statistics(block, dense, ctx, BlockRecord(j, True))
                 cap = max_removable(block, cfg.channel_multiple, cfg.kv_groups)
                 seen: set[int] = set()
                 for m in SIZE_MULTIPLES:
@@ -159,17 +159,6 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
              "fractions": {str(i): targets[i] / sizes[i] for i in blocks},
              "seconds": time.perf_counter() - t0}
     return targets, entry
-
-
-def _block_statistics(pruner: BlockPruner, block, x: torch.Tensor, ctx: dict):
-    """What the pipeline reads to choose a block's split, heads and channels, from the dense stream ``x``."""
-    from daprune.pipeline import BlockRecord
-
-    js = JSAccumulator(block.n_heads) if pruner.use_similarity and block.n_heads > 1 else None
-    m = pruner.collect(block, block, x, x, ctx, pruner.split_roles(block, False), js)
-    stats = BlockStats(attn_in=m.get("attn_in"), o_in=m["o_in"], ffn_in=m.get("ffn_in"), down_in=m.get("down_in"))
-    head_imp, redundant = pruner.head_importance(block, stats, js, BlockRecord(block.index, True))
-    return stats, head_imp, redundant
 
 
 def _log_probs(logits_of, h: torch.Tensor, bs: int) -> torch.Tensor:

@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daprune.criteria.similarity import JSAccumulator
 from daprune.errors import ConfigError
 from daprune.schedule import BlockPlan, paper_plan
-from daprune.stats import BlockStats
 
 if TYPE_CHECKING:
     from daprune.models.adapter import ModelAdapter
@@ -64,11 +62,8 @@ def uniform_plan(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, co
         if _shape_key(block) != shape:
             raise ConfigError(f"--layout uniform: block {i} has other widths than block 0 ({block.shape()} vs "
                               f"{first.shape()}); a model whose blocks already differ cannot be made uniform")
-        js = JSAccumulator(block.n_heads) if pruner.use_similarity and block.n_heads > 1 else None
-        m = pruner.collect(block, block, x, x, ctx, pruner.split_roles(block, False), js)
-        stats = BlockStats(attn_in=m.get("attn_in"), o_in=m["o_in"], ffn_in=m.get("ffn_in"), down_in=m.get("down_in"))
         rec = BlockRecord(i, True)
-        head_imp, redundant = pruner.head_importance(block, stats, js, rec)
+        stats, head_imp, redundant = pruner.dense_statistics(block, x, ctx, rec)
         y = _forward(block, x, ctx, cfg.batch_size)
         pruner.choose_plan(block, stats, head_imp, redundant, rec, (x, y, ctx), candidates=plans)
         for key, row in rec.split_errors.items():

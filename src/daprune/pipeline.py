@@ -281,6 +281,16 @@ class BlockPruner:
                 rec.redundant_heads = redundant
         return head_imp, redundant
 
+    def dense_statistics(self, block: BlockAdapter, x: torch.Tensor, ctx: dict, rec: BlockRecord
+                         ) -> tuple[BlockStats, torch.Tensor | None, list[int]]:
+        """What choosing a block's split reads, from rows ``x`` with no re-fit (the global schedules' passes over
+        the dense blocks): the split roles' moments, head importance and redundant heads (also into ``rec``)."""
+        js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
+        m = self.collect(block, block, x, x, ctx, self.split_roles(block, False), js)
+        stats = BlockStats(attn_in=m.get("attn_in"), o_in=m["o_in"], ffn_in=m.get("ffn_in"), down_in=m.get("down_in"))
+        head_imp, redundant = self.head_importance(block, stats, js, rec)
+        return stats, head_imp, redundant
+
     def ffn_error(self, block: BlockAdapter, stats: BlockStats, most: int,
                   rows: tuple) -> Callable[[int], tuple[float, torch.Tensor]]:
         """``channels -> (estimated FFN output energy removed, the channels removed)`` for the split decision.
