@@ -36,9 +36,11 @@ PPL_JSON = "runs/compare/smollm2_s20.json"
 ZS_JSON = "runs/compare/smollm2_s20_zeroshot.json"
 SEVEN = "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
 ZS_ROWS = "dense,random,l1,l2,ours-sg,taylor-e1,taylor-vector,wanda-sp,flap,ours-c,ours-c-rec"
-PPL = ["compare", "--sparsity", "0.2", "--max-windows", "256", "--json", PPL_JSON, "--resume", "--quiet"]
-ZEROSHOT = ["compare", "--sparsity", "0.2", "--rows", ZS_ROWS, "--ppl=", "--tasks", SEVEN, "--limit", "100",
-            "--zeroshot-dtype", "bfloat16", "--json", ZS_JSON, "--resume", "--quiet"]
+# --channel-multiple 1: every row removes exactly the same count (the default rounds kept widths to 16)
+PPL = ["compare", "--sparsity", "0.2", "--channel-multiple", "1", "--max-windows", "256", "--json", PPL_JSON,
+       "--resume", "--quiet"]
+ZEROSHOT = ["compare", "--sparsity", "0.2", "--channel-multiple", "1", "--rows", ZS_ROWS, "--ppl=", "--tasks", SEVEN,
+            "--limit", "100", "--zeroshot-dtype", "bfloat16", "--json", ZS_JSON, "--resume", "--quiet"]
 # full seven-task runs (zeroshot_bench.py --dtype bf16 --batch-size 8, no --limit), by comparison row
 FULL_ZEROSHOT = {"dense": "docs/zeroshot_dense_full.json", "ours-c": "docs/zeroshot_pruned_full.json"}
 

@@ -37,8 +37,8 @@ BASE = PruneConfig(sparsity=0.2, layers="1:-1", calibration="random", nsamples=8
 
 def test_select_rows():
     keys = [r.key for r in compare.select_rows(None)]
-    assert keys == ["dense", "random", "l1", "l2", "ours-sg", "ours-sg-rec", "taylor-e1", "taylor-vector",
-                    "wanda-sp", "flap", "ours-c", "ours-c-rec"]
+    assert keys == ["dense", "random", "l1", "l2", "ours-sg", "ours-sg-rec", "ours-sg-hrec", "taylor-e1",
+                    "taylor-vector", "wanda-sp", "flap", "ours-c", "ours-c-rec", "ours-c-hrec"]
     assert [r.key for r in compare.select_rows("ours-c,dense")] == ["dense", "ours-c"]  # table order
     assert len(compare.select_rows("all")) == len(compare.ROWS)
     with pytest.raises(ConfigError, match="nope"):
@@ -343,3 +343,22 @@ def test_rows_recorded_before_a_setting_existed_are_reused_only_at_its_default()
     assert sorted(compare.reusable_rows(old, meta, rows, uniform)) == ["dense"]
     other_multiple = dataclasses.replace(BASE, channel_multiple=16)  # recorded in the old row: compared
     assert sorted(compare.reusable_rows(old, meta, rows, other_multiple)) == ["dense"]
+
+
+def test_running_some_rows_into_a_table_keeps_its_other_rows(tmp_path):
+    """``--rows X --json T --resume`` adds X to table T: the rows of T not selected stay, in table order."""
+    meta = {"model": None, "sparsity": 0.2, "max_windows": None, "ppl": "wikitext2", "tasks": "", "limit": None}
+    flap = {"key": "flap", "label": "FLAP", "group": "data-dependent", "params": 1, "sparsity": 0.2,
+            "prune_s": 1.0, "peak_rss_prune_mb": 1.0, "ppl": {"wikitext2": 3.0}}
+    dense = {**flap, "key": "dense", "label": "Dense", "group": "dense"}
+    old = {**meta, "rows": [dense, flap]}
+    rows = compare.select_rows("wanda-sp")
+    keep = compare.other_rows(old, meta, rows)
+    assert [r["key"] for r in keep] == ["dense", "flap"]
+    assert compare.other_rows({**old, "sparsity": 0.3}, meta, rows) == []  # another table: nothing to keep
+    path = tmp_path / "t.json"
+    table = compare.run_table(rows, BASE, _loader, _evaluator, json_path=str(path), keep=keep)
+    assert [r["key"] for r in table["rows"]] == ["dense", "wanda-sp", "flap"]
+    written = json.loads(path.read_text())["rows"]
+    assert [r["key"] for r in written] == ["dense", "wanda-sp", "flap"] and written[2] == flap
+    assert written[1]["ppl"]["wikitext2"] > 1.0

@@ -296,3 +296,34 @@ def test_estimate_ranks_some_splits_differently_from_the_real_error(one_thread):
         by_estimate, by_real = (min(c, key=lambda k, f=f: c[k][f]) for f in ("estimate", "measured"))
         differ += by_estimate != by_real
     assert differ >= 1
+
+
+def test_greedy_order_reused_only_for_the_same_statistics_and_weight(monkeypatch):
+    """The split decision's greedy order serves the prune of the same block (a prefix: every prefix of a greedy
+    order is the greedy order for that count), but new moments or a changed down_proj weight recompute it."""
+    from daprune import pipeline
+    from daprune.config import PruneConfig
+    from daprune.criteria.base import get_criterion
+    from daprune.selection import greedy_order
+    from daprune.stats import Moments
+
+    block, _, _ = _block_setup()
+    g = torch.Generator().manual_seed(3)
+    moments = Moments("down_in", full_cov=False)
+    moments.update(torch.randn(300, block.n_channels, generator=g))
+    calls = []
+    monkeypatch.setattr(pipeline, "greedy_order", lambda *a: calls.append(a[2]) or greedy_order(*a))
+    pruner = pipeline.BlockPruner(PruneConfig(selection="greedy"), get_criterion("second-moment"), None, 0.0)
+    w = block.ffn_out().weight.float()
+    most = pruner.greedy(block, moments, 40)
+    assert most == greedy_order(w, moments.second, 40)
+    assert pruner.greedy(block, moments, 25) == greedy_order(w, moments.second, 25) == most[:25]
+    assert calls == [40]  # the second answer came from the first
+    other = Moments("down_in", full_cov=False)
+    other.update(torch.randn(300, block.n_channels, generator=g))
+    assert pruner.greedy(block, other, 25) == greedy_order(w, other.second, 25) and calls == [40, 25]
+    with torch.no_grad():
+        block.ffn_out().weight.mul_(torch.rand(block.ffn_out().weight.shape, generator=g))
+    assert pruner.greedy(block, other, 20) == greedy_order(block.ffn_out().weight.float(), other.second, 20)
+    assert calls == [40, 25, 20]
+    assert pruner.greedy(block, other, 30) and calls == [40, 25, 20, 30]  # more than the memo holds

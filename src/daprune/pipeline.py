@@ -88,6 +88,8 @@ class BlockPruner:
         self.use_similarity = cfg.head_criterion == "similarity"
         # roles whose full centred covariance a criterion reads (a second Gram matmul: only where needed)
         self.cov_roles = ffn_crit.needs_cov | (head_crit.needs_cov if head_crit is not None else frozenset())
+        # the last greedy order: (its down_proj moments, the weight's storage and version, the order)
+        self._greedy_memo: tuple[Moments, tuple[int, int], list[int]] | None = None
 
     def selection(self, block: BlockAdapter, tokens: int | None = None) -> str:
         """The FFN selection rule for this block; "auto" picks OBS only with enough tokens.
@@ -345,9 +347,23 @@ class BlockPruner:
         if (rule or self.selection(block)) == "score" or count == 0:
             return by_score
         # greedy output approximation (also the estimate for obs, whose compensation comes later)
-        first = greedy_order(block.ffn_out().weight.float(), stats.down_in.second, count)
+        first = self.greedy(block, stats.down_in, count)
         taken = set(first)
         return torch.tensor(first + [int(c) for c in by_score if int(c) not in taken], dtype=torch.long)
+
+    def greedy(self, block: BlockAdapter, moments: Moments, count: int) -> list[int]:
+        """:func:`greedy_order` of ``count`` channels, reusing the previous call's order when it saw the same
+        moments and the same down_proj weight: every prefix of a greedy order is the greedy order for that
+        count, so the split decision's order (for the most channels any split removes) also serves the prune
+        of a block whose statistics did not change in between."""
+        w = block.ffn_out().weight
+        key = (w.data_ptr(), w._version)
+        memo = self._greedy_memo
+        if memo is not None and memo[0] is moments and memo[1] == key and len(memo[2]) >= count:
+            return memo[2][:count]
+        order = greedy_order(w.float(), moments.second, count)
+        self._greedy_memo = (moments, key, order)
+        return order
 
     # -- one block ----------------------------------------------------------------------------------
     @torch.no_grad()

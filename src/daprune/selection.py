@@ -19,8 +19,14 @@ import torch
 
 
 def greedy_order(d: torch.Tensor, second: torch.Tensor, count: int) -> list[int]:
-    """Removal order of ``count`` channels minimising the uncompensated output error."""
-    a = (d.double().T @ d.double()) * second.double()  # A_ij = (D_i . D_j) S_ij
+    """Removal order of ``count`` channels minimising the uncompensated output error.
+
+    The Gram D^T D is one fp32 matmul (in fp64 it was a sixth of a default prune's time): each entry is a dot
+    product of one column pair, good to about 1e-7 relative, while the greedy sums over chosen rows, where
+    cancellation can happen, run in fp64. A is symmetric, so row j (contiguous) stands for column j.
+    """
+    gram = d.float().T @ d.float()
+    a = gram.double() * second.double()  # A_ij = (D_i . D_j) S_ij
     diag = torch.diagonal(a).clone()
     acc = torch.zeros_like(diag)  # sum over chosen i of A_ij
     chosen = torch.zeros(a.shape[0], dtype=torch.bool)
@@ -31,7 +37,7 @@ def greedy_order(d: torch.Tensor, second: torch.Tensor, count: int) -> list[int]
         j = int(torch.argmin(gain))
         order.append(j)
         chosen[j] = True
-        acc += a[:, j]
+        acc += a[j]
     return order
 
 

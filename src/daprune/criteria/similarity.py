@@ -31,12 +31,21 @@ class JSAccumulator:
         self.rows = 0
 
     def update(self, probs: torch.Tensor) -> None:
-        """probs: [batch, heads, q, k] attention probabilities."""
+        """probs: [batch, heads, q, k] attention probabilities.
+
+        Per row, JS(P||Q) = (sum p log p + sum q log q) / 2 - sum m log m with M = (P + Q) / 2, so each head's
+        own sum p log p is taken once per batch and a pair costs one ``xlogy`` (not four as in
+        :func:`js_rows`; this was a tenth of a default prune's time). Row sums are fp32 over at most a
+        sequence length of terms, each pair's total is accumulated in fp64.
+        """
         probs = probs.float()
         h = probs.shape[1]
+        own = [torch.xlogy(probs[:, i], probs[:, i]).sum(-1) for i in range(h)]  # [batch, q] per head
         for i in range(h):
             for j in range(i + 1, h):
-                s = js_rows(probs[:, i], probs[:, j]).sum().double()
+                m = 0.5 * (probs[:, i] + probs[:, j])
+                rows = 0.5 * (own[i] + own[j]) - torch.xlogy(m, m).sum(-1)
+                s = rows.double().clamp_min(0.0).sum()
                 self.sum[i, j] += s
                 self.sum[j, i] += s
         self.rows += probs.shape[0] * probs.shape[2]

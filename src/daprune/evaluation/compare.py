@@ -79,7 +79,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("ours-sg-rec", "Ours SG w/ recovery (128 samples)", "data-free", {**OURS, **REMEDY}),
     RowSpec("ours-sg-rec16", "Ours SG w/ recovery, 16 samples", "data-free", {**OURS, "recovery": "paper"}, False),
     RowSpec("ours-sg-post", "Ours SG w/ post re-fit", "data-free", {**OURS, "recovery": "post"}, False),
-    RowSpec("ours-sg-hrec", "Ours SG w/ held-out-chosen recovery", "data-free", {**OURS, **HELDOUT_REMEDY}, False),
+    RowSpec("ours-sg-hrec", "Ours SG w/ held-out-chosen recovery", "data-free", {**OURS, **HELDOUT_REMEDY}),
     RowSpec("ours-sg-sens", "Ours SG, sensitivity schedule", "data-free", {**OURS, "schedule": "sensitivity"},
             False),
     RowSpec("taylor-e1", "LLM-Pruner E1 (Taylor)", "data-dependent", _baseline("taylor-e1", "taylor-e1")),
@@ -95,8 +95,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("ours-c-rec16", "Ours C w/ recovery, 16 samples", "data-dependent", {**OURS, "recovery": "paper"},
             False),
     RowSpec("ours-c-post", "Ours C w/ post re-fit", "data-dependent", {**OURS, "recovery": "post"}, False),
-    RowSpec("ours-c-hrec", "Ours C w/ held-out-chosen recovery", "data-dependent", {**OURS, **HELDOUT_REMEDY},
-            False),
+    RowSpec("ours-c-hrec", "Ours C w/ held-out-chosen recovery", "data-dependent", {**OURS, **HELDOUT_REMEDY}),
     RowSpec("ours-c-sens", "Ours C, sensitivity schedule", "data-dependent", {**OURS, "schedule": "sensitivity"},
             False),
 )
@@ -273,10 +272,12 @@ def run_table(rows: list[RowSpec], base: PruneConfig, loader: Loader, evaluator:
               zeroshot: Callable[[Any, Any], dict] | None = None, data_dir: str | None = None,
               progress: bool = False, json_path: str | None = None, meta: dict | None = None,
               done: dict[str, dict] | None = None, on_row: Callable[[dict], None] | None = None,
-              runner: Callable[[RowSpec], dict] | None = None) -> dict:
+              runner: Callable[[RowSpec], dict] | None = None, keep: list[dict] | None = None) -> dict:
     """Run every row (skipping those in ``done``), writing the JSON after each so a stopped run keeps its rows.
 
     ``runner`` replaces the in-process :func:`run_row` (the CLI passes one that uses a child process).
+    ``keep``: finished rows of the same table that this run does not select; they stay in the JSON and the
+    returned table, in table order.
     """
     t0 = time.perf_counter()
     out: dict[str, Any] = {**(meta or {}), "base_settings": base.to_dict(), "rows": []}
@@ -293,10 +294,16 @@ def run_table(rows: list[RowSpec], base: PruneConfig, loader: Loader, evaluator:
         out["wall_s"] = time.perf_counter() - t0 + (meta or {}).get("wall_s_before", 0.0)
         if json_path:  # reused rows not reached yet stay in the file, so stopping here loses none of them
             later = [done[r.key] for r in rows[len(out["rows"]):] if done and r.key in done]
-            _write_json(json_path, {**out, "rows": out["rows"] + later})
+            _write_json(json_path, {**out, "rows": _table_order(out["rows"] + later + list(keep or []))})
         if on_row is not None:
             on_row(rec)
+    out["rows"] = _table_order(out["rows"] + list(keep or []))
     return out
+
+
+def _table_order(rows: list[dict]) -> list[dict]:
+    order = {r.key: i for i, r in enumerate(ROWS)}
+    return sorted(rows, key=lambda r: order.get(r["key"], len(order)))
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -545,13 +552,27 @@ def reusable_rows(old: dict, meta: dict, rows: list[RowSpec], base: PruneConfig)
 
     Per-row comparison (not the base settings) so a changed default only re-runs the rows it affects.
     """
-    keys = ("model", "sparsity", "max_windows", "ppl", "tasks", "limit")
-    if any(old.get(k) != meta.get(k) for k in keys) or old.get("zeroshot_dtype", "float32") != meta.get(
-            "zeroshot_dtype", "float32"):
+    if not same_evaluation(old, meta):
         return {}
     wanted = {r.key: (None if r.key == "dense" else row_config(r, base).to_dict()) for r in rows}
     return {r["key"]: r for r in old.get("rows", [])
             if r["key"] in wanted and _same_settings(r.get("settings"), wanted[r["key"]])}
+
+
+def same_evaluation(old: dict, meta: dict) -> bool:
+    """Whether an earlier run's rows were measured the same way as this run's (model, budget, evaluation)."""
+    keys = ("model", "sparsity", "max_windows", "ppl", "tasks", "limit")
+    return all(old.get(k) == meta.get(k) for k in keys) and old.get("zeroshot_dtype", "float32") == meta.get(
+        "zeroshot_dtype", "float32")
+
+
+def other_rows(old: dict, meta: dict, rows: list[RowSpec]) -> list[dict]:
+    """Rows of an earlier run in the same file that this run does not select: a run of some rows
+    (``--rows ours-c-hrec``) into a table's JSON adds to it instead of dropping the rest."""
+    if not same_evaluation(old, meta):
+        return []
+    selected = {r.key for r in rows}
+    return [r for r in old.get("rows", []) if r["key"] not in selected]
 
 
 def _same_settings(old: dict | None, new: dict | None) -> bool:
@@ -613,13 +634,14 @@ def cmd_compare(args) -> int:
             "tasks": args.tasks, "limit": args.limit, "zeroshot_dtype": args.zeroshot_dtype, "threads": _threads(),
             "window_note": "evenly spaced subset of the non-overlapping 128-token windows"
             if args.max_windows else "all windows"}
-    done = None
+    done, keep = None, None
     if args.resume and args.json and Path(args.json).is_file():
         old = json.loads(Path(args.json).read_text())
-        done = reusable_rows(old, meta, rows, base)
+        done, keep = reusable_rows(old, meta, rows, base), other_rows(old, meta, rows)
         if done:
             meta["wall_s_before"] = old.get("wall_s", 0.0)
-        print(f"daprune compare: reusing rows {', '.join(done) or '(none)'} from {args.json}", file=sys.stderr)
+        print(f"daprune compare: reusing rows {', '.join(done) or '(none)'} from {args.json}"
+              + (f"; keeping its other rows {', '.join(r['key'] for r in keep)}" if keep else ""), file=sys.stderr)
 
     def loader():
         model, tok, _ = load_model(args.model, cache=args.cache_dir)
@@ -637,7 +659,7 @@ def cmd_compare(args) -> int:
     runner = (lambda row: run_isolated(row, args)) if args.isolate and len(rows) > 0 else None
     table = run_table(rows, base, loader, evaluator, zeroshot=zeroshot, data_dir=args.data_dir,
                       progress=not args.quiet, json_path=args.json, meta=meta, done=done,
-                      on_row=on_row, runner=runner)
+                      on_row=on_row, runner=runner, keep=keep)
     print()
     print(format_markdown(table))
     note = table["rows"][0].get("memory_method", "") if table["rows"] else ""
