@@ -236,6 +236,18 @@ def test_sensitivity_schedule_resumes_with_its_saved_shares(src, tmp_path, monke
     assert saved == first
 
 
+def test_owl_schedule_resumes_with_its_saved_shares(src, tmp_path, monkeypatch):
+    """The outlier-ratio shares are kept in the checkpoint too: a resumed run does not recompute them."""
+    import daprune.owl as owl
+
+    args = ["--model", str(src), *[a for a in ARGS if a not in ("--layers", "1:-1")], "--schedule", "owl",
+            "--layers", "0:", "--owl-threshold", "2"]
+    ref, out = _resume_without_recomputing(tmp_path, monkeypatch, args, owl, "owl_targets", "shares were recomputed")
+    saved, first = (json.loads((f / "report.json").read_text())["allocation"] for f in (out, ref))
+    saved.pop("seconds"), first.pop("seconds")
+    assert saved == first and saved["mode"] == "owl"
+
+
 def test_kill9_during_output_assembly_leaves_nothing_behind(tmp_path):
     """A kill -9 inside output.atomic_dir orphans its temp folder (and, mid-overwrite, the old output); the next
     atomic_dir for that output removes the dead process's leftovers and nothing else."""

@@ -66,9 +66,15 @@ def _prune_parser(sub) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="uniform: the same share per block (paper); adaptive: FLAP's global z-score ranking; "
                         "sensitivity: each block's share from its measured effect on the output distribution "
-                        "(KL of the model pruned at that block alone, at a few sizes)")
+                        "(KL of the model pruned at that block alone, at a few sizes); owl: shares from each "
+                        "block's fraction of outlier weights (OWL)")
     p.add_argument("--sensitivity-nsamples", type=int, default=d.sensitivity_nsamples,
                    help="--schedule sensitivity: calibration rows the KL is measured on (default 4)")
+    p.add_argument("--owl-lambda", type=float, default=d.owl_lambda,
+                   help="--schedule owl: block shares span the average +- this (default 0.08)")
+    p.add_argument("--owl-threshold", type=float, default=d.owl_threshold,
+                   help="--schedule owl: a weight is an outlier above this many times the block's mean Wanda "
+                        "score (OWL's M, default 5)")
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                    help="auto: with --ffn-criterion second-moment, obs with >= 4 calibration tokens per FFN channel, "
                         "else greedy; with any other criterion, score; "

@@ -34,7 +34,7 @@ HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp"
 RECOVERY_MODES = ("none", "paper", "post", "both", "heldout")
 RECOVERY_DAMP = 1e-4
 HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
-SCHEDULES = ("uniform", "adaptive", "sensitivity")
+SCHEDULES = ("uniform", "adaptive", "sensitivity", "owl")
 SELECTIONS = ("auto", "score", "greedy", "obs")
 SPARSITY_BASES = ("total", "blocks")
 LAYOUTS = ("per-layer", "uniform")
@@ -69,6 +69,10 @@ class PruneConfig:
     schedule: str = "uniform"
     # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
     sensitivity_nsamples: int | None = None
+    # --schedule owl: spread of the block shares around the average and the outlier threshold M
+    # (None: daprune.owl.OWL_LAMBDA, OWL_THRESHOLD)
+    owl_lambda: float | None = None
+    owl_threshold: float | None = None
     ffn_criterion: str = "second-moment"
     head_criterion: str = "similarity"
     head_split: str = "auto"
@@ -187,6 +191,13 @@ class PruneConfig:
                 raise ConfigError("--sensitivity-nsamples only matters with --schedule sensitivity")
             if self.sensitivity_nsamples < 1:
                 raise ConfigError(f"--sensitivity-nsamples must be >= 1, got {self.sensitivity_nsamples}")
+        for name, value in (("--owl-lambda", self.owl_lambda), ("--owl-threshold", self.owl_threshold)):
+            if value is not None and self.schedule != "owl":
+                raise ConfigError(f"{name} only matters with --schedule owl")
+        if self.owl_lambda is not None and not 0 < self.owl_lambda < 0.5:
+            raise ConfigError(f"--owl-lambda must be in (0, 0.5), got {self.owl_lambda}")
+        if self.owl_threshold is not None and not self.owl_threshold > 0:
+            raise ConfigError(f"--owl-threshold must be > 0, got {self.owl_threshold}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.layout == "uniform":

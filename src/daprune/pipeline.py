@@ -480,6 +480,23 @@ class BlockPruner:
         return fit, _rel(_forward(block, x[n_fit:], ctx, self.cfg.batch_size), y[n_fit:])
 
 
+def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
+                  blocks: range, budget: float) -> dict:
+    """The report entry of a global schedule that gives each block its own share of the budget: measured
+    (``sensitivity``: each block's effect on the output distribution) or by outlier ratio (``owl``)."""
+    if cfg.schedule == "sensitivity":
+        from daprune.allocation import sensitivity_targets
+        from daprune.config import SENSITIVITY_NSAMPLES
+
+        with store.outside_layers(head=True):
+            return sensitivity_targets(view, pruner, x, contexts, blocks, budget,
+                                       cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES)[1]
+    from daprune.owl import OWL_LAMBDA, OWL_THRESHOLD, owl_targets
+
+    return owl_targets(view, pruner, x, contexts, blocks, budget, cfg.owl_lambda or OWL_LAMBDA,
+                       cfg.owl_threshold or OWL_THRESHOLD)[1]
+
+
 def _role_linears(block: BlockAdapter, role: str) -> list:
     """The linears whose (shared) input a statistic role describes; the first one is hooked."""
     if role == "attn_in":
@@ -604,17 +621,12 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     pruner.n_fit = n_fit
     pruner.ntokens = pruner.n_score * ids.shape[1]
     allocation = restored.extra.get("allocation") if restored is not None else None
-    if cfg.schedule == "sensitivity" and cfg.sparsity > 0:
-        if allocation is None:  # each block's share from its measured effect on the output distribution
-            from daprune.allocation import sensitivity_targets
-            from daprune.config import SENSITIVITY_NSAMPLES
-
+    if cfg.schedule in ("sensitivity", "owl") and cfg.sparsity > 0:
+        if allocation is None:
             view = LoadingAdapter(adapter, store)
             try:
-                with store.outside_layers(head=True):
-                    _, allocation = sensitivity_targets(
-                        view, pruner, xp[: pruner.n_score], contexts, layer_range, target * len(layer_range),
-                        cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES)
+                allocation = _block_shares(cfg, view, store, pruner, xp[: pruner.n_score], contexts, layer_range,
+                                           target * len(layer_range))
             finally:
                 view.close()
         pruner.targets = {int(i): float(t) for i, t in allocation["targets"].items()}

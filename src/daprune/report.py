@@ -48,10 +48,11 @@ def summary(report: dict) -> str:
 
 
 def _allocation_line(alloc: dict) -> str:
-    """One line for ``--schedule sensitivity``: what the measurement cost and how unevenly it spread the budget."""
+    """One line for ``--schedule sensitivity|owl``: what choosing the shares cost and how unevenly it spread the
+    budget."""
     shares = alloc["fractions"]
     dense = [i for i, f in shares.items() if f == 0]
-    return (f"allocation     sensitivity ({alloc['seconds']:.1f} s): block shares {min(shares.values()):.0%}.."
+    return (f"allocation     {alloc['mode']} ({alloc['seconds']:.1f} s): block shares {min(shares.values()):.0%}.."
             f"{max(shares.values()):.0%} of their parameters" + (f"; left dense: {', '.join(dense)}" if dense else ""))
 
 
@@ -125,7 +126,8 @@ def plot_layers(report: dict, path: Path) -> Path | None:
 
 
 def plot_allocation(allocation: dict, path: Path, title: str = "") -> Path | None:
-    """``--schedule sensitivity``: every block's measured KL curve (left) and the share it was given (right)."""
+    """``--schedule sensitivity``: every block's measured KL curve (left) and the share it was given (right);
+    ``owl``: every block's outlier ratio (left) instead."""
     try:
         import matplotlib
 
@@ -133,26 +135,39 @@ def plot_allocation(allocation: dict, path: Path, title: str = "") -> Path | Non
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    curves, fractions = allocation["curves"], allocation["fractions"]
-    blocks = sorted(curves, key=int)
+    fractions = allocation["fractions"]
+    blocks = sorted(fractions, key=int)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    cmap = plt.get_cmap("viridis")
-    for n, b in enumerate(blocks):
-        c = curves[b]
-        size = c["params"][0] / (allocation["size_multiples"][0] * allocation["average_share"])  # block parameters
-        ax1.plot([p / size for p in c["params"]], c["kl"], "o-", ms=3, color=cmap(n / max(len(blocks) - 1, 1)),
-                 label=f"block {b}" if n in (0, len(blocks) - 1) else None)
-    ax1.set_yscale("log")
-    ax1.set_xlabel("fraction of the block's parameters removed (this block alone)")
-    ax1.set_ylabel("KL(dense || pruned), nats per token")
-    ax1.legend()
+    if allocation["mode"] == "owl":
+        ratios = allocation["outlier_ratio"]
+        ax1.bar([int(b) for b in blocks], [100 * ratios[b] for b in blocks], color="tab:orange")
+        ax1.set_xlabel("block")
+        ax1.set_ylabel(f"% weights scoring > {allocation['threshold']:g} x mean (Wanda)")
+    else:
+        _plot_curves(ax1, allocation, blocks, plt.get_cmap("viridis"))
     ax2.bar([int(b) for b in blocks], [fractions[b] for b in blocks], color="tab:blue")
     ax2.axhline(allocation["average_share"], color="gray", ls="--", label="uniform share")
     ax2.set_xlabel("block")
     ax2.set_ylabel("share of its parameters removed")
     ax2.legend()
-    fig.suptitle(title or "daprune --schedule sensitivity: measured cost and allocation")
+    fig.suptitle(title or f"daprune --schedule {allocation['mode']}: "
+                 + ("measured cost and allocation" if allocation["mode"] == "sensitivity" else
+                    "outlier ratios and allocation"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_curves(ax, allocation: dict, blocks: list[str], cmap) -> None:
+    """Each block's measured KL against the fraction of its parameters removed (``--schedule sensitivity``)."""
+    curves = allocation["curves"]
+    for n, b in enumerate(blocks):
+        c = curves[b]
+        size = c["params"][0] / (allocation["size_multiples"][0] * allocation["average_share"])  # block parameters
+        ax.plot([p / size for p in c["params"]], c["kl"], "o-", ms=3, color=cmap(n / max(len(blocks) - 1, 1)),
+                label=f"block {b}" if n in (0, len(blocks) - 1) else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of the block's parameters removed (this block alone)")
+    ax.set_ylabel("KL(dense || pruned), nats per token")
+    ax.legend()

@@ -98,6 +98,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("ours-c-hrec", "Ours C w/ held-out-chosen recovery", "data-dependent", {**OURS, **HELDOUT_REMEDY}),
     RowSpec("ours-c-sens", "Ours C, sensitivity schedule", "data-dependent", {**OURS, "schedule": "sensitivity"},
             False),
+    RowSpec("ours-c-owl", "Ours C, OWL outlier schedule", "data-dependent", {**OURS, "schedule": "owl"}, False),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 GROUP_TITLES = {"data-free": "Data-free (calibration: self-generated)", "data-dependent": "Data-dependent"}
