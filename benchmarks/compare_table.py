@@ -41,8 +41,10 @@ PPL = ["compare", "--sparsity", "0.2", "--channel-multiple", "1", "--max-windows
        "--resume", "--quiet"]
 ZEROSHOT = ["compare", "--sparsity", "0.2", "--channel-multiple", "1", "--rows", ZS_ROWS, "--ppl=", "--tasks", SEVEN,
             "--limit", "100", "--zeroshot-dtype", "bfloat16", "--json", ZS_JSON, "--resume", "--quiet"]
-# full seven-task runs (zeroshot_bench.py --dtype bf16 --batch-size 8, no --limit), by comparison row
-FULL_ZEROSHOT = {"dense": "docs/zeroshot_dense_full.json", "ours-c": "docs/zeroshot_pruned_full.json"}
+# full seven-task runs (zeroshot_bench.py --batch-size 8, no --limit), by comparison row: dense and ours in bf16
+# (2 threads, an earlier machine), the best peer (Wanda-sp) in fp32 at one thread (bf16 is 77x slower on this CPU)
+FULL_ZEROSHOT = {"dense": "docs/zeroshot_dense_full.json", "ours-c": "docs/zeroshot_pruned_full.json",
+                 "wanda-sp": "docs/zeroshot_wanda-sp_full.json"}
 
 TABLE = "<!-- table: written by benchmarks/compare_table.py --merge -->", "<!-- /table -->"
 FULL_TABLE = "<!-- full zero-shot: written by benchmarks/compare_table.py --merge -->", "<!-- /full zero-shot -->"

@@ -45,7 +45,7 @@ SUITES = {
         "sensitivity": ["--schedule", "sensitivity", *M1],
         "adaptive (FLAP)": ["--schedule", "adaptive", *M1],
         "owl (4:-2)": ["--schedule", "owl", *M1],
-        "owl, every block": ["--schedule", "owl", "--layers", "0:", *M1],
+        "owl (every block)": ["--schedule", "owl", "--layers", "0:", *M1],
         "heldout recovery": [*HELDOUT_REC, *M1],
         "heldout recovery, 128 re-fit samples": [*HELDOUT_REC, "--recovery-nsamples", "128", *M1],
         "128 samples": ["--nsamples", "128", *M1],

@@ -321,8 +321,14 @@ def test_full_zeroshot_results_attach_only_to_the_model_they_scored():
     assert len(full) == 4 and full[0].split("|")[3:5] == [" piqa ", " hellaswag "]
     assert [c.strip() for c in full[3].strip("|").split("|")][2:] == ["60.0", "30.0", "45.00", "1234"]
 
+    # a folder pruned later records settings the row predates: at their defaults it is the row's model
+    legacy = {k: v for k, v in settings.items() if k not in ("owl_lambda", "layout")}
+    later = compare.merge_full_zeroshot({**table, "rows": [dict(table["rows"][1], settings=legacy)]},
+                                        {"ours-c": _full_result(settings)})
+    assert later["rows"][0]["zeroshot_full"]["mean"] == 0.45
     other = dict(settings, seed=1)
     for bad in ({"ours-c": _full_result(other)},  # pruned with other settings
+                {"ours-c": _full_result(dict(settings, owl_lambda=0.1))},  # a later setting, not at its default
                 {"dense": _full_result(settings)},  # a pruned model's result on the dense row
                 {"ours-c": _full_result()},  # a dense model's result on a pruned row
                 {"dense": _full_result(limit=100)},  # not the full sets

@@ -373,8 +373,9 @@ def merge_full_zeroshot(table: dict, results: dict[str, dict]) -> dict:
         if res is None:
             rows.append(dict(r))
             continue
-        # the dense row's settings are None, like the unpruned model's recorded pruning settings
-        if res.get("prune_settings") != r.get("settings"):
+        # the dense row's settings are None, like the unpruned model's recorded pruning settings; a folder
+        # pruned after settings were added records them too, at defaults that keep the row's behaviour
+        if not _same_settings(r.get("settings"), res.get("prune_settings")):
             raise ValueError(f"the full zero-shot result given for row {r['key']!r} did not score that row's model")
         if res.get("limit") is not None:
             raise ValueError(f"the zero-shot result given for row {r['key']!r} is limited to {res['limit']} docs")
