@@ -132,16 +132,19 @@ def plot_model(rows: list[dict], model: str, path: Path) -> Path | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, len(CORPORA), figsize=(12, 4.5))
+    colors = plt.get_cmap("tab20")
     for ax, (corpus, name) in zip(axes, CORPORA.items(), strict=True):
-        for r in rows:
+        for n, r in enumerate(rows):
             pts = sorted((float(c), at["ppl"][corpus]) for c, at in r["at"].items() if corpus in at["ppl"])
             if r["key"] == "dense" and pts:
                 ax.axhline(pts[0][1], color="black", lw=1, ls=":", label="Dense")
                 continue
             if pts:
                 style = "-" if r["key"].startswith("ours") else "--"
-                ax.plot([100 * p for p, _ in pts], [v for _, v in pts], style, marker="o", ms=3, label=r["label"])
+                ax.plot([100 * p for p, _ in pts], [v for _, v in pts], style, marker="o", ms=3, label=r["label"],
+                        color=colors(n % 20))
         ax.set_yscale("log")
+        ax.set_xlim(0, 55)
         ax.set_xlabel("% of block parameters removed")
         ax.set_title(f"{model}: {name} perplexity ({WINDOWS} windows)")
         ax.grid(alpha=0.3)
