@@ -42,9 +42,13 @@ def outlier_ratio(weights_and_inputs: list[tuple[torch.Tensor, torch.Tensor]], t
 
     ``weights_and_inputs``: (weight [out, in], per-input-channel RMS [in]) for every linear of the block.
     """
-    scores = [(w.float().abs() * rms.float()[None, :]).flatten() for w, rms in weights_and_inputs]
-    pooled = torch.cat(scores)
-    return float((pooled > threshold * pooled.double().mean()).double().mean())
+    total, count = 0.0, 0
+    for w, rms in weights_and_inputs:  # two passes, one linear at a time: a 7B block never exists as one tensor
+        total += float((w.float().abs() * rms.float()[None, :]).sum(dtype=torch.float64))
+        count += w.numel()
+    cut = threshold * total / count
+    above = sum(int((w.float().abs() * rms.float()[None, :] > cut).sum()) for w, rms in weights_and_inputs)
+    return above / count
 
 
 def block_outlier_ratio(block: BlockAdapter, moments: dict[str, Moments], threshold: float) -> float:
