@@ -52,6 +52,7 @@ SUITES = {
         "128 samples + heldout recovery": ["--nsamples", "128", *HELDOUT_REC, *M1],
         "sensitivity + heldout recovery": ["--schedule", "sensitivity", *HELDOUT_REC, *M1],
         "lambada+self": ["--calibration", "lambada+self", *M1],
+        "128 samples, lambada+self": ["--nsamples", "128", "--calibration", "lambada+self", *M1],
         "lambada+self + heldout recovery": ["--calibration", "lambada+self", *HELDOUT_REC, *M1],
     },
 }
