@@ -30,6 +30,7 @@ from daprune.evaluation.compare import (
     format_markdown,
     merge_full_zeroshot,
     merge_zeroshot,
+    other_rows,
 )
 
 PPL_JSON = "runs/compare/smollm2_s20.json"
@@ -81,10 +82,24 @@ def load_runs(path: str) -> dict:
     return {**runs[0], "rows": rows, "command": "one daprune compare per row (each row's command is in the row)"}
 
 
+def with_published(table: dict, out: Path) -> dict:
+    """The runs' rows plus the rows of the last published merge (``out``) that no run replaces, when both were
+    measured the same way: the runs live in an ignored folder, so a fresh checkout that runs one new row must
+    add it to the published table, not publish a table of one row."""
+    if not out.is_file():
+        return table
+    published = json.loads(out.read_text())
+    if not table.get("rows"):
+        return published
+    order = {r.key: i for i, r in enumerate(ROWS)}
+    kept = other_rows(published, table, [r for r in ROWS if r.key in {row["key"] for row in table["rows"]}])
+    return {**table, "rows": sorted(table["rows"] + kept, key=lambda r: order.get(r["key"], len(order)))}
+
+
 def merge(out: str, which: str = "smollm2") -> int:
     """One table from the runs: written as JSON to ``out`` and between the markers of the table's doc page."""
     spec = TABLES[which]
-    table = merge_zeroshot(load_runs(spec["ppl"]), load_runs(spec["zs"]))
+    table = with_published(merge_zeroshot(load_runs(spec["ppl"]), load_runs(spec["zs"])), Path(out))
     full = {key: json.loads(Path(f).read_text()) for key, f in spec["full"].items() if Path(f).is_file()}
     table = merge_full_zeroshot(table, full)
     Path(out).write_text(json.dumps(table, indent=1) + "\n")

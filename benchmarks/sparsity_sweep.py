@@ -72,15 +72,21 @@ def load_sweep(model: str) -> dict[float, dict]:
     return out
 
 
-def sweep_table(runs: dict[float, dict]) -> list[dict]:
-    """One record per row key: label, group, and per sparsity its perplexities, params, time and memory."""
-    by_key: dict[str, dict] = {}
+def sweep_table(runs: dict[float, dict], previous: list[dict] | None = None) -> list[dict]:
+    """One record per row key: label, group, and per sparsity its perplexities, params, time and memory.
+
+    ``previous`` is a model's rows from the last merged sweep.json: its cells stay unless a finished run
+    replaces them, because the per-cell JSONs live in an ignored folder and a fresh checkout must still add
+    new cells to what was published rather than drop it."""
+    by_key: dict[str, dict] = {r["key"]: {**r, "at": dict(r["at"])} for r in previous or []}
     for s, run in sorted(runs.items()):
         for r in run["rows"]:
             rec = by_key.setdefault(r["key"], {"key": r["key"], "label": r["label"], "group": r["group"],
                                                "at": {}})
             rec["at"][f"{s:g}"] = {"ppl": r.get("ppl", {}), "params": r["params"], "sparsity": r["sparsity"],
                                    "prune_s": r["prune_s"], "peak_rss_prune_mb": r["peak_rss_prune_mb"]}
+    for rec in by_key.values():
+        rec["at"] = dict(sorted(rec["at"].items(), key=lambda kv: float(kv[0])))
     return list(by_key.values())
 
 
@@ -161,15 +167,17 @@ def cmd_merge(_args) -> int:
 
     out: dict = {"protocol": {"sparsities": list(SPARSITIES), "sparsity_basis": "blocks", "channel_multiple": 1,
                               "max_windows": WINDOWS, "runs": str(RUNS)}, "models": {}}
+    previous = json.loads(JSON_OUT.read_text())["models"] if JSON_OUT.is_file() else {}
     sections = []
     for model in MODELS:
-        runs = load_sweep(model)
-        if not runs:
+        runs, before = load_sweep(model), previous.get(model, {})
+        if not runs and not before:
             continue
-        rows = sweep_table(runs)
-        first = next(iter(runs.values()))
+        rows = sweep_table(runs, before.get("rows"))
+        first = next(iter(runs.values())) if runs else before
         out["models"][model] = {"model": first.get("model"), "threads": first.get("threads"), "rows": rows,
-                                "commands": {f"{s:g}": run.get("command") for s, run in runs.items()}}
+                                "commands": {**before.get("commands", {}),
+                                             **{f"{s:g}": run.get("command") for s, run in runs.items()}}}
         figure = plot_model(rows, model, FIGURES / f"sweep_{model}.png")
         parts = [f"### {model}"]
         parts += [f"{name} perplexity:\n\n{format_model(rows, corpus)}" for corpus, name in CORPORA.items()]

@@ -44,3 +44,27 @@ def test_sweep_tables_from_finished_cells(tmp_path, monkeypatch):
     assert cost[3] == "| Ours (Calibration) | - | 23 / 100 | - | - |" and len(cost) == 4  # no dense row
     assert sw.compare_argv("m.gguf", 0.3, Path("o.json"), "ours-c")[:4] == ["compare", "--sparsity", "0.3",
                                                                              "--sparsity-basis"]
+
+
+def test_merge_keeps_published_cells_a_new_run_does_not_replace(tmp_path, monkeypatch):
+    """A fresh checkout has sweep.json but not the ignored per-cell runs: merging a new cell adds to it."""
+    sw = _sweep()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sw, "plot_model", lambda *a, **k: None)
+    for s, rows in {0.2: [_row("dense", "Dense", "dense", 50.0, 90.0), _row("ours-c", "Ours", "x", 110.0, 160.0)],
+                    0.5: [_row("ours-c", "Ours", "x", 400.0, 500.0)]}.items():
+        path = sw.run_path("smollm2", s)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"model": None, "threads": 1, "command": f"c{s}", "rows": rows}))
+    Path("docs").mkdir()
+    assert sw.cmd_merge(None) == 0
+    sw.run_path("smollm2", 0.2).unlink()  # the ignored run folder of an earlier session is gone
+    sw.run_path("smollm2", 0.5).write_text(json.dumps(
+        {"model": None, "threads": 1, "command": "again", "rows": [_row("ours-c", "Ours", "x", 300.0, 450.0)]}))
+    assert sw.cmd_merge(None) == 0
+    merged = json.loads(Path("docs/sweep.json").read_text())["models"]["smollm2"]
+    ours = next(r for r in merged["rows"] if r["key"] == "ours-c")
+    assert ours["at"]["0.2"]["ppl"] == {"wikitext2": 110.0, "ptb": 160.0}  # kept from the published merge
+    assert ours["at"]["0.5"]["ppl"] == {"wikitext2": 300.0, "ptb": 450.0}  # replaced by the new run
+    assert merged["commands"] == {"0.2": "c0.2", "0.5": "again"}
+    assert [r["key"] for r in merged["rows"]] == ["dense", "ours-c"]
