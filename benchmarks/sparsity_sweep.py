@@ -27,6 +27,9 @@ WINDOWS = 64
 RUNS = Path("runs/sweep")
 DOC, JSON_OUT, FIGURES = Path("docs/sweep.md"), Path("docs/sweep.json"), Path("docs/figures")
 TABLE = "<!-- sweep tables: written by benchmarks/sparsity_sweep.py merge -->", "<!-- /sweep tables -->"
+SUMMARY = "<!-- sweep summary: written by benchmarks/sparsity_sweep.py merge -->", "<!-- /sweep summary -->"
+README = Path("README.md")
+SUMMARY_ROWS = ("ours-c", "ours-c-hrec", "ours-sg")
 MODELS = ("smollm2", "gemma3")
 CORPORA = {"wikitext2": "WikiText-2", "ptb": "PTB"}
 
@@ -114,6 +117,42 @@ def format_model(rows: list[dict], corpus: str) -> str:
     return "\n".join(lines)
 
 
+def format_summary(rows: list[dict]) -> str:
+    """The README's view: dense, our main rows and the best peer of each cell, WikiText-2 / PTB per size, and
+    the best of our rows against the best peer (a negative margin: ours is lower)."""
+    cols = [f"{s:g}" for s in SPARSITIES]
+    peers = [r for r in rows if r["key"] != "dense" and not r["key"].startswith("ours")]
+    ours = [r for r in rows if r["key"].startswith("ours")]
+
+    def best(group: list[dict], c: str, corpus: str) -> tuple[float, str] | None:
+        found = [(r["at"][c]["ppl"][corpus], r["label"]) for r in group if corpus in r["at"].get(c, {}).get("ppl", {})]
+        return min(found) if found else None
+
+    def pair(r: dict, c: str) -> str:
+        at = r["at"].get(c) or (next(iter(r["at"].values())) if r["key"] == "dense" else None)
+        return "-" if at is None else " / ".join(_ppl(at["ppl"].get(k)) for k in CORPORA)
+
+    lines = ["| WikiText-2 / PTB | " + " | ".join(f"{float(c):.0%}" for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    lines += [f"| {r['label']} | " + " | ".join(pair(r, c) for c in cols) + " |"
+              for r in rows if r["key"] == "dense" or r["key"] in SUMMARY_ROWS]
+    peer_cells, margin_cells = [], []
+    for c in cols:
+        bp = [best(peers, c, k) for k in CORPORA]
+        bo = [best(ours, c, k) for k in CORPORA]
+        if None in bp:
+            peer_cells.append("-")
+            margin_cells.append("-")
+            continue
+        names = bp[0][1] if bp[0][1] == bp[1][1] else f"{bp[0][1]}; {bp[1][1]}"
+        peer_cells.append(" / ".join(_ppl(v) for v, _ in bp) + f" ({names})")
+        margin_cells.append("-" if None in bo else " / ".join(f"{o[0] / p[0] - 1:+.1%}" for o, p in zip(bo, bp,
+                                                                                                     strict=True)))
+    lines.append("| Best peer | " + " | ".join(peer_cells) + " |")
+    lines.append("| Best of ours vs best peer | " + " | ".join(margin_cells) + " |")
+    return "\n".join(lines)
+
+
 def format_cost(rows: list[dict]) -> str:
     """Pruning wall time (s) and peak RSS (MB) of every row at every sparsity."""
     cols = [f"{s:g}" for s in SPARSITIES]
@@ -168,7 +207,7 @@ def cmd_merge(_args) -> int:
     out: dict = {"protocol": {"sparsities": list(SPARSITIES), "sparsity_basis": "blocks", "channel_multiple": 1,
                               "max_windows": WINDOWS, "runs": str(RUNS)}, "models": {}}
     previous = json.loads(JSON_OUT.read_text())["models"] if JSON_OUT.is_file() else {}
-    sections = []
+    sections, summaries = [], []
     for model in MODELS:
         runs, before = load_sweep(model), previous.get(model, {})
         if not runs and not before:
@@ -186,16 +225,24 @@ def cmd_merge(_args) -> int:
         if figure:
             parts.append(f"![{model} sweep](figures/{figure.name})")
         sections.append("\n\n".join(parts))
+        summaries.append(f"{model_name(model)} ({WINDOWS} windows):\n\n{format_summary(rows)}")
     atomic_write_bytes(JSON_OUT, (json.dumps(out, indent=1) + "\n").encode())
     body = "\n\n".join(sections)
     print(body)
-    if DOC.is_file():
-        text = DOC.read_text()
-        begin, end = TABLE
-        if begin in text:
-            head, rest = text.split(begin, 1)
-            atomic_write_bytes(DOC, (head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]).encode())
+    for doc, markers, text in ((DOC, TABLE, body), (README, SUMMARY, "\n\n".join(summaries))):
+        if doc.is_file() and markers[0] in doc.read_text():
+            atomic_write_bytes(doc, _between(doc.read_text(), markers, text).encode())
     return 0
+
+
+def model_name(model: str) -> str:
+    return {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}[model]
+
+
+def _between(text: str, markers: tuple[str, str], body: str) -> str:
+    begin, end = markers
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

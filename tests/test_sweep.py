@@ -68,3 +68,18 @@ def test_merge_keeps_published_cells_a_new_run_does_not_replace(tmp_path, monkey
     assert ours["at"]["0.5"]["ppl"] == {"wikitext2": 300.0, "ptb": 450.0}  # replaced by the new run
     assert merged["commands"] == {"0.2": "c0.2", "0.5": "again"}
     assert [r["key"] for r in merged["rows"]] == ["dense", "ours-c"]
+
+
+def test_summary_names_the_best_peer_of_each_cell_and_our_margin():
+    sw = _sweep()
+    runs = {0.2: {"rows": [_row("dense", "Dense", "dense", 50.0, 90.0), _row("wanda-sp", "Wanda-sp", "p", 120.0, 150.0),
+                           _row("flap", "FLAP", "p", 118.0, 170.0), _row("random", "Random", "p", 900.0, 900.0),
+                           _row("ours-c", "Ours (Calibration)", "o", 112.0, 160.0),
+                           _row("ours-c-hrec", "Ours hrec", "o", 130.0, 141.0)]}}
+    lines = sw.format_summary(sw.sweep_table(runs)).splitlines()
+    assert lines[2] == "| Dense | 50.00 / 90.00 | 50.00 / 90.00 | 50.00 / 90.00 | 50.00 / 90.00 |"
+    assert lines[3] == "| Ours (Calibration) | - | 112.00 / 160.00 | - | - |"
+    assert lines[5] == "| Best peer | - | 118.00 / 150.00 (FLAP; Wanda-sp) | - | - |"
+    # best of ours per corpus (112 from ours-c, 141 from hrec) against the best peer per corpus (118, 150)
+    assert lines[6] == f"| Best of ours vs best peer | - | {112 / 118 - 1:+.1%} / {141 / 150 - 1:+.1%} | - | - |"
+    assert len(lines) == 7  # random is a peer but not shown; only dense and our main rows are
