@@ -93,7 +93,10 @@ def with_published(table: dict, out: Path) -> dict:
         return published
     order = {r.key: i for i, r in enumerate(ROWS)}
     kept = other_rows(published, table, [r for r in ROWS if r.key in {row["key"] for row in table["rows"]}])
-    return {**table, "rows": sorted(table["rows"] + kept, key=lambda r: order.get(r["key"], len(order)))}
+    rows = sorted(table["rows"] + kept, key=lambda r: order.get(r["key"], len(order)))
+    # a run without zero-shot tasks says nothing about the published zero-shot run's settings
+    zs = table.get("zeroshot_run") if (table.get("zeroshot_run") or {}).get("tasks") else published.get("zeroshot_run")
+    return {**published, **table, "rows": rows, "zeroshot_run": zs}
 
 
 def merge(out: str, which: str = "smollm2") -> int:

@@ -26,13 +26,15 @@ def _table(keys, **meta):
 def test_a_new_row_joins_the_published_table_in_table_order(tmp_path):
     ct = _compare_table()
     out = tmp_path / "published.json"
-    out.write_text(json.dumps(_table(["dense", "wanda-sp", "ours-c"])))
-    merged = ct.with_published(_table(["wanda-sp", "ours-c-hrec"]), out)
+    published = {**_table(["dense", "wanda-sp", "ours-c"]), "zeroshot_run": {"tasks": "piqa", "limit": 100}}
+    out.write_text(json.dumps(published))
+    merged = ct.with_published({**_table(["wanda-sp", "ours-c-hrec"]), "zeroshot_run": {"tasks": None}}, out)
     assert [r["key"] for r in merged["rows"]] == ["dense", "wanda-sp", "ours-c", "ours-c-hrec"]
     wanda = next(r for r in merged["rows"] if r["key"] == "wanda-sp")
     assert wanda["ppl"] == {"wikitext2": 0.0}  # the new run's row replaces the published one (1.0)
     ours = next(r for r in merged["rows"] if r["key"] == "ours-c")
     assert ours["ppl"] == {"wikitext2": 2.0}  # kept from the published table
+    assert merged["zeroshot_run"] == {"tasks": "piqa", "limit": 100}  # what only the published table knew stays
     assert ct.with_published({"rows": []}, out)["rows"] == json.loads(out.read_text())["rows"]
 
 
