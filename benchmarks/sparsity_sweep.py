@@ -120,9 +120,12 @@ def format_model(rows: list[dict], corpus: str) -> str:
 def format_summary(rows: list[dict]) -> str:
     """The README's view: dense, our main rows and the best peer of each cell, WikiText-2 / PTB per size, and
     the best of our rows against the best peer (a negative margin: ours is lower)."""
+    from daprune.evaluation.compare import ROWS
+
     cols = [f"{s:g}" for s in SPARSITIES]
     peers = [r for r in rows if r["key"] != "dense" and not r["key"].startswith("ours")]
     ours = [r for r in rows if r["key"].startswith("ours")]
+    every_peer = {r.key for r in ROWS if r.default and r.key != "dense" and not r.key.startswith("ours")}
 
     def best(group: list[dict], c: str, corpus: str) -> tuple[float, str] | None:
         found = [(r["at"][c]["ppl"][corpus], r["label"]) for r in group if corpus in r["at"].get(c, {}).get("ppl", {})]
@@ -145,6 +148,9 @@ def format_summary(rows: list[dict]) -> str:
             margin_cells.append("-")
             continue
         names = bp[0][1] if bp[0][1] == bp[1][1] else f"{bp[0][1]}; {bp[1][1]}"
+        ran = every_peer & {r["key"] for r in peers if c in r["at"]}
+        if ran != every_peer:  # a partial column: the best so far, saying of how many
+            names += f"; best of {len(ran)} of {len(every_peer)} peers"
         peer_cells.append(" / ".join(_ppl(v) for v, _ in bp) + f" ({names})")
         margin_cells.append("-" if None in bo else " / ".join(f"{o[0] / p[0] - 1:+.1%}" for o, p in zip(bo, bp,
                                                                                                      strict=True)))

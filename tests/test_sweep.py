@@ -79,7 +79,18 @@ def test_summary_names_the_best_peer_of_each_cell_and_our_margin():
     lines = sw.format_summary(sw.sweep_table(runs)).splitlines()
     assert lines[2] == "| Dense | 50.00 / 90.00 | 50.00 / 90.00 | 50.00 / 90.00 | 50.00 / 90.00 |"
     assert lines[3] == "| Ours (Calibration) | - | 112.00 / 160.00 | - | - |"
-    assert lines[5] == "| Best peer | - | 118.00 / 150.00 (FLAP; Wanda-sp) | - | - |"
+    assert lines[5] == "| Best peer | - | 118.00 / 150.00 (FLAP; Wanda-sp; best of 3 of 7 peers) | - | - |"
     # best of ours per corpus (112 from ours-c, 141 from hrec) against the best peer per corpus (118, 150)
     assert lines[6] == f"| Best of ours vs best peer | - | {112 / 118 - 1:+.1%} / {141 / 150 - 1:+.1%} | - | - |"
     assert len(lines) == 7  # random is a peer but not shown; only dense and our main rows are
+
+
+def test_summary_says_nothing_partial_once_every_peer_ran():
+    sw = _sweep()
+    from daprune.evaluation.compare import ROWS
+
+    peers = [r for r in ROWS if r.default and r.key != "dense" and not r.key.startswith("ours")]
+    rows = [_row(r.key, r.label, r.group, 100.0 + n, 200.0 + n) for n, r in enumerate(peers)]
+    lines = sw.format_summary(sw.sweep_table({0.2: {"rows": rows}})).splitlines()
+    assert lines[-2] == f"| Best peer | - | 100.00 / 200.00 ({peers[0].label}) | - | - |"
+    assert lines[-1] == "| Best of ours vs best peer | - | - | - | - |"  # no ours row ran
