@@ -79,3 +79,14 @@ def smollm(tmp_path_factory):
     cache = os.environ.get("DAPRUNE_CACHE") or str(tmp_path_factory.mktemp("cache"))
     model, tok, _ = load_model(None, cache=cache)
     return model, tok, cache
+
+
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (the folder is not a package: scripts run by path)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

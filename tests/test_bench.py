@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import benchmark_module, tiny_model
 
 from daprune.cli import main
 from daprune.errors import ConfigError
@@ -165,18 +165,8 @@ def test_device_cuda_without_gpu_is_a_clear_error(gpu_count, folders, capsys):
     assert "--device cuda: no CUDA device is visible" in err and "Traceback" not in err
 
 
-def _speed_bench():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_bench.py"
-    spec = importlib.util.spec_from_file_location("speed_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_speed_bench_device_option(monkeypatch, gpu_count, capsys):
-    sb = _speed_bench()
+    sb = benchmark_module("speed_bench")
     assert sb.parse_args([]).device == "cpu"
     seen = []
     monkeypatch.setattr(sb, "load_for_bench", lambda source, dtype, device: seen.append((source, device)) or source)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from conftest import benchmark_module
 
 
 def _compare_table():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_table.py"
-    spec = importlib.util.spec_from_file_location("compare_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("compare_table")
 
 
 META = {"model": "m.gguf", "sparsity": 0.2, "max_windows": 256, "ppl": "wikitext2,ptb", "tasks": "", "limit": None,

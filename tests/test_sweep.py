@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+from conftest import benchmark_module
+
 
 def _sweep():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sparsity_sweep.py"
-    spec = importlib.util.spec_from_file_location("sparsity_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("sparsity_sweep")
 
 
 def _row(key, label, group, wiki, ptb, prune_s=1.0):
