@@ -31,6 +31,8 @@ from daprune.evaluation.compare import (
     merge_full_zeroshot,
     merge_zeroshot,
     other_rows,
+    replace_between,
+    table_order,
 )
 
 PPL_JSON = "runs/compare/smollm2_s20.json"
@@ -57,14 +59,6 @@ TABLES = {"smollm2": {"ppl": PPL_JSON, "zs": ZS_JSON, "doc": "docs/compare.md", 
                      "full": {}}}
 
 
-def _replace_between(text: str, markers: tuple[str, str], body: str) -> str:
-    begin, end = markers
-    if begin not in text:
-        return text
-    head, rest = text.split(begin, 1)
-    return head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
-
-
 def load_runs(path: str) -> dict:
     """A compare JSON, or a folder of per-row compare JSONs combined into one (rows in the table's order; the
     run settings of the first row's file, with every row's own command kept)."""
@@ -76,9 +70,7 @@ def load_runs(path: str) -> dict:
     runs = [json.loads(f.read_text()) for f in sorted(p.glob("*.json"))]
     if not runs:
         return {"rows": []}
-    order = {r.key: i for i, r in enumerate(ROWS)}
-    rows = sorted((dict(r, command=run.get("command")) for run in runs for r in run["rows"]),
-                  key=lambda r: order.get(r["key"], len(order)))
+    rows = table_order([dict(r, command=run.get("command")) for run in runs for r in run["rows"]])
     return {**runs[0], "rows": rows, "command": "one daprune compare per row (each row's command is in the row)"}
 
 
@@ -91,9 +83,8 @@ def with_published(table: dict, out: Path) -> dict:
     published = json.loads(out.read_text())
     if not table.get("rows"):
         return published
-    order = {r.key: i for i, r in enumerate(ROWS)}
     kept = other_rows(published, table, [r for r in ROWS if r.key in {row["key"] for row in table["rows"]}])
-    rows = sorted(table["rows"] + kept, key=lambda r: order.get(r["key"], len(order)))
+    rows = table_order(table["rows"] + kept)
     # a run without zero-shot tasks says nothing about the published zero-shot run's settings
     zs = table.get("zeroshot_run") if (table.get("zeroshot_run") or {}).get("tasks") else published.get("zeroshot_run")
     return {**published, **table, "rows": rows, "zeroshot_run": zs}
@@ -110,8 +101,8 @@ def merge(out: str, which: str = "smollm2") -> int:
     print(markdown + "\n\n" + full_markdown)
     doc = Path(spec["doc"])
     if doc.is_file():
-        text = _replace_between(doc.read_text(), TABLE, markdown)
-        doc.write_text(_replace_between(text, FULL_TABLE, full_markdown))
+        text = replace_between(doc.read_text(), TABLE, markdown)
+        doc.write_text(replace_between(text, FULL_TABLE, full_markdown))
     return 0
 
 

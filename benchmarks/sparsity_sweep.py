@@ -209,6 +209,7 @@ def plot_model(rows: list[dict], model: str, path: Path) -> Path | None:
 
 def cmd_merge(_args) -> int:
     from daprune.atomic import atomic_write_bytes
+    from daprune.evaluation.compare import replace_between
 
     out: dict = {"protocol": {"sparsities": list(SPARSITIES), "sparsity_basis": "blocks", "channel_multiple": 1,
                               "max_windows": WINDOWS, "runs": str(RUNS)}, "models": {}}
@@ -236,19 +237,16 @@ def cmd_merge(_args) -> int:
     body = "\n\n".join(sections)
     print(body)
     for doc, markers, text in ((DOC, TABLE, body), (README, SUMMARY, "\n\n".join(summaries))):
-        if doc.is_file() and markers[0] in doc.read_text():
-            atomic_write_bytes(doc, _between(doc.read_text(), markers, text).encode())
+        if doc.is_file():
+            before_text = doc.read_text()
+            after_text = replace_between(before_text, markers, text)
+            if after_text != before_text:
+                atomic_write_bytes(doc, after_text.encode())
     return 0
 
 
 def model_name(model: str) -> str:
     return {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}[model]
-
-
-def _between(text: str, markers: tuple[str, str], body: str) -> str:
-    begin, end = markers
-    head, rest = text.split(begin, 1)
-    return head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,3 +41,12 @@ def test_rows_measured_differently_are_not_mixed(tmp_path):
     merged = ct.with_published(_table(["ours-c-hrec"]), out)
     assert [r["key"] for r in merged["rows"]] == ["ours-c-hrec"]
     assert ct.with_published(_table(["x"]), tmp_path / "none.json")["rows"][0]["key"] == "x"
+
+
+def test_replace_between_rewrites_only_the_marked_table():
+    from daprune.evaluation.compare import replace_between
+
+    markers = ("<!-- t -->", "<!-- /t -->")
+    page = "intro\n<!-- t -->\nold\ntable\n<!-- /t -->\nprose after\n"
+    assert replace_between(page, markers, "new") == "intro\n<!-- t -->\nnew\n<!-- /t -->\nprose after\n"
+    assert replace_between("no markers here\n", markers, "new") == "no markers here\n"

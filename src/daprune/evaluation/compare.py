@@ -295,14 +295,15 @@ def run_table(rows: list[RowSpec], base: PruneConfig, loader: Loader, evaluator:
         out["wall_s"] = time.perf_counter() - t0 + (meta or {}).get("wall_s_before", 0.0)
         if json_path:  # reused rows not reached yet stay in the file, so stopping here loses none of them
             later = [done[r.key] for r in rows[len(out["rows"]):] if done and r.key in done]
-            _write_json(json_path, {**out, "rows": _table_order(out["rows"] + later + list(keep or []))})
+            _write_json(json_path, {**out, "rows": table_order(out["rows"] + later + list(keep or []))})
         if on_row is not None:
             on_row(rec)
-    out["rows"] = _table_order(out["rows"] + list(keep or []))
+    out["rows"] = table_order(out["rows"] + list(keep or []))
     return out
 
 
-def _table_order(rows: list[dict]) -> list[dict]:
+def table_order(rows: list[dict]) -> list[dict]:
+    """Rows in the paper's table order (``ROWS``); keys it does not know go last."""
     order = {r.key: i for i, r in enumerate(ROWS)}
     return sorted(rows, key=lambda r: order.get(r["key"], len(order)))
 
@@ -315,6 +316,16 @@ def _write_json(path: str, data: dict) -> None:
 
 
 # -- the table -----------------------------------------------------------------------------------------
+def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
+    """``text`` with what lies between the two marker lines replaced by ``body`` (unchanged without the first
+    marker): benchmark merges rewrite their table inside a hand-written page and leave the prose alone."""
+    begin, end = markers
+    if begin not in text:
+        return text
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+
+
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
