@@ -27,6 +27,7 @@ from daprune.experts import ExpertRanker, check_moe_fit, is_moe, prune_experts, 
 from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
 from daprune.recovery import heldout_choice, least_squares_terms, ridge_solve
+from daprune.replay import REPLAY_MAX_BYTES, FFNReplay, replay_bytes
 from daprune.schedule import BlockPlan, block_parameters, candidate_plans, check_budget, paper_plan
 from daprune.selection import greedy_order, obs_ranking
 from daprune.stats import BlockStats, Moments
@@ -90,6 +91,15 @@ class BlockPruner:
         self.cov_roles = ffn_crit.needs_cov | (head_crit.needs_cov if head_crit is not None else frozenset())
         # the last greedy order: (its down_proj moments, the weight's storage and version, the order)
         self._greedy_memo: tuple[Moments, tuple[int, int], list[int]] | None = None
+        # form each pruned block's stream output from its last statistics pass (daprune.replay); run_pipeline
+        # turns it off where the streams live on disk or on another device than the block
+        self.replay = True
+        self.output: torch.Tensor | None = None  # the last pruned block's output on the whole pruned stream
+
+    def take_output(self) -> torch.Tensor | None:
+        """The pruned block's output on the pruned stream, if its statistics pass could form it (then forgotten)."""
+        out, self.output = self.output, None
+        return out
 
     def selection(self, block: BlockAdapter, tokens: int | None = None) -> str:
         """The FFN selection rule for this block; "auto" picks OBS only with enough tokens.
@@ -106,14 +116,17 @@ class BlockPruner:
 
     # -- statistics ---------------------------------------------------------------------------------
     def collect(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor, ctx: dict,
-                roles: dict[str, bool], js: JSAccumulator | None = None) -> dict[str, Moments]:
+                roles: dict[str, bool], js: JSAccumulator | None = None,
+                replay: FFNReplay | None = None) -> dict[str, Moments]:
         """Run both blocks over the streams; accumulate input moments of the requested roles.
 
         ``roles`` maps a role (attn_in, o_in, ffn_in, down_in) to whether its moments also need the
         cross term with the dense block's output of the same linear(s) (recovery targets). Scores see
         only the first ``n_score`` samples; when the stream holds extra re-fit samples
         (``--recovery-nsamples``), a paired role's least-squares statistics over *all* samples come back
-        under ``"ROLE:fit"``.
+        under ``"ROLE:fit"``. With ``replay``, the pass runs over every stream row and keeps what forms the
+        block's output once only its FFN's level-2 linear has changed (daprune.replay); rows past those the
+        statistics may see only feed it.
         """
         lin = {r: _role_linears(block, r)[0] for r in roles}
         tgt = {r: _role_linears(dense, r) for r, pair in roles.items() if pair}
@@ -126,7 +139,7 @@ class BlockPruner:
         # --recovery heldout: the held-out rows' own least-squares statistics, only to choose the re-fit strength
         held = {r: Moments(f"block {block.index} {r} (held out)", full_cov=False) for r, pair in roles.items()
                 if pair and self.cfg.recovery == "heldout" and n_fit < xp.shape[0]}
-        n_rows = xp.shape[0] if held else n_fit
+        n_rows = xp.shape[0] if held or replay is not None else n_fit
         need_dense = any(roles.values())
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair for i, m in enumerate(tgt[r])}
         bs = self.cfg.batch_size
@@ -136,7 +149,11 @@ class BlockPruner:
             k = max(0, min(e - s, n_score - s))  # rows of this batch that are scoring samples
             probs: list[torch.Tensor] | None = [] if js is not None and k else None
             with capture({r: lin[r] for r in roles}) as got:
-                block.forward(xp[s:e], ctx, probs)
+                y = block.forward(xp[s:e], ctx, probs)
+            if replay is not None:
+                replay.add(y, *got["down_in"])
+                if s >= n_fit and not held:
+                    continue  # a row only the replay reads
             dense_out = {}
             if need_dense:
                 with capture(dense_mods) as dgot:
@@ -144,19 +161,21 @@ class BlockPruner:
                 dense_out = dgot
             for r, pair in roles.items():
                 x = got[r][0]
-                y = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
+                t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
                 if s >= n_fit:
                     if r in held:
-                        held[r].update(x, y)
+                        held[r].update(x, t)
                     continue
                 if k:  # the cross term only where the re-fit reads it: not twice when "ROLE:fit" holds it
-                    moments[r].update(x[:k], None if y is None or r in fit else y[:k])
+                    moments[r].update(x[:k], None if t is None or r in fit else t[:k])
                 if r in fit:
-                    fit[r].update(x, y)
+                    fit[r].update(x, t)
             if probs:
                 js.update(probs[0][:k])
         moments.update({f"{r}:fit": m for r, m in fit.items()})
         moments.update({f"{r}:heldout": m for r, m in held.items()})
+        if replay is not None:
+            replay.snapshot(lin["down_in"])
         return moments
 
     def fit_moments(self, m: dict[str, Moments], role: str) -> Moments:
@@ -376,6 +395,9 @@ class BlockPruner:
         paper, post = cfg.recovery in ("paper", "both"), cfg.recovery in ("post", "both", "heldout")
         stats = BlockStats(grads=self.grads.get(block.index, {}))
         needs = self.ffn_crit.needs | (self.head_crit.needs if self.head_crit else frozenset())
+        self.output = None
+        replay = (self.replay and not is_moe(block) and replay_bytes(
+            xp.shape[0], xp.shape[1], xp.shape[-1], block.n_channels, xp.dtype) <= REPLAY_MAX_BYTES)
 
         if paper:  # 1) q, k, v share one input Gram
             m = self.collect(block, dense, xp, xd, ctx, {"attn_in": True})
@@ -385,7 +407,9 @@ class BlockPruner:
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
         js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
         moe = is_moe(block)
-        m = split_m = self.collect(block, dense, xp, xd, ctx, self.split_roles(block, paper or post), js)
+        roles = self.split_roles(block, paper or post)
+        split_replay = FFNReplay() if replay and "down_in" in roles else None
+        m = split_m = self.collect(block, dense, xp, xd, ctx, roles, js, split_replay)
         stats.o_in, stats.down_in = m["o_in"], m.get("down_in")
         stats.attn_in = stats.attn_in or m.get("attn_in")
         stats.ffn_in = m.get("ffn_in")
@@ -430,8 +454,11 @@ class BlockPruner:
             roles["ffn_in"] = False
         if not removed_heads and not (paper or post) and "down_in" in split_m:
             m = split_m  # nothing changed since step 2: its FFN statistics stand (one block forward saved)
+            last_pass = split_replay
         else:
-            m = self.collect(block, dense, xp, xd, ctx, roles)
+            split_replay = None
+            last_pass = FFNReplay() if replay else None
+            m = self.collect(block, dense, xp, xd, ctx, roles, replay=last_pass)
         stats.down_in = m["down_in"]
         stats.ffn_in = m.get("ffn_in", stats.ffn_in)
         down_fit = self.fit_moments(m, "down_in")
@@ -453,6 +480,8 @@ class BlockPruner:
             block.slice_ffn(keep.tolist())
         rec.kept_channels = len(keep)
         rec.kept_channel_idx = keep.tolist()
+        if last_pass is not None:
+            self.output = last_pass.output(block, keep if plan.channels else None)
 
         if cfg.recovery != "none":  # the same choices without any re-fit, for the report
             plain = copy_block(dense)
@@ -550,7 +579,7 @@ def _plan_key(plan: BlockPlan) -> str:
 @torch.no_grad()
 def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, progress: bool = True,
                  grads: dict | None = None, store: ResidentStore | None = None,
-                 work: WorkDir | None = None, heldout: int = 0) -> PipelineResult:
+                 work: WorkDir | None = None, heldout: int = 0, replay: bool = True) -> PipelineResult:
     """Prune ``adapter.model`` in place, block by block, from calibration token ids.
 
     ``store`` decides how blocks are obtained: resident (default, the whole model in memory) or streamed
@@ -559,6 +588,8 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     if it holds an interrupted run, continues after its last finished block. The last ``heldout`` rows of
     ``ids`` are held out: they travel with both streams, but no statistic (score, selection, re-fit) sees
     them; each block's errors are also measured on them (``error_heldout``), so overfitting shows.
+    ``replay=False`` runs every pruned block again for its stream output instead of forming it from the
+    block's last statistics pass (the same up to float rounding; for tests and timing).
     """
     from daprune.stores import LoadingAdapter, ResidentStore
     from daprune.weights import count_parameters
@@ -617,6 +648,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         finally:
             view.close()
     pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
+    pruner.replay = replay and acts.mode != "disk" and not acts.moves
     pruner.n_score = min(cfg.nsamples, n_fit)
     pruner.n_fit = n_fit
     pruner.ntokens = pruner.n_score * ids.shape[1]
@@ -665,7 +697,9 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         if xd is None and not rec.pruned:
             xp = yd  # streams still identical
         else:
-            yp = acts.forward(block, xp, ctx, cfg.batch_size, f"p-{i:05d}")
+            yp = pruner.take_output()
+            if yp is None:
+                yp = acts.forward(block, xp, ctx, cfg.batch_size, f"p-{i:05d}")
             rec.error_input = _rel(xp[:n_fit], x_dense[:n_fit])
             rec.error = _rel(yp[:n_fit], yd[:n_fit])
             if heldout:

@@ -158,6 +158,14 @@ class BlockAdapter(ABC):
         finally:
             handle.remove()
 
+    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
+        """How the block's output changes when its level-2 FFN linear's output goes from ``o_old`` to ``o_new``.
+
+        Lets the pipeline form a pruned block's output from its last statistics pass (daprune.replay)
+        instead of running the block again. None (the default): this family does not say, the block is re-run.
+        """
+        return None
+
     # -- surgery ----------------------------------------------------------------------------------------
     def slice_heads(self, keep: Sequence[int]) -> None:
         """Keep these query heads and the KV heads they use.

@@ -43,6 +43,13 @@ class LlamaBlock(BlockAdapter):
     def ffn_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.layer.mlp.act_fn
 
+    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
+        # the MLP's output is down_proj's; Gemma-2/3 RMS-normalise it before the residual add, Granite scales it
+        norm = getattr(self.layer, "post_feedforward_layernorm", None)
+        if norm is not None:
+            return norm(o_new) - norm(o_old)
+        return (o_new - o_old) * getattr(self.layer, "residual_multiplier", 1.0)
+
     @property
     def head_dim(self) -> int:
         return self.layer.self_attn.head_dim

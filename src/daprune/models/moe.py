@@ -70,6 +70,9 @@ class MoEBlock(LlamaBlock):
     # grouped-matmul expert kernel requires (schedule.width_multiple)
     width_alignment = 8
 
+    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
+        return None  # the experts are pruned one by one (daprune.experts); no single level-2 linear
+
     @property
     def moe(self) -> nn.Module:
         return self.layer.mlp
