@@ -14,7 +14,6 @@ from test_families_extra import tiny as tiny_other
 import daprune
 from daprune.hooks import capture
 from daprune.models import adapter as adapter_module
-from daprune.models.adapter import get_adapter
 from daprune.replay import FFNReplay
 from daprune.stores import ResidentStore
 
