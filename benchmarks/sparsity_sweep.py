@@ -88,9 +88,11 @@ def sweep_table(runs: dict[float, dict], previous: list[dict] | None = None) -> 
                                                "at": {}})
             rec["at"][f"{s:g}"] = {"ppl": r.get("ppl", {}), "params": r["params"], "sparsity": r["sparsity"],
                                    "prune_s": r["prune_s"], "peak_rss_prune_mb": r["peak_rss_prune_mb"]}
+    from daprune.evaluation.compare import table_order
+
     for rec in by_key.values():
         rec["at"] = dict(sorted(rec["at"].items(), key=lambda kv: float(kv[0])))
-    return list(by_key.values())
+    return table_order(list(by_key.values()))  # cells merged one at a time must not leave rows in run order
 
 
 def _ppl(value: float | None) -> str:

@@ -20,16 +20,16 @@ def _row(key, label, group, wiki, ptb, prune_s=1.0):
 def test_sweep_tables_from_finished_cells(tmp_path, monkeypatch):
     sw = _sweep()
     monkeypatch.chdir(tmp_path)
-    runs = {0.2: [_row("dense", "Dense", "dense", 50.0, 90.0), _row("wanda-sp", "Wanda-sp", "data-dependent", 120.0,
-                                                                      150.0),
-                  _row("ours-c", "Ours (Calibration)", "data-dependent", 110.0, 160.0, prune_s=23.4)],
+    runs = {0.2: [_row("ours-c", "Ours (Calibration)", "data-dependent", 110.0, 160.0, prune_s=23.4),  # run order
+                  _row("dense", "Dense", "dense", 50.0, 90.0),
+                  _row("wanda-sp", "Wanda-sp", "data-dependent", 120.0, 150.0)],
             0.5: [_row("wanda-sp", "Wanda-sp", "data-dependent", 900.0, 1500.0)]}
     for s, rows in runs.items():
         path = sw.run_path("smollm2", s)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"model": None, "threads": 1, "command": f"c{s}", "rows": rows}))
     table = sw.sweep_table(sw.load_sweep("smollm2"))
-    assert [r["key"] for r in table] == ["dense", "wanda-sp", "ours-c"]
+    assert [r["key"] for r in table] == ["dense", "wanda-sp", "ours-c"]  # the paper's table order
     wiki = sw.format_model(table, "wikitext2").splitlines()
     assert wiki[0] == "| Method | 10% | 20% | 30% | 50% |"
     assert wiki[2] == "| Dense | 50.00 | 50.00 | 50.00 | 50.00 |"  # one dense run stands for every column
