@@ -73,8 +73,9 @@ def _prune(**kw):
 
 @pytest.mark.parametrize("kw", [{}, {"selection": "obs"}, {"recovery": "paper", "nsamples": 32},
                                 {"recovery": "heldout", "heldout_nsamples": 4},
+                                {"recovery": "post", "recovery_nsamples": 32},
                                 {"ffn_criterion": "flap", "head_criterion": "flap"}],
-                         ids=["greedy", "obs", "paper-remedy", "heldout-recovery", "flap-bias"])
+                         ids=["greedy", "obs", "paper-remedy", "heldout-recovery", "refit-rows", "flap-bias"])
 def test_pipeline_with_replay_prunes_as_one_that_reruns_every_block(kw, monkeypatch):
     """Same choices, the same weights up to float rounding, one block forward fewer per pruned block."""
     calls = []
@@ -106,5 +107,6 @@ def test_pipeline_with_replay_prunes_as_one_that_reruns_every_block(kw, monkeypa
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(fast.model(ids).logits, slow.model(ids).logits, rtol=1e-4, atol=1e-4)
-    stream_rows = kw.get("nsamples", 8) + kw.get("heldout_nsamples", 0)
+    stream_rows = kw.get("recovery_nsamples") or kw.get("nsamples", 8)  # extra re-fit rows travel with the stream
+    stream_rows += kw.get("heldout_nsamples", 0)
     assert rows_slow - rows_fast == len(pruned) * stream_rows  # each pruned block's stream forward, saved
