@@ -396,7 +396,8 @@ class BlockPruner:
         stats = BlockStats(grads=self.grads.get(block.index, {}))
         needs = self.ffn_crit.needs | (self.head_crit.needs if self.head_crit else frozenset())
         self.output = None
-        replay = (self.replay and not is_moe(block) and replay_bytes(
+        moe = is_moe(block)
+        replay = (self.replay and not moe and replay_bytes(
             xp.shape[0], xp.shape[1], xp.shape[-1], block.n_channels, xp.dtype) <= REPLAY_MAX_BYTES)
 
         if paper:  # 1) q, k, v share one input Gram
@@ -406,7 +407,6 @@ class BlockPruner:
 
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
         js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
-        moe = is_moe(block)
         roles = self.split_roles(block, paper or post)
         split_replay = FFNReplay() if replay and "down_in" in roles else None
         m = split_m = self.collect(block, dense, xp, xd, ctx, roles, js, split_replay)
@@ -579,7 +579,7 @@ def _plan_key(plan: BlockPlan) -> str:
 @torch.no_grad()
 def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, progress: bool = True,
                  grads: dict | None = None, store: ResidentStore | None = None,
-                 work: WorkDir | None = None, heldout: int = 0, replay: bool = True) -> PipelineResult:
+                 work: WorkDir | None = None, heldout: int = 0) -> PipelineResult:
     """Prune ``adapter.model`` in place, block by block, from calibration token ids.
 
     ``store`` decides how blocks are obtained: resident (default, the whole model in memory) or streamed
@@ -588,8 +588,6 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     if it holds an interrupted run, continues after its last finished block. The last ``heldout`` rows of
     ``ids`` are held out: they travel with both streams, but no statistic (score, selection, re-fit) sees
     them; each block's errors are also measured on them (``error_heldout``), so overfitting shows.
-    ``replay=False`` runs every pruned block again for its stream output instead of forming it from the
-    block's last statistics pass (the same up to float rounding; for tests and timing).
     """
     from daprune.stores import LoadingAdapter, ResidentStore
     from daprune.weights import count_parameters
@@ -648,7 +646,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         finally:
             view.close()
     pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
-    pruner.replay = replay and acts.mode != "disk" and not acts.moves
+    pruner.replay = acts.mode != "disk" and not acts.moves
     pruner.n_score = min(cfg.nsamples, n_fit)
     pruner.n_fit = n_fit
     pruner.ntokens = pruner.n_score * ids.shape[1]

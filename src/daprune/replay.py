@@ -23,7 +23,7 @@ REPLAY_MAX_BYTES = 1 << 30
 
 def replay_bytes(rows: int, seqlen: int, hidden: int, channels: int, dtype: torch.dtype) -> int:
     """Memory a replay of ``rows`` stream rows holds (block output + level-2 output + level-2 input)."""
-    return rows * seqlen * (2 * hidden + channels) * torch.tensor([], dtype=dtype).element_size()
+    return rows * seqlen * (2 * hidden + channels) * dtype.itemsize
 
 
 class FFNReplay:
