@@ -327,3 +327,81 @@ def test_greedy_order_reused_only_for_the_same_statistics_and_weight(monkeypatch
     assert pruner.greedy(block, other, 20) == greedy_order(block.ffn_out().weight.float(), other.second, 20)
     assert calls == [40, 25, 20]
     assert pruner.greedy(block, other, 30) and calls == [40, 25, 20, 30]  # more than the memo holds
+
+
+def test_compensate_heads_keeps_the_choices_and_lowers_heldout_error(one_thread):
+    """--compensate-heads only re-fits the kept o_proj columns: the first pruned block (same input in both runs)
+    keeps the same heads and channels, its o_proj changes, and its output error on held-out calibration rows,
+    which no statistic saw, drops."""
+    kw = dict(sparsity=0.3, head_split="paper", nsamples=32, heldout_nsamples=16, layers="1:-1")
+    runs = {}
+    for on in (False, True):
+        model = tiny_model()
+        runs[on] = (model, _prune(model, compensate_heads=on, **kw).report)
+    (m0, plain), (m1, comp) = runs[False], runs[True]
+    first = [next(r for r in rep["layers"] if r["pruned"]) for rep in (plain, comp)]
+    assert first[0]["kept_heads"] == first[1]["kept_heads"] and len(first[0]["kept_heads"]) < 6
+    assert first[0]["kept_channels"] == first[1]["kept_channels"]
+    o = [m.model.layers[1].self_attn.o_proj.weight for m in (m0, m1)]
+    assert o[0].shape == o[1].shape and not torch.equal(o[0], o[1])
+    assert first[1]["error_heldout"] < first[0]["error_heldout"]
+    assert comp["settings"]["compensate_heads"] is True
+
+
+def test_compensated_attention_error_is_the_least_squares_residual():
+    """Under --compensate-heads the split weighs the attention error left after compensation: the residual energy
+    of the best least-squares fit of O z by the kept columns, computed here with lstsq."""
+    from daprune.pipeline import BlockPruner
+
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(600, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    o = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    gone = torch.tensor([1, 4, 5, 9])
+    keep = [c for c in range(12) if c not in gone.tolist()]
+    fit = torch.linalg.lstsq(z[:, keep], z @ o.T).solution
+    want = float((z @ o.T - z[:, keep] @ fit).pow(2).sum(1).mean())
+    plain = float((z[:, gone] @ o[:, gone].T).pow(2).sum(1).mean())
+    pruner = BlockPruner.__new__(BlockPruner)
+    second = (z.T @ z / 600).float()
+    for on, expected in ((True, want), (False, plain)):
+        pruner.cfg = PruneConfig(compensate_heads=on, obs_damp=1e-9)
+        assert pruner.attn_error(o.float(), second, gone) == pytest.approx(expected, rel=1e-3)
+    assert want < 0.9 * plain
+    from daprune.pipeline import compensate
+
+    pruner.cfg = PruneConfig(compensate_heads=True, obs_damp=0.5)  # damped: the residual of compensate()'s weight
+    w = compensate(o.float(), second, keep, 0.5).double()
+    damped = float((z @ o.T - z @ w.T).pow(2).sum(1).mean())
+    assert pruner.attn_error(o.float(), second, gone) == pytest.approx(damped, rel=1e-3)
+    assert want < damped < plain
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(head_criterion="none"), "removes no heads"),
+    (dict(recovery="post"), "replacing --compensate-heads"),
+    (dict(recovery="both"), "replacing --compensate-heads"),
+])
+def test_compensate_heads_that_would_be_ignored_is_refused(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        PruneConfig(compensate_heads=True, **kw).validate()
+    PruneConfig(compensate_heads=True, recovery="post", recovery_prior="original").validate()
+    PruneConfig(compensate_heads=True, recovery="heldout", heldout_nsamples=4).validate()
+
+
+@pytest.mark.parametrize("damp", [1e-2, 1.0, 100.0])
+def test_compensation_is_what_damped_obs_ends_with(damp):
+    """compensate() on the channels OBS kept gives OBS's own compensated weight at any damping: both minimise
+    the damped-Hessian objective, i.e. a ridge toward the original columns (a strong damping leaves them alone)."""
+    from daprune.pipeline import compensate
+    from daprune.selection import obs_order
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    d = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    second = (h.T @ h / 300).float()
+    order, w_obs = obs_order(d.float(), second, 5, damp)
+    keep = [c for c in range(16) if c not in order]
+    w = compensate(d.float(), second, keep, damp)
+    torch.testing.assert_close(w, w_obs, rtol=2e-3, atol=2e-4)
+    if damp == 100.0:
+        assert (w[:, keep] - d[:, keep].float()).abs().max() < 0.05 * d.abs().max()

@@ -81,6 +81,9 @@ def _prune_parser(sub) -> None:
                         "score: rank by the criterion; greedy: exact output error incl. correlations; "
                         "obs: greedy with least-squares compensation (greedy and obs need second-moment)")
     p.add_argument("--obs-damp", type=float, default=d.obs_damp)
+    p.add_argument("--compensate-heads", action=argparse.BooleanOptionalAction, default=d.compensate_heads,
+                   help="when a block loses heads, re-fit the kept o_proj columns by least squares to the full "
+                        "attention output on the calibration rows (OBS compensation for heads; damping --obs-damp)")
     p.add_argument("--head-split", choices=HEAD_SPLITS, default=d.head_split,
                    help="auto: heads vs channels by the output error estimated from second moments; measured: by "
                         "each candidate's real block output error (one trial forward per candidate); paper: same "

@@ -78,6 +78,8 @@ class PruneConfig:
     head_split: str = "auto"
     selection: str = "auto"
     obs_damp: float = 1e-2
+    # when heads go, least-squares compensate the kept o_proj columns for them (OBS for heads, damping obs_damp)
+    compensate_heads: bool = False
     tau: float = 0.05
     calibration: str = "lambada"
     nsamples: int = 16
@@ -161,6 +163,14 @@ class PruneConfig:
             if self.recovery_damp != RECOVERY_DAMP:
                 raise ConfigError("--recovery heldout chooses the ridge strength itself on held-out rows: drop "
                                   "--recovery-damp")
+        if self.compensate_heads:
+            if self.head_criterion == "none":
+                raise ConfigError("--compensate-heads re-fits o_proj when heads go, and --head-criterion none "
+                                  "removes no heads: drop one of them")
+            if self.recovery in ("post", "both") and self.ridge_prior() == "zero":
+                raise ConfigError(f"--recovery {self.recovery} re-fits the kept o_proj columns from scratch "
+                                  "(ridge toward zero), replacing --compensate-heads' fit: drop one, or add "
+                                  "--recovery-prior original so the re-fit starts from the compensated weights")
         if self.sparsity_basis not in SPARSITY_BASES:
             raise ConfigError(f"--sparsity-basis must be one of {', '.join(SPARSITY_BASES)}, "
                               f"got {self.sparsity_basis!r}")

@@ -251,7 +251,7 @@ class BlockPruner:
         for plan in plans:
             heads = select_head_plan(block.head_groups(), plan.heads_per_group, plan.kv_groups, head_imp, redundant)
             cols = torch.tensor([h * hd + i for h in heads for i in range(hd)], dtype=torch.long)
-            e_attn = float(torch.einsum("oi,ij,oj->", o[:, cols], z2[cols][:, cols], o[:, cols])) if heads else 0.0
+            e_attn = self.attn_error(o, z2, cols) if heads else 0.0
             e_ffn, rm = ffn_error(plan.channels)
             row = {"attn": e_attn, "ffn": e_ffn, "channels": plan.channels, "estimate": e_attn + e_ffn}
             err = e_attn + e_ffn
@@ -344,9 +344,11 @@ class BlockPruner:
         (under OBS with the kept down_proj columns least-squares compensated); ``block`` is untouched."""
         trial = copy_block(block)
         if heads:
-            self.head_crit.after_head_prune(trial, heads, stats)
             gone = set(heads)
-            trial.slice_heads([h for h in range(trial.n_heads) if h not in gone])
+            keep_heads = [h for h in range(trial.n_heads) if h not in gone]
+            self.compensate_heads(trial, keep_heads, stats)
+            self.head_crit.after_head_prune(trial, heads, stats)
+            trial.slice_heads(keep_heads)
         if removed:
             gone = set(removed)
             keep = [c for c in range(trial.n_channels) if c not in gone]
@@ -356,6 +358,34 @@ class BlockPruner:
             self.ffn_crit.after_ffn_prune(trial, removed, stats)
             trial.slice_ffn(keep)
         return trial
+
+    def attn_error(self, o: torch.Tensor, z2: torch.Tensor, cols: torch.Tensor) -> float:
+        """Residual-stream energy lost with o_proj input columns ``cols``: tr(O_R S_RR O_R^T), or under
+        ``--compensate-heads`` what :func:`compensate` leaves: with M = S_RK (S_KK + lambda I)^-1 the residual is
+        O_R (z_R - M z_K), so tr(O_R (S_RR - M S_KR - S_RK M^T + M S_KK M^T) O_R^T) (the Schur complement
+        S_RR - S_RK S_KK^-1 S_KR when lambda = 0)."""
+        if not self.cfg.compensate_heads:
+            return float(torch.einsum("oi,ij,oj->", o[:, cols], z2[cols][:, cols], o[:, cols]))
+        s = z2.double()
+        gone = torch.zeros(s.shape[0], dtype=torch.bool)
+        gone[cols] = True
+        r, k = gone.nonzero().flatten(), (~gone).nonzero().flatten()
+        lam = self.cfg.obs_damp * torch.diagonal(s).mean().clamp_min(1e-12)
+        s_kk, s_rk = s[k][:, k], s[r][:, k]
+        m = torch.linalg.solve(s_kk + lam * torch.eye(len(k), dtype=s.dtype), s_rk.T).T
+        left = s[r][:, r] - m @ s_rk.T - s_rk @ m.T + m @ s_kk @ m.T
+        o_r = o[:, r].double()
+        return float(torch.einsum("oi,ij,oj->", o_r, left, o_r))
+
+    def compensate_heads(self, block: BlockAdapter, keep_heads: list[int], stats: BlockStats) -> None:
+        """``--compensate-heads``: the kept heads' o_proj columns least-squares re-fitted to the whole attention
+        output on the scoring rows (what OBS does for the kept down_proj columns), before the heads are cut."""
+        if not self.cfg.compensate_heads:
+            return
+        hd = block.head_dim
+        cols = [h * hd + i for h in keep_heads for i in range(hd)]
+        o = block.attn_out().weight
+        o.data.copy_(compensate(o.float(), stats.o_in.second, cols, self.cfg.obs_damp).to(o.dtype))
 
     def ffn_ranking(self, block: BlockAdapter, stats: BlockStats, count: int, rule: str | None = None) -> torch.Tensor:
         """Channel indices, first the ``count`` to remove, in removal order; then the rest by score.
@@ -431,6 +461,7 @@ class BlockPruner:
         if removed_heads:
             hd = block.head_dim
             kept_cols = torch.tensor([h * hd + i for h in keep_heads for i in range(hd)], dtype=torch.long)
+            self.compensate_heads(block, keep_heads, stats)
             if post:
                 rec.damping["o_post"] = self.refit([block.attn_out()], o_fit, kept_cols, m.get("o_in:heldout"))
             self.head_crit.after_head_prune(block, removed_heads, stats)
@@ -538,14 +569,19 @@ def _role_linears(block: BlockAdapter, role: str) -> list:
 
 
 def compensate(d: torch.Tensor, second: torch.Tensor, keep: list[int], damp: float) -> torch.Tensor:
-    """``d`` with the kept columns re-fitted by least squares to the full output, the rest zero (what OBS ends
-    with): W_K = D S[:, K] (S[K, K] + lambda I)^-1, lambda = damp * mean(diag S) as in obs_order."""
+    """``d`` with the kept columns least-squares compensated for the removed ones, the rest zero (what OBS with the
+    damped Hessian S + lambda I ends with): W_K = D_K + D_R S_RK (S_KK + lambda I)^-1, lambda = damp * mean(diag S)
+    as in obs_order. This is the ridge toward the original columns, so a strong damping leaves them as they were
+    (a ridge toward zero would shrink them)."""
     s = second.double()
-    k = torch.tensor(keep, dtype=torch.long, device=s.device)
+    keep_mask = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+    keep_mask[torch.tensor(keep, dtype=torch.long, device=s.device)] = True
+    k, r = keep_mask.nonzero().flatten(), (~keep_mask).nonzero().flatten()
     lam = damp * torch.diagonal(s).mean().clamp_min(1e-12)
-    skk = s[k][:, k] + lam * torch.eye(len(keep), dtype=s.dtype, device=s.device)
-    w = torch.zeros_like(d, dtype=torch.float64)
-    w[:, k] = torch.linalg.solve(skk, (d.double() @ s[:, k]).T).T
+    skk = s[k][:, k] + lam * torch.eye(len(k), dtype=s.dtype, device=s.device)
+    dd = d.double()
+    w = torch.zeros_like(dd)
+    w[:, k] = dd[:, k] + torch.linalg.solve(skk, (dd[:, r] @ s[r][:, k]).T).T
     return w.float()
 
 
