@@ -44,10 +44,17 @@ PPL = ["compare", "--sparsity", "0.2", "--channel-multiple", "1", "--max-windows
        "--resume", "--quiet"]
 ZEROSHOT = ["compare", "--sparsity", "0.2", "--channel-multiple", "1", "--rows", ZS_ROWS, "--ppl=", "--tasks", SEVEN,
             "--limit", "100", "--zeroshot-dtype", "bfloat16", "--json", ZS_JSON, "--resume", "--quiet"]
-# full seven-task runs (zeroshot_bench.py --batch-size 8, no --limit), by comparison row: dense and ours in bf16
-# (2 threads, an earlier machine), the best peer (Wanda-sp) in fp32 at one thread (bf16 is 77x slower on this CPU)
+# full seven-task runs (zeroshot_bench.py --dtype bf16 --batch-size 8 --threads 2, no --limit), by comparison row:
+# dense, ours and the best peer (Wanda-sp). bf16 needs a CPU with native bf16 (AVX512-BF16/AMX): without it
+# bf16 matmuls are ~30x slower than fp32 and a full run takes a day
 FULL_ZEROSHOT = {"dense": "docs/zeroshot_dense_full.json", "ours-c": "docs/zeroshot_pruned_full.json",
                  "wanda-sp": "docs/zeroshot_wanda-sp_full.json"}
+
+# Gemma-3-270M: the first 1000 documents per task (a full set costs hours per model here), same settings otherwise;
+# ours is its best row at 256 windows (self-generated calibration, held-out-chosen re-fit), the best peer E1
+GEMMA_FIRST1000 = {"dense": "docs/zeroshot_gemma3_dense_limit1000.json",
+                   "ours-sg-hrec": "docs/zeroshot_gemma3_ours-sg-hrec_limit1000.json",
+                   "taylor-e1": "docs/zeroshot_gemma3_taylor-e1_limit1000.json"}
 
 TABLE = "<!-- table: written by benchmarks/compare_table.py --merge -->", "<!-- /table -->"
 FULL_TABLE = "<!-- full zero-shot: written by benchmarks/compare_table.py --merge -->", "<!-- /full zero-shot -->"
@@ -56,7 +63,7 @@ FULL_TABLE = "<!-- full zero-shot: written by benchmarks/compare_table.py --merg
 # --json runs/compare/gemma3_s20/ROW.json`, zero-shot rows likewise into gemma3_s20_zs/)
 TABLES = {"smollm2": {"ppl": PPL_JSON, "zs": ZS_JSON, "doc": "docs/compare.md", "full": FULL_ZEROSHOT},
           "gemma3": {"ppl": "runs/compare/gemma3_s20", "zs": "runs/compare/gemma3_s20_zs", "doc": "docs/gemma3.md",
-                     "full": {}}}
+                     "full": GEMMA_FIRST1000, "full_limit": 1000}}
 
 
 def load_runs(path: str) -> dict:
@@ -95,7 +102,7 @@ def merge(out: str, which: str = "smollm2") -> int:
     spec = TABLES[which]
     table = with_published(merge_zeroshot(load_runs(spec["ppl"]), load_runs(spec["zs"])), Path(out))
     full = {key: json.loads(Path(f).read_text()) for key, f in spec["full"].items() if Path(f).is_file()}
-    table = merge_full_zeroshot(table, full)
+    table = merge_full_zeroshot(table, full, spec.get("full_limit"))
     Path(out).write_text(json.dumps(table, indent=1) + "\n")
     markdown, full_markdown = format_markdown(table), format_full_zeroshot(table)
     print(markdown + "\n\n" + full_markdown)

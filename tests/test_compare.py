@@ -337,6 +337,27 @@ def test_full_zeroshot_results_attach_only_to_the_model_they_scored():
             compare.merge_full_zeroshot(table, bad)
 
 
+def test_first_n_document_results_make_their_own_column_and_never_mix_with_full_sets():
+    """A bigger model gets the first N docs per task instead of the full sets: the column says N, and a
+    result of another size (full sets, another N) is refused under it, as a limited one is under full sets."""
+    settings = compare.row_config(compare.ROW_BY_KEY["ours-c"], BASE).to_dict()
+    base = {"group": "data-dependent", "sparsity": 0.2, "prune_s": 1.0, "peak_rss_prune_mb": 1.0,
+            "ppl": {"wikitext2": 10.0}}
+    table = {"rows": [{**base, "key": "dense", "label": "Dense", "group": "dense", "settings": None, "params": 10},
+                      {**base, "key": "ours-c", "label": "Ours (Calibration)", "settings": settings, "params": 8}]}
+    out = compare.merge_full_zeroshot(table, {"dense": _full_result(limit=1000, mean=0.5),
+                                              "ours-c": _full_result(settings, limit=1000)}, limit=1000)
+    header = [c.strip() for c in compare.format_markdown(out).splitlines()[0].strip("|").split("|")]
+    assert "Mean, first 1000 docs" in header and "Mean, full sets" not in header
+    assert [r["zeroshot_full"]["limit"] for r in out["rows"]] == [1000, 1000]
+    for bad, limit in (({"dense": _full_result()}, 1000), ({"dense": _full_result(limit=500)}, 1000),
+                       ({"dense": _full_result(limit=1000)}, None)):
+        with pytest.raises(ValueError, match="docs per task|full sets"):
+            compare.merge_full_zeroshot(table, bad, limit)
+    with pytest.raises(ValueError, match="positive"):
+        compare.merge_full_zeroshot(table, {}, 0)
+
+
 def test_rows_recorded_before_a_setting_existed_are_reused_only_at_its_default():
     """A row saved before e.g. ``layout`` existed stands when the new run uses that setting's default."""
     rows = compare.select_rows("dense,l2")

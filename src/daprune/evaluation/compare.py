@@ -370,14 +370,19 @@ def _md_head(headers: list[str]) -> list[str]:
     return [_md_line(headers), "|" + "|".join("---" for _ in headers) + "|"]
 
 
-def merge_full_zeroshot(table: dict, results: dict[str, dict]) -> dict:
+def merge_full_zeroshot(table: dict, results: dict[str, dict], limit: int | None = None) -> dict:
     """Attach full-set zero-shot results (``benchmarks/zeroshot_bench.py`` JSONs) to rows, by key.
+
+    ``limit``: the results are all of the first ``limit`` documents per task instead (a bigger model's full
+    sets cost hours here); a result of any other size is refused, so one column never mixes document counts.
 
     A full seven-task run costs an hour or more per model on a small CPU, so only a few rows get one.
     A result belongs to a row only if it scored that row's model: the dense row takes a result of the
     unpruned model, a pruned row one whose recorded pruning settings (the output folder's report) equal
     the row's. Anything else is refused rather than silently shown next to the wrong method.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive document count, got {limit}")
     rows = []
     for r in table["rows"]:
         res = results.get(r["key"])
@@ -388,9 +393,10 @@ def merge_full_zeroshot(table: dict, results: dict[str, dict]) -> dict:
         # pruned after settings were added records them too, at defaults that keep the row's behaviour
         if not _same_settings(r.get("settings"), res.get("prune_settings")):
             raise ValueError(f"the full zero-shot result given for row {r['key']!r} did not score that row's model")
-        if res.get("limit") is not None:
-            raise ValueError(f"the zero-shot result given for row {r['key']!r} is limited to {res['limit']} docs")
-        keep = ("tasks", "mean", "mean_metrics", "wall_s", "settings")
+        if res.get("limit") != limit:
+            raise ValueError(f"the zero-shot result given for row {r['key']!r} scored {_docs(res.get('limit'))}, "
+                             f"not {_docs(limit)}")
+        keep = ("tasks", "mean", "mean_metrics", "wall_s", "settings", "limit")
         rows.append({**r, "zeroshot_full": {k: res.get(k) for k in keep}})
     unknown = set(results) - {r["key"] for r in table["rows"]}
     if unknown:
@@ -398,8 +404,18 @@ def merge_full_zeroshot(table: dict, results: dict[str, dict]) -> dict:
     return {**table, "rows": rows}
 
 
+def _docs(limit: int | None) -> str:
+    return "the full sets" if limit is None else f"the first {limit} docs per task"
+
+
+def full_zeroshot_header(table: dict) -> str:
+    """The column title of ``merge_full_zeroshot``'s means: full sets, or the document count they all share."""
+    limit = next((r["zeroshot_full"].get("limit") for r in table["rows"] if r.get("zeroshot_full")), None)
+    return "Mean, full sets" if limit is None else f"Mean, first {limit} docs"
+
+
 def format_full_zeroshot(table: dict) -> str:
-    """Per-task accuracy on the full task sets, for the rows that have it (``merge_full_zeroshot``)."""
+    """Per-task accuracy on the full task sets (or their first N docs), for the rows that have it."""
     rows = [r for r in table["rows"] if r.get("zeroshot_full")]
     if not rows:
         return ""
@@ -429,7 +445,7 @@ def format_markdown(table: dict) -> str:
     full = any(r.get("zeroshot_full") for r in rows)
     limit = (table.get("zeroshot_run") or {}).get("limit")
     headers += [*tasks, f"Zero-shot mean, first {limit} docs" if limit else "Zero-shot mean"] if zs else []
-    headers += ["Mean, full sets"] if full else []
+    headers += [full_zeroshot_header(table)] if full else []
     headers += ["Prune s", "Peak RSS MB"]
     lines = _md_head(headers)
     group = None
