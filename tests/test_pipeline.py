@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +224,33 @@ def test_heldout_recovery_needs_held_out_rows():
 
     with pytest.raises(ConfigError, match="heldout-nsamples"):
         _prune(tiny_model(), sparsity=0.25, recovery="heldout")
+
+
+def test_heldout_rows_from_another_source(one_thread):
+    """--heldout-calibration draws the held-out rows from another text than the calibration's: the scoring rows and
+    what is pruned stay as with the calibration's own held-out rows (no statistic sees either), the held-out errors
+    are measured on the other text (so they differ), and the report names the source."""
+    text = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire. " * 40
+    f = Path(tempfile.mkdtemp()) / "held.txt"
+    f.write_text(text)
+    same = _prune(tiny_model(), sparsity=0.25, heldout_nsamples=4)
+    other = _prune(tiny_model(), sparsity=0.25, heldout_nsamples=4, heldout_calibration=str(f))
+    assert _state_hash(same.model) == _state_hash(other.model)
+    pruned = [(a, b) for a, b in zip(same.report["layers"], other.report["layers"], strict=True) if a["pruned"]]
+    assert pruned and all(a["error"] == b["error"] for a, b in pruned)
+    assert all(a["error_heldout"] != b["error_heldout"] for a, b in pruned)
+    assert other.report["calibration"]["heldout"]["source"] == str(f)
+    assert same.report["calibration"]["heldout"]["source"] == "random"
+    # the held-out rows are the text's own windows: a re-fit chosen on them can differ from one chosen on random rows
+    chosen = [_prune(tiny_model(), sparsity=0.25, recovery="heldout", nsamples=8, heldout_nsamples=8, **kw)
+              for kw in ({}, {"heldout_calibration": str(f)})]
+    damps = [[r["damping"].get("down_post", {}).get("damp") for r in c.report["layers"] if r["pruned"]] for c in chosen]
+    errors = [[r["damping"]["down_post"]["heldout_errors"] for r in c.report["layers"] if r["pruned"]] for c in chosen]
+    assert errors[0] != errors[1], damps
+
+
+def test_heldout_calibration_needs_held_out_rows():
+    from daprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="heldout-nsamples"):
+        _prune(tiny_model(), sparsity=0.25, heldout_calibration="random")

@@ -278,13 +278,18 @@ class _Run:
         from daprune.data.calibration import calibration_parts, calibration_tokens
 
         cfg = self.cfg
+        held_source = cfg.heldout_calibration or cfg.calibration
         check_tokenizer(self.tokenizer, cfg.calibration)
-        generated = "self" in calibration_parts(cfg.calibration)
+        check_tokenizer(self.tokenizer, held_source)
+        generated = "self" in calibration_parts(cfg.calibration) + calibration_parts(held_source)
         cached = self.work.cached_ids() if self.work is not None and generated else None
         if cached is not None:
+            parts = calibration_parts(cfg.calibration)
+            kind = "mixture" if len(parts) > 1 else "self-generated" if parts == ["self"] else "text"
             self.calib_info = {"source": cfg.calibration, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
-                               "seed": cfg.seed, "kind": "self-generated" if cfg.calibration == "self" else "mixture",
-                               "reused_from_work_folder": True}
+                               "seed": cfg.seed, "kind": kind, "reused_from_work_folder": True}
+            if cfg.heldout_nsamples:
+                self.calib_info["heldout"] = {"source": held_source, "nsamples": cfg.heldout_nsamples}
             return cached
         gen_model = self.model
         if self.store.streaming and generated:
@@ -302,11 +307,11 @@ class _Run:
             info["recovery_extra"] = {"nsamples": extra, "seed": more_info["seed"],
                                       "used_for": "least-squares re-fit statistics only, not scores"}
         if cfg.heldout_nsamples:  # last rows: no statistic sees them, each block's error is measured on them
-            held, held_info = calibration_tokens(cfg.calibration, gen_model, tok, cfg.heldout_nsamples, cfg.seqlen,
+            held, held_info = calibration_tokens(held_source, gen_model, tok, cfg.heldout_nsamples, cfg.seqlen,
                                                  cfg.seed + HELDOUT_SEED_OFFSET, data_dir=self.data_dir,
                                                  self_gen=cfg.self_gen, progress=self.progress)
             ids = torch.cat([ids, held])
-            info["heldout"] = {"nsamples": cfg.heldout_nsamples, "seed": held_info["seed"],
+            info["heldout"] = {"source": held_source, "nsamples": cfg.heldout_nsamples, "seed": held_info["seed"],
                                "used_for": "per-block error_heldout only, never a statistic"}
         if gen_model is not self.model:
             del gen_model

@@ -92,6 +92,9 @@ class PruneConfig:
     # calibration samples held out of every statistic (own seed), only to measure each block's error on rows
     # the scores and re-fits never saw (report.json error_heldout); 0: none (the default keeps runs as before)
     heldout_nsamples: int = 0
+    # where the held-out rows come from (None: the --calibration source). Another text than the calibration's
+    # makes --recovery heldout keep only re-fits that carry to other text, not just to unseen rows of the same text
+    heldout_calibration: str | None = None
     # what the re-fit's ridge pulls toward: "zero" (the paper's) or "original" (the weights before the re-fit);
     # None: zero, except original under --recovery heldout
     recovery_prior: str | None = None
@@ -156,6 +159,9 @@ class PruneConfig:
                                   f"({self.nsamples}): the re-fit sees the scoring samples plus extra ones")
         if self.heldout_nsamples < 0:
             raise ConfigError(f"--heldout-nsamples must be >= 0, got {self.heldout_nsamples}")
+        if self.heldout_calibration is not None and self.heldout_nsamples < 1:
+            raise ConfigError("--heldout-calibration names where held-out rows come from: add --heldout-nsamples N "
+                              "(e.g. 16), or drop it")
         if self.recovery == "heldout":
             if self.heldout_nsamples < 1:
                 raise ConfigError("--recovery heldout chooses each re-fit's strength on held-out calibration rows: "

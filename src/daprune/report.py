@@ -34,6 +34,8 @@ def summary(report: dict) -> str:
         f"criteria       FFN {s['ffn_criterion']}, heads {s['head_criterion']} (split {s['head_split']}, "
         f"tau {s['tau']}), recovery {s['recovery']}",
         f"calibration    {report['calibration']['source']}: {s['nsamples']} x {s['seqlen']} tokens, seed {s['seed']}",
+        *([f"held out       {s.get('heldout_calibration') or report['calibration']['source']}: "
+           f"{s['heldout_nsamples']} x {s['seqlen']} tokens, never a statistic"] if s.get("heldout_nsamples") else []),
         *([_allocation_line(report["allocation"])] if report.get("allocation") else []),
         f"time           {report['timings']['total_s']:.1f} s",
     ]
