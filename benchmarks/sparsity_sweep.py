@@ -87,7 +87,8 @@ def sweep_table(runs: dict[float, dict], previous: list[dict] | None = None) -> 
             rec = by_key.setdefault(r["key"], {"key": r["key"], "label": r["label"], "group": r["group"],
                                                "at": {}})
             rec["at"][f"{s:g}"] = {"ppl": r.get("ppl", {}), "params": r["params"], "sparsity": r["sparsity"],
-                                   "prune_s": r["prune_s"], "peak_rss_prune_mb": r["peak_rss_prune_mb"]}
+                                   "prune_s": r["prune_s"], "peak_rss_prune_mb": r["peak_rss_prune_mb"],
+                                   "threads": run.get("threads")}
     from daprune.evaluation.compare import table_order
 
     for rec in by_key.values():
@@ -161,10 +162,17 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_cost(rows: list[dict]) -> str:
-    """Pruning wall time (s) and peak RSS (MB) of every row at every sparsity."""
+def format_cost(rows: list[dict], threads: int | None = None) -> str:
+    """Pruning wall time (s) and peak RSS (MB) of every row at every sparsity, each column headed by the torch
+    thread count its rows ran at (cells may run in different sessions; ``threads``: for cells that predate the
+    per-cell record)."""
     cols = [f"{s:g}" for s in SPARSITIES]
-    lines = ["| Method | " + " | ".join(f"{float(c):.0%} s / MB" for c in cols) + " |",
+
+    def head(c: str) -> str:
+        ran = sorted({str(r["at"][c].get("threads") or threads) for r in rows if r["key"] != "dense" and c in r["at"]})
+        return f"{float(c):.0%} s / MB" + (f" ({', '.join(ran)} thr)" if ran else "")
+
+    lines = ["| Method | " + " | ".join(head(c) for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for r in rows:
         if r["key"] == "dense":
@@ -223,14 +231,16 @@ def cmd_merge(_args) -> int:
             continue
         rows = sweep_table(runs, before.get("rows"))
         first = next(iter(runs.values())) if runs else before
-        out["models"][model] = {"model": first.get("model"), "threads": first.get("threads"), "rows": rows,
+        # model-level threads: of the earliest cells, which record none of their own (cells record theirs)
+        out["models"][model] = {"model": first.get("model"), "threads": before.get("threads") or first.get("threads"),
+                                "rows": rows,
                                 "commands": {**before.get("commands", {}),
                                              **{f"{s:g}": run.get("command") for s, run in runs.items()}}}
         figure = plot_model(rows, model, FIGURES / f"sweep_{model}.png")
         parts = [f"### {model}"]
         parts += [f"{name} perplexity:\n\n{format_model(rows, corpus)}" for corpus, name in CORPORA.items()]
-        parts.append(f"Pruning wall time / peak RSS of the row's process ({first.get('threads')} thread(s)):\n\n"
-                     f"{format_cost(rows)}")
+        parts.append(f"Pruning wall time / peak RSS of the row's process (torch threads per column):\n\n"
+                     f"{format_cost(rows, before.get('threads') or first.get('threads'))}")
         if figure:
             parts.append(f"![{model} sweep](figures/{figure.name})")
         sections.append("\n\n".join(parts))

@@ -67,6 +67,20 @@ def test_merge_keeps_published_cells_a_new_run_does_not_replace(tmp_path, monkey
     assert [r["key"] for r in merged["rows"]] == ["dense", "ours-c"]
 
 
+def test_cost_columns_say_the_thread_count_their_cells_ran_at():
+    """Cells run in different sessions (one thread beside another job, or two): each cost column names its own
+    thread count; a published cell that predates the per-cell record takes the model's."""
+    sw = _sweep()
+    runs = {0.2: {"threads": 1, "rows": [_row("ours-c", "Ours", "o", 1.0, 1.0, prune_s=40.0)]},
+            0.5: {"threads": 2, "rows": [_row("ours-c", "Ours", "o", 1.0, 1.0, prune_s=20.0)]}}
+    table = sw.sweep_table(runs)
+    head = sw.format_cost(table).splitlines()[0]
+    assert head == "| Method | 10% s / MB | 20% s / MB (1 thr) | 30% s / MB | 50% s / MB (2 thr) |"
+    old = [{**r, "at": {c: {k: v for k, v in at.items() if k != "threads"} for c, at in r["at"].items()}}
+           for r in table]
+    assert sw.format_cost(old, threads=1).splitlines()[0].count("(1 thr)") == 2
+
+
 def test_summary_names_the_best_peer_of_each_cell_and_our_margin():
     sw = _sweep()
     runs = {0.2: {"rows": [_row("dense", "Dense", "dense", 50.0, 90.0), _row("wanda-sp", "Wanda-sp", "p", 120.0, 150.0),
