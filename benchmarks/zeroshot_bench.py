@@ -5,10 +5,13 @@ Usage::
     python benchmarks/zeroshot_bench.py [--model DIR] [--limit N] [--batch-size B] [--dtype bf16|fp32]
                                         [--tasks piqa,arc_easy] [--threads T] [--json FILE]
     python benchmarks/zeroshot_bench.py --compare-dtypes --tasks hellaswag,arc_easy --limit 300
+    python benchmarks/zeroshot_bench.py --side-by-side Dense=docs/a.json "Ours 20%=docs/b.json"
 
 The default model is the embedded SmolLM2-135M-Instruct (de-quantized from its GGUF). ``--compare-dtypes``
 scores the same documents in fp32 and bf16 and reports how often the chosen answer changes, to decide
-whether bf16 (much faster on CPU) stays within noise.
+whether bf16 (much faster on CPU) stays within noise. ``--side-by-side`` prints earlier results (JSONs of this
+script) as one markdown table, each task's reported metric per model and the difference from the first; it
+refuses results over different document counts, which would not be comparable.
 """
 
 from __future__ import annotations
@@ -90,6 +93,39 @@ def print_table(result: dict[str, Any]) -> None:
     )
 
 
+def side_by_side(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per task (the metric that enters the mean, in points), one column per labelled result,
+    then each later result's difference from the first; the first result's tasks, all of which every result must
+    have, scored on the same number of documents."""
+    if len(results) < 2:
+        raise ValueError("side by side needs at least two results")
+    (first_label, first), *rest = results.items()
+    for label, res in rest:
+        if res.get("limit") != first.get("limit"):
+            raise ValueError(f"{label!r} scored limit={res.get('limit')} docs per task, {first_label!r} "
+                             f"limit={first.get('limit')}: not comparable")
+        missing = set(first["tasks"]) - set(res["tasks"])
+        if missing:
+            raise ValueError(f"{label!r} has no result for {sorted(missing)}")
+        for task in first["tasks"]:
+            if res["tasks"][task]["n"] != first["tasks"][task]["n"]:
+                raise ValueError(f"{label!r} scored {res['tasks'][task]['n']} {task} docs, {first_label!r} "
+                                 f"{first['tasks'][task]['n']}")
+    labels = list(results)
+    head = ["task", "metric", *labels, *[f"{lab} - {first_label}" for lab in labels[1:]], "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task in first["tasks"]:
+        metric = first["mean_metrics"][task]
+        values = [100 * r["tasks"][task][metric] for r in results.values()]
+        cells = [task, metric, *[f"{v:.1f}" for v in values], *[f"{v - values[0]:+.1f}" for v in values[1:]],
+                 str(first["tasks"][task]["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    means = [100 * r["mean"] for r in results.values()]
+    lines.append("| **mean** | | " + " | ".join(f"**{m:.2f}**" for m in means) + " | "
+                 + " | ".join(f"**{m - means[0]:+.2f}**" for m in means[1:]) + " | |")
+    return "\n".join(lines)
+
+
 def _per_doc(samples: list[dict[str, Any]], metric: str) -> dict[int, tuple[list[float], float]]:
     """doc_id -> (log-likelihood of each choice, 0/1 correctness under ``metric``)."""
     return {s["doc_id"]: ([float(r[0]) for r in s["filtered_resps"]], float(s[metric])) for s in samples}
@@ -136,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-cache", default=None, metavar="DIR",
                         help="lm-eval request cache per model: a stopped run continues where it was")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--side-by-side", nargs="+", metavar="LABEL=FILE", default=None,
+                        help="print earlier results of this script as one markdown table (no evaluation)")
     parser.add_argument("--all-logits", action="store_true",
                         help="plain HFLM: vocabulary logits at every position (to time the saving)")
     args = parser.parse_args(argv)
@@ -154,13 +192,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.side_by_side:
+        pairs = [spec.partition("=") for spec in args.side_by_side]
+        if any(not label or not sep or not path for label, sep, path in pairs):
+            raise SystemExit("--side-by-side takes LABEL=FILE arguments")
+        print(side_by_side({label: json.loads(Path(path).read_text()) for label, _, path in pairs}))
+        return 0
     if args.compare_dtypes:
         out = compare_dtypes(args)
     else:
         out = run(args, args.dtype)
         print_table(out)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        from daprune.atomic import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), (json.dumps(out, indent=2, default=str) + "\n").encode())
     return 0
 
 

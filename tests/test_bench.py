@@ -176,3 +176,26 @@ def test_speed_bench_device_option(monkeypatch, gpu_count, capsys):
     gpu_count(0)
     assert sb.main(["--device", "cuda"]) == 2  # refused before any pruning
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def _zs(limit, **accs):
+    tasks = {t: {"acc": a, "acc_norm": a / 2, "n": 10} for t, a in accs.items()}
+    metrics = {t: ("acc_norm" if t == "hellaswag" else "acc") for t in accs}
+    mean = sum(tasks[t][metrics[t]] for t in tasks) / len(tasks)
+    return {"tasks": tasks, "mean_metrics": metrics, "mean": mean, "limit": limit}
+
+
+def test_zeroshot_side_by_side_reports_each_tasks_metric_and_refuses_unlike_runs():
+    zs = benchmark_module("zeroshot_bench")
+    table = zs.side_by_side({"Dense": _zs(10, piqa=0.6, hellaswag=0.5), "Ours": _zs(10, piqa=0.55, hellaswag=0.6)})
+    lines = table.splitlines()
+    assert lines[0] == "| task | metric | Dense | Ours | Ours - Dense | n |"
+    assert lines[2] == "| piqa | acc | 60.0 | 55.0 | -5.0 | 10 |"
+    assert lines[3] == "| hellaswag | acc_norm | 25.0 | 30.0 | +5.0 | 10 |"  # the metric the mean uses: acc_norm
+    assert lines[4] == "| **mean** | | **42.50** | **42.50** | **+0.00** | |"
+    with pytest.raises(ValueError, match="not comparable"):
+        zs.side_by_side({"a": _zs(10, piqa=0.6), "b": _zs(None, piqa=0.6)})
+    with pytest.raises(ValueError, match="no result"):
+        zs.side_by_side({"a": _zs(10, piqa=0.6, boolq=0.5), "b": _zs(10, piqa=0.6)})
+    with pytest.raises(ValueError, match="at least two"):
+        zs.side_by_side({"a": _zs(10, piqa=0.6)})
