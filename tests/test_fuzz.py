@@ -540,6 +540,9 @@ def hook(block, phase):  # the signal arrives mid-run, right after block 1's che
         os.kill(os.getpid(), signal.{sig})
 
 ck._test_kill = hook
+# a runner started in the background (`cmd &` in a script) hands SIGINT down ignored, and Python then never turns
+# it into KeyboardInterrupt: restore the default, as an interactive shell would have it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from daprune.cli import main
 sys.exit(main({argv!r}))
 """
