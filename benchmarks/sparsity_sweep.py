@@ -232,7 +232,8 @@ def cmd_merge(_args) -> int:
         rows = sweep_table(runs, before.get("rows"))
         first = next(iter(runs.values())) if runs else before
         # model-level threads: of the earliest cells, which record none of their own (cells record theirs)
-        out["models"][model] = {"model": first.get("model"), "threads": before.get("threads") or first.get("threads"),
+        threads = before.get("threads") or first.get("threads")
+        out["models"][model] = {"model": first.get("model"), "threads": threads,
                                 "rows": rows,
                                 "commands": {**before.get("commands", {}),
                                              **{f"{s:g}": run.get("command") for s, run in runs.items()}}}
@@ -240,7 +241,7 @@ def cmd_merge(_args) -> int:
         parts = [f"### {model}"]
         parts += [f"{name} perplexity:\n\n{format_model(rows, corpus)}" for corpus, name in CORPORA.items()]
         parts.append(f"Pruning wall time / peak RSS of the row's process (torch threads per column):\n\n"
-                     f"{format_cost(rows, before.get('threads') or first.get('threads'))}")
+                     f"{format_cost(rows, threads)}")
         if figure:
             parts.append(f"![{model} sweep](figures/{figure.name})")
         sections.append("\n\n".join(parts))

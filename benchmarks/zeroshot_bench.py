@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from daprune.atomic import atomic_write_bytes
 from daprune.evaluation.zeroshot import SEVEN_TASKS, evaluate_zeroshot, parse_tasks
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -204,8 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         out = run(args, args.dtype)
         print_table(out)
     if args.json:
-        from daprune.atomic import atomic_write_bytes
-
         atomic_write_bytes(Path(args.json), (json.dumps(out, indent=2, default=str) + "\n").encode())
     return 0
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -226,12 +224,12 @@ def test_heldout_recovery_needs_held_out_rows():
         _prune(tiny_model(), sparsity=0.25, recovery="heldout")
 
 
-def test_heldout_rows_from_another_source(one_thread):
+def test_heldout_rows_from_another_source(one_thread, tmp_path):
     """--heldout-calibration draws the held-out rows from another text than the calibration's: the scoring rows and
     what is pruned stay as with the calibration's own held-out rows (no statistic sees either), the held-out errors
     are measured on the other text (so they differ), and the report names the source."""
     text = "the quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire. " * 40
-    f = Path(tempfile.mkdtemp()) / "held.txt"
+    f = tmp_path / "held.txt"
     f.write_text(text)
     same = _prune(tiny_model(), sparsity=0.25, heldout_nsamples=4)
     other = _prune(tiny_model(), sparsity=0.25, heldout_nsamples=4, heldout_calibration=str(f))

@@ -279,12 +279,12 @@ class _Run:
 
         cfg = self.cfg
         held_source = cfg.heldout_calibration or cfg.calibration
-        check_tokenizer(self.tokenizer, cfg.calibration)
-        check_tokenizer(self.tokenizer, held_source)
-        generated = "self" in calibration_parts(cfg.calibration) + calibration_parts(held_source)
+        for source in dict.fromkeys((cfg.calibration, held_source)):
+            check_tokenizer(self.tokenizer, source)
+        parts = calibration_parts(cfg.calibration)
+        generated = "self" in parts + calibration_parts(held_source)
         cached = self.work.cached_ids() if self.work is not None and generated else None
         if cached is not None:
-            parts = calibration_parts(cfg.calibration)
             kind = "mixture" if len(parts) > 1 else "self-generated" if parts == ["self"] else "text"
             self.calib_info = {"source": cfg.calibration, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
                                "seed": cfg.seed, "kind": kind, "reused_from_work_folder": True}

@@ -57,8 +57,8 @@ def _prune_parser(sub) -> None:
                         "(error_heldout), which shows a re-fit's overfit (default 0: none)")
     p.add_argument("--heldout-calibration", default=d.heldout_calibration, metavar="SOURCE",
                    help="source of the --heldout-nsamples rows, as --calibration (default: the calibration's). "
-                        "Other text than the calibration's (e.g. self with lambada) makes --recovery heldout keep "
-                        "only re-fits that carry to other text")
+                        "Other text than the calibration's (e.g. self with lambada) makes --recovery heldout choose "
+                        "its re-fits on that text (measured: docs/quality.md)")
     p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior,
                    help="what the re-fit's ridge pulls toward (default: zero, the paper's; original under "
                         "--recovery heldout)")

@@ -93,7 +93,7 @@ class PruneConfig:
     # the scores and re-fits never saw (report.json error_heldout); 0: none (the default keeps runs as before)
     heldout_nsamples: int = 0
     # where the held-out rows come from (None: the --calibration source). Another text than the calibration's
-    # makes --recovery heldout keep only re-fits that carry to other text, not just to unseen rows of the same text
+    # makes --recovery heldout choose its re-fits on that text, not on unseen rows of the calibration's own
     heldout_calibration: str | None = None
     # what the re-fit's ridge pulls toward: "zero" (the paper's) or "original" (the weights before the re-fit);
     # None: zero, except original under --recovery heldout
