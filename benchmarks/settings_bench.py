@@ -54,6 +54,7 @@ SUITES = {
         "lambada+self": ["--calibration", "lambada+self", *M1],
         "128 samples, lambada+self": ["--nsamples", "128", "--calibration", "lambada+self", *M1],
         "lambada+self + heldout recovery": ["--calibration", "lambada+self", *HELDOUT_REC, *M1],
+        "mean compensation": ["--compensate-mean", *M1],
     },
 }
 MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}

@@ -88,6 +88,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--compensate-heads", action=argparse.BooleanOptionalAction, default=d.compensate_heads,
                    help="when a block loses heads, re-fit the kept o_proj columns by least squares to the full "
                         "attention output on the calibration rows (OBS compensation for heads; damping --obs-damp)")
+    p.add_argument("--compensate-mean", action=argparse.BooleanOptionalAction, default=d.compensate_mean,
+                   help="replace the removed FFN channels' and heads' mean contribution by a bias of down_proj / "
+                        "o_proj, and choose and compensate them on the centred covariance (adds those biases "
+                        "model-wide, as FLAP does)")
     p.add_argument("--head-split", choices=HEAD_SPLITS, default=d.head_split,
                    help="auto: heads vs channels by the output error estimated from second moments; measured: by "
                         "each candidate's real block output error (one trial forward per candidate); paper: same "

@@ -80,6 +80,9 @@ class PruneConfig:
     obs_damp: float = 1e-2
     # when heads go, least-squares compensate the kept o_proj columns for them (OBS for heads, damping obs_damp)
     compensate_heads: bool = False
+    # replace what the removed channels/heads add on average by a bias of down_proj / o_proj (their mean
+    # contribution), and choose and compensate on the centred covariance instead of the second moment
+    compensate_mean: bool = False
     tau: float = 0.05
     calibration: str = "lambada"
     nsamples: int = 16
@@ -177,6 +180,9 @@ class PruneConfig:
                 raise ConfigError(f"--recovery {self.recovery} re-fits the kept o_proj columns from scratch "
                                   "(ridge toward zero), replacing --compensate-heads' fit: drop one, or add "
                                   "--recovery-prior original so the re-fit starts from the compensated weights")
+        if self.compensate_mean and "flap" in (self.ffn_criterion, self.head_criterion):
+            raise ConfigError("the flap criterion adds the removed columns' mean contribution as a bias itself: "
+                              "drop --compensate-mean")
         if self.sparsity_basis not in SPARSITY_BASES:
             raise ConfigError(f"--sparsity-basis must be one of {', '.join(SPARSITY_BASES)}, "
                               f"got {self.sparsity_basis!r}")

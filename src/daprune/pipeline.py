@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL, PruneConfig
-from daprune.criteria.base import Criterion, get_criterion
+from daprune.criteria.base import Criterion, get_criterion, head_columns
 from daprune.criteria.similarity import JSAccumulator, algorithm2, select_head_plan
 from daprune.errors import CalibrationError, ConfigError, NumericalError
 from daprune.experts import ExpertRanker, check_moe_fit, is_moe, prune_experts, unit_stats
@@ -89,6 +89,8 @@ class BlockPruner:
         self.use_similarity = cfg.head_criterion == "similarity"
         # roles whose full centred covariance a criterion reads (a second Gram matmul: only where needed)
         self.cov_roles = ffn_crit.needs_cov | (head_crit.needs_cov if head_crit is not None else frozenset())
+        if cfg.compensate_mean:
+            self.cov_roles |= {"o_in", "down_in"}
         # the last greedy order: (its down_proj moments, the weight's storage and version, the order)
         self._greedy_memo: tuple[Moments, tuple[int, int], list[int]] | None = None
         # form each pruned block's stream output from its last statistics pass (daprune.replay); run_pipeline
@@ -182,6 +184,23 @@ class BlockPruner:
         """The least-squares statistics of ``role``: over every sample, extra re-fit samples included."""
         return m.get(f"{role}:fit", m[role])
 
+    def energy(self, mom: Moments) -> torch.Tensor:
+        """The matrix whose quadratic form is the output energy a set of removed inputs takes away: the second
+        moment, or under ``--compensate-mean`` the centred covariance (the mean part comes back as a bias)."""
+        return mom.cov if self.cfg.compensate_mean else mom.second
+
+    def compensate_mean(self, block: BlockAdapter, kind: str, before: torch.Tensor, keep: torch.Tensor | list[int],
+                        mom: Moments) -> None:
+        """``--compensate-mean``: add to the level-2 linear's bias what its output lost on average when its weight
+        went from ``before`` to the current one with only columns ``keep`` left, (W_before - W_after) E[x]."""
+        if not self.cfg.compensate_mean:
+            return
+        lin = block.attn_out() if kind == "attention" else block.ffn_out()
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        after = torch.zeros_like(before)
+        after[:, keep] = lin.weight.data.float()[:, keep]
+        block.add_output_bias(kind, (before - after) @ mom.mean.to(before.device))
+
     # -- recovery -----------------------------------------------------------------------------------
     def refit(self, linears: list, mom: Moments, cols: torch.Tensor | None = None,
               heldout: Moments | None = None) -> dict:
@@ -244,13 +263,13 @@ class BlockPruner:
         # exactly from the second moments of the o_proj and down_proj inputs.
         ffn_error = self.ffn_error(block, stats, max(p.channels for p in plans), trial)
         o = block.attn_out().weight.float()
-        z2 = stats.o_in.second
+        z2 = self.energy(stats.o_in)
         hd = block.head_dim
         measured = cfg.head_split == "measured" and trial is not None
         best, best_err = plans[0], float("inf")
         for plan in plans:
             heads = select_head_plan(block.head_groups(), plan.heads_per_group, plan.kv_groups, head_imp, redundant)
-            cols = torch.tensor([h * hd + i for h in heads for i in range(hd)], dtype=torch.long)
+            cols = head_columns(heads, hd)
             e_attn = self.attn_error(o, z2, cols) if heads else 0.0
             e_ffn, rm = ffn_error(plan.channels)
             row = {"attn": e_attn, "ffn": e_ffn, "channels": plan.channels, "estimate": e_attn + e_ffn}
@@ -321,7 +340,7 @@ class BlockPruner:
             ranker = ExpertRanker(self, block, unit_stats(block, rows[0], rows[2], self.cfg), rows[0], rows[2])
             return lambda c: (ranker.error(c, most), torch.empty(0, dtype=torch.long))
         ffn_rank = self.ffn_ranking(block, stats, most)
-        d, h2 = block.ffn_out().weight.float(), stats.down_in.second
+        d, h2 = block.ffn_out().weight.float(), self.energy(stats.down_in)
 
         def error(channels: int) -> tuple[float, torch.Tensor]:
             rm = ffn_rank[:channels]
@@ -346,15 +365,20 @@ class BlockPruner:
         if heads:
             gone = set(heads)
             keep_heads = [h for h in range(trial.n_heads) if h not in gone]
+            before = trial.attn_out().weight.data.float().clone()
             self.compensate_heads(trial, keep_heads, stats)
+            self.compensate_mean(trial, "attention", before, head_columns(keep_heads, trial.head_dim), stats.o_in)
             self.head_crit.after_head_prune(trial, heads, stats)
             trial.slice_heads(keep_heads)
         if removed:
             gone = set(removed)
             keep = [c for c in range(trial.n_channels) if c not in gone]
+            down = trial.ffn_out().weight
+            before = down.data.float().clone()
             if self.selection(block) == "obs":
-                down = trial.ffn_out().weight
-                down.data.copy_(compensate(down.float(), stats.down_in.second, keep, self.cfg.obs_damp).to(down.dtype))
+                down.data.copy_(compensate(down.float(), self.energy(stats.down_in), keep,
+                                           self.cfg.obs_damp).to(down.dtype))
+            self.compensate_mean(trial, "mlp", before, keep, stats.down_in)
             self.ffn_crit.after_ffn_prune(trial, removed, stats)
             trial.slice_ffn(keep)
         return trial
@@ -382,10 +406,9 @@ class BlockPruner:
         output on the scoring rows (what OBS does for the kept down_proj columns), before the heads are cut."""
         if not self.cfg.compensate_heads:
             return
-        hd = block.head_dim
-        cols = [h * hd + i for h in keep_heads for i in range(hd)]
+        cols = head_columns(keep_heads, block.head_dim).tolist()
         o = block.attn_out().weight
-        o.data.copy_(compensate(o.float(), stats.o_in.second, cols, self.cfg.obs_damp).to(o.dtype))
+        o.data.copy_(compensate(o.float(), self.energy(stats.o_in), cols, self.cfg.obs_damp).to(o.dtype))
 
     def ffn_ranking(self, block: BlockAdapter, stats: BlockStats, count: int, rule: str | None = None) -> torch.Tensor:
         """Channel indices, first the ``count`` to remove, in removal order; then the rest by score.
@@ -410,7 +433,7 @@ class BlockPruner:
         memo = self._greedy_memo
         if memo is not None and memo[0] is moments and memo[1] == key and len(memo[2]) >= count:
             return memo[2][:count]
-        order = greedy_order(w.float(), moments.second, count)
+        order = greedy_order(w.float(), self.energy(moments), count)
         self._greedy_memo = (moments, key, order)
         return order
 
@@ -459,9 +482,10 @@ class BlockPruner:
                                          redundant) if plan.heads_per_group or plan.kv_groups else []
         keep_heads = [h for h in range(block.n_heads) if h not in removed_heads]
         if removed_heads:
-            hd = block.head_dim
-            kept_cols = torch.tensor([h * hd + i for h in keep_heads for i in range(hd)], dtype=torch.long)
+            kept_cols = head_columns(keep_heads, block.head_dim)
+            before = block.attn_out().weight.data.float().clone()
             self.compensate_heads(block, keep_heads, stats)
+            self.compensate_mean(block, "attention", before, kept_cols, stats.o_in)
             if post:
                 rec.damping["o_post"] = self.refit([block.attn_out()], o_fit, kept_cols, m.get("o_in:heldout"))
             self.head_crit.after_head_prune(block, removed_heads, stats)
@@ -496,15 +520,19 @@ class BlockPruner:
         if paper:
             rec.damping["down"] = self.refit([block.ffn_out()], down_fit)
         rec.plan["selection"] = self.selection(block)
+        before = block.ffn_out().weight.data.float().clone() if cfg.compensate_mean else None
         if rec.plan["selection"] == "obs" and plan.channels:
             # OBS: greedy removal with least-squares compensation of the kept down_proj columns
-            order, w = obs_ranking(block.ffn_out().weight.float(), stats.down_in.second, plan.channels, cfg.obs_damp)
+            order, w = obs_ranking(block.ffn_out().weight.float(), self.energy(stats.down_in), plan.channels,
+                                   cfg.obs_damp)
             block.ffn_out().weight.data.copy_(w.to(block.ffn_out().weight.dtype))
         else:
             order = self.ffn_ranking(block, stats, plan.channels)
         removed = order[: plan.channels]
         keep = torch.sort(order[plan.channels :]).values
         if plan.channels:
+            if before is not None:
+                self.compensate_mean(block, "mlp", before, keep, stats.down_in)
             if post:
                 rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep, m.get("down_in:heldout"))
             self.ffn_crit.after_ffn_prune(block, removed.tolist(), stats)
@@ -517,9 +545,12 @@ class BlockPruner:
         if cfg.recovery != "none":  # the same choices without any re-fit, for the report
             plain = copy_block(dense)
             if removed_heads:
+                self.compensate_mean(plain, "attention", plain.attn_out().weight.data.float().clone(), kept_cols,
+                                     stats.o_in)
                 self.head_crit.after_head_prune(plain, removed_heads, stats)
                 plain.slice_heads(keep_heads)
             if plan.channels:
+                self.compensate_mean(plain, "mlp", plain.ffn_out().weight.data.float().clone(), keep, stats.down_in)
                 self.ffn_crit.after_ffn_prune(plain, removed.tolist(), stats)
                 plain.slice_ffn(keep.tolist())
             rec.error_no_recovery, rec.error_no_recovery_heldout = self.split_errors(plain, xp, yd, ctx)

@@ -87,6 +87,11 @@ def head_blocks(weight: torch.Tensor, head_dim: int, dim: int) -> torch.Tensor:
     return w.reshape(-1, head_dim, w.shape[1])
 
 
+def head_columns(heads: Sequence[int], head_dim: int) -> torch.Tensor:
+    """The o_proj input columns of ``heads`` (each head owns ``head_dim`` consecutive columns)."""
+    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
+
+
 def o_head_second_moment(block: BlockAdapter, stats: BlockStats) -> torch.Tensor:
     """E||z_h W_o[:, h]^T||^2 per head: the exact energy each head adds to the attention output."""
     w = block.attn_out().weight.float()

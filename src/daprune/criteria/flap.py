@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from daprune.criteria.base import Criterion, register
+from daprune.criteria.base import Criterion, head_columns, register
 from daprune.models.adapter import BlockAdapter
 from daprune.stats import BlockStats, Moments
 
@@ -33,10 +33,6 @@ def fluctuation(weight: torch.Tensor, mom: Moments) -> torch.Tensor:
     """Var(X_j) * ||W[:, j]||^2 for every input column j (variance over calibration tokens)."""
     var = mom.var.clamp_min(0)  # accumulated centred: no E[x^2] - m^2 cancellation on high-mean channels
     return var * weight.float().pow(2).sum(0)
-
-
-def head_columns(heads: Sequence[int], head_dim: int) -> torch.Tensor:
-    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
 
 
 @register
