@@ -56,6 +56,8 @@ def check_moe_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     if cfg.head_split == "measured":
         raise ConfigError(f"--head-split measured is not implemented for mixture-of-experts blocks ({what}); "
                           "use auto, paper or ffn-only")
+    if cfg.compensate_mean:  # the expert path ranks and slices experts on their own; no bias is folded there
+        raise ConfigError(f"--compensate-mean is not implemented for mixture-of-experts blocks ({what})")
 
 
 def unit_stats(block: MoEBlock, x: torch.Tensor, ctx: dict, cfg: PruneConfig, full_cov: bool = False
