@@ -55,6 +55,10 @@ SUITES = {
         "128 samples, lambada+self": ["--nsamples", "128", "--calibration", "lambada+self", *M1],
         "lambada+self + heldout recovery": ["--calibration", "lambada+self", *HELDOUT_REC, *M1],
         "mean compensation": ["--compensate-mean", *M1],
+        "self-generated": ["--calibration", "self", *M1],
+        "self-generated + heldout recovery": ["--calibration", "self", *HELDOUT_REC, *M1],
+        "self-generated + sensitivity + heldout recovery": ["--calibration", "self", "--schedule", "sensitivity",
+                                                            *HELDOUT_REC, *M1],
     },
 }
 MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}
@@ -74,7 +78,8 @@ def run_row(model_args: list[str], extra: list[str], windows: int) -> dict:
             "prune_s": report["timings"]["total_s"], "ppl": report["eval"]["ppl"],
             "params_after": report["params"]["after"], "achieved_sparsity": report["params"]["achieved_sparsity"],
             "achieved_block_sparsity": report["params"]["achieved_block_sparsity"],
-            "uniform": report["shapes"]["uniform"], "layout": report.get("layout"),
+            "threads": os.environ.get("OMP_NUM_THREADS", "default"), "uniform": report["shapes"]["uniform"],
+            "layout": report.get("layout"),
             "widths": sorted({s.get("intermediate_size") for s in shapes}),
             "heads": sorted({s.get("num_attention_heads") for s in shapes})}
 
@@ -114,11 +119,15 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="model path (gemma3: the assembled GGUF)")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--suite", choices=sorted(SUITES), default="layout")
-    ap.add_argument("--rows", default=None, help="comma-separated subset of the suite's rows")
+    ap.add_argument("--rows", default=None, help="subset of the suite's rows, separated by ';'")
     ap.add_argument("--json", default=None, help="default docs/<suite>_<which>.json")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     rows = SUITES[args.suite]
+    wanted = None if args.rows is None else [r.strip() for r in args.rows.split(";") if r.strip()]
+    unknown = sorted(set(wanted or ()) - set(rows))
+    if unknown:
+        raise SystemExit(f"unknown row(s) {unknown} in suite {args.suite}; choose from {list(rows)}")
     path = Path(args.json or f"docs/{args.suite}_{args.which}.json")
     data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
     data.update({"model": args.model or "embedded SmolLM2-135M-Instruct", "windows": args.windows,
@@ -126,7 +135,7 @@ def main() -> int:
                  "threads": os.environ.get("OMP_NUM_THREADS", "default")})
     if not args.table_only:
         model_args = (["--model", args.model] if args.model else []) + MODELS[args.which]
-        todo = ["dense"] + [r for r in rows if args.rows is None or r in args.rows.split(",")]
+        todo = ["dense"] + [r for r in rows if wanted is None or r in wanted]
         for name in todo:
             if name in data["rows"]:
                 continue
