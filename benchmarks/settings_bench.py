@@ -1,5 +1,6 @@
 """Quality cost of one setting at a time, on real models: the output layout and --channel-multiple
-(suite ``layout``, docs/layout.md) and the quality levers of issue "Quality" (suite ``quality``, docs/quality.md).
+(suite ``layout``, docs/layout.md) and the quality levers of issue "Quality" (suites ``quality`` and
+``calibration``, docs/quality.md).
 
 Each row is one plain ``daprune prune`` (20% removed; SmolLM2 of all parameters, Gemma-3-270M of the block
 parameters) with one setting changed, evaluated by the same run (``--eval``: held-out LAMBADA passages,
@@ -28,6 +29,11 @@ import time
 from pathlib import Path
 
 CORPORA = "lambada-heldout,wikitext2,ptb"
+# the calibration-text suite also scores held-out CoQA (stories, exams, Wikipedia, literature, news): a text choice
+# is judged on both held-out corpora, each one calibration source's own domain
+SUITE_CORPORA = {"calibration": "lambada-heldout,coqa-heldout,wikitext2,ptb"}
+LABELS = {"lambada-heldout": "LAMBADA (held-out)", "coqa-heldout": "CoQA (held-out)", "wikitext2": "WikiText-2",
+          "ptb": "PTB"}
 M1 = ["--channel-multiple", "1"]  # quality rows: comparable with docs/compare.md
 HELDOUT_REC = ["--recovery", "heldout", "--heldout-nsamples", "16"]
 SUITES = {
@@ -60,14 +66,23 @@ SUITES = {
         "self-generated + sensitivity + heldout recovery": ["--calibration", "self", "--schedule", "sensitivity",
                                                             *HELDOUT_REC, *M1],
     },
+    "calibration": {  # which text the statistics and re-fits see (default: lambada, book text)
+        "lambada": M1,
+        "coqa": ["--calibration", "coqa", *M1],
+        "lambada+coqa": ["--calibration", "lambada+coqa", *M1],
+        "coqa+self": ["--calibration", "coqa+self", *M1],
+        "coqa + heldout recovery": ["--calibration", "coqa", *HELDOUT_REC, *M1],
+        "coqa, 128 samples": ["--calibration", "coqa", "--nsamples", "128", *M1],
+        "coqa, 128 samples + heldout recovery": ["--calibration", "coqa", "--nsamples", "128", *HELDOUT_REC, *M1],
+    },
 }
 MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}
 
 
-def run_row(model_args: list[str], extra: list[str], windows: int) -> dict:
+def run_row(model_args: list[str], extra: list[str], windows: int, corpora: str) -> dict:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         out = Path(tmp) / "pruned"
-        cmd = ["daprune", "prune", "--out", str(out), "--sparsity", "0.2", "--eval", CORPORA, "--max-windows",
+        cmd = ["daprune", "prune", "--out", str(out), "--sparsity", "0.2", "--eval", corpora, "--max-windows",
                str(windows), "--quiet", *model_args, *extra]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -84,23 +99,24 @@ def run_row(model_args: list[str], extra: list[str], windows: int) -> dict:
             "heads": sorted({s.get("num_attention_heads") for s in shapes})}
 
 
-def run_dense(model_args: list[str], windows: int) -> dict:
+def run_dense(model_args: list[str], windows: int, corpora: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dense.json"
         model = [a for i, a in enumerate(model_args) if i and model_args[i - 1] == "--model"]
-        cmd = ["daprune", "eval", *(["--model", model[0]] if model else []), "--ppl", CORPORA,
+        cmd = ["daprune", "eval", *(["--model", model[0]] if model else []), "--ppl", corpora,
                "--max-windows", str(windows), "--json", str(path), "--quiet"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         return {"command": " ".join(cmd[:-3]), "ppl": json.loads(path.read_text())["ppl"]}
 
 
 def table(data: dict) -> str:
+    corpora = data.get("corpora", CORPORA).split(",")
     dense = data["rows"].get("dense", {}).get("ppl", {})
-    lines = ["| setting | uniform config | FFN widths | heads | removed | LAMBADA (held-out) | WikiText-2 | PTB "
-             "| prune s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | uniform config | FFN widths | heads | removed | "
+             + " | ".join(LABELS.get(c, c) for c in corpora) + " | prune s |",
+             "|---|---|---|---|---|" + "---|" * len(corpora) + "---|"]
     if dense:
-        lines.append(f"| dense | - | - | - | - | {dense['lambada-heldout']:.2f} | {dense['wikitext2']:.2f} | "
-                     f"{dense['ptb']:.2f} | - |")
+        lines.append("| dense | - | - | - | - | " + " | ".join(f"{dense[c]:.2f}" for c in corpora) + " | - |")
     for name, row in data["rows"].items():
         if name == "dense":
             continue
@@ -108,8 +124,8 @@ def table(data: dict) -> str:
         widths = ", ".join(str(w) for w in row["widths"][:4]) + (" ..." if len(row["widths"]) > 4 else "")
         removed = row["achieved_block_sparsity"] if data["basis"] == "blocks" else row["achieved_sparsity"]
         lines.append(f"| {name} | {'yes' if row['uniform'] else 'no'} | {widths} | "
-                     f"{', '.join(str(h) for h in row['heads'])} | {removed:.1%} | {p['lambada-heldout']:.2f} | "
-                     f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {row['prune_s']:.0f} |")
+                     f"{', '.join(str(h) for h in row['heads'])} | {removed:.1%} | "
+                     + " | ".join(f"{p[c]:.2f}" for c in corpora) + f" | {row['prune_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -130,7 +146,9 @@ def main() -> int:
         raise SystemExit(f"unknown row(s) {unknown} in suite {args.suite}; choose from {list(rows)}")
     path = Path(args.json or f"docs/{args.suite}_{args.which}.json")
     data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    corpora = SUITE_CORPORA.get(args.suite, CORPORA)
     data.update({"model": args.model or "embedded SmolLM2-135M-Instruct", "windows": args.windows,
+                 "corpora": corpora,
                  "basis": "blocks" if args.which == "gemma3" else "total", "sparsity": 0.2,
                  "threads": os.environ.get("OMP_NUM_THREADS", "default")})
     if not args.table_only:
@@ -140,8 +158,8 @@ def main() -> int:
             if name in data["rows"]:
                 continue
             print(f"[{name}] ...", file=sys.stderr, flush=True)
-            data["rows"][name] = run_dense(model_args, args.windows) if name == "dense" else \
-                run_row(model_args, rows[name], args.windows)
+            data["rows"][name] = run_dense(model_args, args.windows, corpora) if name == "dense" else \
+                run_row(model_args, rows[name], args.windows, corpora)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             os.replace(tmp, path)

