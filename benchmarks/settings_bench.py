@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ LABELS = {"lambada-heldout": "LAMBADA (held-out)", "coqa-heldout": "CoQA (held-o
           "ptb": "PTB"}
 M1 = ["--channel-multiple", "1"]  # quality rows: comparable with docs/compare.md
 HELDOUT_REC = ["--recovery", "heldout", "--heldout-nsamples", "16"]
+WANDA_SP = ["--ffn-criterion", "wanda-sp", "--head-criterion", "wanda-sp", "--selection", "score"]
 SUITES = {
     "layout": {  # name: extra prune arguments (per-layer: the default layout; mN: --channel-multiple N)
         "per-layer": M1,
@@ -72,8 +74,24 @@ SUITES = {
         "lambada+coqa": ["--calibration", "lambada+coqa", *M1],
         "coqa+self": ["--calibration", "coqa+self", *M1],
         "coqa + heldout recovery": ["--calibration", "coqa", *HELDOUT_REC, *M1],
+        "lambada, 128 samples": ["--nsamples", "128", *M1],
         "coqa, 128 samples": ["--calibration", "coqa", "--nsamples", "128", *M1],
         "coqa, 128 samples + heldout recovery": ["--calibration", "coqa", "--nsamples", "128", *HELDOUT_REC, *M1],
+        "lambada+coqa + heldout recovery": ["--calibration", "lambada+coqa", *HELDOUT_REC, *M1],
+        "coqa+self + heldout recovery": ["--calibration", "coqa+self", *HELDOUT_REC, *M1],
+        "lambada+coqa+self": ["--calibration", "lambada+coqa+self", *M1],
+        "lambada+coqa+self + heldout recovery": ["--calibration", "lambada+coqa+self", *HELDOUT_REC, *M1],
+        "lambada+coqa, 128 samples": ["--calibration", "lambada+coqa", "--nsamples", "128", *M1],
+        "lambada+coqa, 256 samples": ["--calibration", "lambada+coqa", "--nsamples", "256", *M1],
+        "lambada+coqa+self, 128 samples": ["--calibration", "lambada+coqa+self", "--nsamples", "128", *M1],
+        "lambada+self, 128 samples": ["--calibration", "lambada+self", "--nsamples", "128", *M1],
+        "coqa+self, 128 samples": ["--calibration", "coqa+self", "--nsamples", "128", *M1],
+        "coqa, 256 samples": ["--calibration", "coqa", "--nsamples", "256", *M1],
+        "coqa, 128 samples, seqlen 256": ["--calibration", "coqa", "--nsamples", "128", "--seqlen", "256", *M1],
+        # the best peer (docs/compare.md) on the same texts: does a calibration text help ours more than it?
+        "wanda-sp": [*WANDA_SP, *M1],
+        "wanda-sp, coqa": [*WANDA_SP, "--calibration", "coqa", *M1],
+        "wanda-sp, coqa, 128 samples": [*WANDA_SP, "--calibration", "coqa", "--nsamples", "128", *M1],
     },
 }
 MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}
@@ -109,23 +127,35 @@ def run_dense(model_args: list[str], windows: int, corpora: str) -> dict:
         return {"command": " ".join(cmd[:-3]), "ppl": json.loads(path.read_text())["ppl"]}
 
 
+def heldout_mean(ppl: dict, corpora: list[str]) -> float | None:
+    """Geometric mean perplexity over the held-out corpora when there are several (the calibration suite's
+    tuning signal: each calibration text is in-domain for one of them), else None."""
+    held = [ppl[c] for c in corpora if c.endswith("-heldout")]
+    return math.exp(sum(map(math.log, held)) / len(held)) if len(held) > 1 else None
+
+
 def table(data: dict) -> str:
     corpora = data.get("corpora", CORPORA).split(",")
+    mean = sum(c.endswith("-heldout") for c in corpora) > 1
+    labels = [LABELS.get(c, c) for c in corpora] + (["held-out geo. mean"] if mean else [])
     dense = data["rows"].get("dense", {}).get("ppl", {})
-    lines = ["| setting | uniform config | FFN widths | heads | removed | "
-             + " | ".join(LABELS.get(c, c) for c in corpora) + " | prune s |",
-             "|---|---|---|---|---|" + "---|" * len(corpora) + "---|"]
+
+    def cells(p: dict) -> str:
+        values = [p[c] for c in corpora] + ([heldout_mean(p, corpora)] if mean else [])
+        return " | ".join(f"{v:.2f}" for v in values)
+
+    lines = ["| setting | uniform config | FFN widths | heads | removed | " + " | ".join(labels) + " | prune s |",
+             "|---|---|---|---|---|" + "---|" * len(labels) + "---|"]
     if dense:
-        lines.append("| dense | - | - | - | - | " + " | ".join(f"{dense[c]:.2f}" for c in corpora) + " | - |")
+        lines.append(f"| dense | - | - | - | - | {cells(dense)} | - |")
     for name, row in data["rows"].items():
         if name == "dense":
             continue
-        p = row["ppl"]
         widths = ", ".join(str(w) for w in row["widths"][:4]) + (" ..." if len(row["widths"]) > 4 else "")
         removed = row["achieved_block_sparsity"] if data["basis"] == "blocks" else row["achieved_sparsity"]
         lines.append(f"| {name} | {'yes' if row['uniform'] else 'no'} | {widths} | "
-                     f"{', '.join(str(h) for h in row['heads'])} | {removed:.1%} | "
-                     + " | ".join(f"{p[c]:.2f}" for c in corpora) + f" | {row['prune_s']:.0f} |")
+                     f"{', '.join(str(h) for h in row['heads'])} | {removed:.1%} | {cells(row['ppl'])} | "
+                     f"{row['prune_s']:.0f} |")
     return "\n".join(lines)
 
 
