@@ -88,6 +88,10 @@ SUITES = {
         "coqa+self, 128 samples": ["--calibration", "coqa+self", "--nsamples", "128", *M1],
         "coqa, 256 samples": ["--calibration", "coqa", "--nsamples", "256", *M1],
         "coqa, 128 samples, seqlen 256": ["--calibration", "coqa", "--nsamples", "128", "--seqlen", "256", *M1],
+        "lambada+coqa, 128 samples, seqlen 256": ["--calibration", "lambada+coqa", "--nsamples", "128", "--seqlen",
+                                                  "256", *M1],
+        "lambada+coqa, 128 samples + sensitivity": ["--calibration", "lambada+coqa", "--nsamples", "128", "--schedule",
+                                                    "sensitivity", *M1],
         # the best peer (docs/compare.md) on the same texts: does a calibration text help ours more than it?
         "wanda-sp": [*WANDA_SP, *M1],
         "wanda-sp, coqa": [*WANDA_SP, "--calibration", "coqa", *M1],

@@ -1,4 +1,4 @@
-"""Zero-shot accuracy of a model on the seven standard tasks (lm-eval, offline data when installed).
+"""Zero-shot accuracy of a model on the seven standard tasks, or the tuning tasks (lm-eval, offline data).
 
 Usage::
 
@@ -163,7 +163,8 @@ def compare_dtypes(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF model folder (default: embedded SmolLM2)")
-    parser.add_argument("--tasks", default=",".join(SEVEN_TASKS), help="comma list or 'all' (default: all seven)")
+    parser.add_argument("--tasks", default=",".join(SEVEN_TASKS),
+                        help="comma list, 'all' (the seven, default) or 'dev' (the tuning tasks sciq,social_iqa,copa)")
     parser.add_argument("--limit", type=int, default=None, help="first N documents of each task")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

@@ -45,7 +45,7 @@ def smollm2(smollm: tuple[Any, Any, str]) -> Iterator[tuple[Any, Any]]:
 
 @pytest.fixture(scope="module")
 def offline_tasks() -> dict[str, Any]:
-    return zs.load_tasks(zs.SEVEN_TASKS, offline=True)
+    return zs.load_tasks([*zs.SEVEN_TASKS, *zs.DEV_TASKS], offline=True)
 
 
 # ----------------------------------------------------------------------------- task names
@@ -54,7 +54,11 @@ def offline_tasks() -> dict[str, Any]:
 def test_parse_tasks_accepts_lists_and_all() -> None:
     assert zs.parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
     assert zs.parse_tasks("all") == list(zs.SEVEN_TASKS)
-    assert set(zs.MEAN_METRIC) == set(zs.SEVEN_TASKS)
+    dev = ["sciq", "social_iqa", "copa", "arc_easy_val", "arc_challenge_val", "openbookqa_val"]
+    assert zs.parse_tasks("dev") == dev
+    assert zs.parse_tasks("copa,dev,piqa") == ["copa", *[t for t in dev if t != "copa"], "piqa"]
+    assert not set(zs.DEV_TASKS) & set(zs.SEVEN_TASKS)
+    assert set(zs.MEAN_METRIC) == set(zs.EXPECTED_DOCS) == set(zs.OFFLINE_SOURCES) == {*zs.SEVEN_TASKS, *zs.DEV_TASKS}
 
 
 def test_parse_tasks_rejects_unknown_task() -> None:
@@ -97,17 +101,34 @@ def test_offline_tasks_are_lm_evals_standard_tasks(tmp_path: Path) -> None:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     data_keys = {"dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split", "test_split"}
-    folder = zs.write_offline_task_yamls(zs.SEVEN_TASKS, tmp_path)
+    folder = zs.write_offline_task_yamls([*zs.SEVEN_TASKS, *zs.DEV_TASKS], tmp_path)
     index = TaskManager().task_index
-    for name in zs.SEVEN_TASKS:
-        standard = load_yaml(index[name].yaml_path)
+    for name in (*zs.SEVEN_TASKS, *zs.DEV_TASKS):
+        # a validation-split tuning task is the reported task under another name
+        standard = load_yaml(index[name.removesuffix("_val")].yaml_path)
         ours = load_yaml(folder / f"{name}.yaml")
-        assert set(ours) - set(standard) <= data_keys, name
-        for key in set(standard) - data_keys:
+        own = data_keys | ({"task"} if name.endswith("_val") else set())
+        assert set(ours) - set(standard) <= own, name
+        assert ours.get("task", name) == name
+        for key in set(standard) - own:
             assert ours[key] == standard[key], f"{name}: {key} differs from lm-eval's standard task"
         split = zs.OFFLINE_SOURCES[name].split
-        assert split == (standard.get("test_split") or standard["validation_split"])
+        if name in zs.DEV_TASKS:  # tuning tasks: the standard task's validation split (lm-eval scores SciQ on test)
+            assert split == standard["validation_split"] == "validation"
+        else:
+            assert split == (standard.get("test_split") or standard["validation_split"])
         assert ours[f"{split}_split"] == split and list(ours["dataset_kwargs"]["data_files"]) == [split]
+
+
+@needs_offline
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "openbookqa"])
+def test_validation_tuning_tasks_share_no_question_with_the_reported_test_split(
+    offline_tasks: dict[str, Any], task: str
+) -> None:
+    test_ids = {doc["id"] for doc in offline_tasks[task].eval_docs}
+    val_ids = {doc["id"] for doc in offline_tasks[f"{task}_val"].eval_docs}
+    assert len(test_ids) == zs.EXPECTED_DOCS[task] and len(val_ids) == zs.EXPECTED_DOCS[f"{task}_val"]
+    assert not test_ids & val_ids
 
 
 def _hf_rows(relpath: str) -> dict[str, dict[str, Any]]:
@@ -176,12 +197,28 @@ def _loglikelihood(model: Any, tokenizer: Any, context: str, continuation: str) 
 
 
 def _standard_prompt(task: str, doc: dict[str, Any]) -> tuple[str, list[str], int]:
-    """Context, choice strings and gold index, written out from the standard task definitions."""
+    """Context, choice strings and gold index, written out from the standard task definitions (each choice
+    is scored after lm-eval's target delimiter, one space)."""
     if task == "piqa":
         return f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"])
-    if task == "arc_easy":
+    if task in ("arc_easy", "arc_easy_val", "arc_challenge_val"):
         labels = doc["choices"]["label"]
         return f"Question: {doc['question']}\nAnswer:", doc["choices"]["text"], labels.index(doc["answerKey"])
+    if task == "openbookqa_val":
+        labels = doc["choices"]["label"]
+        return doc["question_stem"], doc["choices"]["text"], labels.index(doc["answerKey"].strip())
+    if task == "sciq":  # the correct answer is always listed last
+        choices = [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]]
+        return f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:", choices, 3
+    if task == "social_iqa":  # labels are "1".."3"
+        choices = [doc["answerA"], doc["answerB"], doc["answerC"]]
+        return f"Q: {doc['context']} {doc['question']}\nA:", choices, int(doc["label"]) - 1
+    # "<premise without its period> because|therefore" + " <choice, first letter lowered>"; lm-eval's delimiter
+    # adds a second space in front (its own COPA config, which it warns about), so the plain-torch side does too
+    if task == "copa":
+        connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
+        choices = [" " + c[0].lower() + c[1:] for c in (doc["choice1"], doc["choice2"])]
+        return f"{doc['premise'].strip().removesuffix('.')} {connector}", choices, int(doc["label"])
     raise AssertionError(task)
 
 
@@ -201,9 +238,9 @@ def _assert_same_decision(ours: list[float], theirs: list[float], lengths: list[
 
 
 @needs_offline
-def test_lm_eval_choices_match_plain_torch(smollm2: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("tasks", [["piqa", "arc_easy"], list(zs.DEV_TASKS)], ids=["reported", "dev"])
+def test_lm_eval_choices_match_plain_torch(smollm2: tuple[Any, Any], tasks: list[str]) -> None:
     model, tokenizer = smollm2
-    tasks = ["piqa", "arc_easy"]
     result = zs.evaluate_zeroshot(model, tokenizer, tasks, limit=5, batch_size=4, progress=False, log_samples=True)
     assert result["offline"] is True and result["limit"] == 5
     for task in tasks:
@@ -221,12 +258,16 @@ def test_lm_eval_choices_match_plain_torch(smollm2: tuple[Any, Any]) -> None:
             _assert_same_decision(ours, theirs, lengths)
             accs.append(float(_argmax(ours) == gold))
             norms.append(float(_argmax([x / n for x, n in zip(ours, lengths, strict=True)]) == gold))
-            assert sample["acc"] == accs[-1] and sample["acc_norm"] == norms[-1]
+            assert sample["acc"] == accs[-1] and sample.get("acc_norm", norms[-1]) == norms[-1]
         assert math.isclose(result["tasks"][task]["acc"], sum(accs) / len(accs))
-        assert math.isclose(result["tasks"][task]["acc_norm"], sum(norms) / len(norms))
-    expected_mean = (result["tasks"]["piqa"]["acc"] + result["tasks"]["arc_easy"]["acc_norm"]) / 2
-    assert result["mean"] == pytest.approx(expected_mean)
-    assert result["mean_metrics"] == {"piqa": "acc", "arc_easy": "acc_norm"}
+        if task in ("social_iqa", "copa"):  # lm-eval defines acc only
+            assert result["tasks"][task]["acc_norm"] is None
+        else:
+            assert math.isclose(result["tasks"][task]["acc_norm"], sum(norms) / len(norms))
+    metric = {"piqa": "acc", "arc_easy": "acc_norm", "sciq": "acc_norm", "social_iqa": "acc", "copa": "acc",
+              "arc_easy_val": "acc_norm", "arc_challenge_val": "acc_norm", "openbookqa_val": "acc_norm"}
+    assert result["mean"] == pytest.approx(sum(result["tasks"][t][metric[t]] for t in tasks) / len(tasks))
+    assert result["mean_metrics"] == {t: metric[t] for t in tasks}
 
 
 @needs_offline

