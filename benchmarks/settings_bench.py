@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,11 @@ SUITES = {
                                                   "256", *M1],
         "lambada+coqa, 128 samples + sensitivity": ["--calibration", "lambada+coqa", "--nsamples", "128", "--schedule",
                                                     "sensitivity", *M1],
+        "lambada+coqa, 128 samples + sensitivity on 16 rows": ["--calibration", "lambada+coqa", "--nsamples", "128",
+                                                               "--schedule", "sensitivity", "--sensitivity-nsamples",
+                                                               "16", *M1],
+        "lambada+coqa+self, 128 samples + sensitivity": ["--calibration", "lambada+coqa+self", "--nsamples", "128",
+                                                         "--schedule", "sensitivity", *M1],
         # the best peer (docs/compare.md) on the same texts: does a calibration text help ours more than it?
         "wanda-sp": [*WANDA_SP, *M1],
         "wanda-sp, coqa": [*WANDA_SP, "--calibration", "coqa", *M1],
@@ -101,9 +107,11 @@ SUITES = {
 MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}
 
 
-def run_row(model_args: list[str], extra: list[str], windows: int, corpora: str) -> dict:
+def run_row(model_args: list[str], extra: list[str], windows: int, corpora: str, keep: Path | None = None) -> dict:
+    """One row's ``daprune prune``; ``keep`` is a folder for the pruned model (e.g. for a zero-shot run later),
+    else it is written to a temporary folder and deleted."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        out = Path(tmp) / "pruned"
+        out = keep if keep is not None else Path(tmp) / "pruned"
         cmd = ["daprune", "prune", "--out", str(out), "--sparsity", "0.2", "--eval", corpora, "--max-windows",
                str(windows), "--quiet", *model_args, *extra]
         t0 = time.perf_counter()
@@ -172,6 +180,8 @@ def main() -> int:
     ap.add_argument("--rows", default=None, help="subset of the suite's rows, separated by ';'")
     ap.add_argument("--json", default=None, help="default docs/<suite>_<which>.json")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--keep-models", default=None, metavar="DIR",
+                    help="keep each row's pruned model under DIR/<row name> instead of deleting it")
     args = ap.parse_args()
     rows = SUITES[args.suite]
     wanted = None if args.rows is None else [r.strip() for r in args.rows.split(";") if r.strip()]
@@ -192,8 +202,9 @@ def main() -> int:
             if name in data["rows"]:
                 continue
             print(f"[{name}] ...", file=sys.stderr, flush=True)
+            keep = Path(args.keep_models) / re.sub(r"[^A-Za-z0-9+.-]+", "_", name) if args.keep_models else None
             data["rows"][name] = run_dense(model_args, args.windows, corpora) if name == "dense" else \
-                run_row(model_args, rows[name], args.windows, corpora)
+                run_row(model_args, rows[name], args.windows, corpora, keep)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             os.replace(tmp, path)
