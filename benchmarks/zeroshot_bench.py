@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from daprune.atomic import atomic_write_bytes
-from daprune.evaluation.zeroshot import SEVEN_TASKS, evaluate_zeroshot, parse_tasks
+from daprune.evaluation.zeroshot import SEVEN_TASKS, TASKS_HELP, evaluate_zeroshot, parse_tasks
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -163,8 +163,7 @@ def compare_dtypes(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF model folder (default: embedded SmolLM2)")
-    parser.add_argument("--tasks", default=",".join(SEVEN_TASKS),
-                        help="comma list, 'all' (the seven, default) or 'dev' (the tuning tasks sciq,social_iqa,copa)")
+    parser.add_argument("--tasks", default=",".join(SEVEN_TASKS), help=f"{TASKS_HELP} (default: all)")
     parser.add_argument("--limit", type=int, default=None, help="first N documents of each task")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

@@ -26,6 +26,7 @@ from daprune.config import (
     PruneConfig,
 )
 from daprune.errors import DapruneError, Interrupted
+from daprune.evaluation.zeroshot import TASKS_HELP
 
 # Each module exposes add_parser(subparsers) -> {command_name: handler(args) -> exit code}.
 PLUGINS = ("daprune.evaluation.compare", "daprune.evaluation.bench", "daprune.export.cli")
@@ -155,9 +156,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--ppl", default=None, metavar="CORPORA",
                    help="perplexity corpora, comma separated (wikitext2,ptb,ptb-test,lambada-heldout,"
                         "coqa-heldout); none unless given, so a --tasks run spends no time on perplexity")
-    p.add_argument("--tasks", default="", help="zero-shot tasks, comma separated: 'all' (the seven reported: boolq,"
-                   "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa), 'dev' (tuning tasks none of them "
-                   "reads: sciq,social_iqa,copa) or names")
+    p.add_argument("--tasks", default="", help=TASKS_HELP)
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
     p.add_argument("--request-cache", default=None, metavar="DIR",
                    help="keep lm-eval's scored requests here (one file per model): a stopped zero-shot run "

