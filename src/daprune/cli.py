@@ -18,6 +18,7 @@ from daprune.config import (
     HEAD_SPLITS,
     LAYOUTS,
     RECOVERY_MODES,
+    RECOVERY_TARGETS,
     SCHEDULES,
     SELECTIONS,
     SOURCES_HELP,
@@ -63,6 +64,11 @@ def _prune_parser(sub) -> None:
     p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior,
                    help="what the re-fit's ridge pulls toward (default: zero, the paper's; original under "
                         "--recovery heldout)")
+    p.add_argument("--recovery-target", choices=RECOVERY_TARGETS, default=d.recovery_target,
+                   help="what a re-fitted down_proj matches: linear (the dense down_proj's output, the paper's) or "
+                        "block (the dense block's output, so the re-fit also corrects what earlier pruned blocks "
+                        "and this block's heads changed in the residual stream; families whose FFN output is "
+                        "added to the residual as it is, not Gemma-2/3)")
     p.add_argument("--layers", default=d.layers,
                    help="block range START:STOP (default 4:-2 as in the paper; every block under --schedule "
                         "sensitivity)")

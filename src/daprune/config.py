@@ -33,6 +33,9 @@ HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp"
 # current weights at the strength held-out calibration rows prefer, and no re-fit where none helps them
 RECOVERY_MODES = ("none", "paper", "post", "both", "heldout")
 RECOVERY_DAMP = 1e-4
+# what a re-fitted down_proj matches: the dense down_proj's output (linear, the paper's) or the dense block's output
+# (block: the re-fit also absorbs what earlier pruned blocks and this block's heads changed in the residual stream)
+RECOVERY_TARGETS = ("linear", "block")
 HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive", "sensitivity", "owl")
 SELECTIONS = ("auto", "score", "greedy", "obs")
@@ -108,6 +111,7 @@ class PruneConfig:
     # what the re-fit's ridge pulls toward: "zero" (the paper's) or "original" (the weights before the re-fit);
     # None: zero, except original under --recovery heldout
     recovery_prior: str | None = None
+    recovery_target: str = "linear"
     # kept FFN widths are multiples of this; 16 by measurement (docs/layout.md): unaligned widths made llama.cpp's
     # prompt processing 27% slower than the dense model's, multiples of 16 made it faster, for ~+2% perplexity
     channel_multiple: int = 16
@@ -156,6 +160,12 @@ class PruneConfig:
                               f"{OUTPUT_CRITERION}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.recovery_target not in RECOVERY_TARGETS:
+            raise ConfigError(f"--recovery-target must be one of {', '.join(RECOVERY_TARGETS)}, "
+                              f"got {self.recovery_target!r}")
+        if self.recovery_target != "linear" and self.recovery == "none":
+            raise ConfigError(f"--recovery-target {self.recovery_target} says what a re-fit matches, and --recovery "
+                              "none re-fits nothing: add --recovery post|heldout|paper|both, or drop it")
         if self.recovery_prior not in ("zero", "original", None):
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:

@@ -119,7 +119,7 @@ class BlockPruner:
     # -- statistics ---------------------------------------------------------------------------------
     def collect(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor, ctx: dict,
                 roles: dict[str, bool], js: JSAccumulator | None = None,
-                replay: FFNReplay | None = None) -> dict[str, Moments]:
+                replay: FFNReplay | None = None, yd: torch.Tensor | None = None) -> dict[str, Moments]:
         """Run both blocks over the streams; accumulate input moments of the requested roles.
 
         ``roles`` maps a role (attn_in, o_in, ffn_in, down_in) to whether its moments also need the
@@ -128,7 +128,9 @@ class BlockPruner:
         (``--recovery-nsamples``), a paired role's least-squares statistics over *all* samples come back
         under ``"ROLE:fit"``. With ``replay``, the pass runs over every stream row and keeps what forms the
         block's output once only its FFN's level-2 linear has changed (daprune.replay); rows past those the
-        statistics may see only feed it.
+        statistics may see only feed it. With ``yd`` (the dense block's output on ``xd``; ``--recovery-target
+        block``) the target of a paired down_in is what down_proj would have to output for the block to give ``yd``
+        on the pruned stream: its output now plus (yd - block output now) / c (``ffn_output_scale``).
         """
         lin = {r: _role_linears(block, r)[0] for r in roles}
         tgt = {r: _role_linears(dense, r) for r, pair in roles.items() if pair}
@@ -142,8 +144,15 @@ class BlockPruner:
         held = {r: Moments(f"block {block.index} {r} (held out)", full_cov=False) for r, pair in roles.items()
                 if pair and self.cfg.recovery == "heldout" and n_fit < xp.shape[0]}
         n_rows = xp.shape[0] if held or replay is not None else n_fit
-        need_dense = any(roles.values())
-        dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair for i, m in enumerate(tgt[r])}
+        block_target = yd is not None and roles.get("down_in", False)
+        if block_target:
+            scale = block.ffn_output_scale()
+            if scale is None:
+                raise ConfigError(f"block {block.index}: its FFN output does not reach the block output linearly, so "
+                                  "down_proj cannot be re-fitted to the dense block's output (--recovery-target block)")
+        dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair and not (block_target and r == "down_in")
+                      for i, m in enumerate(tgt[r])}
+        need_dense = bool(dense_mods)
         bs = self.cfg.batch_size
         starts = list(range(0, n_fit, bs)) + list(range(n_fit, n_rows, bs))  # fit and held-out rows never share a batch
         for s in starts:
@@ -163,7 +172,10 @@ class BlockPruner:
                 dense_out = dgot
             for r, pair in roles.items():
                 x = got[r][0]
-                t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
+                if block_target and r == "down_in":
+                    t = got[r][1].float() + (yd[s:e].float() - y.float()) / scale
+                else:
+                    t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
                 if s >= n_fit:
                     if r in held:
                         held[r].update(x, t)
@@ -513,7 +525,8 @@ class BlockPruner:
         else:
             split_replay = None
             last_pass = FFNReplay() if replay else None
-            m = self.collect(block, dense, xp, xd, ctx, roles, replay=last_pass)
+            m = self.collect(block, dense, xp, xd, ctx, roles, replay=last_pass,
+                             yd=yd if cfg.recovery_target == "block" else None)
         stats.down_in = m["down_in"]
         stats.ffn_in = m.get("ffn_in", stats.ffn_in)
         down_fit = self.fit_moments(m, "down_in")
@@ -791,6 +804,12 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
 def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     """Refuse, before any work, a criterion or setting undefined for this family's blocks (plain FFNs, experts)."""
     check_moe_fit(adapter, cfg)
+    if cfg.recovery_target == "block":
+        for i in cfg.block_range(adapter.n_layers):
+            if adapter.block(i).ffn_output_scale() is None:
+                raise ConfigError(f"--recovery-target block re-fits down_proj to the dense block's output, but in this "
+                                  f"{adapter.config.model_type} model (block {i}) the FFN output reaches the block "
+                                  "output through a norm or experts, not as it is: use --recovery-target linear")
     names = [cfg.ffn_criterion] + ([cfg.head_criterion] if cfg.head_criterion not in ("similarity", "none") else [])
     gated = [n for n in names if get_criterion(n).gated_only]
     if not gated:

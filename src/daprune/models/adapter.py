@@ -158,13 +158,23 @@ class BlockAdapter(ABC):
         finally:
             handle.remove()
 
+    def ffn_output_scale(self) -> float | None:
+        """``c`` where the block's output is (everything else) + c * (level-2 FFN linear's output), or None where
+        that output reaches the block's output through something nonlinear (a norm) or the family does not say.
+
+        Lets a re-fit aim down_proj at the dense *block* output (``--recovery-target block``) and the pipeline
+        form a pruned block's output from its last statistics pass (:meth:`ffn_output_delta`).
+        """
+        return None
+
     def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
         """How the block's output changes when its level-2 FFN linear's output goes from ``o_old`` to ``o_new``.
 
         Lets the pipeline form a pruned block's output from its last statistics pass (daprune.replay)
-        instead of running the block again. None (the default): this family does not say, the block is re-run.
+        instead of running the block again. None: this family does not say, the block is re-run.
         """
-        return None
+        scale = self.ffn_output_scale()
+        return None if scale is None else (o_new - o_old) * scale
 
     # -- surgery ----------------------------------------------------------------------------------------
     def slice_heads(self, keep: Sequence[int]) -> None:

@@ -39,8 +39,8 @@ class GPT2Block(BlockAdapter):
     def ffn_out(self) -> nn.Linear:
         return self.layer.mlp.c_proj
 
-    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
-        return o_new - o_old  # the MLP's output (c_proj, then dropout: eval) is added to the residual
+    def ffn_output_scale(self) -> float | None:
+        return 1.0  # the MLP's output (c_proj, then dropout: eval) is added to the residual
 
     def ffn_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.layer.mlp.act

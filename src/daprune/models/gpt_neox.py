@@ -38,8 +38,8 @@ class GPTNeoXBlock(BlockAdapter):
     def ffn_out(self) -> nn.Linear:
         return self.layer.mlp.dense_4h_to_h
 
-    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
-        return o_new - o_old  # parallel or not, the MLP's output (dropout: eval) is added to the block output
+    def ffn_output_scale(self) -> float | None:
+        return 1.0  # parallel or not, the MLP's output (dropout: eval) is added to the block output
 
     def ffn_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.layer.mlp.act

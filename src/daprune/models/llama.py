@@ -43,12 +43,17 @@ class LlamaBlock(BlockAdapter):
     def ffn_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.layer.mlp.act_fn
 
-    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
+    def ffn_output_scale(self) -> float | None:
         # the MLP's output is down_proj's; Gemma-2/3 RMS-normalise it before the residual add, Granite scales it
+        if getattr(self.layer, "post_feedforward_layernorm", None) is not None:
+            return None
+        return getattr(self.layer, "residual_multiplier", 1.0)
+
+    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
         norm = getattr(self.layer, "post_feedforward_layernorm", None)
         if norm is not None:
             return norm(o_new) - norm(o_old)
-        return (o_new - o_old) * getattr(self.layer, "residual_multiplier", 1.0)
+        return super().ffn_output_delta(o_old, o_new)
 
     @property
     def head_dim(self) -> int:

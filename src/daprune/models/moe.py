@@ -70,7 +70,7 @@ class MoEBlock(LlamaBlock):
     # grouped-matmul expert kernel requires (schedule.width_multiple)
     width_alignment = 8
 
-    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
+    def ffn_output_scale(self) -> float | None:
         return None  # the experts are pruned one by one (daprune.experts); no single level-2 linear
 
     @property

@@ -32,9 +32,9 @@ class OPTBlock(BlockAdapter):
     def ffn_out(self) -> nn.Linear:
         return self.layer.fc2
 
-    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
+    def ffn_output_scale(self) -> float | None:
         # post-LN OPT (350m) normalises the residual sum itself: not a change the block's output can just add
-        return o_new - o_old if self.layer.do_layer_norm_before else None
+        return 1.0 if self.layer.do_layer_norm_before else None
 
     def ffn_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.layer.activation_fn

@@ -35,8 +35,8 @@ class Phi3Block(BlockAdapter):
     def ffn_out(self) -> nn.Linear:
         return self.layer.mlp.down_proj
 
-    def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
-        return o_new - o_old  # the MLP's output (dropout: eval) is added to the residual
+    def ffn_output_scale(self) -> float | None:
+        return 1.0  # the MLP's output (dropout: eval) is added to the residual
 
     def ffn_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.layer.mlp.activation_fn

@@ -1,0 +1,102 @@
+"""``--recovery-target block``: down_proj re-fitted to the dense *block* output on the pruned stream.
+
+The expected fit is computed here independently: torch hooks on the pruned block give its down_proj input H and
+everything else the block adds up (its output minus down_proj's output), and numpy's least squares solves
+H W^T = yd - that rest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import CharTokenizer, tiny_model
+from test_families import tiny as tiny_llama_like
+
+from daprune.api import prune
+from daprune.config import PruneConfig
+from daprune.criteria.base import get_criterion
+from daprune.errors import ConfigError
+from daprune.models.adapter import get_adapter
+from daprune.pipeline import BlockPruner, check_criteria_fit, copy_block
+from daprune.stores import ResidentStore
+
+N, SEQ = 24, 16
+
+
+@torch.no_grad()
+def _prune_block(target: str):
+    model = tiny_model()
+    adapter = get_adapter(model)
+    block = adapter.block(2)
+    dense = copy_block(block)
+    g = torch.Generator().manual_seed(0)
+    xd = torch.randn(N, SEQ, model.config.hidden_size, generator=g)
+    xp = xd + 0.5 * torch.randn(xd.shape, generator=g)  # the pruned stream has drifted from the dense one
+    ctx = ResidentStore(adapter).layer_inputs(SEQ)[1]
+    yd = dense.forward(xd, ctx)
+    cfg = PruneConfig(recovery="post", recovery_target=target, recovery_prior="original", recovery_damp=1e-9,
+                      channel_multiple=1, head_split="paper", batch_size=8)
+    params = sum(p.numel() for p in block.layer.parameters())
+    pruner = BlockPruner(cfg, get_criterion("second-moment"), get_criterion("second-moment"), 0.3 * params)
+    pruner.n_score = pruner.n_fit = N
+    pruner.ntokens = N * SEQ
+    rec = pruner.prune(block, dense, xp, xd, yd, ctx)
+    return block, rec, xp, yd, ctx
+
+
+@torch.no_grad()
+def _parts(block, x, ctx):
+    """The pruned block's down_proj input and everything else it adds up to its output, from torch hooks."""
+    got = {}
+    down = block.ffn_out()
+    handle = down.register_forward_hook(lambda _m, args, out: got.update(h=args[0], o=out))
+    try:
+        y = block.forward(x, ctx)
+    finally:
+        handle.remove()
+    return got["h"].reshape(-1, got["h"].shape[-1]).double(), (y - got["o"]).reshape(-1, y.shape[-1]).double()
+
+
+def test_block_target_is_the_least_squares_fit_to_the_dense_block_output(one_thread):
+    blocks = {t: _prune_block(t) for t in ("linear", "block")}
+    (lin_block, lin_rec, xp, yd, ctx), (blk_block, blk_rec, *_) = blocks["linear"], blocks["block"]
+    # the target changes the re-fit only, not what is removed
+    assert lin_rec.kept_heads == blk_rec.kept_heads and lin_rec.kept_channel_idx == blk_rec.kept_channel_idx
+    assert len(blk_rec.kept_heads) < 6 and blk_rec.kept_channels < 96
+    h, rest = _parts(blk_block, xp, ctx)
+    target = yd.reshape(-1, yd.shape[-1]).double() - rest
+    w, *_ = np.linalg.lstsq(h.numpy(), target.numpy(), rcond=None)
+    best = float(((h.numpy() @ w - target.numpy()) ** 2).sum())
+
+    def error(block) -> float:
+        with torch.no_grad():
+            return float((block.forward(xp, ctx).double() - yd.double()).pow(2).sum())
+
+    assert error(blk_block) == pytest.approx(best, rel=1e-3)
+    assert error(lin_block) > 1.05 * best  # the linear target ignores the drift of the residual stream
+
+
+def test_block_target_needs_a_refit():
+    with pytest.raises(ConfigError, match="re-fits nothing"):
+        PruneConfig(recovery_target="block").validate()
+    PruneConfig(recovery="post", recovery_target="block").validate()
+
+
+def test_block_target_refused_where_a_norm_follows_the_ffn():
+    """Gemma-3 RMS-normalises the FFN output before the residual add: refused before any work."""
+    model = tiny_llama_like("gemma3_text")
+    with pytest.raises(ConfigError, match="recovery-target linear"):
+        check_criteria_fit(get_adapter(model), PruneConfig(recovery="post", recovery_target="block", layers="1:-1"))
+    check_criteria_fit(get_adapter(tiny_model()), PruneConfig(recovery="post", recovery_target="block", layers="1:-1"))
+
+
+def test_block_target_end_to_end_changes_the_model(one_thread):
+    kw = dict(tokenizer=CharTokenizer(), calibration="random", nsamples=16, seqlen=32, layers="1:-1", batch_size=4,
+              progress=False, sparsity=0.3, recovery="post", recovery_prior="original")
+    lin = prune(model=tiny_model(), **kw)
+    blk = prune(model=tiny_model(), recovery_target="block", **kw)
+    assert blk.report["settings"]["recovery_target"] == "block"
+    assert blk.report["kept_channels"] == lin.report["kept_channels"]
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(blk.model(ids).logits, lin.model(ids).logits)
