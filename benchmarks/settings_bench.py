@@ -38,6 +38,8 @@ LABELS = {"lambada-heldout": "LAMBADA (held-out)", "coqa-heldout": "CoQA (held-o
           "ptb": "PTB"}
 M1 = ["--channel-multiple", "1"]  # quality rows: comparable with docs/compare.md
 HELDOUT_REC = ["--recovery", "heldout", "--heldout-nsamples", "16"]
+POST = ["--recovery", "post", "--recovery-prior", "original"]  # re-fit the kept columns, ridge toward them
+BLOCK = ["--recovery-target", "block"]
 WANDA_SP = ["--ffn-criterion", "wanda-sp", "--head-criterion", "wanda-sp", "--selection", "score"]
 SUITES = {
     "layout": {  # name: extra prune arguments (per-layer: the default layout; mN: --channel-multiple N)
@@ -79,6 +81,7 @@ SUITES = {
         "coqa, 128 samples": ["--calibration", "coqa", "--nsamples", "128", *M1],
         "coqa, 128 samples + heldout recovery": ["--calibration", "coqa", "--nsamples", "128", *HELDOUT_REC, *M1],
         "lambada+coqa + heldout recovery": ["--calibration", "lambada+coqa", *HELDOUT_REC, *M1],
+        "mean compensation": ["--compensate-mean", *M1],
         "coqa+self + heldout recovery": ["--calibration", "coqa+self", *HELDOUT_REC, *M1],
         "lambada+coqa+self": ["--calibration", "lambada+coqa+self", *M1],
         "lambada+coqa+self + heldout recovery": ["--calibration", "lambada+coqa+self", *HELDOUT_REC, *M1],
@@ -91,6 +94,21 @@ SUITES = {
         "coqa, 128 samples, seqlen 256": ["--calibration", "coqa", "--nsamples", "128", "--seqlen", "256", *M1],
         "lambada+coqa, 128 samples, seqlen 256": ["--calibration", "lambada+coqa", "--nsamples", "128", "--seqlen",
                                                   "256", *M1],
+        # calibration volume: 32k, 64k and 128k tokens of the same mix
+        "lambada+coqa, 256 samples, seqlen 256": ["--calibration", "lambada+coqa", "--nsamples", "256", "--seqlen",
+                                                  "256", *M1],
+        "lambada+coqa, 512 samples, seqlen 256": ["--calibration", "lambada+coqa", "--nsamples", "512", "--seqlen",
+                                                  "256", *M1],
+        # re-fit down_proj to the dense down_proj's output (linear) or to the dense block's output (block)
+        "lambada+coqa, 128 samples + post recovery": ["--calibration", "lambada+coqa", "--nsamples", "128", *POST,
+                                                      *M1],
+        "lambada+coqa, 128 samples + post recovery, block target": ["--calibration", "lambada+coqa", "--nsamples",
+                                                                    "128", *POST, *BLOCK, *M1],
+        "lambada+coqa + heldout recovery, block target": ["--calibration", "lambada+coqa", *HELDOUT_REC, *BLOCK, *M1],
+        "lambada+coqa, 512 samples, seqlen 256 + post recovery": ["--calibration", "lambada+coqa", "--nsamples", "512",
+                                                                  "--seqlen", "256", *POST, *M1],
+        "lambada+coqa, 512 samples, seqlen 256 + post recovery, block target": [
+            "--calibration", "lambada+coqa", "--nsamples", "512", "--seqlen", "256", *POST, *BLOCK, *M1],
         "lambada+coqa, 128 samples + sensitivity": ["--calibration", "lambada+coqa", "--nsamples", "128", "--schedule",
                                                     "sensitivity", *M1],
         "lambada+coqa, 128 samples + sensitivity on 16 rows": ["--calibration", "lambada+coqa", "--nsamples", "128",
@@ -102,6 +120,10 @@ SUITES = {
         "wanda-sp": [*WANDA_SP, *M1],
         "wanda-sp, coqa": [*WANDA_SP, "--calibration", "coqa", *M1],
         "wanda-sp, coqa, 128 samples": [*WANDA_SP, "--calibration", "coqa", "--nsamples", "128", *M1],
+        "wanda-sp, lambada+coqa": [*WANDA_SP, "--calibration", "lambada+coqa", *M1],
+        "wanda-sp, lambada+coqa, 128 samples": [*WANDA_SP, "--calibration", "lambada+coqa", "--nsamples", "128", *M1],
+        "wanda-sp, lambada+coqa, 512 samples, seqlen 256": [*WANDA_SP, "--calibration", "lambada+coqa", "--nsamples",
+                                                            "512", "--seqlen", "256", *M1],
     },
 }
 MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}
