@@ -105,6 +105,9 @@ SUITES = {
         "lambada+coqa, 128 samples + post recovery, block target": ["--calibration", "lambada+coqa", "--nsamples",
                                                                     "128", *POST, *BLOCK, *M1],
         "lambada+coqa + heldout recovery, block target": ["--calibration", "lambada+coqa", *HELDOUT_REC, *BLOCK, *M1],
+        "heldout recovery, block target": [*HELDOUT_REC, *BLOCK, *M1],
+        "lambada+coqa, 128 samples + heldout recovery, block target": ["--calibration", "lambada+coqa", "--nsamples",
+                                                                       "128", *HELDOUT_REC, *BLOCK, *M1],
         "lambada+coqa, 512 samples, seqlen 256 + post recovery": ["--calibration", "lambada+coqa", "--nsamples", "512",
                                                                   "--seqlen", "256", *POST, *M1],
         "lambada+coqa, 512 samples, seqlen 256 + post recovery, block target": [

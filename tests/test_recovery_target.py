@@ -7,6 +7,8 @@ H W^T = yd - that rest.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -25,8 +27,8 @@ N, SEQ = 24, 16
 
 
 @torch.no_grad()
-def _prune_block(target: str):
-    model = tiny_model()
+def _prune_block(target: str, family: str = "llama"):
+    model = tiny_model() if family == "llama" else tiny_llama_like(family)
     adapter = get_adapter(model)
     block = adapter.block(2)
     dense = copy_block(block)
@@ -83,12 +85,44 @@ def test_block_target_needs_a_refit():
     PruneConfig(recovery="post", recovery_target="block").validate()
 
 
-def test_block_target_refused_where_a_norm_follows_the_ffn():
-    """Gemma-3 RMS-normalises the FFN output before the residual add: refused before any work."""
-    model = tiny_llama_like("gemma3_text")
+def test_block_target_refused_where_the_family_does_not_say():
+    """Post-LN OPT normalises the residual sum itself: refused before any work."""
+    from test_families_extra import tiny as tiny_other
+
+    cfg = PruneConfig(recovery="post", recovery_target="block", layers="1:-1")
+    model = tiny_other("opt")
+    for layer in model.model.decoder.layers:
+        layer.do_layer_norm_before = False
     with pytest.raises(ConfigError, match="recovery-target linear"):
-        check_criteria_fit(get_adapter(model), PruneConfig(recovery="post", recovery_target="block", layers="1:-1"))
-    check_criteria_fit(get_adapter(tiny_model()), PruneConfig(recovery="post", recovery_target="block", layers="1:-1"))
+        check_criteria_fit(get_adapter(model), cfg)
+    check_criteria_fit(get_adapter(tiny_model()), cfg)
+    check_criteria_fit(get_adapter(tiny_llama_like("gemma3_text")), cfg)
+
+
+@torch.no_grad()
+def test_gemma_gain_is_the_post_norm_jacobian_across_its_input():
+    """Through Gemma-3's post-FFN norm a move of the FFN output orthogonal to it moves the block output by the
+    gain times that move; checked against autograd's Jacobian-vector product of the model's own norm."""
+    block = get_adapter(tiny_llama_like("gemma3_text")).block(1)
+    norm = block.layer.post_feedforward_layernorm
+    norm.weight.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(0)
+    o = torch.randn(5, norm.weight.shape[0], generator=g, dtype=torch.float64) * 3
+    d = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    d -= (d * o).sum(-1, keepdim=True) / o.pow(2).sum(-1, keepdim=True) * o  # across o, row by row
+    norm64 = copy.deepcopy(norm).double()
+    with torch.enable_grad():
+        _, jvp = torch.func.jvp(norm64, (o,), (d,))
+    torch.testing.assert_close(block.ffn_output_gain(o).double() * d, jvp, rtol=1e-5, atol=1e-6)
+
+
+def test_block_target_lowers_the_block_error_through_gemmas_post_norm(one_thread):
+    lin = _prune_block("linear", "gemma3_text")
+    blk = _prune_block("block", "gemma3_text")
+    (lin_block, _, xp, yd, ctx), (blk_block, *_) = lin, blk
+    with torch.no_grad():
+        errors = [float((b.forward(xp, ctx) - yd).pow(2).sum()) for b in (lin_block, blk_block)]
+    assert errors[1] < 0.9 * errors[0], errors
 
 
 def test_block_target_end_to_end_changes_the_model(one_thread):

@@ -130,7 +130,8 @@ class BlockPruner:
         block's output once only its FFN's level-2 linear has changed (daprune.replay); rows past those the
         statistics may see only feed it. With ``yd`` (the dense block's output on ``xd``; ``--recovery-target
         block``) the target of a paired down_in is what down_proj would have to output for the block to give ``yd``
-        on the pruned stream: its output now plus (yd - block output now) / c (``ffn_output_scale``).
+        on the pruned stream: its output now plus (yd - block output now) / gain (``ffn_output_gain``; exact where
+        the FFN output is added as it is, a Gauss-Newton step through Gemma's post-FFN norm).
         """
         lin = {r: _role_linears(block, r)[0] for r in roles}
         tgt = {r: _role_linears(dense, r) for r, pair in roles.items() if pair}
@@ -145,11 +146,6 @@ class BlockPruner:
                 if pair and self.cfg.recovery == "heldout" and n_fit < xp.shape[0]}
         n_rows = xp.shape[0] if held or replay is not None else n_fit
         block_target = yd is not None and roles.get("down_in", False)
-        if block_target:
-            scale = block.ffn_output_scale()
-            if scale is None:
-                raise ConfigError(f"block {block.index}: its FFN output does not reach the block output linearly, so "
-                                  "down_proj cannot be re-fitted to the dense block's output (--recovery-target block)")
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair and not (block_target and r == "down_in")
                       for i, m in enumerate(tgt[r])}
         need_dense = bool(dense_mods)
@@ -173,7 +169,8 @@ class BlockPruner:
             for r, pair in roles.items():
                 x = got[r][0]
                 if block_target and r == "down_in":
-                    t = got[r][1].float() + (yd[s:e].float() - y.float()) / scale
+                    o = got[r][1].float()
+                    t = o + (yd[s:e].float() - y.float()) / block.ffn_output_gain(o)
                 else:
                     t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
                 if s >= n_fit:
@@ -806,10 +803,10 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     check_moe_fit(adapter, cfg)
     if cfg.recovery_target == "block":
         for i in cfg.block_range(adapter.n_layers):
-            if adapter.block(i).ffn_output_scale() is None:
-                raise ConfigError(f"--recovery-target block re-fits down_proj to the dense block's output, but in this "
-                                  f"{adapter.config.model_type} model (block {i}) the FFN output reaches the block "
-                                  "output through a norm or experts, not as it is: use --recovery-target linear")
+            if adapter.block(i).ffn_output_gain(torch.ones(1, adapter.config.hidden_size)) is None:
+                raise ConfigError(f"--recovery-target block re-fits down_proj to the dense block's output, but this "
+                                  f"{adapter.config.model_type} model (block {i}) does not say how its FFN output "
+                                  "reaches the block output (experts, post-LN): use --recovery-target linear")
     names = [cfg.ffn_criterion] + ([cfg.head_criterion] if cfg.head_criterion not in ("similarity", "none") else [])
     gated = [n for n in names if get_criterion(n).gated_only]
     if not gated:

@@ -167,6 +167,13 @@ class BlockAdapter(ABC):
         """
         return None
 
+    def ffn_output_gain(self, o: torch.Tensor) -> torch.Tensor | float | None:
+        """How much the block's output moves per unit move of the level-2 FFN linear's output ``o``, elementwise
+        (the Jacobian's diagonal part; ``--recovery-target block`` divides the block output's shortfall by it).
+        Exact where the output is added as it is (:meth:`ffn_output_scale`); a family with a norm after the FFN
+        gives the norm's gain at ``o``. None: the family does not say."""
+        return self.ffn_output_scale()
+
     def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
         """How the block's output changes when its level-2 FFN linear's output goes from ``o_old`` to ``o_new``.
 

@@ -12,6 +12,7 @@ would change how the kept heads are normalised (pruning would not equal masking)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -48,6 +49,17 @@ class LlamaBlock(BlockAdapter):
         if getattr(self.layer, "post_feedforward_layernorm", None) is not None:
             return None
         return getattr(self.layer, "residual_multiplier", 1.0)
+
+    def ffn_output_gain(self, o: torch.Tensor) -> torch.Tensor | float | None:
+        # Gemma-2/3: block output += norm(o) = g * o / rms(o). Along o the norm is blind (scale-invariant); across
+        # it, it multiplies by g / rms(o). g is read from the model's own norm (Gemma's is 1 + w) on a row of ones.
+        norm = getattr(self.layer, "post_feedforward_layernorm", None)
+        if norm is None:
+            return super().ffn_output_gain(o)
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+        with torch.no_grad():
+            g = norm(torch.ones(o.shape[-1], dtype=o.dtype, device=o.device)).float() * math.sqrt(1.0 + eps)
+        return g / torch.sqrt(o.float().pow(2).mean(-1, keepdim=True) + eps)
 
     def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
         norm = getattr(self.layer, "post_feedforward_layernorm", None)
