@@ -105,6 +105,7 @@ SUITES = {
         "lambada+coqa, 128 samples + post recovery, block target": ["--calibration", "lambada+coqa", "--nsamples",
                                                                     "128", *POST, *BLOCK, *M1],
         "lambada+coqa + heldout recovery, block target": ["--calibration", "lambada+coqa", *HELDOUT_REC, *BLOCK, *M1],
+        "heldout recovery": [*HELDOUT_REC, *M1],
         "heldout recovery, block target": [*HELDOUT_REC, *BLOCK, *M1],
         "lambada+coqa, 128 samples + heldout recovery, block target": ["--calibration", "lambada+coqa", "--nsamples",
                                                                        "128", *HELDOUT_REC, *BLOCK, *M1],
