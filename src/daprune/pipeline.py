@@ -803,7 +803,7 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     check_moe_fit(adapter, cfg)
     if cfg.recovery_target == "block":
         for i in cfg.block_range(adapter.n_layers):
-            if adapter.block(i).ffn_output_gain(torch.ones(1, adapter.config.hidden_size)) is None:
+            if not adapter.block(i).ffn_output_gain_known():
                 raise ConfigError(f"--recovery-target block re-fits down_proj to the dense block's output, but this "
                                   f"{adapter.config.model_type} model (block {i}) does not say how its FFN output "
                                   "reaches the block output (experts, post-LN): use --recovery-target linear")

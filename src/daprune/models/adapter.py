@@ -174,6 +174,10 @@ class BlockAdapter(ABC):
         gives the norm's gain at ``o``. None: the family does not say."""
         return self.ffn_output_scale()
 
+    def ffn_output_gain_known(self) -> bool:
+        """Whether :meth:`ffn_output_gain` has an answer; reads no weight (asked before a streamed model has any)."""
+        return self.ffn_output_scale() is not None
+
     def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
         """How the block's output changes when its level-2 FFN linear's output goes from ``o_old`` to ``o_new``.
 

@@ -61,6 +61,9 @@ class LlamaBlock(BlockAdapter):
             g = norm(torch.ones(o.shape[-1], dtype=o.dtype, device=o.device)).float() * math.sqrt(1.0 + eps)
         return g / torch.sqrt(o.float().pow(2).mean(-1, keepdim=True) + eps)
 
+    def ffn_output_gain_known(self) -> bool:
+        return getattr(self.layer, "post_feedforward_layernorm", None) is not None or super().ffn_output_gain_known()
+
     def ffn_output_delta(self, o_old: torch.Tensor, o_new: torch.Tensor) -> torch.Tensor | None:
         norm = getattr(self.layer, "post_feedforward_layernorm", None)
         if norm is not None:
