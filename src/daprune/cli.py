@@ -67,8 +67,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--recovery-target", choices=RECOVERY_TARGETS, default=d.recovery_target,
                    help="what a re-fitted down_proj matches: linear (the dense down_proj's output, the paper's) or "
                         "block (the dense block's output, so the re-fit also corrects what earlier pruned blocks "
-                        "and this block's heads changed in the residual stream; families whose FFN output is "
-                        "added to the residual as it is, not Gemma-2/3)")
+                        "and this block's heads changed in the residual stream; exact where the FFN output is added "
+                        "to the residual as it is, one Gauss-Newton step through Gemma-2/3's post-FFN norm)")
     p.add_argument("--layers", default=d.layers,
                    help="block range START:STOP (default 4:-2 as in the paper; every block under --schedule "
                         "sensitivity)")

@@ -162,8 +162,8 @@ class BlockAdapter(ABC):
         """``c`` where the block's output is (everything else) + c * (level-2 FFN linear's output), or None where
         that output reaches the block's output through something nonlinear (a norm) or the family does not say.
 
-        Lets a re-fit aim down_proj at the dense *block* output (``--recovery-target block``) and the pipeline
-        form a pruned block's output from its last statistics pass (:meth:`ffn_output_delta`).
+        Lets the pipeline form a pruned block's output from its last statistics pass (:meth:`ffn_output_delta`),
+        and is the exact gain a re-fit aimed at the dense *block* output divides by (:meth:`ffn_output_gain`).
         """
         return None
 
