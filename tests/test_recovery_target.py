@@ -21,27 +21,30 @@ from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
 from daprune.models.adapter import get_adapter
 from daprune.pipeline import BlockPruner, check_criteria_fit, copy_block
+from daprune.recovery import block_target_step
 from daprune.stores import ResidentStore
 
 N, SEQ = 24, 16
 
 
 @torch.no_grad()
-def _prune_block(target: str, family: str = "llama"):
+def _prune_block(target: str, family: str = "llama", recovery: str = "post", n_fit: int = N, gains=None):
     model = tiny_model() if family == "llama" else tiny_llama_like(family)
     adapter = get_adapter(model)
     block = adapter.block(2)
+    if gains is not None:
+        block.layer.post_feedforward_layernorm.weight.copy_(gains)
     dense = copy_block(block)
     g = torch.Generator().manual_seed(0)
     xd = torch.randn(N, SEQ, model.config.hidden_size, generator=g)
     xp = xd + 0.5 * torch.randn(xd.shape, generator=g)  # the pruned stream has drifted from the dense one
     ctx = ResidentStore(adapter).layer_inputs(SEQ)[1]
     yd = dense.forward(xd, ctx)
-    cfg = PruneConfig(recovery="post", recovery_target=target, recovery_prior="original", recovery_damp=1e-9,
+    cfg = PruneConfig(recovery=recovery, recovery_target=target, recovery_prior="original", recovery_damp=1e-9,
                       channel_multiple=1, head_split="paper", batch_size=8)
     params = sum(p.numel() for p in block.layer.parameters())
     pruner = BlockPruner(cfg, get_criterion("second-moment"), get_criterion("second-moment"), 0.3 * params)
-    pruner.n_score = pruner.n_fit = N
+    pruner.n_score = pruner.n_fit = n_fit
     pruner.ntokens = N * SEQ
     rec = pruner.prune(block, dense, xp, xd, yd, ctx)
     return block, rec, xp, yd, ctx
@@ -137,3 +140,47 @@ def test_block_target_end_to_end_changes_the_model(one_thread):
     assert blk.report["kept_channels"] == lin.report["kept_channels"]
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(blk.model(ids).logits, lin.model(ids).logits)
+
+
+@torch.no_grad()
+def test_block_step_through_a_norm_with_a_dead_channel_moves_the_output_toward_the_target():
+    """Gemma-3-270M's post-FFN norms have channels with gains under 1% of the median. Dividing the shortfall by
+    such a gain asks for an output the norm answers by shrinking every other channel; the damped step does not.
+    Judged through the model's own norm: how far norm(o + step) is from norm(o) + shortfall."""
+    block = get_adapter(tiny_llama_like("gemma3_text")).block(1)
+    norm = block.layer.post_feedforward_layernorm
+    g = torch.Generator().manual_seed(1)
+    width = norm.weight.shape[0]
+    norm.weight.copy_(torch.rand(width, generator=g) + 0.5)
+    norm.weight[3] = -1.0 + 1e-4  # Gemma's gain is 1 + weight: this channel's is 1e-4
+    o = torch.randn(64, width, generator=g) * 2
+    shortfall = 0.05 * torch.randn(o.shape, generator=g) * norm(o).abs().mean()
+    gain = block.ffn_output_gain(o)
+    want = norm(o) + shortfall
+
+    def miss(step):
+        return float((norm(o + step) - want).pow(2).sum())
+
+    damped, quotient = block_target_step(o, shortfall, gain), shortfall / gain
+    assert float(damped[:, 3].abs().max()) < 1e-2 * float(quotient[:, 3].abs().max())  # the dead channel stays put
+    assert float(damped[:, 3].abs().max()) <= float(o.abs().max())
+    torch.testing.assert_close((damped * o).sum(-1), torch.zeros(64), atol=1e-3, rtol=0)  # nothing along o
+    assert miss(damped) < 0.2 * miss(torch.zeros_like(o))  # most of the shortfall is made up
+    assert miss(quotient) > miss(torch.zeros_like(o))  # the plain quotient overshoots: worse than no move
+    torch.testing.assert_close(block_target_step(o, shortfall, 2.0), shortfall / 2.0)  # a plain add: exact
+
+
+def test_heldout_choice_through_gemmas_norm_is_judged_on_the_real_block_output(one_thread):
+    """--recovery heldout with the block target on Gemma-3: the reported held-out error of the chosen re-fit is
+    the block's real output error on the held-out rows, from a forward pass of the pruned block."""
+    gains = torch.rand(48, generator=torch.Generator().manual_seed(2)) * 2 - 0.5
+    gains[5] = -1.0  # a dead channel (gain 1 + weight = 0)
+    n_fit = N - 8
+    block, rec, xp, yd, ctx = _prune_block("block", "gemma3_text", recovery="heldout", n_fit=n_fit, gains=gains)
+    info = rec.damping["down_post"]
+    errors = info["heldout_errors"]
+    chosen = "none" if info["damp"] is None else f"{info['damp']:g}"
+    assert errors[chosen] == min(errors.values())
+    with torch.no_grad():
+        real = (block.forward(xp[n_fit:], ctx) - yd[n_fit:]).double().pow(2).sum(-1).mean()
+    assert errors[chosen] == pytest.approx(float(real), rel=1e-4)

@@ -24,9 +24,10 @@ from daprune.criteria.base import Criterion, get_criterion, head_columns
 from daprune.criteria.similarity import JSAccumulator, algorithm2, select_head_plan
 from daprune.errors import CalibrationError, ConfigError, NumericalError
 from daprune.experts import ExpertRanker, check_moe_fit, is_moe, prune_experts, unit_stats
+from daprune.heldout import HeldoutOutputs
 from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
-from daprune.recovery import heldout_choice, least_squares_terms, ridge_solve
+from daprune.recovery import block_target_step, heldout_choice, least_squares_terms, ridge_solve
 from daprune.replay import REPLAY_MAX_BYTES, FFNReplay, replay_bytes
 from daprune.schedule import BlockPlan, block_parameters, candidate_plans, check_budget, paper_plan
 from daprune.selection import greedy_order, obs_ranking
@@ -80,6 +81,8 @@ class BlockPruner:
         self.ntokens = 0  # scoring calibration tokens, set by run_pipeline
         self.n_score: int | None = None  # stream rows that are scoring samples (the rest: re-fit only)
         self.n_fit: int | None = None  # stream rows any statistic may see; the rest are held out (errors only)
+        # the last statistics pass's held-out rows, where a block-target re-fit is judged on the real block output
+        self.heldout_outputs: HeldoutOutputs | None = None
         self.ffn_crit = ffn_crit
         self.head_crit = head_crit
         self.target = target
@@ -146,6 +149,10 @@ class BlockPruner:
                 if pair and self.cfg.recovery == "heldout" and n_fit < xp.shape[0]}
         n_rows = xp.shape[0] if held or replay is not None else n_fit
         block_target = yd is not None and roles.get("down_in", False)
+        # through a norm the block target is a linearisation: the held-out choice judges the real block output
+        judge_rows = (HeldoutOutputs() if block_target and "down_in" in held and block.ffn_output_scale() is None
+                      else None)
+        self.heldout_outputs = judge_rows
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair and not (block_target and r == "down_in")
                       for i, m in enumerate(tgt[r])}
         need_dense = bool(dense_mods)
@@ -170,7 +177,9 @@ class BlockPruner:
                 x = got[r][0]
                 if block_target and r == "down_in":
                     o = got[r][1].float()
-                    t = o + (yd[s:e].float() - y.float()) / block.ffn_output_gain(o)
+                    t = o + block_target_step(o, yd[s:e].float() - y.float(), block.ffn_output_gain(o))
+                    if s >= n_fit and judge_rows is not None:
+                        judge_rows.add(x, o, y, yd[s:e])
                 else:
                     t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
                 if s >= n_fit:
@@ -212,12 +221,12 @@ class BlockPruner:
 
     # -- recovery -----------------------------------------------------------------------------------
     def refit(self, linears: list, mom: Moments, cols: torch.Tensor | None = None,
-              heldout: Moments | None = None) -> dict:
+              heldout: Moments | None = None, judge: Callable[[torch.Tensor], float] | None = None) -> dict:
         """Least-squares re-fit of ``linears`` (sharing one input) to their dense outputs.
 
         With ``heldout`` moments (``--recovery heldout``) the ridge pulls toward the current weights, its strength
-        is the one with the least error on the held-out rows, and the weights stay as they are when no strength
-        beats them there."""
+        is the one with the least error on the held-out rows (``judge``'s, where given), and the weights stay as
+        they are when no strength beats them there."""
         has_bias = linears[0].bias is not None
         ws = [lin.weight.data.float() if cols is None else lin.weight.data.float()[:, cols] for lin in linears]
         current = torch.cat(ws, 0)
@@ -225,7 +234,7 @@ class BlockPruner:
             current = torch.cat([current, torch.cat([lin.bias.data.float() for lin in linears])[:, None]], 1)
         toward_current = self.cfg.ridge_prior() == "original"
         if heldout is not None:
-            w, errors = heldout_choice(mom, heldout, cols, has_bias, current, toward_current)
+            w, errors = heldout_choice(mom, heldout, cols, has_bias, current, toward_current, judge)
             chosen = min(errors, key=errors.get)
             info = {"damp": None if w is None else float(chosen), "heldout_errors": errors}
             if w is None:
@@ -544,7 +553,10 @@ class BlockPruner:
             if before is not None:
                 self.compensate_mean(block, "mlp", before, keep, stats.down_in)
             if post:
-                rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep, m.get("down_in:heldout"))
+                rows = self.heldout_outputs
+                judge = rows.judge(block, keep) if rows is not None else None
+                rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep, m.get("down_in:heldout"),
+                                                      judge)
             self.ffn_crit.after_ffn_prune(block, removed.tolist(), stats)
             block.slice_ffn(keep.tolist())
         rec.kept_channels = len(keep)

@@ -8,6 +8,7 @@ C = E[x y^T] against the *dense* output.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,22 +84,53 @@ def least_squares_terms(mom: Moments, cols: torch.Tensor | None, bias: bool) -> 
 
 
 def heldout_choice(fit: Moments, heldout: Moments, cols: torch.Tensor | None, bias: bool, current: torch.Tensor,
-                   toward_current: bool = True) -> tuple[torch.Tensor | None, dict]:
+                   toward_current: bool = True,
+                   judge: Callable[[torch.Tensor], float] | None = None) -> tuple[torch.Tensor | None, dict]:
     """The ridge re-fit whose error on the held-out rows is least, or None when no strength beats leaving
     ``current`` as it is (``--recovery heldout``: a re-fit that only helps its own rows is skipped).
 
     ``current``: the weights now, over ``cols`` (bias as the last column when ``bias``); the ridge pulls toward it
     (``toward_current``) or toward zero. Returns the chosen weight and, for the report, every candidate's held-out
-    error E||x W^T - y||^2.
+    error: E||x W^T - y||^2 from the held-out statistics, or ``judge(W)`` where the fitted target is only a
+    linearisation of what matters (the block output through Gemma's post-FFN norm), so that the choice is made on
+    the real error.
     """
     gram, cross = least_squares_terms(fit, cols, bias)
-    hgram, hcross = least_squares_terms(heldout, cols, bias)
-    hy = heldout.ysq / heldout.n
-    errors = {"none": objective(hgram, hcross, hy, current)}
+    if judge is None:
+        hgram, hcross = least_squares_terms(heldout, cols, bias)
+        hy = heldout.ysq / heldout.n
+
+        def judge(w: torch.Tensor) -> float:
+            return objective(hgram, hcross, hy, w)
+
+    errors = {"none": judge(current)}
     best, best_err = None, errors["none"]
     for damp in HELDOUT_DAMPS:
         w, _ = ridge_solve(gram, cross, damp=damp, prior=current if toward_current else None)
-        errors[f"{damp:g}"] = err = objective(hgram, hcross, hy, w)
+        errors[f"{damp:g}"] = err = judge(w)
         if err < best_err:
             best, best_err = w, err
     return best, errors
+
+
+# Levenberg-Marquardt damping of the step through a post-FFN norm, relative to the row's median gain: a channel whose
+# gain is a tenth of the median moves the block output so little that the undamped step there is ten times the drift
+BLOCK_STEP_DAMP = 0.1
+
+
+def block_target_step(o: torch.Tensor, shortfall: torch.Tensor, gain: torch.Tensor | float) -> torch.Tensor:
+    """How far the level-2 FFN linear's output ``o`` should move for the block output to gain ``shortfall``
+    (``--recovery-target block``): ``shortfall / gain`` where the FFN output is added as it is (exact).
+
+    Through a norm (Gemma-2/3, ``gain`` a tensor) that quotient is a Gauss-Newton step and breaks where the norm's
+    gain is near zero: Gemma-3-270M has channels with gains under 1% of the median, and dividing by them asked
+    down_proj for outputs so large that the norm shrank every other channel (measured: WikiText-2 93 -> 243). So
+    the step is damped per channel, gain * shortfall / (gain^2 + lambda) with lambda = (BLOCK_STEP_DAMP * the row's
+    median |gain|)^2, and its part along ``o``, which the norm cannot see but which changes its scale, is removed.
+    """
+    if not isinstance(gain, torch.Tensor):
+        return shortfall / gain
+    lam = (BLOCK_STEP_DAMP * gain.abs().median(-1, keepdim=True).values) ** 2
+    step = gain * shortfall / (gain * gain + lam)
+    along = (step * o).sum(-1, keepdim=True) / o.pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+    return step - along * o

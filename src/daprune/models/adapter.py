@@ -169,7 +169,8 @@ class BlockAdapter(ABC):
 
     def ffn_output_gain(self, o: torch.Tensor) -> torch.Tensor | float | None:
         """How much the block's output moves per unit move of the level-2 FFN linear's output ``o``, elementwise
-        (the Jacobian's diagonal part; ``--recovery-target block`` divides the block output's shortfall by it).
+        (the Jacobian's diagonal part; ``--recovery-target block`` divides the block output's shortfall by it,
+        damped where it is a norm's: :func:`daprune.recovery.block_target_step`).
         Exact where the output is added as it is (:meth:`ffn_output_scale`); a family with a norm after the FFN
         gives the norm's gain at ``o``. None: the family does not say."""
         return self.ffn_output_scale()
