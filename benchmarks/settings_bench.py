@@ -107,6 +107,8 @@ SUITES = {
         "lambada+coqa + heldout recovery, block target": ["--calibration", "lambada+coqa", *HELDOUT_REC, *BLOCK, *M1],
         "heldout recovery": [*HELDOUT_REC, *M1],
         "heldout recovery, block target": [*HELDOUT_REC, *BLOCK, *M1],
+        "mean compensation, lambada+coqa + heldout recovery, block target": [
+            "--compensate-mean", "--calibration", "lambada+coqa", *HELDOUT_REC, *BLOCK, *M1],
         "lambada+coqa, 128 samples + heldout recovery, block target": ["--calibration", "lambada+coqa", "--nsamples",
                                                                        "128", *HELDOUT_REC, *BLOCK, *M1],
         "lambada+coqa, 512 samples, seqlen 256 + post recovery": ["--calibration", "lambada+coqa", "--nsamples", "512",
