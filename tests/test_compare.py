@@ -161,7 +161,7 @@ def test_cli_compare(tmp_path, monkeypatch, data_dir, capsys):
     from daprune.cli import main
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: (tiny_model(layers=4), CharTokenizer(), None))
-    out = tmp_path / "c.json"
+    out = tmp_path / "runs" / "compare" / "c.json"  # a folder that does not exist yet is made
     rc = main(["compare", "--rows", "dense,l2", "--layers", "1:-1", "--calibration", "random", "--nsamples", "8",
                "--seqlen", "32", "--max-windows", "3", "--json", str(out), "--data-dir", data_dir, "--quiet",
                "--no-isolate"])

@@ -25,7 +25,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
 import shlex
 import sys
 import threading
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daprune.atomic import atomic_write_bytes
 from daprune.config import PruneConfig
 from daprune.errors import ConfigError
 
@@ -316,10 +316,7 @@ def table_order(rows: list[dict]) -> list[dict]:
 
 
 def _write_json(path: str, data: dict) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 # -- the table -----------------------------------------------------------------------------------------
@@ -664,6 +661,8 @@ def cmd_compare(args) -> int:
     base.validate()
     rows = select_rows(args.rows)
     zeroshot = _zeroshot_fn(args)
+    if args.json:  # before any row runs: the first row's minutes must not be lost to a missing folder
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": shlex.join(sys.argv),
             "model": args.model, "sparsity": args.sparsity, "sparsity_basis": args.sparsity_basis,
             "max_windows": args.max_windows, "ppl": args.ppl,
