@@ -29,7 +29,7 @@ DOC, JSON_OUT, FIGURES = Path("docs/sweep.md"), Path("docs/sweep.json"), Path("d
 TABLE = "<!-- sweep tables: written by benchmarks/sparsity_sweep.py merge -->", "<!-- /sweep tables -->"
 SUMMARY = "<!-- sweep summary: written by benchmarks/sparsity_sweep.py merge -->", "<!-- /sweep summary -->"
 README = Path("README.md")
-SUMMARY_ROWS = ("ours-c", "ours-c-hrec", "ours-sg", "ours-sg-hrec")
+SUMMARY_ROWS = ("ours-c", "ours-c-hrec", "ours-c-hrec-block", "ours-sg", "ours-sg-hrec", "ours-sg-hrec-block")
 MODELS = ("smollm2", "gemma3")
 CORPORA = {"wikitext2": "WikiText-2", "ptb": "PTB"}
 
