@@ -34,6 +34,8 @@ class HeldoutOutputs:
             return None
         x, o, y, yd = (torch.cat(self.parts[n]) for n in ("x", "o", "y", "yd"))
         x = x[:, cols.to(x.device)]
+        with torch.no_grad():  # the block output without its FFN output: formed once, not once per candidate
+            rest = y + block.ffn_output_delta(o, torch.zeros_like(o)).float()
 
         def error(w: torch.Tensor) -> float:
             w = w.to(x.device, torch.float32)
@@ -41,7 +43,7 @@ class HeldoutOutputs:
             if w.shape[1] > x.shape[1]:
                 o_new = o_new + w[:, -1]
             with torch.no_grad():
-                moved = y + block.ffn_output_delta(o, o_new).float()
+                moved = rest + block.ffn_output_delta(torch.zeros_like(o_new), o_new).float()
             return float((moved - yd).double().pow(2).sum(-1).mean())
 
         return error

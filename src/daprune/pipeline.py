@@ -81,8 +81,6 @@ class BlockPruner:
         self.ntokens = 0  # scoring calibration tokens, set by run_pipeline
         self.n_score: int | None = None  # stream rows that are scoring samples (the rest: re-fit only)
         self.n_fit: int | None = None  # stream rows any statistic may see; the rest are held out (errors only)
-        # the last statistics pass's held-out rows, where a block-target re-fit is judged on the real block output
-        self.heldout_outputs: HeldoutOutputs | None = None
         self.ffn_crit = ffn_crit
         self.head_crit = head_crit
         self.target = target
@@ -122,7 +120,8 @@ class BlockPruner:
     # -- statistics ---------------------------------------------------------------------------------
     def collect(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor, ctx: dict,
                 roles: dict[str, bool], js: JSAccumulator | None = None,
-                replay: FFNReplay | None = None, yd: torch.Tensor | None = None) -> dict[str, Moments]:
+                replay: FFNReplay | None = None, yd: torch.Tensor | None = None,
+                judge_rows: HeldoutOutputs | None = None) -> dict[str, Moments]:
         """Run both blocks over the streams; accumulate input moments of the requested roles.
 
         ``roles`` maps a role (attn_in, o_in, ffn_in, down_in) to whether its moments also need the
@@ -134,7 +133,9 @@ class BlockPruner:
         statistics may see only feed it. With ``yd`` (the dense block's output on ``xd``; ``--recovery-target
         block``) the target of a paired down_in is what down_proj would have to output for the block to give ``yd``
         on the pruned stream: its output now plus (yd - block output now) / gain (``ffn_output_gain``; exact where
-        the FFN output is added as it is, a Gauss-Newton step through Gemma's post-FFN norm).
+        the FFN output is added as it is, a Gauss-Newton step through Gemma's post-FFN norm). ``judge_rows``, with
+        that target under ``--recovery heldout``, keeps the held-out rows whole so the re-fit's strength is judged on
+        the real block output (daprune.heldout).
         """
         lin = {r: _role_linears(block, r)[0] for r in roles}
         tgt = {r: _role_linears(dense, r) for r, pair in roles.items() if pair}
@@ -149,10 +150,6 @@ class BlockPruner:
                 if pair and self.cfg.recovery == "heldout" and n_fit < xp.shape[0]}
         n_rows = xp.shape[0] if held or replay is not None else n_fit
         block_target = yd is not None and roles.get("down_in", False)
-        # through a norm the block target is a linearisation: the held-out choice judges the real block output
-        judge_rows = (HeldoutOutputs() if block_target and "down_in" in held and block.ffn_output_scale() is None
-                      else None)
-        self.heldout_outputs = judge_rows
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair and not (block_target and r == "down_in")
                       for i, m in enumerate(tgt[r])}
         need_dense = bool(dense_mods)
@@ -178,7 +175,7 @@ class BlockPruner:
                 if block_target and r == "down_in":
                     o = got[r][1].float()
                     t = o + block_target_step(o, yd[s:e].float() - y.float(), block.ffn_output_gain(o))
-                    if s >= n_fit and judge_rows is not None:
+                    if s >= n_fit and judge_rows is not None and "down_in" in held:
                         judge_rows.add(x, o, y, yd[s:e])
                 else:
                     t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
@@ -525,14 +522,18 @@ class BlockPruner:
         roles = {"down_in": paper or post}
         if "ffn_in" in needs and not paper:
             roles["ffn_in"] = False
+        block_target = cfg.recovery_target == "block"
+        # through a norm the block target is a linearisation: the held-out choice judges the real block output
+        judge_rows = (HeldoutOutputs() if block_target and post and cfg.recovery == "heldout"
+                      and block.ffn_output_scale() is None else None)
         if not removed_heads and not (paper or post) and "down_in" in split_m:
             m = split_m  # nothing changed since step 2: its FFN statistics stand (one block forward saved)
             last_pass = split_replay
         else:
             split_replay = None
             last_pass = FFNReplay() if replay else None
-            m = self.collect(block, dense, xp, xd, ctx, roles, replay=last_pass,
-                             yd=yd if cfg.recovery_target == "block" else None)
+            m = self.collect(block, dense, xp, xd, ctx, roles, replay=last_pass, yd=yd if block_target else None,
+                             judge_rows=judge_rows)
         stats.down_in = m["down_in"]
         stats.ffn_in = m.get("ffn_in", stats.ffn_in)
         down_fit = self.fit_moments(m, "down_in")
@@ -553,8 +554,7 @@ class BlockPruner:
             if before is not None:
                 self.compensate_mean(block, "mlp", before, keep, stats.down_in)
             if post:
-                rows = self.heldout_outputs
-                judge = rows.judge(block, keep) if rows is not None else None
+                judge = judge_rows.judge(block, keep) if judge_rows is not None else None
                 rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep, m.get("down_in:heldout"),
                                                       judge)
             self.ffn_crit.after_ffn_prune(block, removed.tolist(), stats)
