@@ -70,6 +70,10 @@ SUITES = {
         "self-generated + heldout recovery": ["--calibration", "self", *HELDOUT_REC, *M1],
         "self-generated + sensitivity + heldout recovery": ["--calibration", "self", "--schedule", "sensitivity",
                                                             *HELDOUT_REC, *M1],
+        # more self-generated text: OBS compensation switches on at 128 samples, as with book text
+        "self-generated, 128 samples": ["--calibration", "self", "--nsamples", "128", *M1],
+        "self-generated, 128 samples + heldout recovery": ["--calibration", "self", "--nsamples", "128", *HELDOUT_REC,
+                                                           *M1],
     },
     "calibration": {  # which text the statistics and re-fits see (default: lambada, book text)
         "lambada": M1,
@@ -122,6 +126,11 @@ SUITES = {
                                                                "16", *M1],
         "lambada+coqa+self, 128 samples + sensitivity": ["--calibration", "lambada+coqa+self", "--nsamples", "128",
                                                          "--schedule", "sensitivity", *M1],
+        # the head/FFN split of each block: estimated (default), measured on trial copies, or no heads at all
+        "head split measured": ["--head-split", "measured", *M1],
+        "head split measured + heldout recovery, block target": ["--head-split", "measured", *HELDOUT_REC, *BLOCK,
+                                                                 *M1],
+        "FFN only (no heads)": ["--head-split", "ffn-only", *M1],
         # the best peer (docs/compare.md) on the same texts: does a calibration text help ours more than it?
         "wanda-sp": [*WANDA_SP, *M1],
         "wanda-sp, coqa": [*WANDA_SP, "--calibration", "coqa", *M1],

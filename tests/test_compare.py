@@ -37,8 +37,9 @@ BASE = PruneConfig(sparsity=0.2, layers="1:-1", calibration="random", nsamples=8
 
 def test_select_rows():
     keys = [r.key for r in compare.select_rows(None)]
-    assert keys == ["dense", "random", "l1", "l2", "ours-sg", "ours-sg-rec", "ours-sg-hrec", "taylor-e1",
-                    "taylor-vector", "wanda-sp", "flap", "ours-c", "ours-c-rec", "ours-c-hrec"]
+    assert keys == ["dense", "random", "l1", "l2", "ours-sg", "ours-sg-rec", "ours-sg-hrec", "ours-sg-hrec-block",
+                    "taylor-e1", "taylor-vector", "wanda-sp", "flap", "ours-c", "ours-c-rec", "ours-c-hrec",
+                    "ours-c-hrec-block"]
     assert [r.key for r in compare.select_rows("ours-c,dense")] == ["dense", "ours-c"]  # table order
     assert len(compare.select_rows("all")) == len(compare.ROWS)
     with pytest.raises(ConfigError, match="nope"):
