@@ -175,7 +175,7 @@ class BlockPruner:
                 if block_target and r == "down_in":
                     o = got[r][1].float()
                     t = o + block_target_step(o, yd[s:e].float() - y.float(), block.ffn_output_gain(o))
-                    if s >= n_fit and judge_rows is not None and "down_in" in held:
+                    if s >= n_fit and judge_rows is not None:
                         judge_rows.add(x, o, y, yd[s:e])
                 else:
                     t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
