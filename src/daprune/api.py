@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import gc
 import json
 import logging
@@ -76,7 +77,7 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
           overwrite: bool = False, data_dir: str | None = None, cache: str | None = None,
           progress: bool = True, streaming: bool | None = None, resume: bool = True,
           work_dir: str | os.PathLike | None = None, activations: str = "device",
-          extra: Callable[[Path], None] | None = None, **settings) -> PruneResult:
+          extra: Callable[[Path], None] | None = None, generated=None, **settings) -> PruneResult:
     """Prune a causal LM in one shot and (optionally) write it to ``out``.
 
     Pass a :class:`PruneConfig` or its fields as keyword arguments. ``model``/``tokenizer`` may be
@@ -87,7 +88,9 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     Execution (none of these change the result): ``streaming`` (None: automatic, see the module doc),
     ``resume`` (continue an interrupted run found in the work folder; False discards it),
     ``work_dir`` (default ``OUT.daprune-work``), ``activations`` (``device`` | ``cpu`` | ``disk``: where the
-    two activation streams live), ``extra(tmp)`` (adds files to the output folder before it appears).
+    two activation streams live), ``extra(tmp)`` (adds files to the output folder before it appears),
+    ``generated`` (a ``data.generated.GeneratedStore`` for self-generated rows of a model passed in memory; a
+    resolved source gets its own).
     """
     from daprune.activations import ACTIVATION_MODES
     from daprune.checkpoint import WorkDir, default_work_dir, source_fingerprint
@@ -125,6 +128,7 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     resources = check_resources(cfg, model_config, use_streaming, activations, device, out,
                                 work.path if work is not None else None)
     run = _Run(cfg, device, source, reader, work, activations, work_dir, progress, data_dir, cache)
+    run.generated = generated
     # the checkpoint's own precision, for --save-dtype source (a passed model: its dtype before any cast)
     run.source_dtype = (reader.floating_dtype() if reader is not None else
                         str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else
@@ -207,6 +211,7 @@ class _Run:
         self.model = self.tokenizer = self.adapter = self.store = None
         self.calib_info: dict = {}
         self.source_dtype: str | None = None
+        self.generated = None  # the caller's store of self-generated rows (prune(generated=...))
         self._scratch: Path | None = None
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -274,6 +279,15 @@ class _Run:
         return Activations(self.activations, device, folder)
 
     # -- running -------------------------------------------------------------------------------------------
+    def _generated_store(self):
+        """Where this model's self-generated rows are kept across runs: the caller's store for a model passed in
+        memory (none if it gave none), else the source's."""
+        from daprune.data.generated import store_for
+
+        if self.generated is not None or self.source is None:
+            return self.generated
+        return store_for(self.source, self.cfg.dtype, self.device.type, self.cache)
+
     def calibration(self) -> torch.Tensor:
         from daprune.data.calibration import calibration_parts, calibration_tokens
 
@@ -293,23 +307,26 @@ class _Run:
             return cached
         gen_model = self.model
         if self.store.streaming and generated:
-            gen_model = self._full_model()  # generation is autoregressive: it needs every block at once
+            # generation is autoregressive: it needs every block at once (loaded only if a row is not cached)
+            gen_model = functools.cache(self._full_model)
         tok = self.tokenizer if self.tokenizer is not None else _SpecialIds(self.model)
         seed_everything(cfg.seed)
+        store = self._generated_store() if generated else None
         ids, info = calibration_tokens(cfg.calibration, gen_model, tok, cfg.nsamples, cfg.seqlen, cfg.seed,
-                                       data_dir=self.data_dir, self_gen=cfg.self_gen, progress=self.progress)
+                                       data_dir=self.data_dir, self_gen=cfg.self_gen, progress=self.progress,
+                                       generated=store)
         extra = (cfg.recovery_nsamples or 0) - cfg.nsamples
         if extra > 0:  # the re-fit's extra samples: their own seed, so the scoring samples stay as without them
             more, more_info = calibration_tokens(cfg.calibration, gen_model, tok, extra, cfg.seqlen,
                                                  cfg.seed + RECOVERY_SEED_OFFSET, data_dir=self.data_dir,
-                                                 self_gen=cfg.self_gen, progress=self.progress)
+                                                 self_gen=cfg.self_gen, progress=self.progress, generated=store)
             ids = torch.cat([ids, more])
             info["recovery_extra"] = {"nsamples": extra, "seed": more_info["seed"],
                                       "used_for": "least-squares re-fit statistics only, not scores"}
         if cfg.heldout_nsamples:  # last rows: no statistic sees them, each block's error is measured on them
             held, held_info = calibration_tokens(held_source, gen_model, tok, cfg.heldout_nsamples, cfg.seqlen,
                                                  cfg.seed + HELDOUT_SEED_OFFSET, data_dir=self.data_dir,
-                                                 self_gen=cfg.self_gen, progress=self.progress)
+                                                 self_gen=cfg.self_gen, progress=self.progress, generated=store)
             ids = torch.cat([ids, held])
             info["heldout"] = {"source": held_source, "nsamples": cfg.heldout_nsamples, "seed": held_info["seed"],
                                "used_for": "per-block error_heldout only, never a statistic"}

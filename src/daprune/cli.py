@@ -43,6 +43,11 @@ def _prune_parser(sub) -> None:
                    help=f"{SOURCES_HELP}, or a mixture A+B (e.g. lambada+self: rows alternate between the sources)")
     p.add_argument("--nsamples", type=int, default=d.nsamples)
     p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--self-temperature", type=float, default=None,
+                   help=f"self-generated calibration: sampling temperature (default {d.self_gen['temperature']})")
+    p.add_argument("--self-top-p", type=float, default=None,
+                   help=f"self-generated calibration: nucleus mass (default {d.self_gen['top_p']}; 1 samples the "
+                        "whole distribution)")
     p.add_argument("--recover", dest="recovery", action="store_const", const="paper",
                    help="layer-wise least-squares recovery before scoring (the paper's remedy)")
     p.add_argument("--no-recover", dest="recovery", action="store_const", const="none")
@@ -183,6 +188,8 @@ def cmd_prune(args) -> int:
     from daprune.report import plot_allocation, plot_layers, summary
 
     fields = {k: getattr(args, k) for k in PruneConfig.__dataclass_fields__ if hasattr(args, k)}
+    given = {"temperature": args.self_temperature, "top_p": args.self_top_p}
+    fields["self_gen"] = {**PruneConfig().self_gen, **{k: v for k, v in given.items() if v is not None}}
     cfg = PruneConfig(**fields)
     from daprune.output import check_output
 

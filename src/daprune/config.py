@@ -33,6 +33,8 @@ HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp"
 # current weights at the strength held-out calibration rows prefer, and no re-fit where none helps them
 RECOVERY_MODES = ("none", "paper", "post", "both", "heldout")
 RECOVERY_DAMP = 1e-4
+# nucleus sampling of self-generated calibration; top-k is off (0)
+SELF_GEN_DEFAULTS: dict[str, float] = {"temperature": 1.0, "top_p": 0.95}
 # what a re-fitted down_proj matches: the dense down_proj's output (linear, the paper's) or the dense block's output
 # (block: the re-fit also absorbs what earlier pruned blocks and this block's heads changed in the residual stream)
 RECOVERY_TARGETS = ("linear", "block")
@@ -133,12 +135,34 @@ class PruneConfig:
     max_shard_size: str = "5GB"
     device: str = "cpu"
     batch_size: int = 8
-    self_gen: dict[str, Any] = field(
-        default_factory=lambda: {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": None, "prompt": "bos"}
-    )
+    # sampling of self-generated calibration (--self-temperature, --self-top-p): nucleus sampling from BOS plus one
+    # random token; rows are always exactly --seqlen tokens, so no length setting exists
+    self_gen: dict[str, Any] = field(default_factory=lambda: dict(SELF_GEN_DEFAULTS))
+
+    def uses_self_generation(self) -> bool:
+        """Whether any calibration rows (scoring, re-fit or held-out) are self-generated."""
+        sources = [self.calibration] + ([self.heldout_calibration] if self.heldout_calibration else [])
+        return any("self" in s.split("+") for s in sources)
+
+    def _validate_self_gen(self) -> None:
+        unknown = set(self.self_gen) - set(SELF_GEN_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"self-generation settings {sorted(unknown)} do not exist; the settings are "
+                              f"{', '.join(SELF_GEN_DEFAULTS)}")
+        temperature = self.self_gen.get("temperature", SELF_GEN_DEFAULTS["temperature"])
+        top_p = self.self_gen.get("top_p", SELF_GEN_DEFAULTS["top_p"])
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"--self-temperature must be a finite number > 0, got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ConfigError(f"--self-top-p must be in (0, 1], got {top_p!r}")
+        if {**SELF_GEN_DEFAULTS, **self.self_gen} != SELF_GEN_DEFAULTS and not self.uses_self_generation():
+            raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
+                              f"--calibration {self.calibration} generates none: use --calibration self (or a "
+                              "mixture with self, or --heldout-calibration self), or drop them")
 
     def validate(self) -> None:
         """Reject bad settings early, before the model is even loaded."""
+        self._validate_self_gen()
         if not (0.0 <= self.sparsity < 1.0):
             raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.ffn_criterion not in FFN_CRITERIA:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from daprune.config import SOURCES_HELP
+from daprune.config import SELF_GEN_DEFAULTS, SOURCES_HELP
+from daprune.data.generated import GeneratedStore
 from daprune.data.packaged import PASSAGES, heldout_indices
 from daprune.data.tokens import bos_per_window, encode_stream, prepend_bos
 from daprune.errors import CalibrationError
@@ -133,10 +134,17 @@ def calibration_parts(source: str) -> list[str]:
     return parts
 
 
+def _resolve(model):
+    """``model`` itself, or what a loader returns: a streaming run loads the whole model only when some rows
+    must really be generated (not when they are all in the cache)."""
+    return model if isinstance(model, torch.nn.Module) or not callable(model) else model()
+
+
 def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int, seed: int,
                        data_dir: str | None = None, self_gen: dict | None = None,
-                       progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """Tokens [nsamples, seqlen] and a record of how they were made.
+                       progress: bool = True, generated: GeneratedStore | None = None) -> tuple[torch.Tensor, dict]:
+    """Tokens [nsamples, seqlen] and a record of how they were made (``model``: the model, or a zero-argument
+    loader of it; ``generated``: where self-generated rows are kept across runs, ``data/generated.py``).
 
     A mixture ``A+B`` draws its rows from each source in turn (row r from source r mod k, each source with its own
     seed), so the scoring rows, any extra re-fit rows and held-out rows all hold the same mix: one text's habits
@@ -146,7 +154,7 @@ def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int
     if len(parts) > 1:
         k = len(parts)
         got = [calibration_tokens(p, model, tokenizer, len(range(j, nsamples, k)), seqlen, seed + 7919 * j, data_dir,
-                                  self_gen, progress) for j, p in enumerate(parts)]
+                                  self_gen, progress, generated) for j, p in enumerate(parts)]
         ids = torch.empty(nsamples, seqlen, dtype=torch.long)
         for j, (part_ids, _) in enumerate(got):
             ids[j::k] = part_ids
@@ -156,15 +164,20 @@ def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int
                      "bos_per_window": bos.pop() if len(bos) == 1 else "per part"}
     info: dict = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     if source == "random":
-        ids = random_tokens(model.config.vocab_size, nsamples, seqlen, seed)
+        ids = random_tokens(_resolve(model).config.vocab_size, nsamples, seqlen, seed)
         info["kind"] = "random token ids, uniform over the vocabulary"
         info["bos_per_window"] = False
     elif source == "self":
-        opts = {k: v for k, v in (self_gen or {}).items() if k in ("temperature", "top_p")}
-        ids = self_generated(model, tokenizer, nsamples, seqlen, seed, progress=progress, **opts)
+        opts = {**SELF_GEN_DEFAULTS, **(self_gen or {})}  # PruneConfig.validate refused any other key
+        ids = generated.load(nsamples, seqlen, seed, opts) if generated is not None else None
+        if ids is not None:
+            info["reused_from_cache"] = str(generated.path(generated.key(nsamples, seqlen, seed, opts)))
+        else:
+            ids = self_generated(_resolve(model), tokenizer, nsamples, seqlen, seed, progress=progress, **opts)
+            if generated is not None:
+                generated.save(ids, nsamples, seqlen, seed, opts)
         info["kind"] = "self-generated"
-        info["sampling"] = {"prompt": "BOS + 1 uniform random token", "top_k": 0,
-                            "temperature": opts.get("temperature", 1.0), "top_p": opts.get("top_p", 0.95)}
+        info["sampling"] = {"prompt": "BOS + 1 uniform random token", "top_k": 0, **opts}
         info["bos_per_window"] = getattr(tokenizer, "bos_token_id", None) is not None  # generation starts at BOS
     else:
         texts = source_texts(source, data_dir)

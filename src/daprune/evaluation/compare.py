@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from daprune.atomic import atomic_write_bytes
-from daprune.config import PruneConfig
+from daprune.config import SELF_GEN_DEFAULTS, PruneConfig
 from daprune.errors import ConfigError
 
 
@@ -215,8 +215,9 @@ Evaluator = Callable[[Any, Any], dict]
 
 def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluator, *,
             zeroshot: Callable[[Any, Any], dict] | None = None, data_dir: str | None = None,
-            progress: bool = False, memory: PeakRSS | None = None) -> dict:
-    """Load fresh, prune (unless Dense), evaluate; return the row's record with its full report settings."""
+            progress: bool = False, memory: PeakRSS | None = None, generated=None) -> dict:
+    """Load fresh, prune (unless Dense), evaluate; return the row's record with its full report settings
+    (``generated``: where rows share self-generated calibration, ``data/generated.py``)."""
     from daprune.api import prune
     from daprune.weights import count_parameters
 
@@ -233,7 +234,7 @@ def run_row(row: RowSpec, base: PruneConfig, loader: Loader, evaluator: Evaluato
         record.update({"prune_s": 0.0, "settings": None, "report": None})
     else:
         cfg = row_config(row, base)
-        result = prune(cfg, model=model, tokenizer=tok, data_dir=data_dir, progress=progress)
+        result = prune(cfg, model=model, tokenizer=tok, data_dir=data_dir, progress=progress, generated=generated)
         model = result.model
         rep = result.report
         t = rep["timings"]
@@ -280,12 +281,13 @@ def run_table(rows: list[RowSpec], base: PruneConfig, loader: Loader, evaluator:
               zeroshot: Callable[[Any, Any], dict] | None = None, data_dir: str | None = None,
               progress: bool = False, json_path: str | None = None, meta: dict | None = None,
               done: dict[str, dict] | None = None, on_row: Callable[[dict], None] | None = None,
-              runner: Callable[[RowSpec], dict] | None = None, keep: list[dict] | None = None) -> dict:
+              runner: Callable[[RowSpec], dict] | None = None, keep: list[dict] | None = None,
+              generated=None) -> dict:
     """Run every row (skipping those in ``done``), writing the JSON after each so a stopped run keeps its rows.
 
     ``runner`` replaces the in-process :func:`run_row` (the CLI passes one that uses a child process).
     ``keep``: finished rows of the same table that this run does not select; they stay in the JSON and the
-    returned table, in table order.
+    returned table, in table order. ``generated``: as :func:`run_row`.
     """
     t0 = time.perf_counter()
     out: dict[str, Any] = {**(meta or {}), "base_settings": base.to_dict(), "rows": []}
@@ -297,7 +299,7 @@ def run_table(rows: list[RowSpec], base: PruneConfig, loader: Loader, evaluator:
             rec = runner(row)
         else:
             rec = run_row(row, base, loader, evaluator, zeroshot=zeroshot, data_dir=data_dir, progress=progress,
-                          memory=memory)
+                          memory=memory, generated=generated)
         out["rows"].append(rec)
         out["wall_s"] = time.perf_counter() - t0 + (meta or {}).get("wall_s_before", 0.0)
         if json_path:  # reused rows not reached yet stay in the file, so stopping here loses none of them
@@ -624,6 +626,8 @@ def _resolved(settings: dict) -> dict:
     schedule; ``recovery_prior`` by recovery mode), so a row recorded while they were plain constants compares
     equal to the same run now."""
     fields = PruneConfig.__dataclass_fields__
+    if isinstance(settings.get("self_gen"), dict):  # rows recorded while self_gen also held keys that did nothing
+        settings = {**settings, "self_gen": {k: v for k, v in settings["self_gen"].items() if k in SELF_GEN_DEFAULTS}}
     cfg = PruneConfig(**{k: v for k, v in settings.items() if k in fields})
     return {**settings, "layers": cfg.layers_spec(), "recovery_prior": cfg.ridge_prior()}
 
@@ -648,8 +652,10 @@ def cmd_compare(args) -> int:
         from daprune.evaluation.similarity_plot import cmd_similarity_figure
 
         return cmd_similarity_figure(args)
+    from daprune.data.generated import store_for
+    from daprune.devices import resolve_device
     from daprune.evaluation.perplexity import evaluate
-    from daprune.models.loading import load_model
+    from daprune.models.loading import load_model, resolve_source
 
     if args.max_windows is not None and args.max_windows <= 0:
         args.max_windows = None
@@ -692,9 +698,12 @@ def cmd_compare(args) -> int:
               f"prune {rec['prune_s']:.1f} s  peak RSS {rec['peak_rss_prune_mb']:.0f} MB", flush=True)
 
     runner = (lambda row: run_isolated(row, args)) if args.isolate and len(rows) > 0 else None
+    # rows that self-generate their calibration (and the peers under --calibration self) share one generation
+    generated = store_for(resolve_source(args.model, args.cache_dir), base.dtype,
+                          resolve_device(base.device).type, args.cache_dir)
     table = run_table(rows, base, loader, evaluator, zeroshot=zeroshot, data_dir=args.data_dir,
                       progress=not args.quiet, json_path=args.json, meta=meta, done=done,
-                      on_row=on_row, runner=runner, keep=keep)
+                      on_row=on_row, runner=runner, keep=keep, generated=generated)
     print()
     print(format_markdown(table))
     note = table["rows"][0].get("memory_method", "") if table["rows"] else ""
