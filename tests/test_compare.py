@@ -373,6 +373,20 @@ def test_rows_recorded_before_a_setting_existed_are_reused_only_at_its_default()
     assert sorted(compare.reusable_rows(old, meta, rows, other_multiple)) == ["dense"]
 
 
+def test_rows_recorded_with_the_removed_self_generation_keys_are_reused():
+    """``self_gen`` once also held max_new_tokens / prompt, which changed nothing: such rows still stand, and a row
+    whose sampling really differs does not."""
+    rows = compare.select_rows("dense,ours-sg")
+    meta = {"model": None, "sparsity": 0.2, "max_windows": 8, "ppl": "wikitext2", "tasks": "", "limit": None}
+    settings = compare.row_config(compare.ROW_BY_KEY["ours-sg"], BASE).to_dict()
+    older = {**settings, "self_gen": {**settings["self_gen"], "max_new_tokens": None, "prompt": "bos"}}
+    old = {**meta, "rows": [{"key": "dense", "settings": None}, {"key": "ours-sg", "settings": older}]}
+    assert sorted(compare.reusable_rows(old, meta, rows, BASE)) == ["dense", "ours-sg"]
+    hotter = {**older, "self_gen": {**older["self_gen"], "temperature": 1.5}}
+    old["rows"][1]["settings"] = hotter
+    assert sorted(compare.reusable_rows(old, meta, rows, BASE)) == ["dense"]
+
+
 def test_running_some_rows_into_a_table_keeps_its_other_rows(tmp_path):
     """``--rows X --json T --resume`` adds X to table T: the rows of T not selected stay, in table order."""
     meta = {"model": None, "sparsity": 0.2, "max_windows": None, "ppl": "wikitext2", "tasks": "", "limit": None}

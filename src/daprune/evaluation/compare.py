@@ -699,8 +699,10 @@ def cmd_compare(args) -> int:
 
     runner = (lambda row: run_isolated(row, args)) if args.isolate and len(rows) > 0 else None
     # rows that self-generate their calibration (and the peers under --calibration self) share one generation
-    generated = store_for(resolve_source(args.model, args.cache_dir), base.dtype,
-                          resolve_device(base.device).type, args.cache_dir)
+    generated = None
+    if any(row_config(r, base).uses_self_generation() for r in rows if r.key != "dense"):
+        generated = store_for(resolve_source(args.model, args.cache_dir), base.dtype,
+                              resolve_device(base.device).type, args.cache_dir)
     table = run_table(rows, base, loader, evaluator, zeroshot=zeroshot, data_dir=args.data_dir,
                       progress=not args.quiet, json_path=args.json, meta=meta, done=done,
                       on_row=on_row, runner=runner, keep=keep, generated=generated)
