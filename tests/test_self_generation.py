@@ -197,3 +197,17 @@ def test_model_passed_in_memory_uses_the_callers_store(tmp_path, monkeypatch):
     assert "reused_from_cache" in again.report["calibration"]
     with pytest.raises(AssertionError, match="generated again"):  # no store: nothing to read back
         prune(model=tiny_model(layers=3), tokenizer=tok, **SG)
+
+
+def test_a_new_tokenizer_or_generation_config_generates_anew(src, tmp_path, monkeypatch):
+    """The special ids and the EOS that generation suppresses are part of what the model writes."""
+    from daprune.api import prune
+
+    cache = tmp_path / "cache"
+    prune(model=str(src), cache=str(cache), **SG)
+    gen = src / "generation_config.json"
+    gen.write_text(gen.read_text().replace('"eos_token_id": 2', '"eos_token_id": 5'))
+    assert '"eos_token_id": 5' in gen.read_text()
+    monkeypatch.setattr("daprune.data.calibration.self_generated", _no_generation)
+    with pytest.raises(AssertionError, match="generated again"):
+        prune(model=str(src), cache=str(cache), **SG)

@@ -34,8 +34,17 @@ def store_for(source, dtype: str, device: str, cache: str | os.PathLike | None =
 
     if source is None or source.kind == "hub":
         return None
-    key = {"source": source_fingerprint(dataclasses.asdict(source)), "dtype": dtype, "device": device}
+    # besides the weights, the tokenizer's special ids and generation_config.json's EOS (suppressed until the row is
+    # full) shape what the model writes
+    folder = Path(source.path)
+    texts = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.json"))
+             if f.name in _GENERATION_FILES}
+    key = {"source": source_fingerprint(dataclasses.asdict(source)), "files": texts, "dtype": dtype,
+           "device": device}
     return GeneratedStore(cache_dir(cache) / "self-generated", key)
+
+
+_GENERATION_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class GeneratedStore:
