@@ -226,7 +226,8 @@ def test_child_sees_every_setting_of_the_parent():
     args = parser.parse_args(["compare", "--sparsity", "0.3", "--sparsity-basis", "blocks", "--kv-groups",
                               "--layers", "2:-1", "--head-split", "paper", "--tau", "0.1", "--nsamples", "4",
                               "--seqlen", "64", "--seed", "3", "--batch-size", "2", "--max-windows", "9",
-                              "--model", "m.gguf", "--limit", "5", "--tasks", "piqa", "--ppl", "ptb"])
+                              "--model", "m.gguf", "--limit", "5", "--tasks", "piqa", "--ppl", "ptb",
+                              "--self-temperature", "0.7", "--self-top-p", "1"])
     child = parser.parse_args(compare.child_argv(args, "l2", "/tmp/r.json")[3:])
     own = {"rows", "json", "isolate", "resume"}
     differ = {k: (v, getattr(child, k)) for k, v in vars(args).items() if k not in own and getattr(child, k) != v}
@@ -371,6 +372,26 @@ def test_rows_recorded_before_a_setting_existed_are_reused_only_at_its_default()
     assert sorted(compare.reusable_rows(old, meta, rows, uniform)) == ["dense"]
     other_multiple = dataclasses.replace(BASE, channel_multiple=16)  # recorded in the old row: compared
     assert sorted(compare.reusable_rows(old, meta, rows, other_multiple)) == ["dense"]
+
+
+def test_sampling_settings_reach_exactly_the_rows_that_generate():
+    hot = dataclasses.replace(BASE, self_gen={"temperature": 0.7, "top_p": 1.0})
+    assert compare.row_config(compare.ROW_BY_KEY["ours-sg"], hot).self_gen == {"temperature": 0.7, "top_p": 1.0}
+    assert compare.row_config(compare.ROW_BY_KEY["wanda-sp"], hot).self_gen == {"temperature": 1.0, "top_p": 0.95}
+    compare.row_config(compare.ROW_BY_KEY["wanda-sp"], hot).validate()  # so the peer's own check passes
+    on_self = dataclasses.replace(hot, calibration="self")
+    assert compare.row_config(compare.ROW_BY_KEY["wanda-sp"], on_self).self_gen["top_p"] == 1.0
+
+
+def test_sampling_settings_without_a_generating_row_are_refused(capsys):
+    from daprune.cli import main
+
+    rc = main(["compare", "--rows", "dense,wanda-sp", "--calibration", "random", "--self-top-p", "1", "--quiet",
+               "--no-isolate"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no selected row generates" in err and "Traceback" not in err
+    rc = main(["compare", "--rows", "ours-sg", "--self-top-p", "1.5", "--quiet", "--no-isolate"])
+    assert rc == 2 and "--self-top-p must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_rows_recorded_with_the_removed_self_generation_keys_are_reused():

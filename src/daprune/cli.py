@@ -25,6 +25,7 @@ from daprune.config import (
     SPARSITY_BASES,
     UNROUTED_EXPERTS,
     PruneConfig,
+    self_gen_settings,
 )
 from daprune.errors import DapruneError, Interrupted
 from daprune.evaluation.zeroshot import TASKS_HELP
@@ -188,8 +189,7 @@ def cmd_prune(args) -> int:
     from daprune.report import plot_allocation, plot_layers, summary
 
     fields = {k: getattr(args, k) for k in PruneConfig.__dataclass_fields__ if hasattr(args, k)}
-    given = {"temperature": args.self_temperature, "top_p": args.self_top_p}
-    fields["self_gen"] = {**PruneConfig().self_gen, **{k: v for k, v in given.items() if v is not None}}
+    fields["self_gen"] = self_gen_settings(args.self_temperature, args.self_top_p)
     cfg = PruneConfig(**fields)
     from daprune.output import check_output
 

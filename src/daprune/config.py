@@ -35,6 +35,14 @@ RECOVERY_MODES = ("none", "paper", "post", "both", "heldout")
 RECOVERY_DAMP = 1e-4
 # nucleus sampling of self-generated calibration; top-k is off (0)
 SELF_GEN_DEFAULTS: dict[str, float] = {"temperature": 1.0, "top_p": 0.95}
+
+
+def self_gen_settings(temperature: float | None = None, top_p: float | None = None) -> dict[str, float]:
+    """``--self-temperature`` / ``--self-top-p`` as ``PruneConfig.self_gen`` (None: the default)."""
+    given = {"temperature": temperature, "top_p": top_p}
+    return {**SELF_GEN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+
+
 # what a re-fitted down_proj matches: the dense down_proj's output (linear, the paper's) or the dense block's output
 # (block: the re-fit also absorbs what earlier pruned blocks and this block's heads changed in the residual stream)
 RECOVERY_TARGETS = ("linear", "block")

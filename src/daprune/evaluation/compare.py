@@ -22,6 +22,7 @@ those blocks (see :mod:`daprune.evaluation.similarity_plot`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from daprune.atomic import atomic_write_bytes
-from daprune.config import SELF_GEN_DEFAULTS, PruneConfig
+from daprune.config import SELF_GEN_DEFAULTS, PruneConfig, self_gen_settings
 from daprune.errors import ConfigError
 
 
@@ -126,12 +127,13 @@ def select_rows(spec: str | None) -> list[RowSpec]:
 
 def row_config(row: RowSpec, base: PruneConfig) -> PruneConfig:
     """The row's full settings: the shared base, self-generated calibration for the data-free group, overrides."""
-    import dataclasses
-
     extra: dict[str, Any] = dict(row.settings)
     if row.group == "data-free":
         extra["calibration"] = "self"
-    return dataclasses.replace(base, **extra)
+    cfg = dataclasses.replace(base, **extra)
+    if not cfg.uses_self_generation():  # --self-top-p etc. shape only the rows that generate text
+        cfg.self_gen = dict(SELF_GEN_DEFAULTS)
+    return cfg
 
 
 # -- memory --------------------------------------------------------------------------------------------
@@ -490,6 +492,9 @@ def add_parser(sub) -> dict:
                    help="calibration source of the data-dependent rows (data-free rows self-generate)")
     p.add_argument("--nsamples", type=int, default=d.nsamples)
     p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--self-temperature", type=float, default=None,
+                   help="sampling of every self-generated row (data-free rows; all rows under --calibration self)")
+    p.add_argument("--self-top-p", type=float, default=None, help="as --self-temperature")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--tau", type=float, default=d.tau)
     p.add_argument("--head-split", default=d.head_split, help="for ours and the baselines (FLAP: adaptive)")
@@ -522,6 +527,7 @@ def add_parser(sub) -> dict:
 # options forwarded to a row's child process: (attribute, flag)
 _FORWARD = (("model", "--model"), ("sparsity", "--sparsity"), ("layers", "--layers"),
             ("calibration", "--calibration"), ("nsamples", "--nsamples"), ("seqlen", "--seqlen"), ("seed", "--seed"),
+            ("self_temperature", "--self-temperature"), ("self_top_p", "--self-top-p"),
             ("tau", "--tau"), ("head_split", "--head-split"), ("sparsity_basis", "--sparsity-basis"),
             ("channel_multiple", "--channel-multiple"),
             ("batch_size", "--batch-size"), ("ppl", "--ppl"),
@@ -666,6 +672,12 @@ def cmd_compare(args) -> int:
                        channel_multiple=args.channel_multiple)
     base.validate()
     rows = select_rows(args.rows)
+    base.self_gen = self_gen_settings(args.self_temperature, args.self_top_p)
+    if base.self_gen != SELF_GEN_DEFAULTS and not any(row_config(r, base).uses_self_generation() for r in rows
+                                                      if r.key != "dense"):
+        raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
+                          "no selected row generates any: add a data-free row (ours-sg, ...) or --calibration self")
+    dataclasses.replace(base, calibration="self").validate()  # the sampling values themselves
     zeroshot = _zeroshot_fn(args)
     if args.json:  # before any row runs: the first row's minutes must not be lost to a missing folder
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
