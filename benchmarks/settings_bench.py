@@ -79,6 +79,9 @@ SUITES = {
                                                  *M1],
         "self-generated, 128 samples, temperature 0.8": ["--calibration", "self", "--nsamples", "128",
                                                          "--self-temperature", "0.8", *M1],
+        "self-generated, 128 samples, top-p 1, temperature 1.2": ["--calibration", "self", "--nsamples", "128",
+                                                                  "--self-top-p", "1", "--self-temperature", "1.2",
+                                                                  *M1],
     },
     "calibration": {  # which text the statistics and re-fits see (default: lambada, book text)
         "lambada": M1,
