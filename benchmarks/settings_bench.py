@@ -75,6 +75,7 @@ SUITES = {
         "self-generated, 128 samples + heldout recovery": ["--calibration", "self", "--nsamples", "128", *HELDOUT_REC,
                                                            *M1],
         # how the model's own text is sampled (default: top-p 0.95, temperature 1)
+        "self-generated, top-p 1": ["--calibration", "self", "--self-top-p", "1", *M1],
         "self-generated, 128 samples, top-p 1": ["--calibration", "self", "--nsamples", "128", "--self-top-p", "1",
                                                  *M1],
         "self-generated, 128 samples, temperature 0.8": ["--calibration", "self", "--nsamples", "128",
