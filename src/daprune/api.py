@@ -296,7 +296,7 @@ class _Run:
         for source in dict.fromkeys((cfg.calibration, held_source)):
             check_tokenizer(self.tokenizer, source)
         parts = calibration_parts(cfg.calibration)
-        generated = "self" in parts + calibration_parts(held_source)
+        generated = cfg.uses_self_generation()
         cached = self.work.cached_ids() if self.work is not None and generated else None
         if cached is not None:
             kind = "mixture" if len(parts) > 1 else "self-generated" if parts == ["self"] else "text"

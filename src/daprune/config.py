@@ -149,10 +149,13 @@ class PruneConfig:
 
     def uses_self_generation(self) -> bool:
         """Whether any calibration rows (scoring, re-fit or held-out) are self-generated."""
-        sources = [self.calibration] + ([self.heldout_calibration] if self.heldout_calibration else [])
-        return any("self" in s.split("+") for s in sources)
+        from daprune.data.calibration import calibration_parts  # one parser of mixtures (a file may hold a "+")
 
-    def _validate_self_gen(self) -> None:
+        return any("self" in calibration_parts(s) for s in (self.calibration, self.heldout_calibration or
+                                                            self.calibration))
+
+    def validate_sampling(self) -> None:
+        """The self-generation settings themselves (names and ranges), whether or not any text is generated."""
         unknown = set(self.self_gen) - set(SELF_GEN_DEFAULTS)
         if unknown:
             raise ConfigError(f"self-generation settings {sorted(unknown)} do not exist; the settings are "
@@ -163,6 +166,9 @@ class PruneConfig:
             raise ConfigError(f"--self-temperature must be a finite number > 0, got {temperature!r}")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ConfigError(f"--self-top-p must be in (0, 1], got {top_p!r}")
+
+    def _validate_self_gen(self) -> None:
+        self.validate_sampling()
         if {**SELF_GEN_DEFAULTS, **self.self_gen} != SELF_GEN_DEFAULTS and not self.uses_self_generation():
             raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
                               f"--calibration {self.calibration} generates none: use --calibration self (or a "

@@ -37,8 +37,8 @@ def store_for(source, dtype: str, device: str, cache: str | os.PathLike | None =
     # besides the weights, the tokenizer's special ids and generation_config.json's EOS (suppressed until the row is
     # full) shape what the model writes
     folder = Path(source.path)
-    texts = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.json"))
-             if f.name in _GENERATION_FILES}
+    texts = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in _GENERATION_FILES
+             if (folder / name).is_file()}
     key = {"source": source_fingerprint(dataclasses.asdict(source)), "files": texts, "dtype": dtype,
            "device": device}
     return GeneratedStore(cache_dir(cache) / "self-generated", key)

@@ -673,11 +673,11 @@ def cmd_compare(args) -> int:
     base.validate()
     rows = select_rows(args.rows)
     base.self_gen = self_gen_settings(args.self_temperature, args.self_top_p)
-    if base.self_gen != SELF_GEN_DEFAULTS and not any(row_config(r, base).uses_self_generation() for r in rows
-                                                      if r.key != "dense"):
+    base.validate_sampling()
+    generating = any(row_config(r, base).uses_self_generation() for r in rows if r.key != "dense")
+    if base.self_gen != SELF_GEN_DEFAULTS and not generating:
         raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
                           "no selected row generates any: add a data-free row (ours-sg, ...) or --calibration self")
-    dataclasses.replace(base, calibration="self").validate()  # the sampling values themselves
     zeroshot = _zeroshot_fn(args)
     if args.json:  # before any row runs: the first row's minutes must not be lost to a missing folder
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -711,10 +711,8 @@ def cmd_compare(args) -> int:
 
     runner = (lambda row: run_isolated(row, args)) if args.isolate and len(rows) > 0 else None
     # rows that self-generate their calibration (and the peers under --calibration self) share one generation
-    generated = None
-    if any(row_config(r, base).uses_self_generation() for r in rows if r.key != "dense"):
-        generated = store_for(resolve_source(args.model, args.cache_dir), base.dtype,
-                              resolve_device(base.device).type, args.cache_dir)
+    generated = store_for(resolve_source(args.model, args.cache_dir), base.dtype, resolve_device(base.device).type,
+                          args.cache_dir) if generating else None
     table = run_table(rows, base, loader, evaluator, zeroshot=zeroshot, data_dir=args.data_dir,
                       progress=not args.quiet, json_path=args.json, meta=meta, done=done,
                       on_row=on_row, runner=runner, keep=keep, generated=generated)
