@@ -375,18 +375,18 @@ def test_rows_recorded_before_a_setting_existed_are_reused_only_at_its_default()
 
 
 def test_sampling_settings_reach_exactly_the_rows_that_generate():
-    hot = dataclasses.replace(BASE, self_gen={"temperature": 0.7, "top_p": 1.0})
-    assert compare.row_config(compare.ROW_BY_KEY["ours-sg"], hot).self_gen == {"temperature": 0.7, "top_p": 1.0}
-    assert compare.row_config(compare.ROW_BY_KEY["wanda-sp"], hot).self_gen == {"temperature": 1.0, "top_p": 0.95}
+    hot = dataclasses.replace(BASE, self_gen={"temperature": 0.7, "top_p": 0.9})
+    assert compare.row_config(compare.ROW_BY_KEY["ours-sg"], hot).self_gen == {"temperature": 0.7, "top_p": 0.9}
+    assert compare.row_config(compare.ROW_BY_KEY["wanda-sp"], hot).self_gen == {"temperature": 1.0, "top_p": 1.0}
     compare.row_config(compare.ROW_BY_KEY["wanda-sp"], hot).validate()  # so the peer's own check passes
     on_self = dataclasses.replace(hot, calibration="self")
-    assert compare.row_config(compare.ROW_BY_KEY["wanda-sp"], on_self).self_gen["top_p"] == 1.0
+    assert compare.row_config(compare.ROW_BY_KEY["wanda-sp"], on_self).self_gen["top_p"] == 0.9
 
 
 def test_sampling_settings_without_a_generating_row_are_refused(capsys):
     from daprune.cli import main
 
-    rc = main(["compare", "--rows", "dense,wanda-sp", "--calibration", "random", "--self-top-p", "1", "--quiet",
+    rc = main(["compare", "--rows", "dense,wanda-sp", "--calibration", "random", "--self-top-p", "0.9", "--quiet",
                "--no-isolate"])
     err = capsys.readouterr().err
     assert rc == 2 and "no selected row generates" in err and "Traceback" not in err
@@ -405,6 +405,9 @@ def test_rows_recorded_with_the_removed_self_generation_keys_are_reused():
     assert sorted(compare.reusable_rows(old, meta, rows, BASE)) == ["dense", "ours-sg"]
     hotter = {**older, "self_gen": {**older["self_gen"], "temperature": 1.5}}
     old["rows"][1]["settings"] = hotter
+    assert sorted(compare.reusable_rows(old, meta, rows, BASE)) == ["dense"]
+    # the default was top-p 0.95 until the default became 1: such rows re-run, they were sampled differently
+    old["rows"][1]["settings"] = {**older, "self_gen": {**older["self_gen"], "top_p": 0.95}}
     assert sorted(compare.reusable_rows(old, meta, rows, BASE)) == ["dense"]
 
 

@@ -89,7 +89,7 @@ def test_real_model_variants(smollm, settings):
     if settings.get("recovery") == "post":
         assert all(r["error"] < r["error_no_recovery"] for r in rows)
     if settings.get("calibration") == "self":
-        assert res.report["calibration"]["sampling"]["top_p"] == 0.95
+        assert res.report["calibration"]["sampling"]["top_p"] == 1.0
 
 
 @pytest.mark.slow

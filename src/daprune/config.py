@@ -34,7 +34,7 @@ HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp"
 RECOVERY_MODES = ("none", "paper", "post", "both", "heldout")
 RECOVERY_DAMP = 1e-4
 # nucleus sampling of self-generated calibration; top-k is off (0)
-SELF_GEN_DEFAULTS: dict[str, float] = {"temperature": 1.0, "top_p": 0.95}
+SELF_GEN_DEFAULTS: dict[str, float] = {"temperature": 1.0, "top_p": 1.0}
 
 
 def self_gen_settings(temperature: float | None = None, top_p: float | None = None) -> dict[str, float]:
@@ -49,6 +49,9 @@ RECOVERY_TARGETS = ("linear", "block")
 HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive", "sensitivity", "owl")
 SELECTIONS = ("auto", "score", "greedy", "obs")
+# what the removed set's output error counts: every o_proj / down_proj output dimension alike ("uniform"), or each
+# by the loss's sensitivity to it, the diagonal Fisher from one gradient pass (daprune.fisher)
+ERROR_WEIGHTS = ("uniform", "fisher")
 SPARSITY_BASES = ("total", "blocks")
 LAYOUTS = ("per-layer", "uniform")
 DEFAULT_LAYERS = "4:-2"  # the paper's block range (the default except under --schedule sensitivity)
@@ -87,6 +90,7 @@ class PruneConfig:
     # measures where the budget costs least, so the first and last blocks are candidates too)
     layers: str | None = None
     schedule: str = "uniform"
+    error_weight: str = "uniform"
     # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
     sensitivity_nsamples: int | None = None
     # --schedule owl: spread of the block shares around the average and the outlier threshold M
@@ -174,6 +178,23 @@ class PruneConfig:
                               f"--calibration {self.calibration} generates none: use --calibration self (or a "
                               "mixture with self, or --heldout-calibration self), or drop them")
 
+    def _validate_error_weight(self) -> None:
+        if self.error_weight not in ERROR_WEIGHTS:
+            raise ConfigError(f"--error-weight must be one of {', '.join(ERROR_WEIGHTS)}, got {self.error_weight!r}")
+        if self.error_weight == "uniform":
+            return
+        if self.ffn_criterion != OUTPUT_CRITERION:
+            raise ConfigError(f"--error-weight {self.error_weight} weights the output error that selection and the "
+                              f"{OUTPUT_CRITERION} scores measure; --ffn-criterion {self.ffn_criterion} does not read "
+                              "it: drop one of them")
+        if self.head_criterion not in ("similarity", OUTPUT_CRITERION, "none"):
+            raise ConfigError(f"--error-weight {self.error_weight} weights the heads' output error, which "
+                              f"--head-criterion {self.head_criterion} does not read: use similarity or "
+                              f"{OUTPUT_CRITERION}, or drop it")
+        if self.schedule == "adaptive":
+            raise ConfigError(f"--schedule adaptive ranks FLAP-standardised scores of every block, which "
+                              f"--error-weight {self.error_weight} does not reach: drop one of them")
+
     def validate(self) -> None:
         """Reject bad settings early, before the model is even loaded."""
         self._validate_self_gen()
@@ -198,6 +219,7 @@ class PruneConfig:
                               f"{OUTPUT_CRITERION}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        self._validate_error_weight()
         if self.recovery_target not in RECOVERY_TARGETS:
             raise ConfigError(f"--recovery-target must be one of {', '.join(RECOVERY_TARGETS)}, "
                               f"got {self.recovery_target!r}")
