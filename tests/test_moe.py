@@ -215,6 +215,8 @@ def test_settings_without_meaning_for_experts_are_refused_before_work(tmp_path):
         _prune(tiny("qwen3_moe"), ffn_criterion="flap", selection="score")
     with pytest.raises(ConfigError, match="--compensate-mean is not implemented for mixture-of-experts"):
         _prune(tiny("qwen3_moe"), compensate_mean=True)
+    with pytest.raises(ConfigError, match="--error-weight fisher is not implemented for mixture-of-experts"):
+        _prune(tiny("qwen3_moe"), error_weight="fisher")
     tiny("mixtral").save_pretrained(tmp_path / "src")
     with pytest.raises(ConfigError, match="streaming is not possible.*mixture-of-experts"):
         daprune.prune(model=str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True, sparsity=0.2,

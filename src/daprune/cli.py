@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from daprune.config import (
+    ERROR_WEIGHTS,
     FFN_CRITERIA,
     HEAD_CRITERIA,
     HEAD_SPLITS,
@@ -93,6 +94,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--owl-threshold", type=float, default=d.owl_threshold,
                    help="--schedule owl: a weight is an outlier above this many times the block's mean Wanda "
                         "score (OWL's M, default 5)")
+    p.add_argument("--error-weight", choices=ERROR_WEIGHTS, default=d.error_weight,
+                   help="uniform: the output error of removed channels/heads counts every o_proj/down_proj output "
+                        "dimension alike; fisher: each by the loss's sensitivity to it (E[g^2], one gradient pass "
+                        "of the whole model over the calibration rows; needs the model in memory, no streaming)")
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                    help="auto: with --ffn-criterion second-moment, obs with >= 4 calibration tokens per FFN channel, "
                         "else greedy; with any other criterion, score; "

@@ -51,6 +51,9 @@ def check_moe_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
                           f"{what} do not have as linears; use similarity, second-moment, wanda-sp, l1, l2 or random")
     if cfg.recovery != "none":
         raise ConfigError(f"--recovery {cfg.recovery} is not implemented for mixture-of-experts blocks ({what})")
+    if cfg.error_weight != "uniform":  # the experts' own rankings read no output weight
+        raise ConfigError(f"--error-weight {cfg.error_weight} is not implemented for mixture-of-experts blocks "
+                          f"({what})")
     if cfg.schedule != "uniform":
         raise ConfigError(f"--schedule {cfg.schedule} is not implemented for mixture-of-experts blocks ({what})")
     if cfg.head_split == "measured":

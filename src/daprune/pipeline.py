@@ -24,6 +24,7 @@ from daprune.criteria.base import Criterion, get_criterion, head_columns
 from daprune.criteria.similarity import JSAccumulator, algorithm2, select_head_plan
 from daprune.errors import CalibrationError, ConfigError, NumericalError
 from daprune.experts import ExpertRanker, check_moe_fit, is_moe, prune_experts, unit_stats
+from daprune.fisher import weighted_rows
 from daprune.heldout import HeldoutOutputs
 from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
@@ -75,7 +76,8 @@ class BlockPruner:
 
     def __init__(self, cfg: PruneConfig, ffn_crit: Criterion, head_crit: Criterion | None, target: float,
                  grads: dict[int, dict[str, torch.Tensor]] | None = None,
-                 plans: dict[int, BlockPlan] | None = None):
+                 plans: dict[int, BlockPlan] | None = None,
+                 fisher: dict[int, dict[str, torch.Tensor]] | None = None):
         self.cfg = cfg
         self.plans = plans or {}
         self.ntokens = 0  # scoring calibration tokens, set by run_pipeline
@@ -87,6 +89,8 @@ class BlockPruner:
         # per-block budgets of a global schedule (``--schedule sensitivity``); blocks not in it get ``target``
         self.targets: dict[int, float] = {}
         self.grads = grads or {}
+        # --error-weight fisher: per block, the loss's weight of each o_proj / down_proj output dimension
+        self.fisher = fisher or {}
         self.use_similarity = cfg.head_criterion == "similarity"
         # roles whose full centred covariance a criterion reads (a second Gram matmul: only where needed)
         self.cov_roles = ffn_crit.needs_cov | (head_crit.needs_cov if head_crit is not None else frozenset())
@@ -103,6 +107,10 @@ class BlockPruner:
         """The pruned block's output on the pruned stream, if its statistics pass could form it (then forgotten)."""
         out, self.output = self.output, None
         return out
+
+    def output_weight(self, block: BlockAdapter) -> dict[str, torch.Tensor]:
+        """The block's ``--error-weight fisher`` weights by role ("o", "down"); empty: every dimension alike."""
+        return self.fisher.get(block.index, {}) if self.fisher else {}
 
     def selection(self, block: BlockAdapter, tokens: int | None = None) -> str:
         """The FFN selection rule for this block; "auto" picks OBS only with enough tokens.
@@ -277,7 +285,7 @@ class BlockPruner:
         # auto: pick the split with the least squared error added to the residual stream, measured
         # exactly from the second moments of the o_proj and down_proj inputs.
         ffn_error = self.ffn_error(block, stats, max(p.channels for p in plans), trial)
-        o = block.attn_out().weight.float()
+        o = weighted_rows(block.attn_out().weight.float(), stats.output_weight.get("o"))
         z2 = self.energy(stats.o_in)
         hd = block.head_dim
         measured = cfg.head_split == "measured" and trial is not None
@@ -342,7 +350,8 @@ class BlockPruner:
         the dense blocks): the split roles' moments, head importance and redundant heads (also into ``rec``)."""
         js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
         m = self.collect(block, block, x, x, ctx, self.split_roles(block, False), js)
-        stats = BlockStats(attn_in=m.get("attn_in"), o_in=m["o_in"], ffn_in=m.get("ffn_in"), down_in=m.get("down_in"))
+        stats = BlockStats(attn_in=m.get("attn_in"), o_in=m["o_in"], ffn_in=m.get("ffn_in"), down_in=m.get("down_in"),
+                           output_weight=self.output_weight(block))
         head_imp, redundant = self.head_importance(block, stats, js, rec)
         return stats, head_imp, redundant
 
@@ -355,7 +364,8 @@ class BlockPruner:
             ranker = ExpertRanker(self, block, unit_stats(block, rows[0], rows[2], self.cfg), rows[0], rows[2])
             return lambda c: (ranker.error(c, most), torch.empty(0, dtype=torch.long))
         ffn_rank = self.ffn_ranking(block, stats, most)
-        d, h2 = block.ffn_out().weight.float(), self.energy(stats.down_in)
+        d = weighted_rows(block.ffn_out().weight.float(), stats.output_weight.get("down"))
+        h2 = self.energy(stats.down_in)
 
         def error(channels: int) -> tuple[float, torch.Tensor]:
             rm = ffn_rank[:channels]
@@ -434,11 +444,12 @@ class BlockPruner:
         if (rule or self.selection(block)) == "score" or count == 0:
             return by_score
         # greedy output approximation (also the estimate for obs, whose compensation comes later)
-        first = self.greedy(block, stats.down_in, count)
+        first = self.greedy(block, stats.down_in, count, stats.output_weight.get("down"))
         taken = set(first)
         return torch.tensor(first + [int(c) for c in by_score if int(c) not in taken], dtype=torch.long)
 
-    def greedy(self, block: BlockAdapter, moments: Moments, count: int) -> list[int]:
+    def greedy(self, block: BlockAdapter, moments: Moments, count: int, weight: torch.Tensor | None = None
+               ) -> list[int]:
         """:func:`greedy_order` of ``count`` channels, reusing the previous call's order when it saw the same
         moments and the same down_proj weight: every prefix of a greedy order is the greedy order for that
         count, so the split decision's order (for the most channels any split removes) also serves the prune
@@ -448,7 +459,7 @@ class BlockPruner:
         memo = self._greedy_memo
         if memo is not None and memo[0] is moments and memo[1] == key and len(memo[2]) >= count:
             return memo[2][:count]
-        order = greedy_order(w.float(), self.energy(moments), count)
+        order = greedy_order(weighted_rows(w.float(), weight), self.energy(moments), count)
         self._greedy_memo = (moments, key, order)
         return order
 
@@ -461,7 +472,7 @@ class BlockPruner:
         cfg = self.cfg
         rec = BlockRecord(block.index, True)
         paper, post = cfg.recovery in ("paper", "both"), cfg.recovery in ("post", "both", "heldout")
-        stats = BlockStats(grads=self.grads.get(block.index, {}))
+        stats = BlockStats(grads=self.grads.get(block.index, {}), output_weight=self.output_weight(block))
         needs = self.ffn_crit.needs | (self.head_crit.needs if self.head_crit else frozenset())
         self.output = None
         moe = is_moe(block)
@@ -543,8 +554,13 @@ class BlockPruner:
         before = block.ffn_out().weight.data.float().clone() if cfg.compensate_mean else None
         if rec.plan["selection"] == "obs" and plan.channels:
             # OBS: greedy removal with least-squares compensation of the kept down_proj columns
-            order, w = obs_ranking(block.ffn_out().weight.float(), self.energy(stats.down_in), plan.channels,
-                                   cfg.obs_damp)
+            # under --error-weight fisher on weighted rows; each row is compensated on its own, so dividing the
+            # weights back out leaves the same least-squares compensation
+            fw = stats.output_weight.get("down")
+            order, w = obs_ranking(weighted_rows(block.ffn_out().weight.float(), fw), self.energy(stats.down_in),
+                                   plan.channels, cfg.obs_damp)
+            if fw is not None:
+                w = w / fw.sqrt().to(w)[:, None]
             block.ffn_out().weight.data.copy_(w.to(block.ffn_out().weight.dtype))
         else:
             order = self.ffn_ranking(block, stats, plan.channels)
@@ -668,7 +684,7 @@ def _plan_key(plan: BlockPlan) -> str:
 @torch.no_grad()
 def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, progress: bool = True,
                  grads: dict | None = None, store: ResidentStore | None = None,
-                 work: WorkDir | None = None, heldout: int = 0) -> PipelineResult:
+                 work: WorkDir | None = None, heldout: int = 0, fisher: dict | None = None) -> PipelineResult:
     """Prune ``adapter.model`` in place, block by block, from calibration token ids.
 
     ``store`` decides how blocks are obtained: resident (default, the whole model in memory) or streamed
@@ -676,7 +692,8 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     streams live. ``work`` (a :class:`daprune.checkpoint.WorkDir`) checkpoints every finished block and,
     if it holds an interrupted run, continues after its last finished block. The last ``heldout`` rows of
     ``ids`` are held out: they travel with both streams, but no statistic (score, selection, re-fit) sees
-    them; each block's errors are also measured on them (``error_heldout``), so overfitting shows.
+    them; each block's errors are also measured on them (``error_heldout``), so overfitting shows. ``fisher``: the
+    per-block output weights of ``--error-weight fisher`` (:func:`daprune.fisher.output_fisher`).
     """
     from daprune.stores import LoadingAdapter, ResidentStore
     from daprune.weights import count_parameters
@@ -734,7 +751,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
                                    head_crit, cfg)
         finally:
             view.close()
-    pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans)
+    pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans, fisher)
     pruner.replay = acts.mode != "disk" and not acts.moves
     pruner.n_score = min(cfg.nsamples, n_fit)
     pruner.n_fit = n_fit

@@ -146,4 +146,6 @@ class BlockStats:
     down_in: Moments | None = None
     attn_probs: torch.Tensor | None = None  # [N, heads, s, s] (fp32), only when a criterion needs it
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # weight-shaped, for Taylor criteria
+    # --error-weight fisher: the loss's weight of each output dimension of o_proj ("o") and down_proj ("down")
+    output_weight: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -93,8 +93,11 @@ def head_columns(heads: Sequence[int], head_dim: int) -> torch.Tensor:
 
 
 def o_head_second_moment(block: BlockAdapter, stats: BlockStats) -> torch.Tensor:
-    """E||z_h W_o[:, h]^T||^2 per head: the exact energy each head adds to the attention output."""
-    w = block.attn_out().weight.float()
+    """E||z_h W_o[:, h]^T||^2 per head: the exact energy each head adds to the attention output (under
+    ``--error-weight fisher`` with each output dimension weighted by the loss's sensitivity to it)."""
+    from daprune.fisher import weighted_rows
+
+    w = weighted_rows(block.attn_out().weight.float(), stats.output_weight.get("o"))
     second = stats.o_in.second
     hd = block.head_dim
     scores = []

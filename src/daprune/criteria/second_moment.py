@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from daprune.criteria.base import Criterion, o_head_second_moment, register
+from daprune.fisher import weighted_rows
 from daprune.models.adapter import BlockAdapter
 from daprune.stats import BlockStats
 
@@ -30,7 +31,7 @@ class SecondMoment(Criterion):
     needs = frozenset({"down_in", "o_in"})
 
     def ffn_scores(self, block: BlockAdapter, stats: BlockStats) -> torch.Tensor:
-        d = block.ffn_out().weight.float()
+        d = weighted_rows(block.ffn_out().weight.float(), stats.output_weight.get("down"))
         return d.pow(2).sum(0) * torch.diagonal(stats.down_in.second)
 
     def head_scores(self, block: BlockAdapter, stats: BlockStats) -> torch.Tensor:

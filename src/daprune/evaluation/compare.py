@@ -88,6 +88,8 @@ ROWS: tuple[RowSpec, ...] = (
             {**OURS, **BLOCK_REMEDY}),
     RowSpec("ours-sg-sens", "Ours SG, sensitivity schedule", "data-free", {**OURS, "schedule": "sensitivity"},
             False),
+    RowSpec("ours-sg-fisher", "Ours SG, loss-weighted output error", "data-free", {**OURS, "error_weight": "fisher"},
+            False),
     RowSpec("taylor-e1", "LLM-Pruner E1 (Taylor)", "data-dependent", _baseline("taylor-e1", "taylor-e1")),
     RowSpec("taylor-vector", "LLM-Pruner vector (Taylor)", "data-dependent",
             _baseline("taylor-vector", "taylor-vector")),
@@ -107,6 +109,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("ours-c-sens", "Ours C, sensitivity schedule", "data-dependent", {**OURS, "schedule": "sensitivity"},
             False),
     RowSpec("ours-c-owl", "Ours C, OWL outlier schedule", "data-dependent", {**OURS, "schedule": "owl"}, False),
+    RowSpec("ours-c-fisher", "Ours C, loss-weighted output error", "data-dependent",
+            {**OURS, "error_weight": "fisher"}, False),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 GROUP_TITLES = {"data-free": "Data-free (calibration: self-generated)", "data-dependent": "Data-dependent"}

@@ -1,0 +1,94 @@
+"""How much each output dimension of a block's level-2 linears matters to the model's loss (``--error-weight fisher``).
+
+Selection minimises the energy a removed set takes out of the o_proj / down_proj output, E||dy||^2, which counts
+every hidden dimension alike. The loss does not: a norm after the linear (Gemma's post-norms) rescales the output,
+massive-activation dimensions are normalised away downstream, and some dimensions feed the logits far more than
+others. The second-order change of the next-token loss for a small change dy of that output is, with the
+Fisher in place of the Hessian and only its diagonal kept, sum_d E[g_d^2] dy_d^2, g = dL/dy the gradient at that
+output. So the weight of dimension d is F_d = E[g_d^2]; weighting the rows of the output weight by sqrt(F_d) turns
+every output energy the pipeline computes (greedy and OBS selection, the head/FFN split, head scores) into this
+loss estimate. Least-squares compensation fits each output row on its own, so it is unchanged.
+
+One forward and backward pass of the dense model over the scoring calibration rows, before pruning (as LLM-Pruner's
+Taylor scores need), gives every block's weights; they are computed on the dense model and used for the
+sequentially pruned one, the same approximation the Taylor criteria make.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from daprune.models.adapter import ModelAdapter
+
+ROLES = ("o", "down")
+
+
+def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 8,
+                  progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+    """Per block, per role ("o": the attention output linear, "down": the FFN output linear), E[g_d^2] over every
+    token of ``ids`` [n, seqlen], g the gradient of the summed next-token NLL at that linear's output (fp32, CPU).
+
+    Scaled per block so that the mean over both roles is 1: a block's weights only compare its own candidates
+    (which dimensions, heads against channels), and the scale keeps sums of squares of tiny gradients in range.
+    Only the input embeddings' output is made to require a gradient (no weight gradients are formed); every
+    parameter's ``requires_grad`` is restored afterwards.
+    """
+    blocks = [adapter.block(i) for i in range(adapter.n_layers)]
+    acc: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+
+    def watch(key: tuple[int, str]):
+        def forward_hook(_module, _inputs, out):
+            def grad_hook(g: torch.Tensor) -> None:
+                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                acc[key] = acc[key] + sq if key in acc else sq
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return forward_hook
+
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    n = ids.shape[0]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for b in blocks:
+            hooks.append(b.attn_out().register_forward_hook(watch((b.index, "o"))))
+            hooks.append(b.ffn_out().register_forward_hook(watch((b.index, "down"))))
+        hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_()))
+        with torch.enable_grad():
+            for s in tqdm(range(0, n, batch_size), desc="loss sensitivity (fisher)", disable=not progress):
+                batch = ids[s : s + batch_size].to(dev)
+                logits = model(input_ids=batch, use_cache=False).logits
+                # summed, not averaged per batch: each token's gradient then counts the same in every batch size
+                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                       reduction="sum")
+                loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved.get(name, p.requires_grad))
+            p.grad = None
+        model.train(was_training)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for b in blocks:
+        found = {r: acc[(b.index, r)] for r in ROLES if (b.index, r) in acc}
+        if len(found) != len(ROLES):
+            continue  # a block whose output linears saw no gradient (none in any model we support)
+        scale = torch.cat(list(found.values())).mean().clamp_min(1e-30)
+        # floored so the compensated weights can be divided back out (a weight of 0 would erase its row)
+        out[b.index] = {r: (v / scale).clamp_min(1e-8) for r, v in found.items()}
+    return out
+
+
+def weighted_rows(weight: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
+    """``weight`` [out, in] with row d scaled by sqrt(F_d): its output energies become the loss estimate.
+    None: unchanged (``--error-weight uniform``)."""
+    if fisher is None:
+        return weight
+    return weight * fisher.sqrt().to(weight.device, weight.dtype)[:, None]
