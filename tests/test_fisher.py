@@ -45,10 +45,9 @@ def _reference(model, adapter, ids: torch.Tensor) -> dict[int, dict[str, torch.T
     out: dict[int, dict[str, torch.Tensor]] = {}
     for (i, role), g in zip(keys, grads, strict=True):
         out.setdefault(i, {})[role] = g.double().pow(2).sum((0, 1))
-    for roles in out.values():  # the same per-block scale output_fisher documents: mean over both roles is 1
-        scale = torch.cat(list(roles.values())).mean()
+    for roles in out.values():  # the scale output_fisher documents: each role's weights average 1
         for r in roles:
-            roles[r] = roles[r] / scale
+            roles[r] = roles[r] / roles[r].mean()
     return out
 
 
