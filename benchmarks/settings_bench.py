@@ -40,6 +40,9 @@ M1 = ["--channel-multiple", "1"]  # quality rows: comparable with docs/compare.m
 HELDOUT_REC = ["--recovery", "heldout", "--heldout-nsamples", "16"]
 POST = ["--recovery", "post", "--recovery-prior", "original"]  # re-fit the kept columns, ridge toward them
 BLOCK = ["--recovery-target", "block"]
+SG095 = ["--calibration", "self", "--self-top-p", "0.95"]  # self-generated at the sampling default until 2026-12-03
+P095 = ["--self-top-p", "0.95"]  # rows with self-generated text measured under that default keep it
+FISHER = ["--error-weight", "fisher"]
 WANDA_SP = ["--ffn-criterion", "wanda-sp", "--head-criterion", "wanda-sp", "--selection", "score"]
 SUITES = {
     "layout": {  # name: extra prune arguments (per-layer: the default layout; mN: --channel-multiple N)
@@ -62,47 +65,51 @@ SUITES = {
         "128 samples": ["--nsamples", "128", *M1],
         "128 samples + heldout recovery": ["--nsamples", "128", *HELDOUT_REC, *M1],
         "sensitivity + heldout recovery": ["--schedule", "sensitivity", *HELDOUT_REC, *M1],
-        "lambada+self": ["--calibration", "lambada+self", *M1],
-        "128 samples, lambada+self": ["--nsamples", "128", "--calibration", "lambada+self", *M1],
-        "lambada+self + heldout recovery": ["--calibration", "lambada+self", *HELDOUT_REC, *M1],
+        "lambada+self": ["--calibration", "lambada+self", *P095, *M1],
+        "128 samples, lambada+self": ["--nsamples", "128", "--calibration", "lambada+self", *P095, *M1],
+        "lambada+self + heldout recovery": ["--calibration", "lambada+self", *P095, *HELDOUT_REC, *M1],
         "mean compensation": ["--compensate-mean", *M1],
-        "self-generated": ["--calibration", "self", *M1],
-        "self-generated + heldout recovery": ["--calibration", "self", *HELDOUT_REC, *M1],
-        "self-generated + sensitivity + heldout recovery": ["--calibration", "self", "--schedule", "sensitivity",
-                                                            *HELDOUT_REC, *M1],
+        # the rows named without a top-p ran while top-p 0.95 was the sampling default: they keep it
+        "self-generated": [*SG095, *M1],
+        "self-generated + heldout recovery": [*SG095, *HELDOUT_REC, *M1],
+        "self-generated + sensitivity + heldout recovery": [*SG095, "--schedule", "sensitivity", *HELDOUT_REC, *M1],
         # more self-generated text: OBS compensation switches on at 128 samples, as with book text
-        "self-generated, 128 samples": ["--calibration", "self", "--nsamples", "128", *M1],
-        "self-generated, 128 samples + heldout recovery": ["--calibration", "self", "--nsamples", "128", *HELDOUT_REC,
-                                                           *M1],
-        # how the model's own text is sampled (default: top-p 0.95, temperature 1)
+        "self-generated, 128 samples": [*SG095, "--nsamples", "128", *M1],
+        "self-generated, 128 samples + heldout recovery": [*SG095, "--nsamples", "128", *HELDOUT_REC, *M1],
+        # how the model's own text is sampled (default since then: top-p 1, temperature 1)
         "self-generated, top-p 1": ["--calibration", "self", "--self-top-p", "1", *M1],
         "self-generated, 128 samples, top-p 1": ["--calibration", "self", "--nsamples", "128", "--self-top-p", "1",
                                                  *M1],
-        "self-generated, 128 samples, temperature 0.8": ["--calibration", "self", "--nsamples", "128",
-                                                         "--self-temperature", "0.8", *M1],
+        "self-generated, 128 samples, temperature 0.8": [*SG095, "--nsamples", "128", "--self-temperature", "0.8",
+                                                         *M1],
         "self-generated, 128 samples, top-p 1, temperature 1.2": ["--calibration", "self", "--nsamples", "128",
                                                                   "--self-top-p", "1", "--self-temperature", "1.2",
                                                                   *M1],
+        # the output error weighted by the loss's sensitivity to each output dimension (--error-weight fisher)
+        "self-generated, top-p 1, fisher": ["--calibration", "self", "--self-top-p", "1", *FISHER, *M1],
+        "self-generated, 128 samples, top-p 1, fisher": ["--calibration", "self", "--nsamples", "128", "--self-top-p",
+                                                         "1", *FISHER, *M1],
+        "fisher": [*FISHER, *M1],
     },
     "calibration": {  # which text the statistics and re-fits see (default: lambada, book text)
         "lambada": M1,
         "coqa": ["--calibration", "coqa", *M1],
         "lambada+coqa": ["--calibration", "lambada+coqa", *M1],
-        "coqa+self": ["--calibration", "coqa+self", *M1],
+        "coqa+self": ["--calibration", "coqa+self", *P095, *M1],
         "coqa + heldout recovery": ["--calibration", "coqa", *HELDOUT_REC, *M1],
         "lambada, 128 samples": ["--nsamples", "128", *M1],
         "coqa, 128 samples": ["--calibration", "coqa", "--nsamples", "128", *M1],
         "coqa, 128 samples + heldout recovery": ["--calibration", "coqa", "--nsamples", "128", *HELDOUT_REC, *M1],
         "lambada+coqa + heldout recovery": ["--calibration", "lambada+coqa", *HELDOUT_REC, *M1],
         "mean compensation": ["--compensate-mean", *M1],
-        "coqa+self + heldout recovery": ["--calibration", "coqa+self", *HELDOUT_REC, *M1],
-        "lambada+coqa+self": ["--calibration", "lambada+coqa+self", *M1],
-        "lambada+coqa+self + heldout recovery": ["--calibration", "lambada+coqa+self", *HELDOUT_REC, *M1],
+        "coqa+self + heldout recovery": ["--calibration", "coqa+self", *P095, *HELDOUT_REC, *M1],
+        "lambada+coqa+self": ["--calibration", "lambada+coqa+self", *P095, *M1],
+        "lambada+coqa+self + heldout recovery": ["--calibration", "lambada+coqa+self", *P095, *HELDOUT_REC, *M1],
         "lambada+coqa, 128 samples": ["--calibration", "lambada+coqa", "--nsamples", "128", *M1],
         "lambada+coqa, 256 samples": ["--calibration", "lambada+coqa", "--nsamples", "256", *M1],
-        "lambada+coqa+self, 128 samples": ["--calibration", "lambada+coqa+self", "--nsamples", "128", *M1],
-        "lambada+self, 128 samples": ["--calibration", "lambada+self", "--nsamples", "128", *M1],
-        "coqa+self, 128 samples": ["--calibration", "coqa+self", "--nsamples", "128", *M1],
+        "lambada+coqa+self, 128 samples": ["--calibration", "lambada+coqa+self", *P095, "--nsamples", "128", *M1],
+        "lambada+self, 128 samples": ["--calibration", "lambada+self", *P095, "--nsamples", "128", *M1],
+        "coqa+self, 128 samples": ["--calibration", "coqa+self", *P095, "--nsamples", "128", *M1],
         "coqa, 256 samples": ["--calibration", "coqa", "--nsamples", "256", *M1],
         "coqa, 128 samples, seqlen 256": ["--calibration", "coqa", "--nsamples", "128", "--seqlen", "256", *M1],
         "lambada+coqa, 128 samples, seqlen 256": ["--calibration", "lambada+coqa", "--nsamples", "128", "--seqlen",
@@ -133,7 +140,8 @@ SUITES = {
         "lambada+coqa, 128 samples + sensitivity on 16 rows": ["--calibration", "lambada+coqa", "--nsamples", "128",
                                                                "--schedule", "sensitivity", "--sensitivity-nsamples",
                                                                "16", *M1],
-        "lambada+coqa+self, 128 samples + sensitivity": ["--calibration", "lambada+coqa+self", "--nsamples", "128",
+        "lambada+coqa+self, 128 samples + sensitivity": ["--calibration", "lambada+coqa+self", *P095, "--nsamples",
+                                                         "128",
                                                          "--schedule", "sensitivity", *M1],
         # the head/FFN split of each block: estimated (default), measured on trial copies, or no heads at all
         "head split measured": ["--head-split", "measured", *M1],
