@@ -97,7 +97,7 @@ class BlockPruner:
         if cfg.compensate_mean:
             self.cov_roles |= {"o_in", "down_in"}
         # the last greedy order: (its down_proj moments, the weight's storage and version, the order)
-        self._greedy_memo: tuple[Moments, tuple[int, int], list[int]] | None = None
+        self._greedy_memo: tuple[Moments, tuple[int, int], torch.Tensor | None, list[int]] | None = None
         # form each pruned block's stream output from its last statistics pass (daprune.replay); run_pipeline
         # turns it off where the streams live on disk or on another device than the block
         self.replay = True
@@ -451,16 +451,16 @@ class BlockPruner:
     def greedy(self, block: BlockAdapter, moments: Moments, count: int, weight: torch.Tensor | None = None
                ) -> list[int]:
         """:func:`greedy_order` of ``count`` channels, reusing the previous call's order when it saw the same
-        moments and the same down_proj weight: every prefix of a greedy order is the greedy order for that
+        moments, the same down_proj weight and the same ``--error-weight`` weights: every prefix of a greedy order is the greedy order for that
         count, so the split decision's order (for the most channels any split removes) also serves the prune
         of a block whose statistics did not change in between."""
         w = block.ffn_out().weight
         key = (w.data_ptr(), w._version)
         memo = self._greedy_memo
-        if memo is not None and memo[0] is moments and memo[1] == key and len(memo[2]) >= count:
-            return memo[2][:count]
+        if memo is not None and memo[0] is moments and memo[1] == key and memo[2] is weight and len(memo[3]) >= count:
+            return memo[3][:count]
         order = greedy_order(weighted_rows(w.float(), weight), self.energy(moments), count)
-        self._greedy_memo = (moments, key, order)
+        self._greedy_memo = (moments, key, weight, order)
         return order
 
     # -- one block ----------------------------------------------------------------------------------
