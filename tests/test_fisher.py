@@ -44,7 +44,8 @@ def _reference(model, adapter, ids: torch.Tensor) -> dict[int, dict[str, torch.T
             h.remove()
     out: dict[int, dict[str, torch.Tensor]] = {}
     for (i, role), g in zip(keys, grads, strict=True):
-        out.setdefault(i, {})[role] = g.double().pow(2).sum((0, 1))
+        # per token and hidden dimension (OPT's FFN runs on [batch * seq, hidden], the others on [batch, seq, hidden])
+        out.setdefault(i, {})[role] = g.double().reshape(-1, g.shape[-1]).pow(2).sum(0)
     for roles in out.values():  # the scale output_fisher documents: each role's weights average 1
         for r in roles:
             roles[r] = roles[r] / roles[r].mean()
@@ -67,6 +68,37 @@ def test_weights_equal_an_independent_gradient_computation_in_any_batch_size():
     assert all(p.grad is None for p in model.parameters())
     # not uniform: otherwise the setting could not change anything
     assert max(float(w["down"].max() / w["down"].min()) for w in want.values()) > 2
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text", "phi3",
+                                    "opt", "gpt2", "gpt_neox"])
+def test_every_dense_family_gets_weights_for_every_block(family):
+    """Each family's output linears (fused, transposed, post-normed) are the modules its forward runs: every block
+    gets weights for both roles, equal to the independent computation (llama is the test above)."""
+    import test_families
+    import test_families_extra
+
+    model = (test_families.tiny(family) if family in test_families.FAMILIES else test_families_extra.tiny(family))
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    got = output_fisher(model, adapter, ids, batch_size=2, progress=False)
+    want = _reference(model, adapter, ids)
+    assert sorted(got) == list(range(adapter.n_layers))
+    for i in got:
+        for role in ("o", "down"):
+            torch.testing.assert_close(got[i][role].double(), want[i][role].clamp_min(1e-8), rtol=1e-4, atol=1e-7)
+
+
+def test_an_output_linear_the_forward_never_runs_is_refused(monkeypatch):
+    """If an adapter named a module that the model's forward does not call, no weight would reach that block and
+    selection there would silently stay unweighted: refused instead."""
+    model = tiny_model(layers=2)
+    adapter = get_adapter(model)
+    block = adapter.block(1)
+    idle, real = torch.nn.Linear(4, 4), type(block).ffn_out
+    monkeypatch.setattr(type(block), "ffn_out", lambda self: idle if self.index == 1 else real(self))
+    with pytest.raises(ConfigError, match="no gradient reached block 1 down"):
+        output_fisher(model, adapter, torch.randint(0, 128, (2, 8)), progress=False)
 
 
 def _prune(model, **kw):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from daprune.errors import ConfigError
 from daprune.models.adapter import ModelAdapter
 
 ROLES = ("o", "down")
@@ -78,6 +79,10 @@ def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tens
             p.requires_grad_(saved.get(name, p.requires_grad))
             p.grad = None
         model.train(was_training)
+    missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in acc]
+    if missing:  # a module the adapter names but the forward never runs: weighting would silently not happen
+        raise ConfigError(f"--error-weight fisher: no gradient reached {', '.join(missing[:3])} of this "
+                          f"{adapter.config.model_type} model; use --error-weight uniform")
     out: dict[int, dict[str, torch.Tensor]] = {}
     for (i, role), v in acc.items():
         # floored so the compensated weights can be divided back out (a weight of 0 would erase its row)

@@ -451,9 +451,9 @@ class BlockPruner:
     def greedy(self, block: BlockAdapter, moments: Moments, count: int, weight: torch.Tensor | None = None
                ) -> list[int]:
         """:func:`greedy_order` of ``count`` channels, reusing the previous call's order when it saw the same
-        moments, the same down_proj weight and the same ``--error-weight`` weights: every prefix of a greedy order is the greedy order for that
-        count, so the split decision's order (for the most channels any split removes) also serves the prune
-        of a block whose statistics did not change in between."""
+        moments, the same down_proj weight and the same ``--error-weight`` weights: every prefix of a greedy order
+        is the greedy order for that count, so the split decision's order (for the most channels any split
+        removes) also serves the prune of a block whose statistics did not change in between."""
         w = block.ffn_out().weight
         key = (w.data_ptr(), w._version)
         memo = self._greedy_memo
