@@ -43,6 +43,7 @@ BLOCK = ["--recovery-target", "block"]
 SG095 = ["--calibration", "self", "--self-top-p", "0.95"]  # self-generated at the sampling default until 2026-12-03
 P095 = ["--self-top-p", "0.95"]  # rows with self-generated text measured under that default keep it
 FISHER = ["--error-weight", "fisher"]
+SG128P1 = ["--calibration", "self", "--nsamples", "128", "--self-top-p", "1"]
 WANDA_SP = ["--ffn-criterion", "wanda-sp", "--head-criterion", "wanda-sp", "--selection", "score"]
 SUITES = {
     "layout": {  # name: extra prune arguments (per-layer: the default layout; mN: --channel-multiple N)
@@ -90,6 +91,7 @@ SUITES = {
         "self-generated, 128 samples, top-p 1, fisher": ["--calibration", "self", "--nsamples", "128", "--self-top-p",
                                                          "1", *FISHER, *M1],
         "fisher": [*FISHER, *M1],
+        "self-generated, 128 samples, top-p 1, fisher + heldout recovery": [*SG128P1, *FISHER, *HELDOUT_REC, *M1],
     },
     "calibration": {  # which text the statistics and re-fits see (default: lambada, book text)
         "lambada": M1,
