@@ -17,9 +17,8 @@ sequentially pruned one, the same approximation the Taylor criteria make.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from daprune.backward import frozen_for_gradients, next_token_backward
 from daprune.errors import ConfigError
 from daprune.models.adapter import ModelAdapter
 
@@ -52,33 +51,16 @@ def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tens
                 out.register_hook(grad_hook)
         return forward_hook
 
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    n = ids.shape[0]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for b in blocks:
-            hooks.append(b.attn_out().register_forward_hook(watch((b.index, "o"))))
-            hooks.append(b.ffn_out().register_forward_hook(watch((b.index, "down"))))
-        hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_()))
-        with torch.enable_grad():
-            for s in tqdm(range(0, n, batch_size), desc="loss sensitivity (fisher)", disable=not progress):
-                batch = ids[s : s + batch_size].to(dev)
-                logits = model(input_ids=batch, use_cache=False).logits
-                # summed, not averaged per batch: each token's gradient then counts the same in every batch size
-                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                       reduction="sum")
-                loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved.get(name, p.requires_grad))
-            p.grad = None
-        model.train(was_training)
+    with frozen_for_gradients(model):
+        try:
+            for b in blocks:
+                hooks.append(b.attn_out().register_forward_hook(watch((b.index, "o"))))
+                hooks.append(b.ffn_out().register_forward_hook(watch((b.index, "down"))))
+            hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_()))
+            next_token_backward(model, ids, batch_size, desc="loss sensitivity (fisher)", progress=progress)
+        finally:
+            for h in hooks:
+                h.remove()
     missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in acc]
     if missing:  # a module the adapter names but the forward never runs: weighting would silently not happen
         raise ConfigError(f"--error-weight fisher: no gradient reached {', '.join(missing[:3])} of this "

@@ -110,7 +110,7 @@ class BlockPruner:
 
     def output_weight(self, block: BlockAdapter) -> dict[str, torch.Tensor]:
         """The block's ``--error-weight fisher`` weights by role ("o", "down"); empty: every dimension alike."""
-        return self.fisher.get(block.index, {}) if self.fisher else {}
+        return self.fisher.get(block.index, {})
 
     def selection(self, block: BlockAdapter, tokens: int | None = None) -> str:
         """The FFN selection rule for this block; "auto" picks OBS only with enough tokens.

@@ -20,9 +20,8 @@ hands each block's dict to the criterion as ``BlockStats.grads``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from daprune.backward import frozen_for_gradients, next_token_backward
 from daprune.criteria.base import Criterion, register
 from daprune.errors import ConfigError
 from daprune.models.adapter import BlockAdapter, ModelAdapter
@@ -50,39 +49,25 @@ def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.
     for b in blocks:  # fused / transposed weights as the plain linears the pipeline will score
         b.to_canonical()
     linears = {(b.index, r): lin for b in blocks for r, lin in block_linears(b).items()}
-    params = list(model.parameters())
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}  # by name: fused modules are rebuilt
     acc = {key: torch.zeros(lin.weight.shape, dtype=torch.float32) for key, lin in linears.items()}
-    dev = next(model.parameters()).device
-    n, seqlen = ids.shape
-    total_tokens = n * (seqlen - 1)
-    was_training = model.training
-    model.eval()
-    try:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        for lin in linears.values():
-            lin.weight.requires_grad_(True)
-        with torch.enable_grad():
-            for s in tqdm(range(0, n, batch_size), desc="gradients", disable=not progress):
-                batch = ids[s : s + batch_size].to(dev)
-                logits = model(input_ids=batch, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                       batch[:, 1:].reshape(-1), reduction="sum") / total_tokens
-                loss.backward()
-                for key, lin in linears.items():
-                    acc[key] += lin.weight.grad.float().cpu()
-                    lin.weight.grad = None
-    finally:
-        for lin in linears.values():
+
+    def accumulate() -> None:
+        for key, lin in linears.items():
+            acc[key] += lin.weight.grad.float().cpu()
             lin.weight.grad = None
-        for b in blocks:
-            b.to_native()
-        for name, p in model.named_parameters():  # native modules again
-            p.requires_grad_(saved.get(name, p.requires_grad))
-            p.grad = None
-        model.train(was_training)
+
+    n, seqlen = ids.shape
+    with frozen_for_gradients(model):  # flags restored by name after to_native: fused modules are rebuilt
+        try:
+            for lin in linears.values():
+                lin.weight.requires_grad_(True)
+            next_token_backward(model, ids, batch_size, divide_by=n * (seqlen - 1), after_batch=accumulate,
+                                progress=progress)
+        finally:
+            for lin in linears.values():
+                lin.weight.grad = None
+            for b in blocks:
+                b.to_native()
     out: dict[int, dict[str, torch.Tensor]] = {}
     for (i, r), g in acc.items():
         out.setdefault(i, {})[r] = g
