@@ -92,6 +92,8 @@ SUITES = {
                                                          "1", *FISHER, *M1],
         "fisher": [*FISHER, *M1],
         "self-generated, 128 samples, top-p 1, fisher + heldout recovery": [*SG128P1, *FISHER, *HELDOUT_REC, *M1],
+        "self-generated, 128 samples, top-p 1, fisher + sensitivity": [*SG128P1, *FISHER, "--schedule", "sensitivity",
+                                                                       *M1],
     },
     "calibration": {  # which text the statistics and re-fits see (default: lambada, book text)
         "lambada": M1,
