@@ -43,6 +43,7 @@ BLOCK = ["--recovery-target", "block"]
 SG095 = ["--calibration", "self", "--self-top-p", "0.95"]  # self-generated at the sampling default until 2026-12-03
 P095 = ["--self-top-p", "0.95"]  # rows with self-generated text measured under that default keep it
 FISHER = ["--error-weight", "fisher"]
+KFAC = ["--error-weight", "kfac"]
 SG128P1 = ["--calibration", "self", "--nsamples", "128", "--self-top-p", "1"]
 WANDA_SP = ["--ffn-criterion", "wanda-sp", "--head-criterion", "wanda-sp", "--selection", "score"]
 SUITES = {
@@ -92,6 +93,13 @@ SUITES = {
                                                          "1", *FISHER, *M1],
         "fisher": [*FISHER, *M1],
         "self-generated, 128 samples, top-p 1, fisher + heldout recovery": [*SG128P1, *FISHER, *HELDOUT_REC, *M1],
+        # the same with the whole output-side matrix E[g g^T] (--error-weight kfac)
+        "self-generated, top-p 1, kfac": ["--calibration", "self", "--self-top-p", "1", *KFAC, *M1],
+        "self-generated, 128 samples, top-p 1, kfac": [*SG128P1, *KFAC, *M1],
+        "kfac": [*KFAC, *M1],
+        # the gradient pass on 16 of the 128 rows (--fisher-nsamples)
+        "self-generated, 128 samples, top-p 1, fisher from 16 rows": [*SG128P1, *FISHER, "--fisher-nsamples", "16",
+                                                                      *M1],
         "self-generated, 128 samples, top-p 1, fisher + sensitivity": [*SG128P1, *FISHER, "--schedule", "sensitivity",
                                                                        *M1],
     },

@@ -50,8 +50,9 @@ HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive", "sensitivity", "owl")
 SELECTIONS = ("auto", "score", "greedy", "obs")
 # what the removed set's output error counts: every o_proj / down_proj output dimension alike ("uniform"), or each
-# by the loss's sensitivity to it, the diagonal Fisher from one gradient pass (daprune.fisher)
-ERROR_WEIGHTS = ("uniform", "fisher")
+# by the loss's sensitivity to it, the diagonal Fisher from one gradient pass ("fisher"), or that Fisher's whole
+# output-side matrix, which also counts how output dimensions act together ("kfac"; daprune.fisher)
+ERROR_WEIGHTS = ("uniform", "fisher", "kfac")
 SPARSITY_BASES = ("total", "blocks")
 LAYOUTS = ("per-layer", "uniform")
 DEFAULT_LAYERS = "4:-2"  # the paper's block range (the default except under --schedule sensitivity)
@@ -91,6 +92,8 @@ class PruneConfig:
     layers: str | None = None
     schedule: str = "uniform"
     error_weight: str = "uniform"
+    # --error-weight fisher|kfac: the first N scoring rows its gradient pass runs on (None: every scoring row)
+    fisher_nsamples: int | None = None
     # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
     sensitivity_nsamples: int | None = None
     # --schedule owl: spread of the block shares around the average and the outlier threshold M
@@ -182,7 +185,13 @@ class PruneConfig:
         if self.error_weight not in ERROR_WEIGHTS:
             raise ConfigError(f"--error-weight must be one of {', '.join(ERROR_WEIGHTS)}, got {self.error_weight!r}")
         if self.error_weight == "uniform":
+            if self.fisher_nsamples is not None:
+                raise ConfigError("--fisher-nsamples sets the rows of --error-weight fisher|kfac's gradient pass; "
+                                  "with --error-weight uniform there is none: drop it or choose a weighting")
             return
+        if self.fisher_nsamples is not None and not 1 <= self.fisher_nsamples <= self.nsamples:
+            raise ConfigError(f"--fisher-nsamples must be between 1 and --nsamples ({self.nsamples}), "
+                              f"got {self.fisher_nsamples}")
         if self.ffn_criterion != OUTPUT_CRITERION:
             raise ConfigError(f"--error-weight {self.error_weight} weights the output error that selection and the "
                               f"{OUTPUT_CRITERION} scores measure; --ffn-criterion {self.ffn_criterion} does not read "

@@ -9,6 +9,12 @@ output. So the weight of dimension d is F_d = E[g_d^2]; weighting the rows of th
 every output energy the pipeline computes (greedy and OBS selection, the head/FFN split, head scores) into this
 loss estimate. Least-squares compensation fits each output row on its own, so it is unchanged.
 
+``--error-weight kfac`` keeps the whole matrix G = E[g g^T] instead of its diagonal: the loss change becomes
+E[dy^T G dy], and a removed set's cost tr(dW A dW^T G) with A the input's second moment, the Kronecker-factored
+(K-FAC) Fisher of the linear's weights, the curvature LLM Surgeon prunes with. The rows are mixed by G^(1/2) instead
+of scaled. Compensation is still unchanged: the OBS update of the kept columns for a removed one is the same for
+any output factor (every row is moved by the same input-side solve).
+
 One forward and backward pass of the dense model over the scoring calibration rows, before pruning (as LLM-Pruner's
 Taylor scores need), gives every block's weights; they are computed on the dense model and used for the
 sequentially pruned one, the same approximation the Taylor criteria make.
@@ -26,15 +32,16 @@ ROLES = ("o", "down")
 
 
 def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 8,
-                  progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+                  progress: bool = True, full: bool = False) -> dict[int, dict[str, torch.Tensor]]:
     """Per block, per role ("o": the attention output linear, "down": the FFN output linear), E[g_d^2] over every
-    token of ``ids`` [n, seqlen], g the gradient of the summed next-token NLL at that linear's output (fp32, CPU).
+    token of ``ids`` [n, seqlen], g the gradient of the summed next-token NLL at that linear's output (fp32, CPU);
+    ``full``: the matrix E[g g^T] [hidden, hidden] instead (``--error-weight kfac``).
 
-    Each role's weights are scaled to mean 1: they redistribute an output's error over its dimensions but leave
-    the attention output's total against the FFN output's as the unweighted error has it. Kept at their own scale
-    (the Fisher's estimate of the loss), they made the head/FFN split cut up to 3 of Gemma-3's 4 heads per block and
-    the model collapse (held-out LAMBADA 399 against 88; docs/quality.md): removing a head is no small change of
-    a post-normed output, where a second-order estimate stops holding.
+    Each role's weights (the matrix's diagonal) are scaled to mean 1: they redistribute an output's error over its
+    dimensions but leave the attention output's total against the FFN output's as the unweighted error has it.
+    Kept at their own scale (the Fisher's estimate of the loss), they made the head/FFN split cut up to 3 of
+    Gemma-3's 4 heads per block and the model collapse (held-out LAMBADA 399 against 88; docs/quality.md): removing
+    a head is no small change of a post-normed output, where a second-order estimate stops holding.
     Only the input embeddings' output is made to require a gradient (no weight gradients are formed); every
     parameter's ``requires_grad`` is restored afterwards.
     """
@@ -45,7 +52,8 @@ def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tens
     def watch(key: tuple[int, str]):
         def forward_hook(_module, _inputs, out):
             def grad_hook(g: torch.Tensor) -> None:
-                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                flat = g.detach().float().reshape(-1, g.shape[-1])
+                sq = (flat.T @ flat if full else flat.pow(2).sum(0)).cpu()
                 acc[key] = acc[key] + sq if key in acc else sq
             if out.requires_grad:
                 out.register_hook(grad_hook)
@@ -63,18 +71,48 @@ def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tens
                 h.remove()
     missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in acc]
     if missing:  # a module the adapter names but the forward never runs: weighting would silently not happen
-        raise ConfigError(f"--error-weight fisher: no gradient reached {', '.join(missing[:3])} of this "
+        name = "kfac" if full else "fisher"
+        raise ConfigError(f"--error-weight {name}: no gradient reached {', '.join(missing[:3])} of this "
                           f"{adapter.config.model_type} model; use --error-weight uniform")
     out: dict[int, dict[str, torch.Tensor]] = {}
     for (i, role), v in acc.items():
-        # floored so the compensated weights can be divided back out (a weight of 0 would erase its row)
-        out.setdefault(i, {})[role] = (v / v.mean().clamp_min(1e-30)).clamp_min(1e-8)
+        scale = (torch.diagonal(v) if full else v).mean().clamp_min(1e-30)
+        # the diagonal floored so the compensated weights can be divided back out (a weight of 0 would erase its
+        # row); the matrix's eigenvalues are floored the same way where it is factored (OutputWeight)
+        out.setdefault(i, {})[role] = v / scale if full else (v / scale).clamp_min(1e-8)
     return out
 
 
-def weighted_rows(weight: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
-    """``weight`` [out, in] with row d scaled by sqrt(F_d): its output energies become the loss estimate.
-    None: unchanged (``--error-weight uniform``)."""
-    if fisher is None:
-        return weight
-    return weight * fisher.sqrt().to(weight.device, weight.dtype)[:, None]
+class OutputWeight:
+    """The loss's weight of a linear's output dimensions as a transform of its weight's rows: with F [out] (the
+    diagonal, ``fisher``) row d is scaled by sqrt(F_d); with G [out, out] (``kfac``) the rows are mixed by the
+    symmetric G^(1/2), so that ||rows(W)[:, j]||^2 = W_j^T G W_j, the loss estimate of removing input column j.
+    The square root and its inverse are formed once per block and role (eigenvalues floored at 1e-8 of the mean
+    diagonal, so the inverse exists)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.full = weight.dim() == 2
+        if self.full:
+            lam, q = torch.linalg.eigh(weight.double())
+            lam = lam.clamp_min(1e-8)
+            self.root = ((q * lam.sqrt()) @ q.T).float()
+            self._inverse = (q * lam.rsqrt()) @ q.T  # fp64: undoing the mix must not amplify fp32 rounding
+        else:
+            self.root = weight.sqrt()
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` [out, in] with its rows weighted: its output energies become the loss estimate."""
+        root = self.root.to(weight.device, weight.dtype)
+        return root @ weight if self.full else weight * root[:, None]
+
+    def unrows(self, weighted: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`rows` (OBS compensates weighted rows; the model keeps unweighted ones)."""
+        if self.full:
+            return (self._inverse.to(weighted.device) @ weighted.double()).to(weighted.dtype)
+        return weighted / self.root.to(weighted.device, weighted.dtype)[:, None]
+
+
+def weighted_rows(weight: torch.Tensor, fisher: OutputWeight | None) -> torch.Tensor:
+    """``weight`` [out, in] with its rows weighted by ``fisher`` (:meth:`OutputWeight.rows`); None: unchanged
+    (``--error-weight uniform``)."""
+    return weight if fisher is None else fisher.rows(weight)

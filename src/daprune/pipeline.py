@@ -24,7 +24,7 @@ from daprune.criteria.base import Criterion, get_criterion, head_columns
 from daprune.criteria.similarity import JSAccumulator, algorithm2, select_head_plan
 from daprune.errors import CalibrationError, ConfigError, NumericalError
 from daprune.experts import ExpertRanker, check_moe_fit, is_moe, prune_experts, unit_stats
-from daprune.fisher import weighted_rows
+from daprune.fisher import OutputWeight, weighted_rows
 from daprune.heldout import HeldoutOutputs
 from daprune.hooks import capture
 from daprune.models.adapter import BlockAdapter, ModelAdapter
@@ -89,15 +89,15 @@ class BlockPruner:
         # per-block budgets of a global schedule (``--schedule sensitivity``); blocks not in it get ``target``
         self.targets: dict[int, float] = {}
         self.grads = grads or {}
-        # --error-weight fisher: per block, the loss's weight of each o_proj / down_proj output dimension
-        self.fisher = fisher or {}
+        # --error-weight fisher / kfac: per block, the loss's weight of the o_proj / down_proj output dimensions
+        self.fisher = {i: {role: OutputWeight(w) for role, w in roles.items()} for i, roles in (fisher or {}).items()}
         self.use_similarity = cfg.head_criterion == "similarity"
         # roles whose full centred covariance a criterion reads (a second Gram matmul: only where needed)
         self.cov_roles = ffn_crit.needs_cov | (head_crit.needs_cov if head_crit is not None else frozenset())
         if cfg.compensate_mean:
             self.cov_roles |= {"o_in", "down_in"}
         # the last greedy order: (its down_proj moments, the weight's storage and version, the order)
-        self._greedy_memo: tuple[Moments, tuple[int, int], torch.Tensor | None, list[int]] | None = None
+        self._greedy_memo: tuple[Moments, tuple[int, int], OutputWeight | None, list[int]] | None = None
         # form each pruned block's stream output from its last statistics pass (daprune.replay); run_pipeline
         # turns it off where the streams live on disk or on another device than the block
         self.replay = True
@@ -108,8 +108,8 @@ class BlockPruner:
         out, self.output = self.output, None
         return out
 
-    def output_weight(self, block: BlockAdapter) -> dict[str, torch.Tensor]:
-        """The block's ``--error-weight fisher`` weights by role ("o", "down"); empty: every dimension alike."""
+    def output_weight(self, block: BlockAdapter) -> dict[str, OutputWeight]:
+        """The block's ``--error-weight fisher|kfac`` weights by role ("o", "down"); empty: every dimension alike."""
         return self.fisher.get(block.index, {})
 
     def selection(self, block: BlockAdapter, tokens: int | None = None) -> str:
@@ -448,7 +448,7 @@ class BlockPruner:
         taken = set(first)
         return torch.tensor(first + [int(c) for c in by_score if int(c) not in taken], dtype=torch.long)
 
-    def greedy(self, block: BlockAdapter, moments: Moments, count: int, weight: torch.Tensor | None = None
+    def greedy(self, block: BlockAdapter, moments: Moments, count: int, weight: OutputWeight | None = None
                ) -> list[int]:
         """:func:`greedy_order` of ``count`` channels, reusing the previous call's order when it saw the same
         moments, the same down_proj weight and the same ``--error-weight`` weights: every prefix of a greedy order
@@ -554,13 +554,13 @@ class BlockPruner:
         before = block.ffn_out().weight.data.float().clone() if cfg.compensate_mean else None
         if rec.plan["selection"] == "obs" and plan.channels:
             # OBS: greedy removal with least-squares compensation of the kept down_proj columns
-            # under --error-weight fisher on weighted rows; each row is compensated on its own, so dividing the
-            # weights back out leaves the same least-squares compensation
+            # under --error-weight fisher / kfac on weighted rows; every row gets the same input-side update, so
+            # undoing the weighting leaves the same least-squares compensation
             fw = stats.output_weight.get("down")
             order, w = obs_ranking(weighted_rows(block.ffn_out().weight.float(), fw), self.energy(stats.down_in),
                                    plan.channels, cfg.obs_damp)
             if fw is not None:
-                w = w / fw.sqrt().to(w)[:, None]
+                w = fw.unrows(w)
             block.ffn_out().weight.data.copy_(w.to(block.ffn_out().weight.dtype))
         else:
             order = self.ffn_ranking(block, stats, plan.channels)
@@ -693,7 +693,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     if it holds an interrupted run, continues after its last finished block. The last ``heldout`` rows of
     ``ids`` are held out: they travel with both streams, but no statistic (score, selection, re-fit) sees
     them; each block's errors are also measured on them (``error_heldout``), so overfitting shows. ``fisher``: the
-    per-block output weights of ``--error-weight fisher`` (:func:`daprune.fisher.output_fisher`).
+    per-block output weights of ``--error-weight fisher|kfac`` (:func:`daprune.fisher.output_fisher`).
     """
     from daprune.stores import LoadingAdapter, ResidentStore
     from daprune.weights import count_parameters

@@ -8,10 +8,14 @@ memory is independent of the number of calibration tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from daprune.errors import NumericalError
+
+if TYPE_CHECKING:
+    from daprune.fisher import OutputWeight
 
 
 class Moments:
@@ -146,6 +150,6 @@ class BlockStats:
     down_in: Moments | None = None
     attn_probs: torch.Tensor | None = None  # [N, heads, s, s] (fp32), only when a criterion needs it
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # weight-shaped, for Taylor criteria
-    # --error-weight fisher: the loss's weight of each output dimension of o_proj ("o") and down_proj ("down")
-    output_weight: dict[str, torch.Tensor] = field(default_factory=dict)
+    # --error-weight fisher / kfac: the loss's weight of the output dimensions of o_proj ("o") and down_proj ("down")
+    output_weight: dict[str, OutputWeight] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
