@@ -16,7 +16,7 @@ from conftest import CharTokenizer, tiny_model
 
 from daprune.config import PruneConfig
 from daprune.errors import ConfigError
-from daprune.fisher import OutputWeight, output_fisher
+from daprune.fisher import OutputWeight, output_fisher, streamed_output_fisher
 from daprune.models.adapter import get_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,19 +107,25 @@ def test_output_weight_rows_give_the_loss_estimate_and_undo():
                                     "opt", "gpt2", "gpt_neox"])
 def test_every_dense_family_gets_weights_for_every_block(family):
     """Each family's output linears (fused, transposed, post-normed) are the modules its forward runs: every block
-    gets weights for both roles, equal to the independent computation (llama is the test above)."""
+    gets weights for both roles, equal to the independent computation (llama is the test above), from the
+    whole-model pass and from the block-by-block one that --streaming runs (here through the resident store)."""
     import test_families
     import test_families_extra
+
+    from daprune.stores import ResidentStore
 
     model = (test_families.tiny(family) if family in test_families.FAMILIES else test_families_extra.tiny(family))
     adapter = get_adapter(model)
     ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
-    got = output_fisher(model, adapter, ids, batch_size=2, progress=False)
     want = _reference(model, adapter, ids)
-    assert sorted(got) == list(range(adapter.n_layers))
-    for i in got:
-        for role in ("o", "down"):
-            torch.testing.assert_close(got[i][role].double(), want[i][role].clamp_min(1e-8), rtol=1e-4, atol=1e-7)
+    got = output_fisher(model, adapter, ids, batch_size=2, progress=False)
+    streamed = streamed_output_fisher(adapter, ResidentStore(adapter), ids, batch_size=2, progress=False)
+    for weights in (got, streamed):
+        assert sorted(weights) == list(range(adapter.n_layers))
+        for i in weights:
+            for role in ("o", "down"):
+                torch.testing.assert_close(weights[i][role].double(), want[i][role].clamp_min(1e-8), rtol=1e-4,
+                                           atol=1e-7)
 
 
 def test_an_output_linear_the_forward_never_runs_is_refused(monkeypatch):
@@ -242,17 +248,43 @@ def test_settings_that_would_not_read_the_weights_are_refused(settings, message,
         PruneConfig(**{"error_weight": error_weight, **settings}).validate()
 
 
-def test_streaming_is_refused_and_auto_falls_back_to_memory(tmp_path):
+def test_block_by_block_pass_on_disk_equals_the_whole_model_and_leaves_no_files(tmp_path):
+    """The streamed pass with its block inputs and gradients in files (``--activations disk``): the same matrix as
+    the whole-model pass (kfac, uneven batches), and every file it wrote is gone afterwards."""
+    from daprune.activations import Activations
+    from daprune.stores import ResidentStore
+
+    model = tiny_model(layers=3)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 128, (5, 20), generator=torch.Generator().manual_seed(6))
+    want = output_fisher(model, adapter, ids, batch_size=2, progress=False, full=True)
+    acts = Activations("disk", torch.device("cpu"), tmp_path / "acts")
+    got = streamed_output_fisher(adapter, ResidentStore(adapter, acts), ids, batch_size=2, progress=False, full=True)
+    for i in want:
+        for role in ("o", "down"):
+            torch.testing.assert_close(got[i][role], want[i][role], rtol=1e-4, atol=1e-6)
+    assert not list((tmp_path / "acts").iterdir()) and not acts._files
+
+
+def test_streaming_prune_equals_the_in_memory_one(tmp_path):
+    """--streaming with --error-weight fisher (one block in memory, the gradient pass block by block) prunes what the
+    in-memory run prunes: the same heads and channels, the same weights up to float rounding."""
+    from transformers import AutoModelForCausalLM
+
     import daprune
 
     tiny_model().save_pretrained(tmp_path / "src")
-    common = dict(model=str(tmp_path / "src"), sparsity=0.2, calibration="random", nsamples=8, seqlen=24, layers="0:",
-                  error_weight="fisher", progress=False)
-    with pytest.raises(ConfigError, match="--error-weight fisher needs gradients of the whole model"):
-        daprune.prune(out=str(tmp_path / "o"), streaming=True, **common)
-    assert not (tmp_path / "o").exists()
-    res = daprune.prune(out=str(tmp_path / "p"), **common)  # auto: in memory
-    assert res.report["settings"]["error_weight"] == "fisher" and (tmp_path / "p" / "report.json").is_file()
+    common = dict(sparsity=0.3, calibration="random", nsamples=8, seqlen=24, layers="0:", error_weight="fisher",
+                  progress=False)
+    streamed = daprune.prune(model=str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True, **common)
+    in_memory = daprune.prune(model=AutoModelForCausalLM.from_pretrained(tmp_path / "src"),
+                              tokenizer=CharTokenizer(), **common)
+    assert streamed.report["execution"]["streaming"] and streamed.report["timings"]["fisher_s"] > 0
+    for a, b in zip(streamed.report["layers"], in_memory.report["layers"], strict=True):
+        assert a["kept_heads"] == b["kept_heads"] and a["kept_channels"] == b["kept_channels"]
+    state = in_memory.model.state_dict()
+    for k, v in streamed.model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=1e-4, atol=1e-5)
 
 
 def _block_moments(seed: int = 0):

@@ -66,6 +66,19 @@ class Activations:
         out.copy_(t)
         return out
 
+    def empty(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A new stream-sized tensor in this storage (a file under ``disk``), to be filled batch by batch."""
+        if self.mode != "disk":
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return self._file(tag, shape, dtype)
+
+    def drop(self, t: torch.Tensor) -> None:
+        """Forget a stream this storage holds, deleting its file now (no checkpoint refers to it)."""
+        for u, p in self._files:
+            if u is t:
+                p.unlink(missing_ok=True)
+        self._files = [(u, p) for u, p in self._files if u is not t]
+
     def register(self, t: torch.Tensor, path: Path) -> None:
         """A restored mmap stream: remember its file so it is deleted once superseded."""
         self._files.append((t, path))

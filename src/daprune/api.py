@@ -190,8 +190,6 @@ def _choose_streaming(streaming: bool | None, model_given: bool, out, reader, cf
     grad_criteria = [n for n in (cfg.ffn_criterion, cfg.head_criterion) if "grads" in _needs(n)]
     if grad_criteria:
         reasons.append(f"criterion {grad_criteria[0]} needs gradients of the whole model")
-    if cfg.error_weight != "uniform":
-        reasons.append(f"--error-weight {cfg.error_weight} needs gradients of the whole model")
     if streaming is None:
         if reasons and not model_given and out is not None:
             log.info("not streaming: %s", "; ".join(reasons))
@@ -373,11 +371,16 @@ class _Run:
             self.timings["gradients_s"] = time.perf_counter() - t2
         fisher = None
         if cfg.error_weight != "uniform":
-            from daprune.fisher import output_fisher
+            from daprune.fisher import output_fisher, streamed_output_fisher
 
             t2 = time.perf_counter()
-            fisher = output_fisher(self.model, self.adapter, ids[: cfg.fisher_nsamples or cfg.nsamples],
-                                   batch_size=cfg.batch_size, progress=self.progress, full=cfg.error_weight == "kfac")
+            rows, full = ids[: cfg.fisher_nsamples or cfg.nsamples], cfg.error_weight == "kfac"
+            if self.store.streaming:
+                fisher = streamed_output_fisher(self.adapter, self.store, rows, batch_size=cfg.batch_size,
+                                                progress=self.progress, full=full)
+            else:
+                fisher = output_fisher(self.model, self.adapter, rows, batch_size=cfg.batch_size,
+                                       progress=self.progress, full=full)
             self.timings["fisher_s"] = time.perf_counter() - t2
         seed_everything(cfg.seed)
         result = run_pipeline(self.adapter, ids, cfg, progress=self.progress, grads=grads, store=self.store,

@@ -97,7 +97,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--error-weight", choices=ERROR_WEIGHTS, default=d.error_weight,
                    help="uniform: the output error of removed channels/heads counts every o_proj/down_proj output "
                         "dimension alike; fisher: each by the loss's sensitivity to it (E[g^2], one gradient pass "
-                        "of the whole model over the calibration rows; needs the model in memory, no streaming); "
+                        "of the dense model over the calibration rows, block by block under --streaming); "
                         "kfac: by the whole matrix E[g g^T], so dimensions that act together count together")
     p.add_argument("--fisher-nsamples", type=int, default=d.fisher_nsamples, metavar="N",
                    help="--error-weight fisher|kfac: run the gradient pass on the first N scoring samples only "

@@ -22,13 +22,57 @@ sequentially pruned one, the same approximation the Taylor criteria make.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from daprune.backward import frozen_for_gradients, next_token_backward
 from daprune.errors import ConfigError
-from daprune.models.adapter import ModelAdapter
+from daprune.models.adapter import BlockAdapter, ModelAdapter
+
+if TYPE_CHECKING:
+    from daprune.stores import ResidentStore
 
 ROLES = ("o", "down")
+
+
+class _Accumulator:
+    """Sums g^2 (``full``: g g^T) over tokens at every block's output linears, from gradient hooks."""
+
+    def __init__(self, full: bool):
+        self.full = full
+        self.acc: dict[tuple[int, str], torch.Tensor] = {}
+
+    def watch(self, block: BlockAdapter) -> list:
+        """Forward hooks on ``block``'s o_proj / down_proj that hook the gradient of their outputs."""
+        def watcher(key: tuple[int, str]):
+            def forward_hook(_module, _inputs, out):
+                def grad_hook(g: torch.Tensor) -> None:
+                    flat = g.detach().float().reshape(-1, g.shape[-1])
+                    sq = (flat.T @ flat if self.full else flat.pow(2).sum(0)).cpu()
+                    self.acc[key] = self.acc[key] + sq if key in self.acc else sq
+                if out.requires_grad:
+                    out.register_hook(grad_hook)
+            return forward_hook
+        return [block.attn_out().register_forward_hook(watcher((block.index, "o"))),
+                block.ffn_out().register_forward_hook(watcher((block.index, "down")))]
+
+    def weights(self, adapter: ModelAdapter) -> dict[int, dict[str, torch.Tensor]]:
+        """Every block's weights by role, each scaled to mean 1 (see :func:`output_fisher`)."""
+        missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in self.acc]
+        if missing:  # a module the adapter names but the forward never runs: weighting would silently not happen
+            name = "kfac" if self.full else "fisher"
+            raise ConfigError(f"--error-weight {name}: no gradient reached {', '.join(missing[:3])} of this "
+                              f"{adapter.config.model_type} model; use --error-weight uniform")
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for (i, role), v in self.acc.items():
+            scale = (torch.diagonal(v) if self.full else v).mean().clamp_min(1e-30)
+            # the diagonal floored so the compensated weights can be divided back out (a weight of 0 would erase
+            # its row); the matrix's eigenvalues are floored the same way where it is factored (OutputWeight)
+            out.setdefault(i, {})[role] = v / scale if self.full else (v / scale).clamp_min(1e-8)
+        return out
 
 
 def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 8,
@@ -45,42 +89,74 @@ def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tens
     Only the input embeddings' output is made to require a gradient (no weight gradients are formed); every
     parameter's ``requires_grad`` is restored afterwards.
     """
-    blocks = [adapter.block(i) for i in range(adapter.n_layers)]
-    acc: dict[tuple[int, str], torch.Tensor] = {}
+    acc = _Accumulator(full)
     hooks = []
-
-    def watch(key: tuple[int, str]):
-        def forward_hook(_module, _inputs, out):
-            def grad_hook(g: torch.Tensor) -> None:
-                flat = g.detach().float().reshape(-1, g.shape[-1])
-                sq = (flat.T @ flat if full else flat.pow(2).sum(0)).cpu()
-                acc[key] = acc[key] + sq if key in acc else sq
-            if out.requires_grad:
-                out.register_hook(grad_hook)
-        return forward_hook
-
     with frozen_for_gradients(model):
         try:
-            for b in blocks:
-                hooks.append(b.attn_out().register_forward_hook(watch((b.index, "o"))))
-                hooks.append(b.ffn_out().register_forward_hook(watch((b.index, "down"))))
+            for i in range(adapter.n_layers):
+                hooks += acc.watch(adapter.block(i))
             hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_()))
             next_token_backward(model, ids, batch_size, desc="loss sensitivity (fisher)", progress=progress)
         finally:
             for h in hooks:
                 h.remove()
-    missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in acc]
-    if missing:  # a module the adapter names but the forward never runs: weighting would silently not happen
-        name = "kfac" if full else "fisher"
-        raise ConfigError(f"--error-weight {name}: no gradient reached {', '.join(missing[:3])} of this "
-                          f"{adapter.config.model_type} model; use --error-weight uniform")
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for (i, role), v in acc.items():
-        scale = (torch.diagonal(v) if full else v).mean().clamp_min(1e-30)
-        # the diagonal floored so the compensated weights can be divided back out (a weight of 0 would erase its
-        # row); the matrix's eigenvalues are floored the same way where it is factored (OutputWeight)
-        out.setdefault(i, {})[role] = v / scale if full else (v / scale).clamp_min(1e-8)
-    return out
+    return acc.weights(adapter)
+
+
+def streamed_output_fisher(adapter: ModelAdapter, store: ResidentStore, ids: torch.Tensor, batch_size: int = 8,
+                           progress: bool = True, full: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+    """:func:`output_fisher` through a block store, one block in memory at a time (``--streaming``).
+
+    The gradient at a block's output linears needs the gradient arriving at the block's output, which needs every
+    later block. So: one forward of the stream keeping each block's input (in the store's activation storage:
+    memory or files), the loss's gradient at the last block's output from the LM head, then from the last block
+    down, each block loaded once more, its forward recomputed from its kept input and differentiated with the
+    gradient from above (what gradient checkpointing does), which gives the gradient handed to the block below.
+    Costs one more block forward than the in-memory pass and holds every block's input at once (n_layers
+    streams: ``--activations disk`` puts them in files).
+    """
+    acts, bs = store.acts, batch_size
+    n_layers, dev = adapter.n_layers, acts.exec_device
+    ctxs = store.layer_inputs(ids.shape[1])
+    x = store.embed(ids, bs)
+    inputs = []
+    with torch.no_grad():
+        for i in tqdm(range(n_layers), desc="loss sensitivity (fisher): forward", disable=not progress):
+            block = store.load(i)
+            inputs.append(x)
+            x = acts.forward(block, x, ctxs[i], bs, f"fisher-in{i + 1}")
+            store.release(i)
+    grad = acts.empty("fisher-grad", tuple(x.shape), torch.float32)
+    with store.outside_layers(head=True), torch.enable_grad():
+        for s in range(0, ids.shape[0], bs):
+            h = x[s : s + bs].to(dev).detach().requires_grad_()
+            logits = adapter.logits(h)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   ids[s : s + bs, 1:].to(dev).reshape(-1), reduction="sum")
+            grad[s : s + bs].copy_(torch.autograd.grad(loss, h)[0])
+    acts.drop(x)
+    acc = _Accumulator(full)
+    for i in tqdm(reversed(range(n_layers)), total=n_layers, desc="loss sensitivity (fisher): backward",
+                  disable=not progress):
+        block = store.load(i)
+        hooks = acc.watch(block)
+        below = acts.empty(f"fisher-grad{i}", tuple(grad.shape), torch.float32) if i else None
+        try:
+            with torch.enable_grad():
+                for s in range(0, ids.shape[0], bs):
+                    xi = inputs[i][s : s + bs].to(dev).detach().requires_grad_()
+                    y = block.forward(xi, ctxs[i])
+                    g = torch.autograd.grad(y, xi, grad_outputs=grad[s : s + bs].to(y.device, y.dtype))[0]
+                    if below is not None:
+                        below[s : s + bs].copy_(g)
+        finally:
+            for hk in hooks:
+                hk.remove()
+            store.release(i)
+        acts.drop(grad)
+        acts.drop(inputs[i])  # block 0's input too: the pipeline embeds again under the same name
+        grad = below
+    return acc.weights(adapter)
 
 
 class OutputWeight:
