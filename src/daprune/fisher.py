@@ -128,12 +128,14 @@ def streamed_output_fisher(adapter: ModelAdapter, store: ResidentStore, ids: tor
             store.release(i)
     grad = acts.empty("fisher-grad", tuple(x.shape), torch.float32)
     with store.outside_layers(head=True), torch.enable_grad():
-        for s in range(0, ids.shape[0], bs):
-            h = x[s : s + bs].to(dev).detach().requires_grad_()
+        # one row at a time: the logits and their gradient are seqlen x vocab floats (Gemma's 262k vocabulary:
+        # a batch of 8 x 128 tokens is 1 GB of logits, several with the loss's copies), the block inputs are not
+        for s in range(ids.shape[0]):
+            h = x[s : s + 1].to(dev).detach().requires_grad_()
             logits = adapter.logits(h)
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   ids[s : s + bs, 1:].to(dev).reshape(-1), reduction="sum")
-            grad[s : s + bs].copy_(torch.autograd.grad(loss, h)[0])
+                                   ids[s : s + 1, 1:].to(dev).reshape(-1), reduction="sum")
+            grad[s : s + 1].copy_(torch.autograd.grad(loss, h)[0])
     acts.drop(x)
     acc = _Accumulator(full)
     for i in tqdm(reversed(range(n_layers)), total=n_layers, desc="loss sensitivity (fisher): backward",
