@@ -25,10 +25,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from daprune.backward import frozen_for_gradients, next_token_backward
+from daprune.backward import blockwise_next_token_backward, frozen_for_gradients, next_token_backward
 from daprune.errors import ConfigError
 from daprune.models.adapter import BlockAdapter, ModelAdapter
 
@@ -107,57 +105,12 @@ def streamed_output_fisher(adapter: ModelAdapter, store: ResidentStore, ids: tor
                            progress: bool = True, full: bool = False) -> dict[int, dict[str, torch.Tensor]]:
     """:func:`output_fisher` through a block store, one block in memory at a time (``--streaming``).
 
-    The gradient at a block's output linears needs the gradient arriving at the block's output, which needs every
-    later block. So: one forward of the stream keeping each block's input (in the store's activation storage:
-    memory or files), the loss's gradient at the last block's output from the LM head, then from the last block
-    down, each block loaded once more, its forward recomputed from its kept input and differentiated with the
-    gradient from above (what gradient checkpointing does), which gives the gradient handed to the block below.
-    Costs one more block forward than the in-memory pass and holds every block's input at once (n_layers
-    streams: ``--activations disk`` puts them in files).
+    The same gradient hooks on every block's output linears, through
+    :func:`daprune.backward.blockwise_next_token_backward` (gradient checkpointing, block by block).
     """
-    acts, bs = store.acts, batch_size
-    n_layers, dev = adapter.n_layers, acts.exec_device
-    ctxs = store.layer_inputs(ids.shape[1])
-    x = store.embed(ids, bs)
-    inputs = []
-    with torch.no_grad():
-        for i in tqdm(range(n_layers), desc="loss sensitivity (fisher): forward", disable=not progress):
-            block = store.load(i)
-            inputs.append(x)
-            x = acts.forward(block, x, ctxs[i], bs, f"fisher-in{i + 1}")
-            store.release(i)
-    grad = acts.empty("fisher-grad", tuple(x.shape), torch.float32)
-    with store.outside_layers(head=True), torch.enable_grad():
-        # one row at a time: the logits and their gradient are seqlen x vocab floats (Gemma's 262k vocabulary:
-        # a batch of 8 x 128 tokens is 1 GB of logits, several with the loss's copies), the block inputs are not
-        for s in range(ids.shape[0]):
-            h = x[s : s + 1].to(dev).detach().requires_grad_()
-            logits = adapter.logits(h)
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   ids[s : s + 1, 1:].to(dev).reshape(-1), reduction="sum")
-            grad[s : s + 1].copy_(torch.autograd.grad(loss, h)[0])
-    acts.drop(x)
     acc = _Accumulator(full)
-    for i in tqdm(reversed(range(n_layers)), total=n_layers, desc="loss sensitivity (fisher): backward",
-                  disable=not progress):
-        block = store.load(i)
-        hooks = acc.watch(block)
-        below = acts.empty(f"fisher-grad{i}", tuple(grad.shape), torch.float32) if i else None
-        try:
-            with torch.enable_grad():
-                for s in range(0, ids.shape[0], bs):
-                    xi = inputs[i][s : s + bs].to(dev).detach().requires_grad_()
-                    y = block.forward(xi, ctxs[i])
-                    g = torch.autograd.grad(y, xi, grad_outputs=grad[s : s + bs].to(y.device, y.dtype))[0]
-                    if below is not None:
-                        below[s : s + bs].copy_(g)
-        finally:
-            for hk in hooks:
-                hk.remove()
-            store.release(i)
-        acts.drop(grad)
-        acts.drop(inputs[i])  # block 0's input too: the pipeline embeds again under the same name
-        grad = below
+    blockwise_next_token_backward(adapter, store, ids, batch_size, watch=acc.watch,
+                                  desc="loss sensitivity (fisher)", progress=progress)
     return acc.weights(adapter)
 
 
