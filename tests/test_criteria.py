@@ -231,6 +231,91 @@ def test_collect_gradients_matches_autograd():
     torch.testing.assert_close(grads[0]["q"], ref[1], rtol=1e-4, atol=1e-7)
 
 
+def _tiny_family(family: str):
+    import test_families_extra
+
+    return tiny_model(layers=3) if family == "llama" else test_families_extra.tiny(family)
+
+
+def _flags(model) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family,activations", [("llama", "disk"), ("phi3", "device"), ("gpt2", "device")])
+def test_streamed_gradients_equal_the_whole_model_pass(family, activations, tmp_path):
+    """Block by block (fused Phi-3 and transposed GPT-2 blocks in canonical form, block inputs in files for llama)
+    the gradients are the whole-model pass's (itself checked against autograd above); each block's dict is handed
+    over once, last block first, before the pass has gone two blocks further down, and every flag is as before."""
+    from daprune.activations import Activations
+    from daprune.criteria.taylor import collect_gradients, streamed_gradients
+    from daprune.stores import ResidentStore
+
+    model = _tiny_family(family)
+    adapter = get_adapter(model)
+    first = adapter.block(0)
+    first.to_canonical()
+    first.attn_out().weight.requires_grad_(False)  # flags that must survive both passes
+    first.to_native()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    flags = _flags(model)
+    ids = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
+    want = collect_gradients(model, adapter, ids, batch_size=2, progress=False)
+    assert _flags(model) == flags
+    store = ResidentStore(adapter, Activations(activations, torch.device("cpu"), tmp_path / "acts"))
+    events: list[tuple[str, int]] = []
+    load = store.load
+    store.load = lambda i: events.append(("load", i)) or load(i)
+    got: dict[int, dict[str, torch.Tensor]] = {}
+
+    def take(i: int, grads: dict[str, torch.Tensor]) -> None:
+        assert i not in got
+        events.append(("take", i))
+        got[i] = grads
+
+    streamed_gradients(adapter, store, ids, take, batch_size=2, progress=False)
+    n = adapter.n_layers
+    assert [i for kind, i in events if kind == "take"] == list(reversed(range(n)))
+    loads = [pos for pos, (kind, _) in enumerate(events) if kind == "load"][n:]  # after the forward's n loads
+    assert [events[pos][1] for pos in loads] == list(reversed(range(n)))
+    for i in range(2, n):  # block i's gradients are handed over before block i - 2 is loaded again
+        assert events.index(("take", i)) < loads[n - 1 - (i - 2)]
+    assert sorted(got) == sorted(want) == list(range(n))
+    for i in want:
+        assert sorted(got[i]) == sorted(want[i])
+        for role, g in want[i].items():
+            assert got[i][role].dtype == torch.float32
+            torch.testing.assert_close(got[i][role], g, rtol=1e-4, atol=1e-7)
+    for i in range(n):  # the resident store leaves blocks canonical; natively every flag is as it was
+        adapter.block(i).to_native()
+    assert _flags(model) == flags and all(p.grad is None for p in model.parameters())
+
+
+def test_streamed_taylor_prune_equals_the_in_memory_one(tmp_path):
+    """``prune(streaming=True)`` with taylor-e1 for FFN channels and heads (selection by score): the gradients come
+    block by block and from the work folder's files, yet the kept heads and channels are the in-memory run's and
+    the weights equal up to float rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from daprune.api import prune
+
+    tiny_model(layers=4).save_pretrained(tmp_path / "src")
+    common = dict(sparsity=0.3, calibration="random", nsamples=8, seqlen=24, layers="0:", ffn_criterion="taylor-e1",
+                  head_criterion="taylor-e1", selection="score", head_split="paper", progress=False)
+    streamed = prune(model=str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True, **common)
+    in_memory = prune(model=AutoModelForCausalLM.from_pretrained(tmp_path / "src"), tokenizer=CharTokenizer(),
+                      **common)
+    assert streamed.report["execution"]["streaming"] and streamed.report["timings"]["gradients_s"] > 0
+    assert all(len(r["kept_heads"]) < 6 and r["kept_channels"] < 96 for r in streamed.report["layers"])
+    for a, b in zip(streamed.report["layers"], in_memory.report["layers"], strict=True):
+        assert a["kept_heads"] == b["kept_heads"] and a["kept_channels"] == b["kept_channels"]
+    assert streamed.report["kept_channels"] == in_memory.report["kept_channels"]
+    state = in_memory.model.state_dict()
+    streamed_state = streamed.model.state_dict()
+    assert sorted(streamed_state) == sorted(state)
+    for k, v in streamed_state.items():
+        torch.testing.assert_close(v, state[k], rtol=1e-4, atol=1e-5)
+
+
 def test_taylor_prune_end_to_end():
     from daprune.api import prune
 

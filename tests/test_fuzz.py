@@ -415,6 +415,58 @@ def test_report_records_the_resource_estimate(capsys, model_dir, tmp_path):
     assert 0.5 * written < est["output"] < 1.5 * written  # the output size estimate is close to what was written
 
 
+TAYLOR = ["--ffn-criterion", "taylor-e1", "--head-criterion", "taylor-e1", "--streaming"]
+
+
+def test_the_estimate_counts_the_streamed_gradient_pass(capsys, model_dir, tmp_path, monkeypatch):
+    """A streamed Taylor run's estimate has the pre-pass's files on disk (4 bytes per block parameter: within 1% of
+    what the interrupted run really wrote) and a pass term holding every block's input (3 streams of 4 x 16 x 48
+    fp32 for 2 blocks and the last output) and two fp32 gradient streams; RAM is the larger of that pass and the
+    block loop, plus what both keep."""
+    from safetensors.torch import load_file
+    from test_resume import Crash, _crash_at
+
+    out = tmp_path / "out"
+    args = ["--model", str(model_dir), "--out", str(out), *FAST, *TAYLOR]
+    _crash_at(monkeypatch, "gradients")
+    with pytest.raises(Crash):
+        main(["prune", *args])
+    monkeypatch.undo()
+    written = sum(p.stat().st_size for p in (out.with_name("out.daprune-work") / "gradients").iterdir())
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err[-3000:]
+    est = json.loads((out / "report.json").read_text())["resources"]["estimate"]
+    weights = load_file(str(model_dir / "model.safetensors"))
+    block_params = sum(t.numel() for k, t in weights.items() if ".layers." in k)
+    assert est["gradient_files"] == 4 * block_params and 0.99 * written < est["gradient_files"] < 1.01 * written
+    assert est["gradient_inputs"] == 4 * 16 * 48 * (3 * 4 + 2 * 4)
+    assert est["gradient_pass"] > est["gradient_inputs"] and est["gradient_ram"] == est["gradient_pass"]
+    assert est["numbers"]["gradient_rows"] == 4 and est["numbers"]["gradient_for"] == "Taylor gradients"
+    assert est["ram"] == max(est["pipeline_ram"], est["gradient_ram"]) + est["ids"] + est["resident_weights"] \
+        + est["overhead"]
+    assert est["work_disk"] == est["output"] + est["streams"] + est["gradient_files"]
+
+
+def test_a_gradient_pass_that_does_not_fit_is_refused_by_name(capsys, model_dir, tmp_path, monkeypatch):
+    """One byte less than a streamed Taylor run's estimate: refused before any work, the message naming the gradient
+    pass and its rows; the same run without the Taylor criteria (no pass) fits that budget."""
+    import daprune.resources as res
+
+    args = ["--model", str(model_dir), "--out", str(tmp_path / "out"), *FAST]
+    assert run_cli(capsys, *args, *TAYLOR)[0] == 0
+    est = json.loads((tmp_path / "out" / "report.json").read_text())["resources"]["estimate"]
+    assert est["gradient_ram"] > est["pipeline_ram"]  # the pass, not the block loop, sets the peak
+    shutil.rmtree(tmp_path / "out")
+    monkeypatch.setattr(res, "available_memory", lambda: est["ram"] - 1)
+    before = snapshot(tmp_path)
+    code, err = run_cli(capsys, *args, *TAYLOR)
+    line = one_error_line(err)
+    assert code == 2 and "not enough memory" in line and "a gradient pass over 4 rows (Taylor gradients)" in line
+    assert snapshot(tmp_path) == before
+    code, err = run_cli(capsys, *args, "--streaming")
+    assert code == 0, err[-3000:]
+
+
 def test_disk_too_small_is_refused_up_front(capsys, model_dir, tmp_path, monkeypatch):
     import daprune.resources as res
 

@@ -52,10 +52,10 @@ class Crash(BaseException):
     """Stands in for a kill: not an Exception, so nothing catches it and the work folder is kept."""
 
 
-def _crash_at(monkeypatch, block: int, phase: str = "") -> None:
+def _crash_at(monkeypatch, block: int | str, phase: str = "") -> None:
     import daprune.checkpoint as ck
 
-    def hook(b: int, p: str) -> None:
+    def hook(b: int | str, p: str) -> None:
         if b == block and p == phase:
             raise Crash(f"block {b} {p}")
 
@@ -196,7 +196,7 @@ def test_in_memory_path_resumes_too(tmp_path, monkeypatch):
     assert _hashes(out) == _hashes(ref)
     report = json.loads((out / "report.json").read_text())
     assert report["execution"] == {"device": "cpu", "streaming": False, "activations": "device",
-                                   "resumed_from_block": 3}
+                                   "resumed_from_block": 3, "reused_prepasses": []}
 
 
 def test_adaptive_schedule_resumes_with_its_saved_plans(src, tmp_path, monkeypatch):
@@ -208,17 +208,19 @@ def test_adaptive_schedule_resumes_with_its_saved_plans(src, tmp_path, monkeypat
     _resume_without_recomputing(tmp_path, monkeypatch, args, adaptive, "adaptive_plans", "plans were recomputed")
 
 
-def _resume_without_recomputing(tmp_path, monkeypatch, args: list[str], module, name: str, why: str
-                                ) -> tuple[Path, Path]:
-    """Run ``args`` once whole (ref) and once crashed after block 2 then resumed (out) with ``module.name`` made to
-    fail: a global schedule's result must come from the checkpoint. Both outputs are byte-identical."""
+def _resume_without_recomputing(tmp_path, monkeypatch, args: list[str], module, name: str | tuple[str, ...], why: str,
+                                crash: int | str = 2) -> tuple[Path, Path]:
+    """Run ``args`` once whole (ref) and once crashed after block 2 (or right after pre-pass ``crash``) then resumed
+    (out) with ``module.name`` (each of several names) made to fail: a global schedule's result or a pre-pass must
+    come from the checkpoint. Both outputs are byte-identical."""
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main(["prune", "--out", str(ref), *args]) == 0
-    _crash_at(monkeypatch, 2)
+    _crash_at(monkeypatch, crash)
     with pytest.raises(Crash):
         main(["prune", "--out", str(out), *args])
     monkeypatch.undo()
-    monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(why))
+    for each in (name,) if isinstance(name, str) else name:
+        monkeypatch.setattr(module, each, lambda *a, **k: pytest.fail(why))
     assert main(["prune", "--out", str(out), *args]) == 0
     assert _hashes(out) == _hashes(ref)
     return ref, out
@@ -280,3 +282,126 @@ def test_kill9_during_output_assembly_leaves_nothing_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "out") == sorted(kept)
     for name in kept:
         shutil.rmtree(tmp_path / name)
+
+
+# -- gradient pre-passes (fisher / kfac weights, Taylor gradients) kept in the work folder -------------------------
+TAYLOR = ["--ffn-criterion", "taylor-e1", "--head-criterion", "taylor-e1"]
+PREPASSES = {  # pre-pass -> (its settings, the module and functions that compute it)
+    "fisher": (["--error-weight", "kfac"], "daprune.fisher", ("output_fisher", "streamed_output_fisher")),
+    "gradients": (TAYLOR, "daprune.criteria.taylor", ("collect_gradients", "streamed_gradients")),
+}
+
+
+def _prepass_args(folder: Path, prepass: str, streaming: bool) -> list[str]:
+    at = ARGS.index("--ffn-criterion")
+    base = ARGS[:at] + ARGS[at + 2 :]  # each pre-pass has its own criteria
+    return ["--model", str(folder), "--streaming" if streaming else "--no-streaming", *base, *PREPASSES[prepass][0]]
+
+
+def _prepass_files(prepass: str, layers: int) -> list[str]:
+    if prepass == "fisher":
+        return ["fisher/all.safetensors"]
+    return [f"gradients/layer-{i:05d}.safetensors" for i in range(layers)]
+
+
+@pytest.mark.parametrize("prepass", ["fisher", "gradients"])
+@pytest.mark.parametrize("streaming,crash", [(True, "prepass"), (False, "prepass"), (True, 2)])
+def test_a_resumed_run_reuses_the_gradient_prepass(tmp_path, monkeypatch, prepass, streaming, crash):
+    """Killed right after the pre-pass is committed (or after block 2), the rerun reads the kfac weights / Taylor
+    gradients from the work folder: the functions that compute them fail if called, and the output files are
+    byte-identical to an uninterrupted run's, streaming or in memory. When the pre-pass is committed its files are
+    all written and the state does not name it yet (the commit comes last)."""
+    import importlib
+
+    from daprune.checkpoint import WorkDir
+
+    _, module, names = PREPASSES[prepass]
+    folder = save_model(tiny_model(layers=5), tmp_path / "src")  # with a tokenizer: --no-streaming needs one
+    args = _prepass_args(folder, prepass, streaming)
+    at_commit: dict = {}
+    commit = WorkDir.mark_prepass
+
+    def mark(self, name: str) -> None:
+        at_commit.update(prepasses=json.loads((self.path / "state.json").read_text()).get("prepasses", []),
+                         files=sorted(str(p.relative_to(self.path)) for p in (self.path / name).iterdir()))
+        commit(self, name)
+
+    monkeypatch.setattr(WorkDir, "mark_prepass", mark)
+    ref, out = _resume_without_recomputing(tmp_path, monkeypatch, args, importlib.import_module(module), names,
+                                           f"the {prepass} pre-pass was recomputed",
+                                           crash=prepass if crash == "prepass" else crash)
+    assert at_commit == {"prepasses": [], "files": _prepass_files(prepass, 5)}
+    first, resumed = (json.loads((f / "report.json").read_text())["execution"] for f in (ref, out))
+    assert first["reused_prepasses"] == [] and resumed["reused_prepasses"] == [prepass]
+    assert first["streaming"] is resumed["streaming"] is streaming
+    assert resumed["resumed_from_block"] == (None if crash == "prepass" else 3)
+    assert not _work(out).exists()
+
+
+def test_kill9_after_the_streamed_taylor_gradients_then_resume(src, tmp_path, monkeypatch):
+    """The real thing for the pre-pass: SIGKILL in a subprocess right after the streamed gradients are committed
+    (``DAPRUNE_TEST_KILL_AFTER_BLOCK=gradients``); the work folder holds every block's file and names the pre-pass,
+    and the same command, with the gradient pass made to fail, finishes with the uninterrupted run's files."""
+    import daprune.criteria.taylor as taylor
+
+    args = _prepass_args(src, "gradients", True)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["prune", "--out", str(ref), *args]) == 0
+    cmd = [sys.executable, "-m", "daprune.cli", "prune", "--out", str(out), *args]
+    env = {**os.environ, KILL_ENV: "gradients", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = json.loads((_work(out) / "state.json").read_text())
+    assert state["prepasses"] == ["gradients"] and state["next_block"] == 0
+    assert sorted(str(p.relative_to(_work(out))) for p in (_work(out) / "gradients").iterdir()) == \
+        _prepass_files("gradients", 6)
+    monkeypatch.setattr(taylor, "streamed_gradients", lambda *a, **k: pytest.fail("gradients were recomputed"))
+    assert main(["prune", "--out", str(out), *args]) == 0
+    assert _hashes(out) == _hashes(ref)
+    report = json.loads((out / "report.json").read_text())
+    assert report["execution"]["streaming"] and report["execution"]["reused_prepasses"] == ["gradients"]
+
+
+def test_prepass_files_of_other_settings_are_never_read(src, tmp_path, monkeypatch, capsys):
+    """The kfac weights of an interrupted run belong to its identity: other settings (fewer rows for the pass) are
+    refused while its folder exists, and with --no-resume the pass runs again instead of reading them."""
+    out = tmp_path / "out"
+    args = ["--out", str(out), *_prepass_args(src, "fisher", True)]
+    _crash_at(monkeypatch, "fisher")
+    with pytest.raises(Crash):
+        main(["prune", *args])
+    monkeypatch.undo()
+    assert (_work(out) / "fisher" / "all.safetensors").is_file()
+    changed = [*args, "--fisher-nsamples", "4"]
+    capsys.readouterr()
+    assert main(["prune", *changed]) == 2
+    assert "fisher_nsamples: null -> 4" in capsys.readouterr().err
+    assert main(["prune", *changed, "--no-resume"]) == 0
+    assert json.loads((out / "report.json").read_text())["execution"]["reused_prepasses"] == []
+
+
+def test_block_files_read_one_block_when_asked(tmp_path):
+    """Per-block pre-pass files round-trip exactly, are read only when a block is looked up (a file written after the
+    mapping was made is seen; nothing is read before), give the pipeline's ``get`` default outside the blocks, and a
+    damaged file is a ResumeError that keeps the work folder."""
+    from daprune.checkpoint import BlockFiles, WorkDir, load_block_tensors, save_block_tensors
+
+    work = WorkDir(tmp_path / "w")
+    work.open({"settings": {}}, resume=True)
+    files = BlockFiles(lambda i: work.prepass_file("gradients", i), range(3))
+    assert len(files) == 3 and list(files) == [0, 1, 2] and files.get(7, "none") == "none"
+    g = {"q": torch.randn(4, 3), "down": torch.randn(3, 5, dtype=torch.float64)}
+    save_block_tensors(work.prepass_file("gradients", 1), {1: g})
+    got = files[1]
+    assert sorted(got) == sorted(g) and all(torch.equal(got[k], g[k]) and got[k].dtype == g[k].dtype for k in g)
+    save_block_tensors(work.prepass_file("fisher"), {0: {"o": torch.ones(2)}, 2: {"down": torch.zeros(3)}})
+    both = load_block_tensors(work.prepass_file("fisher"))
+    assert sorted(both) == [0, 2] and torch.equal(both[2]["down"], torch.zeros(3))
+    assert not work.prepass_done("gradients")
+    work.mark_prepass("gradients")
+    assert work.prepass_done("gradients") and json.loads((work.path / "state.json").read_text())["prepasses"] == [
+        "gradients"]
+    work.prepass_file("gradients", 2).write_bytes(b"not safetensors")
+    with pytest.raises(ResumeError, match="layer-00002.safetensors") as caught:
+        files[2]
+    assert caught.value.keeps_work

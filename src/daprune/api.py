@@ -5,11 +5,15 @@ Two execution modes share one block loop (:func:`daprune.pipeline.run_pipeline`)
 * **streaming** (default when the source is a local safetensors folder, incl. the cached default model,
   and an output folder is given): blocks are read from disk one at a time, so memory does not grow
   with depth (:mod:`daprune.stores`);
-* **in memory**: the whole model is loaded (hub ids, model objects passed in, criteria that need
-  gradients of the whole model, ``--no-streaming``).
+* **in memory**: the whole model is loaded (hub ids, model objects passed in, mixture-of-experts
+  checkpoints, ``--no-streaming``).
+
+The passes that need gradients of the dense model (Taylor criteria, ``--error-weight fisher|kfac``) run in
+either mode: streaming runs them block by block (:func:`daprune.backward.blockwise_next_token_backward`).
 
 Whenever an output folder is written from a model source, a work folder beside it checkpoints every
-block, so an interrupted run resumes where it stopped (:mod:`daprune.checkpoint`).
+block, and those gradient pre-passes, so an interrupted run resumes where it stopped without redoing them
+(:mod:`daprune.checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 import platform
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +124,7 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
         reader = WeightsReader(source.path)  # headers only: corrupt/truncated shards fail here
         check_weight_dtypes(reader)
         reader = reader if reader.available else None
-    use_streaming = _choose_streaming(streaming, model is not None, out, reader, cfg, model_config)
+    use_streaming = _choose_streaming(streaming, model is not None, out, reader, model_config)
 
     work = None
     if out is not None and source is not None:
@@ -153,7 +157,8 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
         run.timings["total_s"] = time.perf_counter() - t0
         report = build_report(cfg, source, run.calib_info, result, shapes, run.timings)
         report["execution"] = {"device": str(device), "streaming": use_streaming, "activations": activations,
-                               "resumed_from_block": work.resumed_from if work is not None else None}
+                               "resumed_from_block": work.resumed_from if work is not None else None,
+                               "reused_prepasses": run.reused_prepasses}
         report["resources"] = resources
         with _disk_full_is_an_error(out, work, resources, "the output folder"):
             out_path = run.write(out, overwrite, report, extra) if out is not None else None
@@ -171,8 +176,7 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     return PruneResult(None if use_streaming else run.model, tokenizer, report, out_path)
 
 
-def _choose_streaming(streaming: bool | None, model_given: bool, out, reader, cfg: PruneConfig,
-                      model_config=None) -> bool:
+def _choose_streaming(streaming: bool | None, model_given: bool, out, reader, model_config=None) -> bool:
     """Stream when possible and not turned off; ``--streaming`` where it is impossible is an error."""
     from daprune.models.adapter import family_of
     from daprune.models.moe import MoEAdapter
@@ -187,9 +191,6 @@ def _choose_streaming(streaming: bool | None, model_given: bool, out, reader, cf
         reasons.append("no output folder is given (streaming writes the pruned blocks there)")
     if reader is None and not model_given:
         reasons.append("the model source has no local safetensors weights")
-    grad_criteria = [n for n in (cfg.ffn_criterion, cfg.head_criterion) if "grads" in _needs(n)]
-    if grad_criteria:
-        reasons.append(f"criterion {grad_criteria[0]} needs gradients of the whole model")
     if streaming is None:
         if reasons and not model_given and out is not None:
             log.info("not streaming: %s", "; ".join(reasons))
@@ -212,6 +213,7 @@ class _Run:
         self.calib_info: dict = {}
         self.source_dtype: str | None = None
         self.generated = None  # the caller's store of self-generated rows (prune(generated=...))
+        self.reused_prepasses: list[str] = []  # pre-passes read from an interrupted run's work folder
         self._scratch: Path | None = None
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -360,33 +362,87 @@ class _Run:
         if self.work is not None:
             self.work.set_ids(ids)
         self.timings["calibration_s"] = time.perf_counter() - t
-        grads = None
         cfg = self.cfg
-        if any("grads" in _needs(n) for n in (cfg.ffn_criterion, cfg.head_criterion)):
-            from daprune.criteria.taylor import collect_gradients
+        grads = self.gradients(ids[: cfg.nsamples])
+        fisher = self.loss_weights(ids[: cfg.fisher_nsamples or cfg.nsamples])
+        seed_everything(cfg.seed)
+        result = run_pipeline(self.adapter, ids, cfg, progress=self.progress, grads=grads, store=self.store,
+                              work=self.work, heldout=cfg.heldout_nsamples, fisher=fisher)
+        self.timings.update(result.timings)
+        return result
 
-            t2 = time.perf_counter()
-            grads = collect_gradients(self.model, self.adapter, ids[: cfg.nsamples], batch_size=cfg.batch_size,
-                                      progress=self.progress)
-            self.timings["gradients_s"] = time.perf_counter() - t2
-        fisher = None
-        if cfg.error_weight != "uniform":
-            from daprune.fisher import output_fisher, streamed_output_fisher
+    def gradients(self, rows: torch.Tensor) -> Mapping[int, dict[str, torch.Tensor]] | None:
+        """The Taylor criteria's weight gradients of the dense model (None when no criterion needs them).
 
-            t2 = time.perf_counter()
-            rows, full = ids[: cfg.fisher_nsamples or cfg.nsamples], cfg.error_weight == "kfac"
+        Kept in the work folder, one file per block (``gradients/``), and read back one block at a time, so the
+        pipeline never holds every block's fp32 gradients (as large as the model); a resumed run reuses them.
+        Streaming computes them block by block (:func:`~daprune.criteria.taylor.streamed_gradients`), writing each
+        block's as it is done; in memory the whole-model pass computes them, then they go to the same files. With
+        no work folder (a model passed in, no output) the whole-model pass's dict is used as it is.
+        """
+        from daprune.checkpoint import BlockFiles, save_block_tensors
+        from daprune.criteria.taylor import collect_gradients, streamed_gradients
+
+        cfg, work = self.cfg, self.work
+        if not _needs_gradients(cfg):
+            return None
+        with self._prepass("gradients", "gradients_s") as reused:
+            if work is None:
+                return collect_gradients(self.model, self.adapter, rows, batch_size=cfg.batch_size,
+                                         progress=self.progress)
+            files = BlockFiles(functools.partial(work.prepass_file, "gradients"), range(self.adapter.n_layers))
+            if reused:
+                return files
+
+            def keep(i: int, block_grads: dict[str, torch.Tensor]) -> None:
+                save_block_tensors(work.prepass_file("gradients", i), {i: block_grads})
+
+            if self.store.streaming:
+                streamed_gradients(self.adapter, self.store, rows, keep, batch_size=cfg.batch_size,
+                                   progress=self.progress)
+            else:
+                for i, block_grads in collect_gradients(self.model, self.adapter, rows, batch_size=cfg.batch_size,
+                                                        progress=self.progress).items():
+                    keep(i, block_grads)
+            return files
+
+    def loss_weights(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]] | None:
+        """``--error-weight fisher|kfac``'s per-block output weights of the dense model (None for uniform), kept in
+        the work folder (``fisher/all.safetensors``) so that a resumed run reuses them."""
+        from daprune.checkpoint import load_block_tensors, save_block_tensors
+        from daprune.fisher import output_fisher, streamed_output_fisher
+
+        cfg, work = self.cfg, self.work
+        if cfg.error_weight == "uniform":
+            return None
+        with self._prepass("fisher", "fisher_s") as reused:
+            if reused:
+                return load_block_tensors(work.prepass_file("fisher"))
+            full = cfg.error_weight == "kfac"
             if self.store.streaming:
                 fisher = streamed_output_fisher(self.adapter, self.store, rows, batch_size=cfg.batch_size,
                                                 progress=self.progress, full=full)
             else:
                 fisher = output_fisher(self.model, self.adapter, rows, batch_size=cfg.batch_size,
                                        progress=self.progress, full=full)
-            self.timings["fisher_s"] = time.perf_counter() - t2
-        seed_everything(cfg.seed)
-        result = run_pipeline(self.adapter, ids, cfg, progress=self.progress, grads=grads, store=self.store,
-                              work=self.work, heldout=cfg.heldout_nsamples, fisher=fisher)
-        self.timings.update(result.timings)
-        return result
+            if work is not None:
+                save_block_tensors(work.prepass_file("fisher"), fisher)
+            return fisher
+
+    @contextlib.contextmanager
+    def _prepass(self, name: str, timing: str) -> Iterator[bool]:
+        """Around a pre-pass: yields whether the work folder holds it already (then it is read, not computed);
+        on success marks it done there and records its seconds in ``timings[timing]`` and a reuse in
+        ``reused_prepasses`` (the report's ``execution``)."""
+        t = time.perf_counter()
+        reused = self.work is not None and self.work.prepass_done(name)
+        yield reused
+        if reused:
+            self.reused_prepasses.append(name)
+            log.info("%s: reused from the work folder %s", name, self.work.path)
+        elif self.work is not None:
+            self.work.mark_prepass(name)
+        self.timings[timing] = time.perf_counter() - t
 
     # -- writing -------------------------------------------------------------------------------------------
     def write(self, out, overwrite: bool, report: dict, extra) -> Path:
@@ -538,6 +594,7 @@ def check_resources(cfg: PruneConfig, model_config, streaming: bool, activations
                     out, work_path: Path | None) -> dict:
     """Estimate the run's peak memory and disk use and refuse what cannot fit; the numbers go into the report.
 
+    The gradient pre-passes (Taylor criteria, ``--error-weight fisher|kfac``) are counted with the rows they use.
     Only CPU memory is checked: with a GPU the streams and the block live in its memory, which
     ``plan_placement`` checks per block.
     """
@@ -546,9 +603,13 @@ def check_resources(cfg: PruneConfig, model_config, streaming: bool, activations
     dims = res.ModelDims.from_config(model_config)
     nsamples = max(cfg.nsamples, cfg.recovery_nsamples or 0) + cfg.heldout_nsamples  # every row in the streams
     on_cpu = device.type == "cpu" or activations == "cpu"
+    fisher = cfg.error_weight != "uniform"
+    passes = res.GradientPasses(taylor_rows=cfg.nsamples if _needs_gradients(cfg) else 0,
+                                fisher_rows=(cfg.fisher_nsamples or cfg.nsamples) if fisher else 0,
+                                kfac=cfg.error_weight == "kfac", work_folder=work_path is not None)
     est = res.estimate(dims, nsamples=nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size, dtype=cfg.dtype,
                        sparsity=cfg.sparsity, streaming=streaming, activations=activations,
-                       selection=cfg.ffn_selection())
+                       selection=cfg.ffn_selection(), gradients=passes)
     report: dict = {"estimate": est.to_dict(), "checked": {"memory": on_cpu, "disk": out is not None}}
     if on_cpu:
         available = res.available_memory()
@@ -595,6 +656,12 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
     finally:
         if was and not enabled:
             hf_logging.enable_progress_bar()
+
+
+def _needs_gradients(cfg: PruneConfig) -> bool:
+    """Whether a criterion of the run scores with weight gradients (the Taylor criteria): a pre-pass to run and
+    to count."""
+    return any("grads" in _needs(n) for n in (cfg.ffn_criterion, cfg.head_criterion))
 
 
 def _needs(name: str) -> frozenset[str]:

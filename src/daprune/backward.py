@@ -63,20 +63,43 @@ def next_token_backward(model: torch.nn.Module, ids: torch.Tensor, batch_size: i
                 after_batch()
 
 
+@contextmanager
+def gradients_of(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside: ``params`` require a gradient. On exit each one's own ``requires_grad`` is back and ``.grad`` cleared,
+    so a pass that differentiates a few weights leaves the model's flags as it found them."""
+    saved = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, saved, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
 def blockwise_next_token_backward(adapter: ModelAdapter, store: ResidentStore, ids: torch.Tensor, batch_size: int, *,
-                                  watch: Callable[[BlockAdapter], list], desc: str = "gradients",
-                                  progress: bool = True) -> None:
-    """The backward of the summed next-token NLL over ``ids`` through a block store, one block in memory at a time
-    (``--streaming``); ``watch(block)`` registers what reads each block's gradients and returns its hooks.
+                                  watch: Callable[[BlockAdapter], list] | None = None,
+                                  weights: Callable[[BlockAdapter], list[torch.nn.Parameter]] | None = None,
+                                  take_weight_grads: Callable[[BlockAdapter, list[torch.Tensor]], None] | None = None,
+                                  divide_by: float = 1.0, desc: str = "gradients", progress: bool = True) -> None:
+    """The backward of the summed next-token NLL over ``ids`` divided by ``divide_by``, through a block store, one
+    block in memory at a time (``--streaming``); ``watch(block)`` registers what reads each block's gradients and
+    returns its hooks; ``weights(block)`` names parameters of the block whose gradient is wanted, handed batch by
+    batch to ``take_weight_grads(block, grads)`` (one tensor per parameter, in that order) to be summed there.
 
     A block's gradients need the gradient arriving at its output, which needs every later block. So: one forward
     of the stream keeping each block's input (in the store's activation storage: memory or files), the loss's
     gradient at the last block's output from the LM head, then from the last block down, each block loaded once
     more, its forward recomputed from its kept input and differentiated with the gradient from above (what
-    gradient checkpointing does), which gives the gradient handed to the block below. Costs one more block
-    forward than the whole-model pass and holds every block's input at once (n_layers streams: ``--activations
-    disk`` puts them in files). Only the blocks' inputs are differentiated: no weight gradient is formed.
+    gradient checkpointing does), which gives the gradient handed to the block below and, in the same
+    ``autograd.grad`` call, the gradients of the named weights (they require a gradient only during their block's
+    pass: their flags are restored before the block is released). Costs one more block forward than the
+    whole-model pass and holds every block's input at once (n_layers streams: ``--activations disk`` puts them in
+    files). Without ``weights`` only the blocks' inputs are differentiated: no weight gradient is formed.
     """
+    if (weights is None) != (take_weight_grads is None):
+        raise ValueError("weights and take_weight_grads come together")
     acts, bs = store.acts, batch_size
     n_layers, dev = adapter.n_layers, acts.exec_device
     ctxs = store.layer_inputs(ids.shape[1])
@@ -95,21 +118,24 @@ def blockwise_next_token_backward(adapter: ModelAdapter, store: ResidentStore, i
         for s in range(ids.shape[0]):
             h = x[s : s + 1].to(dev).detach().requires_grad_()
             logits = adapter.logits(h)
-            loss = summed_next_token_nll(logits, ids[s : s + 1].to(dev))
+            loss = summed_next_token_nll(logits, ids[s : s + 1].to(dev)) / divide_by
             grad[s : s + 1].copy_(torch.autograd.grad(loss, h)[0])
     acts.drop(x)
     for i in tqdm(reversed(range(n_layers)), total=n_layers, desc=f"{desc}: backward", disable=not progress):
         block = store.load(i)
-        hooks = watch(block)
+        hooks = watch(block) if watch is not None else []
+        params = weights(block) if weights is not None else []
         below = acts.empty(f"backward-grad{i}", tuple(grad.shape), torch.float32) if i else None
         try:
-            with torch.enable_grad():
+            with gradients_of(params), torch.enable_grad():
                 for s in range(0, ids.shape[0], bs):
                     xi = inputs[i][s : s + bs].to(dev).detach().requires_grad_()
                     y = block.forward(xi, ctxs[i])
-                    g = torch.autograd.grad(y, xi, grad_outputs=grad[s : s + bs].to(y.device, y.dtype))[0]
+                    g, *gw = torch.autograd.grad(y, [xi, *params], grad_outputs=grad[s : s + bs].to(y.device, y.dtype))
                     if below is not None:
                         below[s : s + bs].copy_(g)
+                    if params:
+                        take_weight_grads(block, gw)
         finally:
             for hk in hooks:
                 hk.remove()

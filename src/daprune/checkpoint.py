@@ -8,9 +8,13 @@ otherwise) the run keeps, after every finished block:
   become the output shards, hard-linked into the atomic output folder at the end);
 * ``streams-NNNNN.safetensors`` (or, with ``--activations disk``, the memory-mapped ``act/*.bin`` files):
   the pruned and dense activation streams entering the next block;
+* ``gradients/layer-NNNNN.safetensors`` (Taylor criteria: each block's weight gradients) and
+  ``fisher/all.safetensors`` (``--error-weight fisher|kfac``): the pre-passes computed once on the dense model
+  before the first block, committed by name in ``state.json`` (``prepasses``) once all their files are written;
 * ``state.json``: the commit record. It names the last finished block, the streams files, the
-  BlockRecords so far, the adaptive plans, and the run's *identity*: every setting, a fingerprint of the
-  model source and a digest of the calibration token ids.
+  BlockRecords so far, the adaptive plans, the finished pre-passes, and the run's *identity*: every setting, a
+  fingerprint of the model source and a digest of the calibration token ids (so pre-pass files are reused only
+  by the run they were computed for: another identity is refused or, with ``--no-resume``, the folder deleted).
 
 Every file is written to a temporary name, fsynced and ``os.replace``-d into place (:mod:`daprune.atomic`),
 and ``state.json`` is written last, so a kill at any instant leaves either the previous commit or the new
@@ -21,7 +25,8 @@ uninterrupted one would have, and its output files are byte-identical.
 
 Test hook (test-only, never set it in production): ``DAPRUNE_TEST_KILL_AFTER_BLOCK=K`` sends SIGKILL to
 the process right after block K's checkpoint is committed; ``K:before-state`` kills after the block and
-streams files are written but before ``state.json`` names them (a kill in the middle of a checkpoint).
+streams files are written but before ``state.json`` names them (a kill in the middle of a checkpoint);
+``NAME`` (``gradients``, ``fisher``) kills right after that pre-pass is committed, before the first block.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +139,26 @@ class WorkDir:
 
     def block_file(self, i: int) -> Path:
         return self.blocks / f"layer-{i:05d}.safetensors"
+
+    # pre-passes: what is computed once on the dense model before the first block (Taylor gradients, fisher
+    # weights), kept so that a resumed run does not pay for the pass again
+    def prepass_file(self, name: str, block: int | None = None) -> Path:
+        """``NAME/layer-NNNNN.safetensors`` for one block's part of pre-pass ``name``, ``NAME/all.safetensors``
+        for a pre-pass kept in one file (the folder is created)."""
+        folder = self.path / name
+        folder.mkdir(exist_ok=True)
+        return folder / (f"layer-{block:05d}.safetensors" if block is not None else "all.safetensors")
+
+    def prepass_done(self, name: str) -> bool:
+        """Whether pre-pass ``name`` of this very run (same identity and calibration ids) is complete on disk."""
+        return self.state is not None and name in self.state.get("prepasses", [])
+
+    def mark_prepass(self, name: str) -> None:
+        """Commit pre-pass ``name``: its files are all written (each atomically), so a resumed run reads them."""
+        assert self.state is not None
+        self.state["prepasses"] = sorted({*self.state.get("prepasses", []), name})
+        atomic_write_json(self.path / STATE_FILE, self.state)
+        _test_kill(name, "")
 
     def _read_state(self) -> dict | None:
         f = self.path / STATE_FILE
@@ -297,9 +323,53 @@ class WorkDir:
         self.state = None
 
 
+# -- per-block tensors (pre-pass results) ---------------------------------------------------------------------
+def save_block_tensors(path: Path, tensors: Mapping[int, dict[str, torch.Tensor]]) -> None:
+    """Write per-block tensors by role (``{block: {role: tensor}}``) to one safetensors file, atomically (keys
+    ``BLOCK.ROLE``)."""
+    atomic_save_tensors(path, {f"{i}.{role}": t for i, roles in tensors.items() for role, t in roles.items()})
 
-def _test_kill(block: int, phase: str) -> None:
-    """Test-only: SIGKILL this process at a chosen point of block ``block``'s checkpoint (see module doc)."""
+
+def load_block_tensors(path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """What :func:`save_block_tensors` wrote; a missing or damaged file is a ``ResumeError`` (the commit that
+    named it cannot be used)."""
+    from safetensors.torch import load_file
+
+    try:
+        flat = load_file(str(path))
+    except Exception as exc:
+        raise ResumeError(f"cannot read {path} of the interrupted run ({exc}); pass --no-resume to start "
+                          "over") from exc
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        i, _, role = key.partition(".")
+        out.setdefault(int(i), {})[role] = t
+    return out
+
+
+class BlockFiles(Mapping[int, dict[str, torch.Tensor]]):
+    """Per-block tensors kept one file per block, read when a block is looked up: a consumer that visits the
+    blocks one at a time (the pipeline reads ``grads.get(i)``) holds one block's tensors, not every block's."""
+
+    def __init__(self, file: Callable[[int], Path], blocks: range):
+        self._file = file
+        self._blocks = blocks
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i not in self._blocks:
+            raise KeyError(i)
+        return load_block_tensors(self._file(i)).get(i, {})
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+
+def _test_kill(block: int | str, phase: str) -> None:
+    """Test-only: SIGKILL this process at a chosen point of block ``block``'s checkpoint, or right after pre-pass
+    ``block`` (a name) is committed (see module doc)."""
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return

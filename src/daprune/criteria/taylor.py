@@ -13,19 +13,27 @@ Units: an FFN channel = gate row + up row + down column; a query head = its q ro
 GQA the k/v rows are shared by the group and belong to no single query head; with group size 1 the
 head's own k/v rows are included, as in LLM-Pruner's Llama-1 setting).
 
-Gradients are computed once on the dense model, before pruning (``collect_gradients``); the pipeline
-hands each block's dict to the criterion as ``BlockStats.grads``.
+Gradients are computed once on the dense model, before pruning: by one backward of the whole model
+(``collect_gradients``), or block by block through a store (``streamed_gradients``, ``--streaming``: the same
+gradients, one block in memory at a time, each block's handed over as soon as it is done so the run can keep
+them in files). The pipeline hands each block's dict to the criterion as ``BlockStats.grads``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 
-from daprune.backward import frozen_for_gradients, next_token_backward
+from daprune.backward import blockwise_next_token_backward, frozen_for_gradients, gradients_of, next_token_backward
 from daprune.criteria.base import Criterion, register
 from daprune.errors import ConfigError
 from daprune.models.adapter import BlockAdapter, ModelAdapter
 from daprune.stats import BlockStats
+
+if TYPE_CHECKING:
+    from daprune.stores import ResidentStore
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -37,6 +45,32 @@ def block_linears(block: BlockAdapter) -> dict[str, torch.nn.Linear]:
     return {"q": q, "k": k, "v": v, "o": block.attn_out(), **level1, "down": block.ffn_out()}
 
 
+def linear_weights(block: BlockAdapter) -> list[torch.nn.Parameter]:
+    """The weights whose gradients the Taylor scores read, in :func:`block_linears`' role order."""
+    return [lin.weight for lin in block_linears(block).values()]
+
+
+class _GradientSums:
+    """Per block, each role's weight gradient summed over batches, fp32 on the CPU: the one piece of bookkeeping
+    the whole-model pass and the block-by-block one share, so both give the pipeline the same dict."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(self, block: BlockAdapter, grads: list[torch.Tensor]) -> None:
+        """Add one batch's gradients of ``linear_weights(block)`` (same order)."""
+        acc = self.sums.setdefault(block.index, {})
+        for role, g in zip(block_linears(block), grads, strict=True):
+            g = g.detach().float().cpu()
+            if role in acc:
+                acc[role] += g
+            else:  # a copy: later batches are added in place, and this tensor may still be the caller's .grad
+                acc[role] = g.clone()
+
+    def pop(self, index: int) -> dict[str, torch.Tensor]:
+        return self.sums.pop(index)
+
+
 def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 8,
                       progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """fp32 gradients of the mean next-token NLL over ``ids`` [n, seqlen] w.r.t. every block linear's weight.
@@ -46,32 +80,52 @@ def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.
     and ``.grad`` cleared afterwards, so the model leaves exactly as it came.
     """
     blocks = [adapter.block(i) for i in range(adapter.n_layers)]
-    for b in blocks:  # fused / transposed weights as the plain linears the pipeline will score
-        b.to_canonical()
-    linears = {(b.index, r): lin for b in blocks for r, lin in block_linears(b).items()}
-    acc = {key: torch.zeros(lin.weight.shape, dtype=torch.float32) for key, lin in linears.items()}
+    sums = _GradientSums()
 
     def accumulate() -> None:
-        for key, lin in linears.items():
-            acc[key] += lin.weight.grad.float().cpu()
-            lin.weight.grad = None
+        for b in blocks:
+            weights = linear_weights(b)
+            sums.add(b, [w.grad for w in weights])
+            for w in weights:
+                w.grad = None
 
     n, seqlen = ids.shape
-    with frozen_for_gradients(model):  # flags restored by name after to_native: fused modules are rebuilt
+    # flags saved by their native names and restored after to_native (fused modules are rebuilt in between)
+    with frozen_for_gradients(model):
+        for b in blocks:  # fused / transposed weights as the plain linears the pipeline will score
+            b.to_canonical()
         try:
-            for lin in linears.values():
-                lin.weight.requires_grad_(True)
-            next_token_backward(model, ids, batch_size, divide_by=n * (seqlen - 1), after_batch=accumulate,
-                                progress=progress)
+            with gradients_of([w for b in blocks for w in linear_weights(b)]):
+                next_token_backward(model, ids, batch_size, divide_by=n * (seqlen - 1), after_batch=accumulate,
+                                    progress=progress)
         finally:
-            for lin in linears.values():
-                lin.weight.grad = None
             for b in blocks:
                 b.to_native()
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for (i, r), g in acc.items():
-        out.setdefault(i, {})[r] = g
-    return out
+    return sums.sums
+
+
+def streamed_gradients(adapter: ModelAdapter, store: ResidentStore, ids: torch.Tensor,
+                       take: Callable[[int, dict[str, torch.Tensor]], None], batch_size: int = 8,
+                       progress: bool = True) -> None:
+    """:func:`collect_gradients` through a block store, one block in memory at a time (``--streaming``).
+
+    The same fp32 gradients of the mean next-token NLL (roles and canonical form as there; the store hands out
+    canonical blocks), from :func:`daprune.backward.blockwise_next_token_backward`. Each block's dict goes to
+    ``take(index, grads)`` as soon as its pass is over (last block first), so the caller can write it to disk
+    instead of holding every block's gradients, which are as large as the model in fp32.
+    """
+    sums = _GradientSums()
+
+    def weights(block: BlockAdapter) -> list[torch.nn.Parameter]:
+        for done in [i for i in sums.sums if i != block.index]:  # a new block starts: the one before is complete
+            take(done, sums.pop(done))
+        return linear_weights(block)
+
+    n, seqlen = ids.shape
+    blockwise_next_token_backward(adapter, store, ids, batch_size, weights=weights, take_weight_grads=sums.add,
+                                  divide_by=n * (seqlen - 1), desc="gradients", progress=progress)
+    for i in list(sums.sums):
+        take(i, sums.pop(i))
 
 
 class _Taylor(Criterion):
@@ -86,8 +140,8 @@ class _Taylor(Criterion):
     def _salience(self, block: BlockAdapter, stats: BlockStats, role: str) -> torch.Tensor:
         if role not in stats.grads:
             raise ConfigError(f"criterion {self.name!r} needs gradients (block {block.index} has none for {role}); "
-                              "they come from daprune.criteria.taylor.collect_gradients, which the uniform "
-                              "schedule's API call runs (not available to the adaptive schedule)")
+                              "they come from daprune.criteria.taylor.collect_gradients or streamed_gradients, "
+                              "which the uniform schedule's API call runs (not available to the adaptive schedule)")
         w = block_linears(block)[role].weight.float()
         g = stats.grads[role].to(w.device, torch.float32)
         if g.shape != w.shape:
