@@ -416,12 +416,12 @@ class BlockPruner:
         if not self.cfg.compensate_heads:
             return float(torch.einsum("oi,ij,oj->", o[:, cols], z2[cols][:, cols], o[:, cols]))
         s = z2.double()
-        gone = torch.zeros(s.shape[0], dtype=torch.bool)
+        gone = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
         gone[cols] = True
         r, k = gone.nonzero().flatten(), (~gone).nonzero().flatten()
         lam = self.cfg.obs_damp * torch.diagonal(s).mean().clamp_min(1e-12)
         s_kk, s_rk = s[k][:, k], s[r][:, k]
-        m = torch.linalg.solve(s_kk + lam * torch.eye(len(k), dtype=s.dtype), s_rk.T).T
+        m = torch.linalg.solve(s_kk + lam * torch.eye(len(k), dtype=s.dtype, device=s.device), s_rk.T).T
         left = s[r][:, r] - m @ s_rk.T - s_rk @ m.T + m @ s_kk @ m.T
         o_r = o[:, r].double()
         return float(torch.einsum("oi,ij,oj->", o_r, left, o_r))
@@ -446,7 +446,7 @@ class BlockPruner:
         # greedy output approximation (also the estimate for obs, whose compensation comes later)
         first = self.greedy(block, stats.down_in, count, stats.output_weight.get("down"))
         taken = set(first)
-        return torch.tensor(first + [int(c) for c in by_score if int(c) not in taken], dtype=torch.long)
+        return torch.tensor(first + [c for c in by_score.tolist() if c not in taken], dtype=torch.long)
 
     def greedy(self, block: BlockAdapter, moments: Moments, count: int, weight: OutputWeight | None = None
                ) -> list[int]:

@@ -29,16 +29,16 @@ def greedy_order(d: torch.Tensor, second: torch.Tensor, count: int) -> list[int]
     a = gram.double() * second.double()  # A_ij = (D_i . D_j) S_ij
     diag = torch.diagonal(a).clone()
     acc = torch.zeros_like(diag)  # sum over chosen i of A_ij
-    chosen = torch.zeros(a.shape[0], dtype=torch.bool)
-    order = []
-    for _ in range(count):
-        gain = diag + 2 * acc
-        gain[chosen] = float("inf")
-        j = int(torch.argmin(gain))
-        order.append(j)
+    chosen = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
+    inf = torch.tensor(float("inf"), dtype=a.dtype, device=a.device)
+    order = torch.empty(count, dtype=torch.long, device=a.device)
+    # tensors, not Python ints, inside the loop: on a GPU each int() would wait for the device (a sync per step)
+    for t in range(count):
+        j = torch.argmin(torch.where(chosen, inf, diag + 2 * acc)).view(1)
+        order[t] = j[0]
         chosen[j] = True
-        acc += a[j]
-    return order
+        acc += a.index_select(0, j)[0]
+    return order.tolist()
 
 
 def obs_order(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1e-2,
@@ -54,8 +54,8 @@ def obs_order(d: torch.Tensor, second: torch.Tensor, count: int, damp: float = 1
     w = d.double().clone()
     s = second.double()
     lam = damp * torch.diagonal(s).mean().clamp_min(1e-12)
-    hinv = torch.linalg.inv(s + lam * torch.eye(s.shape[0], dtype=s.dtype))
-    dead = torch.zeros(s.shape[0], dtype=torch.bool)
+    hinv = torch.linalg.inv(s + lam * torch.eye(s.shape[0], dtype=s.dtype, device=s.device))
+    dead = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
     chunk = max(1, -(-count // steps))
     order: list[int] = []
     while len(order) < count:

@@ -41,13 +41,13 @@ class JSAccumulator:
         probs = probs.float()
         h = probs.shape[1]
         own = [torch.xlogy(probs[:, i], probs[:, i]).sum(-1) for i in range(h)]  # [batch, q] per head
+        pairs = torch.zeros(h, h, dtype=torch.float64, device=probs.device)  # on the maps' device: no sync per pair
         for i in range(h):
             for j in range(i + 1, h):
                 m = 0.5 * (probs[:, i] + probs[:, j])
                 rows = 0.5 * (own[i] + own[j]) - torch.xlogy(m, m).sum(-1)
-                s = rows.double().clamp_min(0.0).sum()
-                self.sum[i, j] += s
-                self.sum[j, i] += s
+                pairs[i, j] = rows.double().clamp_min(0.0).sum()
+        self.sum += (pairs + pairs.T).cpu()
         self.rows += probs.shape[0] * probs.shape[2]
 
     @property
