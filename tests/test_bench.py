@@ -199,3 +199,24 @@ def test_zeroshot_side_by_side_reports_each_tasks_metric_and_refuses_unlike_runs
         zs.side_by_side({"a": _zs(10, piqa=0.6, boolq=0.5), "b": _zs(10, piqa=0.6)})
     with pytest.raises(ValueError, match="at least two"):
         zs.side_by_side({"a": _zs(10, piqa=0.6)})
+
+
+def test_cuda_check_agreement_measures_what_differs(tmp_path):
+    """benchmarks/cuda_check.py's comparison of two output folders: equal folders agree exactly; a scaled tensor
+    shows its relative difference; a different shape is reported as such."""
+    from safetensors.torch import save_file
+
+    cc = benchmark_module("cuda_check")
+    a, b, c = (tmp_path / n for n in "abc")
+    for f in (a, b, c):
+        f.mkdir()
+    w = {"x": torch.tensor([[1.0, -4.0], [2.0, 0.5]]), "y": torch.ones(3)}
+    save_file(w, str(a / "model.safetensors"))
+    save_file({"x": w["x"] * 1.01, "y": w["y"]}, str(b / "model.safetensors"))
+    save_file({"x": w["x"][:, :1].contiguous(), "y": w["y"]}, str(c / "model.safetensors"))
+    same = cc.agreement(a, a)
+    assert same == {"same_tensors_and_shapes": True, "max_rel_diff": 0.0, "tensors_over_1e-3": 0, "tensors": 2}
+    scaled = cc.agreement(a, b)
+    assert scaled["same_tensors_and_shapes"] and scaled["tensors_over_1e-3"] == 1
+    assert scaled["max_rel_diff"] == pytest.approx(0.04 / 4.0, rel=1e-5)  # |x * 0.01| at most 0.04, max |x| = 4
+    assert cc.agreement(a, c)["same_tensors_and_shapes"] is False
