@@ -85,8 +85,9 @@ def blockwise_next_token_backward(adapter: ModelAdapter, store: ResidentStore, i
                                   divide_by: float = 1.0, desc: str = "gradients", progress: bool = True) -> None:
     """The backward of the summed next-token NLL over ``ids`` divided by ``divide_by``, through a block store, one
     block in memory at a time (``--streaming``); ``watch(block)`` registers what reads each block's gradients and
-    returns its hooks; ``weights(block)`` names parameters of the block whose gradient is wanted, handed batch by
-    batch to ``take_weight_grads(block, grads)`` (one tensor per parameter, in that order) to be summed there.
+    returns its hooks; ``weights(block)`` names parameters of the block whose gradient is wanted, summed over the
+    batches in fp32 and handed once per block, before it is released, to ``take_weight_grads(block, sums)`` (one
+    tensor per parameter, in that order, on the block's device).
 
     A block's gradients need the gradient arriving at its output, which needs every later block. So: one forward
     of the stream keeping each block's input (in the store's activation storage: memory or files), the loss's
@@ -126,6 +127,7 @@ def blockwise_next_token_backward(adapter: ModelAdapter, store: ResidentStore, i
         hooks = watch(block) if watch is not None else []
         params = weights(block) if weights is not None else []
         below = acts.empty(f"backward-grad{i}", tuple(grad.shape), torch.float32) if i else None
+        sums: list[torch.Tensor] = []
         try:
             with gradients_of(params), torch.enable_grad():
                 for s in range(0, ids.shape[0], bs):
@@ -134,8 +136,13 @@ def blockwise_next_token_backward(adapter: ModelAdapter, store: ResidentStore, i
                     g, *gw = torch.autograd.grad(y, [xi, *params], grad_outputs=grad[s : s + bs].to(y.device, y.dtype))
                     if below is not None:
                         below[s : s + bs].copy_(g)
-                    if params:
-                        take_weight_grads(block, gw)
+                    if sums:
+                        for acc, gi in zip(sums, gw, strict=True):
+                            acc += gi
+                    else:
+                        sums = [gi.detach().float() for gi in gw]
+            if params:
+                take_weight_grads(block, sums)
         finally:
             for hk in hooks:
                 hk.remove()

@@ -158,7 +158,7 @@ def _fisher_block(dims: ModelDims, kfac: bool) -> int:
 def _taylor_pass(dims: ModelDims, rows: int, seqlen: int, batch_size: int, nbytes: int, streaming: bool
                  ) -> tuple[int, int]:
     """The Taylor gradient pass: the backward, each weight's gradient in the run's dtype and its fp32 sum (one
-    block, two sums at a block change, streaming; every block in memory)."""
+    block, its sum and the copy handed over at its end, streaming; every block in memory)."""
     pass_bytes, inputs = _backward(dims, rows, seqlen, batch_size, nbytes, streaming)
     per_block = dims.block_params
     grads = per_block * (2 * 4 + nbytes) if streaming else dims.layers * per_block * (4 + nbytes)

@@ -50,27 +50,6 @@ def linear_weights(block: BlockAdapter) -> list[torch.nn.Parameter]:
     return [lin.weight for lin in block_linears(block).values()]
 
 
-class _GradientSums:
-    """Per block, each role's weight gradient summed over batches, fp32 on the CPU: the one piece of bookkeeping
-    the whole-model pass and the block-by-block one share, so both give the pipeline the same dict."""
-
-    def __init__(self) -> None:
-        self.sums: dict[int, dict[str, torch.Tensor]] = {}
-
-    def add(self, block: BlockAdapter, grads: list[torch.Tensor]) -> None:
-        """Add one batch's gradients of ``linear_weights(block)`` (same order)."""
-        acc = self.sums.setdefault(block.index, {})
-        for role, g in zip(block_linears(block), grads, strict=True):
-            g = g.detach().float().cpu()
-            if role in acc:
-                acc[role] += g
-            else:  # a copy: later batches are added in place, and this tensor may still be the caller's .grad
-                acc[role] = g.clone()
-
-    def pop(self, index: int) -> dict[str, torch.Tensor]:
-        return self.sums.pop(index)
-
-
 def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 8,
                       progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """fp32 gradients of the mean next-token NLL over ``ids`` [n, seqlen] w.r.t. every block linear's weight.
@@ -80,14 +59,18 @@ def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.
     and ``.grad`` cleared afterwards, so the model leaves exactly as it came.
     """
     blocks = [adapter.block(i) for i in range(adapter.n_layers)]
-    sums = _GradientSums()
+    sums: dict[int, dict[str, torch.Tensor]] = {}
 
-    def accumulate() -> None:
+    def accumulate() -> None:  # each batch's gradients into fp32 sums on the CPU, and .grad cleared for the next
         for b in blocks:
-            weights = linear_weights(b)
-            sums.add(b, [w.grad for w in weights])
-            for w in weights:
-                w.grad = None
+            acc = sums.setdefault(b.index, {})
+            for role, lin in block_linears(b).items():
+                g = lin.weight.grad.detach().float().cpu()
+                if role in acc:
+                    acc[role] += g
+                else:  # a copy: later batches are added in place, and this may be the .grad tensor itself
+                    acc[role] = g.clone()
+                lin.weight.grad = None
 
     n, seqlen = ids.shape
     # flags saved by their native names and restored after to_native (fused modules are rebuilt in between)
@@ -101,7 +84,7 @@ def collect_gradients(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.
         finally:
             for b in blocks:
                 b.to_native()
-    return sums.sums
+    return sums
 
 
 def streamed_gradients(adapter: ModelAdapter, store: ResidentStore, ids: torch.Tensor,
@@ -114,18 +97,12 @@ def streamed_gradients(adapter: ModelAdapter, store: ResidentStore, ids: torch.T
     ``take(index, grads)`` as soon as its pass is over (last block first), so the caller can write it to disk
     instead of holding every block's gradients, which are as large as the model in fp32.
     """
-    sums = _GradientSums()
-
-    def weights(block: BlockAdapter) -> list[torch.nn.Parameter]:
-        for done in [i for i in sums.sums if i != block.index]:  # a new block starts: the one before is complete
-            take(done, sums.pop(done))
-        return linear_weights(block)
+    def hand_over(block: BlockAdapter, sums: list[torch.Tensor]) -> None:
+        take(block.index, {role: g.cpu() for role, g in zip(block_linears(block), sums, strict=True)})
 
     n, seqlen = ids.shape
-    blockwise_next_token_backward(adapter, store, ids, batch_size, weights=weights, take_weight_grads=sums.add,
+    blockwise_next_token_backward(adapter, store, ids, batch_size, weights=linear_weights, take_weight_grads=hand_over,
                                   divide_by=n * (seqlen - 1), desc="gradients", progress=progress)
-    for i in list(sums.sums):
-        take(i, sums.pop(i))
 
 
 class _Taylor(Criterion):
