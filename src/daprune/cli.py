@@ -24,6 +24,7 @@ from daprune.config import (
     SELECTIONS,
     SOURCES_HELP,
     SPARSITY_BASES,
+    TOKEN_WEIGHTS,
     UNROUTED_EXPERTS,
     PruneConfig,
     self_gen_settings,
@@ -99,6 +100,11 @@ def _prune_parser(sub) -> None:
                         "dimension alike; fisher: each by the loss's sensitivity to it (E[g^2], one gradient pass "
                         "of the dense model over the calibration rows, block by block under --streaming); "
                         "kfac: by the whole matrix E[g g^T], so dimensions that act together count together")
+    p.add_argument("--token-weight", choices=TOKEN_WEIGHTS, default=d.token_weight,
+                   help="uniform: every calibration token's output error counts alike; residual: each token's by "
+                        "1 / the mean square of the residual stream entering the block, which the next RMSNorm "
+                        "divides it by (attention-sink tokens, with residual norms 100x the rest, then stop "
+                        "dominating the statistics)")
     p.add_argument("--fisher-nsamples", type=int, default=d.fisher_nsamples, metavar="N",
                    help="--error-weight fisher|kfac: run the gradient pass on the first N scoring samples only "
                         "(default: all --nsamples; the pass is most of a 128-sample prune's time)")

@@ -53,6 +53,7 @@ SELECTIONS = ("auto", "score", "greedy", "obs")
 # by the loss's sensitivity to it, the diagonal Fisher from one gradient pass ("fisher"), or that Fisher's whole
 # output-side matrix, which also counts how output dimensions act together ("kfac"; daprune.fisher)
 ERROR_WEIGHTS = ("uniform", "fisher", "kfac")
+TOKEN_WEIGHTS = ("uniform", "residual")
 SPARSITY_BASES = ("total", "blocks")
 LAYOUTS = ("per-layer", "uniform")
 DEFAULT_LAYERS = "4:-2"  # the paper's block range (the default except under --schedule sensitivity)
@@ -92,6 +93,8 @@ class PruneConfig:
     layers: str | None = None
     schedule: str = "uniform"
     error_weight: str = "uniform"
+    # how each calibration token counts in the output error: alike, or by 1 / its residual stream's mean square
+    token_weight: str = "uniform"
     # --error-weight fisher|kfac: the first N scoring rows its gradient pass runs on (None: every scoring row)
     fisher_nsamples: int | None = None
     # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
@@ -204,9 +207,24 @@ class PruneConfig:
             raise ConfigError(f"--schedule adaptive ranks FLAP-standardised scores of every block, which "
                               f"--error-weight {self.error_weight} does not reach: drop one of them")
 
+    def _validate_token_weight(self) -> None:
+        if self.token_weight not in TOKEN_WEIGHTS:
+            raise ConfigError(f"--token-weight must be one of {', '.join(TOKEN_WEIGHTS)}, got {self.token_weight!r}")
+        if self.token_weight == "uniform":
+            return
+        # the weighted statistics are sums of sqrt(w)-scaled rows: right for second moments, Gram and cross terms,
+        # not for the means and centred variances these read
+        if self.compensate_mean:
+            raise ConfigError(f"--token-weight {self.token_weight} weights second moments; --compensate-mean reads "
+                              "the activations' plain means: drop one of them")
+        if "flap" in (self.ffn_criterion, self.head_criterion):
+            raise ConfigError(f"--token-weight {self.token_weight} weights second moments; the flap criterion reads "
+                              "centred variances: drop one of them")
+
     def validate(self) -> None:
         """Reject bad settings early, before the model is even loaded."""
         self._validate_self_gen()
+        self._validate_token_weight()
         if not (0.0 <= self.sparsity < 1.0):
             raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.ffn_criterion not in FFN_CRITERIA:

@@ -33,6 +33,7 @@ from daprune.replay import REPLAY_MAX_BYTES, FFNReplay, replay_bytes
 from daprune.schedule import BlockPlan, block_parameters, candidate_plans, check_budget, paper_plan
 from daprune.selection import greedy_order, obs_ranking
 from daprune.stats import BlockStats, Moments
+from daprune.token_weight import TokenScale
 
 if TYPE_CHECKING:
     from daprune.checkpoint import WorkDir
@@ -162,6 +163,7 @@ class BlockPruner:
                       for i, m in enumerate(tgt[r])}
         need_dense = bool(dense_mods)
         bs = self.cfg.batch_size
+        scale = TokenScale(xp, n_fit, bs) if self.cfg.token_weight == "residual" else None
         starts = list(range(0, n_fit, bs)) + list(range(n_fit, n_rows, bs))  # fit and held-out rows never share a batch
         for s in starts:
             e = min(s + bs, n_fit if s < n_fit else n_rows)
@@ -187,6 +189,8 @@ class BlockPruner:
                         judge_rows.add(x, o, y, yd[s:e])
                 else:
                     t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
+                if scale is not None:
+                    x, t = scale.apply(xp[s:e], x), None if t is None else scale.apply(xp[s:e], t)
                 if s >= n_fit:
                     if r in held:
                         held[r].update(x, t)
@@ -830,6 +834,16 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
 def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     """Refuse, before any work, a criterion or setting undefined for this family's blocks (plain FFNs, experts)."""
     check_moe_fit(adapter, cfg)
+    if cfg.token_weight != "uniform":
+        for i in cfg.block_range(adapter.n_layers):
+            block = adapter.block(i)
+            if is_moe(block) or block.ffn_output_scale() is None:
+                raise ConfigError(
+                    f"--token-weight {cfg.token_weight} counts a token's output error as the next layer's norm of "
+                    f"the residual stream sees it, which holds where a block's outputs are added to that stream as "
+                    f"they are; this {adapter.config.model_type} model (block {i}) "
+                    + ("routes tokens to experts" if is_moe(block) else "normalises them first (or does not say)")
+                    + ": drop it for this model")
     if cfg.recovery_target == "block":
         for i in cfg.block_range(adapter.n_layers):
             if not adapter.block(i).ffn_output_gain_known():
