@@ -71,7 +71,8 @@ def test_kill9_after_block_then_resume(src, reference, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not out.exists()
     state = json.loads((_work(out) / "state.json").read_text())
-    assert state["next_block"] == 3 and len(state["records"]) == 3
+    assert state["next_block"] == 3 and "records" not in state
+    assert sorted(f.name for f in (_work(out) / "records").iterdir()) == [f"layer-{i:05d}.json" for i in range(3)]
     assert main(["prune", "--model", str(src), "--out", str(out), *ARGS]) == 0
     assert _hashes(out) == reference
     report = json.loads((out / "report.json").read_text())
@@ -405,3 +406,39 @@ def test_block_files_read_one_block_when_asked(tmp_path):
     with pytest.raises(ResumeError, match="layer-00002.safetensors") as caught:
         files[2]
     assert caught.value.keeps_work
+
+
+def test_a_commit_writes_only_its_own_blocks_record(tmp_path):
+    """state.json stays the same size however many blocks are done (each block's record is its own file, so the
+    checkpoint writes of a deep model are not quadratic in its depth); the records come back in order; a missing
+    record file is a ResumeError; a folder of the earlier format (every record inside state.json) still resumes."""
+    from daprune.checkpoint import WorkDir
+
+    work = WorkDir(tmp_path / "w")
+    work.open({"settings": {}}, resume=True)
+    xp = torch.zeros(2, 3, 4)
+    records, sizes = [], []
+    for i in range(6):
+        records.append({"index": i, "kept_channel_idx": list(range(500 + i))})
+        work.block_file(i).write_bytes(b"")  # restore checks that each block's tensors exist
+        work.commit(i, records, xp, None, None)
+        sizes.append((work.path / "state.json").stat().st_size)
+    assert max(sizes) - min(sizes) <= 2  # only the block number's digits change
+    again = WorkDir(work.path)
+    again.open({"settings": {}}, resume=True)
+    got = again.restore(10)
+    assert got.next_block == 6 and got.records == records
+    state = json.loads((work.path / "state.json").read_text())
+    state["records"] = records[:6]  # the earlier format
+    (work.path / "state.json").write_text(json.dumps(state))
+    for i in range(6):
+        work.record_file(i).unlink()
+    older = WorkDir(work.path)
+    older.open({"settings": {}}, resume=True)
+    assert older.restore(10).records == records
+    del state["records"]
+    (work.path / "state.json").write_text(json.dumps(state))
+    broken = WorkDir(work.path)
+    broken.open({"settings": {}}, resume=True)
+    with pytest.raises(ResumeError, match="block record"):
+        broken.restore(10)

@@ -11,8 +11,11 @@ otherwise) the run keeps, after every finished block:
 * ``gradients/layer-NNNNN.safetensors`` (Taylor criteria: each block's weight gradients) and
   ``fisher/all.safetensors`` (``--error-weight fisher|kfac``): the pre-passes computed once on the dense model
   before the first block, committed by name in ``state.json`` (``prepasses``) once all their files are written;
-* ``state.json``: the commit record. It names the last finished block, the streams files, the
-  BlockRecords so far, the adaptive plans, the finished pre-passes, and the run's *identity*: every setting, a
+* ``records/layer-NNNNN.json``: that block's BlockRecord (what report.json's ``layers`` shows), one file per
+  block so that a commit writes only the new block's record (a state file holding every record so far would make
+  the checkpoint writes of a run quadratic in its depth);
+* ``state.json``: the commit record. It names the last finished block, the streams files, the adaptive plans, the
+  finished pre-passes, and the run's *identity*: every setting, a
   fingerprint of the model source and a digest of the calibration token ids (so pre-pass files are reused only
   by the run they were computed for: another identity is refused or, with ``--no-resume``, the folder deleted).
 
@@ -255,11 +258,22 @@ class WorkDir:
         except Exception as exc:  # a missing or damaged streams file: the commit cannot be used
             raise ResumeError(f"the work folder {self.path} has unreadable activation streams ({exc}); "
                               "pass --no-resume to start over") from exc
+        records = st["records"] if "records" in st else self._read_records(k)  # the former: an older daprune's folder
         plans = st.get("plans")
         self.resumed_from = k
         log.warning("resuming from %s: blocks 0..%d are done", self.path, k - 1)
-        return Restored(k, st["records"], xp, xd, {int(i): p for i, p in plans.items()} if plans else None,
+        return Restored(k, records, xp, xd, {int(i): p for i, p in plans.items()} if plans else None,
                         st.get("extra", {}))
+
+    def record_file(self, i: int) -> Path:
+        return self.path / "records" / f"layer-{i:05d}.json"
+
+    def _read_records(self, k: int) -> list[dict]:
+        try:
+            return [json.loads(self.record_file(i).read_text()) for i in range(k)]
+        except (OSError, ValueError) as exc:
+            raise ResumeError(f"the work folder {self.path} has a missing or unreadable block record ({exc}); "
+                              "pass --no-resume to start over") from exc
 
     def _load_streams(self, spec: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         if spec["format"] == "safetensors":
@@ -283,7 +297,8 @@ class WorkDir:
 
     def commit(self, i: int, records: list, xp: torch.Tensor, xd: torch.Tensor | None, plans: dict | None,
                acts_files: dict[str, str | None] | None = None, extra: dict | None = None) -> None:
-        """Block ``i`` is finished (its tensors already in :meth:`block_file`): save streams, then state.
+        """Block ``i`` is finished (its tensors already in :meth:`block_file`): save streams and its record (the last
+        of ``records``, one per block so far), then state.
 
         ``acts_files`` (disk activations) names the memory-mapped files that already hold xp/xd; they are
         fsynced instead of copied.
@@ -303,11 +318,16 @@ class WorkDir:
             tensors = {"xp": xp} if xd is None else {"xp": xp, "xd": xd}
             atomic_save_tensors(self.path / name, tensors)
             spec = {"format": "safetensors", "file": name}
+        # block i's record (the ones before it are on disk already: each commit adds one)
+        assert len(records) == i + 1, "one record per block, blocks 0..i"
+        rec = records[-1]
+        self.record_file(i).parent.mkdir(exist_ok=True)
+        atomic_write_json(self.record_file(i), dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec)
         _test_kill(i, "before-state")
         old = self.state.get("streams")
+        self.state.pop("records", None)
         self.state.update({
             "next_block": i + 1,
-            "records": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in records],
             "streams": spec,
             "plans": {str(k): dataclasses.asdict(p) for k, p in plans.items()} if plans else None,
             "extra": extra or {},
