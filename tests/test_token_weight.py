@@ -77,7 +77,8 @@ def test_end_to_end_changes_the_choice_and_is_recorded(one_thread):
     assert changed
 
 
-@pytest.mark.parametrize("extra", [dict(compensate_mean=True), dict(ffn_criterion="flap", head_criterion="flap")])
+@pytest.mark.parametrize("extra", [dict(compensate_mean=True), dict(ffn_criterion="flap", head_criterion="flap"),
+                                   dict(ffn_criterion="paper", selection="score")])
 def test_refused_where_it_would_not_mean_what_it_says(extra):
     from daprune.config import PruneConfig
     from daprune.errors import ConfigError

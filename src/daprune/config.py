@@ -217,9 +217,10 @@ class PruneConfig:
         if self.compensate_mean:
             raise ConfigError(f"--token-weight {self.token_weight} weights second moments; --compensate-mean reads "
                               "the activations' plain means: drop one of them")
-        if "flap" in (self.ffn_criterion, self.head_criterion):
-            raise ConfigError(f"--token-weight {self.token_weight} weights second moments; the flap criterion reads "
-                              "centred variances: drop one of them")
+        centred = [c for c in (self.ffn_criterion, self.head_criterion) if c in ("flap", "paper")]
+        if centred:
+            raise ConfigError(f"--token-weight {self.token_weight} weights second moments; the {centred[0]} criterion "
+                              "reads centred variances: drop one of them")
 
     def validate(self) -> None:
         """Reject bad settings early, before the model is even loaded."""
