@@ -33,7 +33,7 @@ from daprune.replay import REPLAY_MAX_BYTES, FFNReplay, replay_bytes
 from daprune.schedule import BlockPlan, block_parameters, candidate_plans, check_budget, paper_plan
 from daprune.selection import greedy_order, obs_ranking
 from daprune.stats import BlockStats, Moments
-from daprune.token_weight import TokenScale
+from daprune.token_weight import TokenScale, scaled
 
 if TYPE_CHECKING:
     from daprune.checkpoint import WorkDir
@@ -175,6 +175,7 @@ class BlockPruner:
                 replay.add(y, *got["down_in"])
                 if s >= n_fit and not held:
                     continue  # a row only the replay reads
+            factor = scale.factor(xp[s:e]) if scale is not None else None  # once per batch, for every role
             dense_out = {}
             if need_dense:
                 with capture(dense_mods) as dgot:
@@ -189,8 +190,8 @@ class BlockPruner:
                         judge_rows.add(x, o, y, yd[s:e])
                 else:
                     t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
-                if scale is not None:
-                    x, t = scale.apply(xp[s:e], x), None if t is None else scale.apply(xp[s:e], t)
+                if factor is not None:
+                    x, t = scaled(x, factor), None if t is None else scaled(t, factor)
                 if s >= n_fit:
                     if r in held:
                         held[r].update(x, t)

@@ -3,8 +3,8 @@
 A block's output is added to the residual stream, and the next block reads that stream through an RMSNorm,
 which divides every token by its own root mean square. An output change dy at token t therefore moves what the
 next layer sees by about dy / rms(h_t). Plain output energy counts dy alike at every token, so the few tokens
-whose residual stream is large (attention sinks and their neighbours; in SmolLM2's early blocks the top 1% of
-tokens carry half the FFN input energy, with residual norms 5-10 times the median) dominate statistics whose
+whose residual stream is large (attention sinks and their neighbours; in SmolLM2's blocks 2 and 9 the top 1% of
+tokens carry a third to a half of the FFN input energy, benchmarks/token_energy.py) dominate statistics whose
 errors the norm then shrinks. Weighting token t by w_t = 1 / mean(h_t^2), h_t the residual stream entering the
 block, and scaling the weights to mean 1 over the statistics' rows, turns every second moment, Gram and cross
 term into its w-weighted form (the rows are multiplied by sqrt(w_t)), so selection, compensation and re-fits
@@ -33,7 +33,13 @@ class TokenScale:
         ms = stream.float().pow(2).mean(-1)
         return 1.0 / ms.clamp_min(torch.finfo(torch.float32).tiny)
 
-    def apply(self, stream: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` (a linear's input or target on the tokens of ``stream``) multiplied by sqrt(w_t)."""
-        w = (self.raw(stream) / self.norm).sqrt().to(rows.device)
-        return rows.float() * w.reshape(*w.shape, *([1] * (rows.dim() - w.dim())))
+    def factor(self, stream: torch.Tensor) -> torch.Tensor:
+        """sqrt(w_t) for each token of ``stream`` (one batch of the block's input): computed once per batch and
+        applied, by :func:`scaled`, to every role's rows on those tokens."""
+        return (self.raw(stream) / self.norm).sqrt()
+
+
+def scaled(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``rows`` (a linear's input or target on the tokens ``factor`` belongs to) multiplied by that factor."""
+    f = factor.to(rows.device)
+    return rows.float() * f.reshape(*f.shape, *([1] * (rows.dim() - f.dim())))
