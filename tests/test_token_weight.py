@@ -1,6 +1,8 @@
-"""``--token-weight residual``: each token's output error counted by 1 / its residual stream's mean square."""
+"""``--token-weight``: residual (1 / the residual stream's mean square), first (the first position, half)."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -97,3 +99,74 @@ def test_refused_where_block_outputs_are_normalised_before_the_residual_add(one_
     with pytest.raises(ConfigError, match="--token-weight residual .* normalises them first"):
         prune(model=tiny("gemma3_text"), tokenizer=CharTokenizer(), calibration="random", nsamples=4, seqlen=16,
               layers="1:-1", progress=False, sparsity=0.2, token_weight="residual")
+
+
+def test_first_position_statistics_are_the_weighted_sums(one_thread):
+    """--token-weight first: Gram and cross terms equal numpy's sums with w = seq - 1 at each row's first position
+    and 1 elsewhere, scaled to mean 1, from the block's own unweighted linear inputs and outputs."""
+    from daprune.hooks import capture
+
+    x = _stream()
+    block, ctx, m = _collect("first", x)
+    with torch.no_grad(), capture({"d": block.ffn_out()}) as got:
+        block.forward(x, ctx)
+    rows, seq = x.shape[:2]
+    d_in = got["d"][0].double().numpy().reshape(-1, got["d"][0].shape[-1])
+    w = np.ones((rows, seq))
+    w[:, 0] = seq - 1  # the first position weighs as much as the row's other 11 together
+    w = (w / w.mean()).reshape(-1)
+    np.testing.assert_allclose(m["down_in"].gram.double().numpy(), (d_in * w[:, None]).T @ d_in, rtol=2e-4,
+                               atol=1e-5)
+    first = (w.reshape(rows, seq)[:, 0]).sum() / w.sum()
+    assert abs(first - 0.5) < 1e-9
+    _, _, plain = _collect("uniform", x)
+    assert not torch.allclose(plain["down_in"].gram, m["down_in"].gram, rtol=1e-2)
+
+
+def test_first_position_weight_keeps_the_first_token_closer(one_thread):
+    """With every row starting with the same token (BOS per window), weighting the first position leaves the pruned
+    block's output there closer to the dense one than the unweighted prune of the same size does, measured on the
+    model's own hidden states; the other positions pay for it."""
+    from daprune.config import PruneConfig
+    from daprune.pipeline import run_pipeline
+
+    dense = tiny_model()
+    ids = torch.randint(2, 128, (16, 32), generator=torch.Generator().manual_seed(3))
+    ids[:, 0] = 1
+    with torch.no_grad():
+        want = dense(ids, output_hidden_states=True).hidden_states[3]
+
+    def errors(token_weight):
+        model = copy.deepcopy(dense)
+        cfg = PruneConfig(sparsity=0.05, layers="2:3", nsamples=16, seqlen=32, batch_size=4, token_weight=token_weight,
+                          head_criterion="none")
+        run_pipeline(get_adapter(model), ids, cfg, progress=False)
+        with torch.no_grad():
+            got = model(ids, output_hidden_states=True).hidden_states[3]
+        err = (got - want).pow(2).sum(-1)
+        return float(err[:, 0].mean()), float(err[:, 1:].mean())
+
+    plain_first, plain_rest = errors("uniform")
+    first, rest = errors("first")
+    assert first < 0.5 * plain_first
+    assert rest > plain_rest
+
+
+def test_first_position_weight_is_allowed_where_outputs_are_normalised(one_thread):
+    """Unlike ``residual``, ``first`` does not read the residual's norm, so Gemma-3's post-norms do not refuse it."""
+    from test_families import tiny
+
+    res = prune(model=tiny("gemma3_text"), tokenizer=CharTokenizer(), calibration="random", nsamples=4, seqlen=16,
+                layers="1:-1", progress=False, sparsity=0.2, token_weight="first")
+    assert res.report["settings"]["token_weight"] == "first"
+
+
+@pytest.mark.parametrize("mode", ["residual", "first"])
+def test_refused_for_experts(one_thread, mode):
+    from test_moe import tiny as tiny_moe
+
+    from daprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--token-weight {mode} .* experts"):
+        prune(model=tiny_moe("mixtral"), tokenizer=CharTokenizer(), calibration="random", nsamples=4, seqlen=16,
+              layers="1:3", progress=False, sparsity=0.2, token_weight=mode)

@@ -104,7 +104,8 @@ def _prune_parser(sub) -> None:
                    help="uniform: every calibration token's output error counts alike; residual: each token's by "
                         "1 / the mean square of the residual stream entering the block, which the next RMSNorm "
                         "divides it by (attention-sink tokens, with residual norms 100x the rest, then stop "
-                        "dominating the statistics)")
+                        "dominating the statistics); first: the first position of each row counts as much as all "
+                        "the others together (the BOS / attention-sink state every later token reads)")
     p.add_argument("--fisher-nsamples", type=int, default=d.fisher_nsamples, metavar="N",
                    help="--error-weight fisher|kfac: run the gradient pass on the first N scoring samples only "
                         "(default: all --nsamples; the pass is most of a 128-sample prune's time)")

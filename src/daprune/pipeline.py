@@ -33,7 +33,7 @@ from daprune.replay import REPLAY_MAX_BYTES, FFNReplay, replay_bytes
 from daprune.schedule import BlockPlan, block_parameters, candidate_plans, check_budget, paper_plan
 from daprune.selection import greedy_order, obs_ranking
 from daprune.stats import BlockStats, Moments
-from daprune.token_weight import TokenScale, scaled
+from daprune.token_weight import scaled, token_scale
 
 if TYPE_CHECKING:
     from daprune.checkpoint import WorkDir
@@ -163,7 +163,7 @@ class BlockPruner:
                       for i, m in enumerate(tgt[r])}
         need_dense = bool(dense_mods)
         bs = self.cfg.batch_size
-        scale = TokenScale(xp, n_fit, bs) if self.cfg.token_weight == "residual" else None
+        scale = token_scale(self.cfg.token_weight, xp, n_fit, bs)
         starts = list(range(0, n_fit, bs)) + list(range(n_fit, n_rows, bs))  # fit and held-out rows never share a batch
         for s in starts:
             e = min(s + bs, n_fit if s < n_fit else n_rows)
@@ -838,13 +838,16 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     if cfg.token_weight != "uniform":
         for i in cfg.block_range(adapter.n_layers):
             block = adapter.block(i)
-            if is_moe(block) or block.ffn_output_scale() is None:
+            if is_moe(block):
+                raise ConfigError(f"--token-weight {cfg.token_weight} weights each token's rows, but this "
+                                  f"{adapter.config.model_type} model's experts (block {i}) each see only the tokens "
+                                  "routed to them: drop it for this model")
+            if cfg.token_weight == "residual" and block.ffn_output_scale() is None:
                 raise ConfigError(
                     f"--token-weight {cfg.token_weight} counts a token's output error as the next layer's norm of "
                     f"the residual stream sees it, which holds where a block's outputs are added to that stream as "
-                    f"they are; this {adapter.config.model_type} model (block {i}) "
-                    + ("routes tokens to experts" if is_moe(block) else "normalises them first (or does not say)")
-                    + ": drop it for this model")
+                    f"they are; this {adapter.config.model_type} model (block {i}) normalises them first (or does "
+                    "not say): drop it for this model")
     if cfg.recovery_target == "block":
         for i in cfg.block_range(adapter.n_layers):
             if not adapter.block(i).ffn_output_gain_known():

@@ -1,4 +1,6 @@
-"""``--token-weight residual``: each calibration token's output error counted as the next layer sees it.
+"""``--token-weight``: how much each calibration token's output error counts.
+
+``residual``: each token's output error counted as the next layer sees it.
 
 A block's output is added to the residual stream, and the next block reads that stream through an RMSNorm,
 which divides every token by its own root mean square. An output change dy at token t therefore moves what the
@@ -9,11 +11,21 @@ errors the norm then shrinks. Weighting token t by w_t = 1 / mean(h_t^2), h_t th
 block, and scaling the weights to mean 1 over the statistics' rows, turns every second moment, Gram and cross
 term into its w-weighted form (the rows are multiplied by sqrt(w_t)), so selection, compensation and re-fits
 minimise the weighted error.
+
+``first``: the first position of every row counts as much as all the others together. Where each window starts
+with BOS (Gemma), that position's hidden state is the same in every row and every later token attends to it (the
+attention sink); plain output energy sees one token in 128 and lets pruning move it. Gemma-3 drives its FFN output
+there to nearly zero (mean square 1e-6 to 1e-3 of the median token's in blocks 5-15, below the post-FFN norm's
+epsilon), so the norm passes a small vector that a small absolute change makes large. Restoring the dense BOS hidden
+state in every block of a Gemma-3-270M pruned over all its blocks lowered WikiText-2 / PTB perplexity by 3% / 4%
+(a one-off probe, 16 windows): the error that weighting the first position makes selection and compensation avoid.
 """
 
 from __future__ import annotations
 
 import torch
+
+FIRST_TOKEN_SHARE = 0.5  # --token-weight first: the first position's share of each row's total weight
 
 
 class TokenScale:
@@ -43,3 +55,26 @@ def scaled(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``rows`` (a linear's input or target on the tokens ``factor`` belongs to) multiplied by that factor."""
     f = factor.to(rows.device)
     return rows.float() * f.reshape(*f.shape, *([1] * (rows.dim() - f.dim())))
+
+
+class FirstTokenScale:
+    """``--token-weight first``: sqrt(w_t) with w = (seq - 1) at position 0 and 1 elsewhere (so the first position
+    holds :data:`FIRST_TOKEN_SHARE` of each row's weight), scaled to mean 1."""
+
+    def factor(self, stream: torch.Tensor) -> torch.Tensor:
+        rows, seq = stream.shape[:2]
+        w = torch.ones(rows, seq, dtype=torch.float32, device=stream.device)
+        if seq > 1:
+            w[:, 0] = (seq - 1) * FIRST_TOKEN_SHARE / (1 - FIRST_TOKEN_SHARE)
+        return (w / w.mean()).sqrt()
+
+
+def token_scale(mode: str, stream: torch.Tensor, rows: int, batch: int) -> TokenScale | FirstTokenScale | None:
+    """The per-token factor of one block's statistics under ``--token-weight mode`` (None: every token alike)."""
+    if mode == "residual":
+        return TokenScale(stream, rows, batch)
+    if mode == "first":
+        return FirstTokenScale()
+    if mode == "uniform":
+        return None
+    raise ValueError(f"unknown token weight {mode!r}")
