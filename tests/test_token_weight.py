@@ -13,7 +13,7 @@ from daprune.api import prune
 from daprune.models.adapter import get_adapter
 
 
-def _collect(token_weight: str, x: torch.Tensor):
+def _collect(token_weight: str, x: torch.Tensor, **extra):
     from daprune.config import PruneConfig
     from daprune.criteria.base import get_criterion
     from daprune.pipeline import BlockPruner, copy_block
@@ -22,7 +22,7 @@ def _collect(token_weight: str, x: torch.Tensor):
     adapter = get_adapter(tiny_model())
     ctx = ResidentStore(adapter).layer_inputs(x.shape[1])[1]
     block = adapter.block(1)
-    cfg = PruneConfig(token_weight=token_weight, nsamples=x.shape[0], batch_size=3)
+    cfg = PruneConfig(token_weight=token_weight, nsamples=x.shape[0], batch_size=3, **extra)
     pruner = BlockPruner(cfg, get_criterion("second-moment"), None, 0.0)
     return block, ctx, pruner.collect(block, copy_block(block), x, x, ctx, {"o_in": True, "down_in": False})
 
@@ -101,24 +101,27 @@ def test_refused_where_block_outputs_are_normalised_before_the_residual_add(one_
               layers="1:-1", progress=False, sparsity=0.2, token_weight="residual")
 
 
-def test_first_position_statistics_are_the_weighted_sums(one_thread):
-    """--token-weight first: Gram and cross terms equal numpy's sums with w = seq - 1 at each row's first position
-    and 1 elsewhere, scaled to mean 1, from the block's own unweighted linear inputs and outputs."""
+@pytest.mark.parametrize("share", [None, 0.2])
+def test_first_position_statistics_are_the_weighted_sums(one_thread, share):
+    """--token-weight first: the Gram equals numpy's sum with w = (seq - 1) share / (1 - share) at each row's first
+    position (share 0.5 by default: seq - 1) and 1 elsewhere, scaled to mean 1, from the block's own unweighted
+    linear inputs."""
     from daprune.hooks import capture
 
     x = _stream()
-    block, ctx, m = _collect("first", x)
+    block, ctx, m = _collect("first", x, first_token_share=share)
     with torch.no_grad(), capture({"d": block.ffn_out()}) as got:
         block.forward(x, ctx)
     rows, seq = x.shape[:2]
     d_in = got["d"][0].double().numpy().reshape(-1, got["d"][0].shape[-1])
     w = np.ones((rows, seq))
-    w[:, 0] = seq - 1  # the first position weighs as much as the row's other 11 together
+    want = 0.5 if share is None else share
+    w[:, 0] = (seq - 1) * want / (1 - want)  # by default as much as the row's other 11 positions together
     w = (w / w.mean()).reshape(-1)
     np.testing.assert_allclose(m["down_in"].gram.double().numpy(), (d_in * w[:, None]).T @ d_in, rtol=2e-4,
                                atol=1e-5)
     first = (w.reshape(rows, seq)[:, 0]).sum() / w.sum()
-    assert abs(first - 0.5) < 1e-9
+    assert abs(first - want) < 1e-9
     _, _, plain = _collect("uniform", x)
     assert not torch.allclose(plain["down_in"].gram, m["down_in"].gram, rtol=1e-2)
 
@@ -159,6 +162,16 @@ def test_first_position_weight_is_allowed_where_outputs_are_normalised(one_threa
     res = prune(model=tiny("gemma3_text"), tokenizer=CharTokenizer(), calibration="random", nsamples=4, seqlen=16,
                 layers="1:-1", progress=False, sparsity=0.2, token_weight="first")
     assert res.report["settings"]["token_weight"] == "first"
+
+
+@pytest.mark.parametrize("extra", [dict(first_token_share=0.3), dict(token_weight="residual", first_token_share=0.3),
+                                   dict(token_weight="first", first_token_share=1.0)])
+def test_first_token_share_refused_where_it_would_be_ignored_or_is_out_of_range(extra):
+    from daprune.config import PruneConfig
+    from daprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--first-token-share"):
+        PruneConfig(**extra).validate()
 
 
 @pytest.mark.parametrize("mode", ["residual", "first"])

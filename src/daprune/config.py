@@ -93,8 +93,11 @@ class PruneConfig:
     layers: str | None = None
     schedule: str = "uniform"
     error_weight: str = "uniform"
-    # how each calibration token counts in the output error: alike, or by 1 / its residual stream's mean square
+    # how each calibration token counts in the output error: alike, by 1 / its residual stream's mean square, or
+    # the first position as much as the rest
     token_weight: str = "uniform"
+    # --token-weight first: the first position's share of each row's weight (None: FIRST_TOKEN_SHARE)
+    first_token_share: float | None = None
     # --error-weight fisher|kfac: the first N scoring rows its gradient pass runs on (None: every scoring row)
     fisher_nsamples: int | None = None
     # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
@@ -210,6 +213,12 @@ class PruneConfig:
     def _validate_token_weight(self) -> None:
         if self.token_weight not in TOKEN_WEIGHTS:
             raise ConfigError(f"--token-weight must be one of {', '.join(TOKEN_WEIGHTS)}, got {self.token_weight!r}")
+        if self.first_token_share is not None:
+            if self.token_weight != "first":
+                raise ConfigError(f"--first-token-share sets --token-weight first's weighting; with --token-weight "
+                                  f"{self.token_weight} it would be ignored: add --token-weight first or drop it")
+            if not 0.0 < self.first_token_share < 1.0:
+                raise ConfigError(f"--first-token-share must be in (0, 1), got {self.first_token_share}")
         if self.token_weight == "uniform":
             return
         # the weighted statistics are sums of sqrt(w)-scaled rows: right for second moments, Gram and cross terms,

@@ -163,7 +163,7 @@ class BlockPruner:
                       for i, m in enumerate(tgt[r])}
         need_dense = bool(dense_mods)
         bs = self.cfg.batch_size
-        scale = token_scale(self.cfg.token_weight, xp, n_fit, bs)
+        scale = token_scale(self.cfg.token_weight, xp, n_fit, bs, self.cfg.first_token_share)
         starts = list(range(0, n_fit, bs)) + list(range(n_fit, n_rows, bs))  # fit and held-out rows never share a batch
         for s in starts:
             e = min(s + bs, n_fit if s < n_fit else n_rows)

@@ -12,13 +12,14 @@ block, and scaling the weights to mean 1 over the statistics' rows, turns every 
 term into its w-weighted form (the rows are multiplied by sqrt(w_t)), so selection, compensation and re-fits
 minimise the weighted error.
 
-``first``: the first position of every row counts as much as all the others together. Where each window starts
-with BOS (Gemma), that position's hidden state is the same in every row and every later token attends to it (the
-attention sink); plain output energy sees one token in 128 and lets pruning move it. Gemma-3 drives its FFN output
-there to nearly zero (mean square 1e-6 to 1e-3 of the median token's in blocks 5-15), and the post-FFN norm
-divides by that small size, so an absolute change the plain energy counts as negligible moves that state a lot. Restoring the dense BOS hidden
-state in every block of a Gemma-3-270M pruned over all its blocks lowered WikiText-2 / PTB perplexity by 3% / 4%
-(a one-off probe, 16 windows): the error that weighting the first position makes selection and compensation avoid.
+``first``: the first position of every row counts as much as all the others together (``--first-token-share``
+sets its share). Where each window starts with BOS (Gemma), that position's hidden state is the same in every row
+and every later token attends to it (the attention sink); plain output energy sees one token in 128 and lets
+pruning move it. Gemma-3 drives its FFN output there to nearly zero (mean square 1e-6 to 1e-3 of the median
+token's in blocks 5-15), and the post-FFN norm divides by that small size, so an absolute change the plain energy
+counts as negligible moves that state a lot. Restoring the dense BOS hidden state in every block of a Gemma-3-270M
+pruned over all its blocks lowered WikiText-2 / PTB perplexity by 3% / 4% (a one-off probe, 16 windows): the
+error that weighting the first position makes selection and compensation avoid.
 """
 
 from __future__ import annotations
@@ -58,23 +59,27 @@ def scaled(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 class FirstTokenScale:
-    """``--token-weight first``: sqrt(w_t) with w = (seq - 1) at position 0 and 1 elsewhere (so the first position
-    holds :data:`FIRST_TOKEN_SHARE` of each row's weight), scaled to mean 1."""
+    """``--token-weight first``: sqrt(w_t) with w = (seq - 1) share / (1 - share) at position 0 and 1 elsewhere (so
+    the first position holds ``share`` of each row's weight), scaled to mean 1."""
+
+    def __init__(self, share: float = FIRST_TOKEN_SHARE):
+        self.share = share
 
     def factor(self, stream: torch.Tensor) -> torch.Tensor:
         rows, seq = stream.shape[:2]
         w = torch.ones(rows, seq, dtype=torch.float32, device=stream.device)
         if seq > 1:
-            w[:, 0] = (seq - 1) * FIRST_TOKEN_SHARE / (1 - FIRST_TOKEN_SHARE)
+            w[:, 0] = (seq - 1) * self.share / (1 - self.share)
         return (w / w.mean()).sqrt()
 
 
-def token_scale(mode: str, stream: torch.Tensor, rows: int, batch: int) -> TokenScale | FirstTokenScale | None:
+def token_scale(mode: str, stream: torch.Tensor, rows: int, batch: int, first_share: float | None = None
+                ) -> TokenScale | FirstTokenScale | None:
     """The per-token factor of one block's statistics under ``--token-weight mode`` (None: every token alike)."""
     if mode == "residual":
         return TokenScale(stream, rows, batch)
     if mode == "first":
-        return FirstTokenScale()
+        return FirstTokenScale(FIRST_TOKEN_SHARE if first_share is None else first_share)
     if mode == "uniform":
         return None
     raise ValueError(f"unknown token weight {mode!r}")
