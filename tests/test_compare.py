@@ -54,6 +54,8 @@ def test_row_configs():
     assert l2.calibration == "self"  # the data-free group never sees real text
     rec = compare.row_config(compare.ROW_BY_KEY["ours-c-rec"], BASE)
     assert (rec.ffn_criterion, rec.head_criterion, rec.recovery) == ("second-moment", "similarity", "paper")
+    first = compare.row_config(compare.ROW_BY_KEY["ours-sg-fisher-first"], BASE)
+    assert (first.error_weight, first.token_weight, first.calibration) == ("fisher", "first", "self")
     for row in compare.ROWS:
         cfg = compare.row_config(row, BASE)
         cfg.validate()

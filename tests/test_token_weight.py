@@ -1,4 +1,4 @@
-"""``--token-weight``: residual (1 / the residual stream's mean square), first (the first position, half)."""
+"""``--token-weight``: residual (1 / the residual stream's mean square), first (a fixed share for position 0)."""
 
 from __future__ import annotations
 
@@ -101,11 +101,11 @@ def test_refused_where_block_outputs_are_normalised_before_the_residual_add(one_
               layers="1:-1", progress=False, sparsity=0.2, token_weight="residual")
 
 
-@pytest.mark.parametrize("share", [None, 0.2])
+@pytest.mark.parametrize("share", [None, 0.5])
 def test_first_position_statistics_are_the_weighted_sums(one_thread, share):
     """--token-weight first: the Gram equals numpy's sum with w = (seq - 1) share / (1 - share) at each row's first
-    position (share 0.5 by default: seq - 1) and 1 elsewhere, scaled to mean 1, from the block's own unweighted
-    linear inputs."""
+    position (share 0.2 by default; 0.5: as much as the row's other positions together) and 1 elsewhere, scaled to
+    mean 1, from the block's own unweighted linear inputs."""
     from daprune.hooks import capture
 
     x = _stream()
@@ -115,8 +115,8 @@ def test_first_position_statistics_are_the_weighted_sums(one_thread, share):
     rows, seq = x.shape[:2]
     d_in = got["d"][0].double().numpy().reshape(-1, got["d"][0].shape[-1])
     w = np.ones((rows, seq))
-    want = 0.5 if share is None else share
-    w[:, 0] = (seq - 1) * want / (1 - want)  # by default as much as the row's other 11 positions together
+    want = 0.2 if share is None else share  # the documented default
+    w[:, 0] = (seq - 1) * want / (1 - want)
     w = (w / w.mean()).reshape(-1)
     np.testing.assert_allclose(m["down_in"].gram.double().numpy(), (d_in * w[:, None]).T @ d_in, rtol=2e-4,
                                atol=1e-5)

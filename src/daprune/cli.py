@@ -104,11 +104,11 @@ def _prune_parser(sub) -> None:
                    help="uniform: every calibration token's output error counts alike; residual: each token's by "
                         "1 / the mean square of the residual stream entering the block, which the next RMSNorm "
                         "divides it by (attention-sink tokens, with residual norms 100x the rest, then stop "
-                        "dominating the statistics); first: the first position of each row counts as much as all "
-                        "the others together (the BOS / attention-sink state every later token reads)")
+                        "dominating the statistics); first: the first position of each row carries a fixed share "
+                        "of its weight (the BOS / attention-sink state every later token reads; --first-token-share)")
     p.add_argument("--first-token-share", type=float, default=d.first_token_share, metavar="F",
                    help="--token-weight first: the first position's share of each calibration row's weight "
-                        "(default 0.5: as much as all the other positions together)")
+                        "(default 0.2, chosen on held-out text; 0.5: as much as all the other positions together)")
     p.add_argument("--fisher-nsamples", type=int, default=d.fisher_nsamples, metavar="N",
                    help="--error-weight fisher|kfac: run the gradient pass on the first N scoring samples only "
                         "(default: all --nsamples; the pass is most of a 128-sample prune's time)")

@@ -94,7 +94,7 @@ class PruneConfig:
     schedule: str = "uniform"
     error_weight: str = "uniform"
     # how each calibration token counts in the output error: alike, by 1 / its residual stream's mean square, or
-    # the first position as much as the rest
+    # the first position by a fixed share of its row
     token_weight: str = "uniform"
     # --token-weight first: the first position's share of each row's weight (None: FIRST_TOKEN_SHARE)
     first_token_share: float | None = None

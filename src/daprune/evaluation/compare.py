@@ -90,6 +90,9 @@ ROWS: tuple[RowSpec, ...] = (
             False),
     RowSpec("ours-sg-fisher", "Ours SG, loss-weighted output error", "data-free", {**OURS, "error_weight": "fisher"},
             False),
+    # Gemma (BOS per window): the BOS position, the attention sink, counts as much as the rest (docs/quality.md)
+    RowSpec("ours-sg-fisher-first", "Ours SG, loss-weighted, first position weighted", "data-free",
+            {**OURS, "error_weight": "fisher", "token_weight": "first"}, False),
     RowSpec("taylor-e1", "LLM-Pruner E1 (Taylor)", "data-dependent", _baseline("taylor-e1", "taylor-e1")),
     RowSpec("taylor-vector", "LLM-Pruner vector (Taylor)", "data-dependent",
             _baseline("taylor-vector", "taylor-vector")),
@@ -111,6 +114,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("ours-c-owl", "Ours C, OWL outlier schedule", "data-dependent", {**OURS, "schedule": "owl"}, False),
     RowSpec("ours-c-fisher", "Ours C, loss-weighted output error", "data-dependent",
             {**OURS, "error_weight": "fisher"}, False),
+    RowSpec("ours-c-fisher-first", "Ours C, loss-weighted, first position weighted", "data-dependent",
+            {**OURS, "error_weight": "fisher", "token_weight": "first"}, False),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 GROUP_TITLES = {"data-free": "Data-free (calibration: self-generated)", "data-dependent": "Data-dependent"}
