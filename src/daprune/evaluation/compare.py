@@ -90,7 +90,7 @@ ROWS: tuple[RowSpec, ...] = (
             False),
     RowSpec("ours-sg-fisher", "Ours SG, loss-weighted output error", "data-free", {**OURS, "error_weight": "fisher"},
             False),
-    # Gemma (BOS per window): the BOS position, the attention sink, counts as much as the rest (docs/quality.md)
+    # Gemma (BOS per window): the BOS position, the attention sink, gets a fixed share of each row (docs/quality.md)
     RowSpec("ours-sg-fisher-first", "Ours SG, loss-weighted, first position weighted", "data-free",
             {**OURS, "error_weight": "fisher", "token_weight": "first"}, False),
     RowSpec("taylor-e1", "LLM-Pruner E1 (Taylor)", "data-dependent", _baseline("taylor-e1", "taylor-e1")),
