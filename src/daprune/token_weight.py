@@ -63,7 +63,7 @@ class FirstTokenScale:
     """``--token-weight first``: sqrt(w_t) with w = (seq - 1) share / (1 - share) at position 0 and 1 elsewhere (so
     the first position holds ``share`` of each row's weight), scaled to mean 1."""
 
-    def __init__(self, share: float = FIRST_TOKEN_SHARE):
+    def __init__(self, share: float):
         self.share = share
 
     def factor(self, stream: torch.Tensor) -> torch.Tensor:
