@@ -290,6 +290,7 @@ TAYLOR = ["--ffn-criterion", "taylor-e1", "--head-criterion", "taylor-e1"]
 PREPASSES = {  # pre-pass -> (its settings, the module and functions that compute it)
     "fisher": (["--error-weight", "kfac"], "daprune.fisher", ("output_fisher", "streamed_output_fisher")),
     "gradients": (TAYLOR, "daprune.criteria.taylor", ("collect_gradients", "streamed_gradients")),
+    "token-gradients": (["--token-weight", "gradient"], "daprune.fisher", ("token_gradients",)),
 }
 
 
@@ -300,12 +301,12 @@ def _prepass_args(folder: Path, prepass: str, streaming: bool) -> list[str]:
 
 
 def _prepass_files(prepass: str, layers: int) -> list[str]:
-    if prepass == "fisher":
-        return ["fisher/all.safetensors"]
+    if prepass in ("fisher", "token-gradients"):
+        return [f"{prepass}/all.safetensors"]
     return [f"gradients/layer-{i:05d}.safetensors" for i in range(layers)]
 
 
-@pytest.mark.parametrize("prepass", ["fisher", "gradients"])
+@pytest.mark.parametrize("prepass", ["fisher", "gradients", "token-gradients"])
 @pytest.mark.parametrize("streaming,crash", [(True, "prepass"), (False, "prepass"), (True, 2)])
 def test_a_resumed_run_reuses_the_gradient_prepass(tmp_path, monkeypatch, prepass, streaming, crash):
     """Killed right after the pre-pass is committed (or after block 2), the rerun reads the kfac weights / Taylor

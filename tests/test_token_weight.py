@@ -174,7 +174,7 @@ def test_first_token_share_refused_where_it_would_be_ignored_or_is_out_of_range(
         PruneConfig(**extra).validate()
 
 
-@pytest.mark.parametrize("mode", ["residual", "first"])
+@pytest.mark.parametrize("mode", ["residual", "first", "gradient"])
 def test_refused_for_experts(one_thread, mode):
     from test_moe import tiny as tiny_moe
 

@@ -365,9 +365,10 @@ class _Run:
         cfg = self.cfg
         grads = self.gradients(ids[: cfg.nsamples])
         fisher = self.loss_weights(ids[: cfg.fisher_nsamples or cfg.nsamples])
+        token_grads = self.token_gradients(ids)
         seed_everything(cfg.seed)
         result = run_pipeline(self.adapter, ids, cfg, progress=self.progress, grads=grads, store=self.store,
-                              work=self.work, heldout=cfg.heldout_nsamples, fisher=fisher)
+                              work=self.work, heldout=cfg.heldout_nsamples, fisher=fisher, token_grads=token_grads)
         self.timings.update(result.timings)
         return result
 
@@ -428,6 +429,26 @@ class _Run:
             if work is not None:
                 save_block_tensors(work.prepass_file("fisher"), fisher)
             return fisher
+
+    def token_gradients(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]] | None:
+        """``--token-weight gradient``'s per-token weights over every stream row (re-fit and held-out rows too: each
+        row's statistics or errors are weighted by its own tokens' gradients), kept in the work folder
+        (``token-gradients/all.safetensors``) so that a resumed run reuses them; None for any other token weight."""
+        from daprune.checkpoint import load_block_tensors, save_block_tensors
+        from daprune.fisher import token_gradients
+
+        cfg, work = self.cfg, self.work
+        if cfg.token_weight != "gradient":
+            return None
+        with self._prepass("token-gradients", "token_gradients_s") as reused:
+            if reused:
+                return load_block_tensors(work.prepass_file("token-gradients"))
+            streamed = self.store.streaming
+            grads = token_gradients(self.adapter, rows, batch_size=cfg.batch_size, progress=self.progress,
+                                    model=None if streamed else self.model, store=self.store if streamed else None)
+            if work is not None:
+                save_block_tensors(work.prepass_file("token-gradients"), grads)
+            return grads
 
     @contextlib.contextmanager
     def _prepass(self, name: str, timing: str) -> Iterator[bool]:
@@ -604,8 +625,11 @@ def check_resources(cfg: PruneConfig, model_config, streaming: bool, activations
     nsamples = max(cfg.nsamples, cfg.recovery_nsamples or 0) + cfg.heldout_nsamples  # every row in the streams
     on_cpu = device.type == "cpu" or activations == "cpu"
     fisher = cfg.error_weight != "uniform"
+    # --token-weight gradient: one more pass, over every stream row, costing what a fisher pass on those rows does
+    fisher_rows = max((cfg.fisher_nsamples or cfg.nsamples) if fisher else 0,
+                      nsamples if cfg.token_weight == "gradient" else 0)
     passes = res.GradientPasses(taylor_rows=cfg.nsamples if _needs_gradients(cfg) else 0,
-                                fisher_rows=(cfg.fisher_nsamples or cfg.nsamples) if fisher else 0,
+                                fisher_rows=fisher_rows,
                                 kfac=cfg.error_weight == "kfac", work_folder=work_path is not None)
     est = res.estimate(dims, nsamples=nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size, dtype=cfg.dtype,
                        sparsity=cfg.sparsity, streaming=streaming, activations=activations,

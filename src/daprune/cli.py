@@ -105,7 +105,9 @@ def _prune_parser(sub) -> None:
                         "1 / the mean square of the residual stream entering the block, which the next RMSNorm "
                         "divides it by (attention-sink tokens, with residual norms 100x the rest, then stop "
                         "dominating the statistics); first: the first position of each row carries a fixed share "
-                        "of its weight (the BOS / attention-sink state every later token reads; --first-token-share)")
+                        "of its weight (the BOS / attention-sink state every later token reads; --first-token-share); "
+                        "gradient: each token's by ||g_t||^2, g_t the dense model's loss gradient at the block's "
+                        "attention / FFN output (one more gradient pass over every calibration row)")
     p.add_argument("--first-token-share", type=float, default=d.first_token_share, metavar="F",
                    help="--token-weight first: the first position's share of each calibration row's weight "
                         "(default 0.2, chosen on held-out text; 0.5: as much as all the other positions together)")

@@ -53,7 +53,9 @@ SELECTIONS = ("auto", "score", "greedy", "obs")
 # by the loss's sensitivity to it, the diagonal Fisher from one gradient pass ("fisher"), or that Fisher's whole
 # output-side matrix, which also counts how output dimensions act together ("kfac"; daprune.fisher)
 ERROR_WEIGHTS = ("uniform", "fisher", "kfac")
-TOKEN_WEIGHTS = ("uniform", "residual", "first")
+# how much each calibration token's output error counts (daprune.token_weight): alike, by 1 / its residual stream's
+# mean square, a fixed share for the first position, or by the loss's gradient at the block's output there
+TOKEN_WEIGHTS = ("uniform", "residual", "first", "gradient")
 SPARSITY_BASES = ("total", "blocks")
 LAYOUTS = ("per-layer", "uniform")
 DEFAULT_LAYERS = "4:-2"  # the paper's block range (the default except under --schedule sensitivity)

@@ -47,23 +47,28 @@ class _Accumulator:
         """Forward hooks on ``block``'s o_proj / down_proj that hook the gradient of their outputs."""
         def watcher(key: tuple[int, str]):
             def forward_hook(_module, _inputs, out):
-                def grad_hook(g: torch.Tensor) -> None:
-                    flat = g.detach().float().reshape(-1, g.shape[-1])
-                    sq = (flat.T @ flat if self.full else flat.pow(2).sum(0)).cpu()
-                    self.acc[key] = self.acc[key] + sq if key in self.acc else sq
                 if out.requires_grad:
-                    out.register_hook(grad_hook)
+                    out.register_hook(lambda g: self.take(key, g.detach().float()))
             return forward_hook
         return [block.attn_out().register_forward_hook(watcher((block.index, "o"))),
                 block.ffn_out().register_forward_hook(watcher((block.index, "down")))]
 
+    def take(self, key: tuple[int, str], g: torch.Tensor) -> None:
+        """One batch's gradient [b, seq, hidden] at one linear's output, summed over its tokens."""
+        flat = g.reshape(-1, g.shape[-1])
+        sq = (flat.T @ flat if self.full else flat.pow(2).sum(0)).cpu()
+        self.acc[key] = self.acc[key] + sq if key in self.acc else sq
+
+    def check_complete(self, adapter: ModelAdapter, setting: str, instead: str) -> None:
+        """A module the adapter names but the forward never runs: the weighting would silently not happen."""
+        missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in self.acc]
+        if missing:
+            raise ConfigError(f"{setting}: no gradient reached {', '.join(missing[:3])} of this "
+                              f"{adapter.config.model_type} model; use {instead}")
+
     def weights(self, adapter: ModelAdapter) -> dict[int, dict[str, torch.Tensor]]:
         """Every block's weights by role, each scaled to mean 1 (see :func:`output_fisher`)."""
-        missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in self.acc]
-        if missing:  # a module the adapter names but the forward never runs: weighting would silently not happen
-            name = "kfac" if self.full else "fisher"
-            raise ConfigError(f"--error-weight {name}: no gradient reached {', '.join(missing[:3])} of this "
-                              f"{adapter.config.model_type} model; use --error-weight uniform")
+        self.check_complete(adapter, f"--error-weight {'kfac' if self.full else 'fisher'}", "--error-weight uniform")
         out: dict[int, dict[str, torch.Tensor]] = {}
         for (i, role), v in self.acc.items():
             scale = (torch.diagonal(v) if self.full else v).mean().clamp_min(1e-30)
@@ -71,6 +76,46 @@ class _Accumulator:
             # its row); the matrix's eigenvalues are floored the same way where it is factored (OutputWeight)
             out.setdefault(i, {})[role] = v / scale if self.full else (v / scale).clamp_min(1e-8)
         return out
+
+
+class _TokenAccumulator(_Accumulator):
+    """Keeps ||g_t||^2, each token's squared gradient norm at every block's output linears, row by row."""
+
+    def __init__(self):
+        super().__init__(full=False)
+        self.parts: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def take(self, key: tuple[int, str], g: torch.Tensor) -> None:
+        self.parts.setdefault(key, []).append(g.pow(2).sum(-1).cpu())
+        self.acc[key] = torch.zeros(())  # seen (check_complete)
+
+    def weights(self, adapter: ModelAdapter) -> dict[int, dict[str, torch.Tensor]]:
+        """Per block and role, [rows, seqlen] in the order of the ids (unscaled: the pipeline scales them to mean 1
+        over the rows its statistics see)."""
+        self.check_complete(adapter, "--token-weight gradient", "another --token-weight")
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for (i, role), parts in self.parts.items():
+            out.setdefault(i, {})[role] = torch.cat(parts)
+        return out
+
+
+def _gradient_pass(acc: _Accumulator, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int, progress: bool,
+                   desc: str, model: torch.nn.Module | None = None, store: ResidentStore | None = None) -> None:
+    """One backward of the summed next-token NLL over ``ids`` with ``acc`` hooked on every block: through the whole
+    ``model``, or through a block ``store`` one block in memory at a time (gradient checkpointing, block by block)."""
+    if store is not None:
+        blockwise_next_token_backward(adapter, store, ids, batch_size, watch=acc.watch, desc=desc, progress=progress)
+        return
+    hooks = []
+    with frozen_for_gradients(model):
+        try:
+            for i in range(adapter.n_layers):
+                hooks += acc.watch(adapter.block(i))
+            hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_()))
+            next_token_backward(model, ids, batch_size, desc=desc, progress=progress)
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 8,
@@ -88,16 +133,7 @@ def output_fisher(model: torch.nn.Module, adapter: ModelAdapter, ids: torch.Tens
     parameter's ``requires_grad`` is restored afterwards.
     """
     acc = _Accumulator(full)
-    hooks = []
-    with frozen_for_gradients(model):
-        try:
-            for i in range(adapter.n_layers):
-                hooks += acc.watch(adapter.block(i))
-            hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_()))
-            next_token_backward(model, ids, batch_size, desc="loss sensitivity (fisher)", progress=progress)
-        finally:
-            for h in hooks:
-                h.remove()
+    _gradient_pass(acc, adapter, ids, batch_size, progress, "loss sensitivity (fisher)", model=model)
     return acc.weights(adapter)
 
 
@@ -109,8 +145,26 @@ def streamed_output_fisher(adapter: ModelAdapter, store: ResidentStore, ids: tor
     :func:`daprune.backward.blockwise_next_token_backward` (gradient checkpointing, block by block).
     """
     acc = _Accumulator(full)
-    blockwise_next_token_backward(adapter, store, ids, batch_size, watch=acc.watch,
-                                  desc="loss sensitivity (fisher)", progress=progress)
+    _gradient_pass(acc, adapter, ids, batch_size, progress, "loss sensitivity (fisher)", store=store)
+    return acc.weights(adapter)
+
+
+def token_gradients(adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 8, progress: bool = True, *,
+                    model: torch.nn.Module | None = None, store: ResidentStore | None = None
+                    ) -> dict[int, dict[str, torch.Tensor]]:
+    """``--token-weight gradient``: per block and role ("o", "down"), ||g_t||^2 for every token of ``ids`` [n, seqlen]
+    ([n, seqlen], fp32, CPU), g_t the gradient of the summed next-token NLL at that linear's output at token t, through
+    the whole ``model`` or a block ``store`` (``--streaming``). The last position of a row has no next token to predict
+    and gets 0: its output reaches no loss inside the window.
+
+    Why: the diagonal Fisher of ``--error-weight fisher`` is E_t[g_td^2], one weight per dimension for every token;
+    the loss's own second-order weight of token t's error in dimension d is g_td^2. Writing g_td^2 ~ a_t b_d (the
+    independence approximation of that [tokens, dims] table: a_t its row sums, b_d its column sums) keeps the
+    dimension weights b_d and adds a weight per token, a_t = ||g_t||^2, which the pipeline applies the way
+    ``--token-weight residual`` applies its own (rows scaled by sqrt(a_t), mean 1 over the rows statistics see).
+    """
+    acc = _TokenAccumulator()
+    _gradient_pass(acc, adapter, ids, batch_size, progress, "loss sensitivity (tokens)", model=model, store=store)
     return acc.weights(adapter)
 
 

@@ -78,7 +78,8 @@ class BlockPruner:
     def __init__(self, cfg: PruneConfig, ffn_crit: Criterion, head_crit: Criterion | None, target: float,
                  grads: dict[int, dict[str, torch.Tensor]] | None = None,
                  plans: dict[int, BlockPlan] | None = None,
-                 fisher: dict[int, dict[str, torch.Tensor]] | None = None):
+                 fisher: dict[int, dict[str, torch.Tensor]] | None = None,
+                 token_grads: dict[int, dict[str, torch.Tensor]] | None = None):
         self.cfg = cfg
         self.plans = plans or {}
         self.ntokens = 0  # scoring calibration tokens, set by run_pipeline
@@ -92,6 +93,8 @@ class BlockPruner:
         self.grads = grads or {}
         # --error-weight fisher / kfac: per block, the loss's weight of the o_proj / down_proj output dimensions
         self.fisher = {i: {role: OutputWeight(w) for role, w in roles.items()} for i, roles in (fisher or {}).items()}
+        # --token-weight gradient: per block and role, ||g_t||^2 of every stream row's tokens (daprune.fisher)
+        self.token_grads = token_grads or {}
         self.use_similarity = cfg.head_criterion == "similarity"
         # roles whose full centred covariance a criterion reads (a second Gram matmul: only where needed)
         self.cov_roles = ffn_crit.needs_cov | (head_crit.needs_cov if head_crit is not None else frozenset())
@@ -163,7 +166,8 @@ class BlockPruner:
                       for i, m in enumerate(tgt[r])}
         need_dense = bool(dense_mods)
         bs = self.cfg.batch_size
-        scale = token_scale(self.cfg.token_weight, xp, n_fit, bs, self.cfg.first_token_share)
+        scale = token_scale(self.cfg.token_weight, xp, n_fit, bs, self.cfg.first_token_share,
+                            self.token_grads.get(block.index))
         starts = list(range(0, n_fit, bs)) + list(range(n_fit, n_rows, bs))  # fit and held-out rows never share a batch
         for s in starts:
             e = min(s + bs, n_fit if s < n_fit else n_rows)
@@ -175,7 +179,7 @@ class BlockPruner:
                 replay.add(y, *got["down_in"])
                 if s >= n_fit and not held:
                     continue  # a row only the replay reads
-            factor = scale.factor(xp[s:e]) if scale is not None else None  # once per batch, for every role
+            factors = scale.factors(xp[s:e], s) if scale is not None else None  # once per batch, for every role
             dense_out = {}
             if need_dense:
                 with capture(dense_mods) as dgot:
@@ -190,8 +194,9 @@ class BlockPruner:
                         judge_rows.add(x, o, y, yd[s:e])
                 else:
                     t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
-                if factor is not None:
-                    x, t = scaled(x, factor), None if t is None else scaled(t, factor)
+                if factors is not None:
+                    f = factors[_ROLE_KIND[r]]
+                    x, t = scaled(x, f), None if t is None else scaled(t, f)
                 if s >= n_fit:
                     if r in held:
                         held[r].update(x, t)
@@ -631,6 +636,9 @@ def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.T
                        cfg.owl_threshold or OWL_THRESHOLD)[1]
 
 
+_ROLE_KIND = {"attn_in": "attention", "o_in": "attention", "ffn_in": "ffn", "down_in": "ffn"}
+
+
 def _role_linears(block: BlockAdapter, role: str) -> list:
     """The linears whose (shared) input a statistic role describes; the first one is hooked."""
     if role == "attn_in":
@@ -689,7 +697,8 @@ def _plan_key(plan: BlockPlan) -> str:
 @torch.no_grad()
 def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, progress: bool = True,
                  grads: dict | None = None, store: ResidentStore | None = None,
-                 work: WorkDir | None = None, heldout: int = 0, fisher: dict | None = None) -> PipelineResult:
+                 work: WorkDir | None = None, heldout: int = 0, fisher: dict | None = None,
+                 token_grads: dict | None = None) -> PipelineResult:
     """Prune ``adapter.model`` in place, block by block, from calibration token ids.
 
     ``store`` decides how blocks are obtained: resident (default, the whole model in memory) or streamed
@@ -698,7 +707,8 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     if it holds an interrupted run, continues after its last finished block. The last ``heldout`` rows of
     ``ids`` are held out: they travel with both streams, but no statistic (score, selection, re-fit) sees
     them; each block's errors are also measured on them (``error_heldout``), so overfitting shows. ``fisher``: the
-    per-block output weights of ``--error-weight fisher|kfac`` (:func:`daprune.fisher.output_fisher`).
+    per-block output weights of ``--error-weight fisher|kfac`` (:func:`daprune.fisher.output_fisher`);
+    ``token_grads`` the per-token weights of ``--token-weight gradient`` (:func:`daprune.fisher.token_gradients`).
     """
     from daprune.stores import LoadingAdapter, ResidentStore
     from daprune.weights import count_parameters
@@ -756,7 +766,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
                                    head_crit, cfg)
         finally:
             view.close()
-    pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans, fisher)
+    pruner = BlockPruner(cfg, ffn_crit, head_crit, target, grads, plans, fisher, token_grads)
     pruner.replay = acts.mode != "disk" and not acts.moves
     pruner.n_score = min(cfg.nsamples, n_fit)
     pruner.n_fit = n_fit
