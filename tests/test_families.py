@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CharTokenizer
@@ -269,3 +270,28 @@ def test_sparsity_basis_blocks_counts_block_parameters():
     assert 0.2 <= rep["achieved_block_sparsity"] < 0.23
     assert rep["removed"] == rep["blocks_before"] - rep["blocks_after"]
     assert rep["achieved_sparsity"] == pytest.approx(rep["removed"] / total)
+
+
+@pytest.mark.parametrize("batch_size", [5, 3])
+def test_opt_ffn_statistics_count_every_token_in_any_batch_size(one_thread, batch_size):
+    """OPT runs its FFN on [batch * seq, hidden]. The statistics used to slice that flat form by the batch's row
+    count and so read the first few *tokens* of each batch (5 of 60 here); every token must count, whatever the
+    batching: the Gram equals numpy's sum over all fc2 inputs of one forward."""
+    from daprune.config import PruneConfig
+    from daprune.criteria.base import get_criterion
+    from daprune.hooks import capture
+    from daprune.pipeline import BlockPruner, copy_block
+    from daprune.stores import ResidentStore
+
+    adapter = get_adapter(tiny("opt"))
+    block = adapter.block(1)
+    x = torch.randn(5, 12, adapter.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    ctx = ResidentStore(adapter).layer_inputs(x.shape[1])[1]
+    pruner = BlockPruner(PruneConfig(nsamples=5, batch_size=batch_size), get_criterion("second-moment"), None, 0.0)
+    m = pruner.collect(block, copy_block(block), x, x, ctx, {"down_in": True})
+    with torch.no_grad(), capture({"d": block.ffn_out()}) as got:
+        block.forward(x, ctx)
+    d_in, d_out = (t.double().numpy() for t in got["d"])
+    assert d_in.shape[0] == 60 and m["down_in"].n == 60
+    np.testing.assert_allclose(m["down_in"].gram.double().numpy(), d_in.T @ d_in, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(m["down_in"].cross.double().numpy(), d_in.T @ d_out, rtol=2e-4, atol=1e-5)

@@ -183,3 +183,53 @@ def test_refused_for_experts(one_thread, mode):
     with pytest.raises(ConfigError, match=f"--token-weight {mode} .* experts"):
         prune(model=tiny_moe("mixtral"), tokenizer=CharTokenizer(), calibration="random", nsamples=4, seqlen=16,
               layers="1:3", progress=False, sparsity=0.2, token_weight=mode)
+
+
+def test_flattened_token_rows_take_the_factor_flat():
+    """OPT's FFN runs on [batch * seq, hidden]: its rows get the same factor per token as [batch, seq, hidden] rows."""
+    from daprune.token_weight import scaled
+
+    gen = torch.Generator().manual_seed(5)
+    rows, f = torch.randn(3, 5, 4, generator=gen), torch.rand(3, 5, generator=gen)
+    torch.testing.assert_close(scaled(rows.reshape(15, 4), f), (rows * f[..., None]).reshape(15, 4))
+    with pytest.raises(ValueError, match="does not match"):
+        scaled(rows.reshape(5, 12), f)
+
+
+@pytest.mark.parametrize("mode", ["residual", "first", "gradient"])
+def test_every_token_weight_runs_where_the_ffn_flattens_tokens(one_thread, mode):
+    """A regression: on OPT (FFN on flattened tokens) every token weight used to fail on shape; now each prunes."""
+    from test_families import tiny
+
+    res = prune(model=tiny("opt"), tokenizer=CharTokenizer(), calibration="random", nsamples=8, seqlen=16,
+                layers="1:-1", batch_size=4, progress=False, sparsity=0.2, token_weight=mode)
+    assert res.report["settings"]["token_weight"] == mode
+
+
+def test_flattened_ffn_statistics_are_the_weighted_sums(one_thread):
+    """On OPT's block (FFN on [batch * seq, hidden]) the FFN Gram under --token-weight first equals numpy's sum with
+    the first position's weight, from the block's own unweighted fc2 inputs."""
+    from test_families import tiny
+
+    from daprune.config import PruneConfig
+    from daprune.criteria.base import get_criterion
+    from daprune.hooks import capture
+    from daprune.pipeline import BlockPruner, copy_block
+    from daprune.stores import ResidentStore
+
+    adapter = get_adapter(tiny("opt"))
+    block = adapter.block(1)
+    x = torch.randn(5, 12, adapter.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    ctx = ResidentStore(adapter).layer_inputs(x.shape[1])[1]
+    pruner = BlockPruner(PruneConfig(token_weight="first", first_token_share=0.5, nsamples=5, batch_size=3),
+                         get_criterion("second-moment"), None, 0.0)
+    m = pruner.collect(block, copy_block(block), x, x, ctx, {"down_in": False})
+    with torch.no_grad(), capture({"d": block.ffn_out()}) as got:
+        block.forward(x, ctx)
+    d_in = got["d"][0].double().numpy()
+    assert d_in.shape[0] == 60  # flattened tokens: the case under test
+    w = np.ones((5, 12))
+    w[:, 0] = 11.0  # share 0.5: the first position weighs as much as the other 11 together
+    w = (w / w.mean()).reshape(-1)
+    np.testing.assert_allclose(m["down_in"].gram.double().numpy(), (d_in * w[:, None]).T @ d_in, rtol=2e-4,
+                               atol=1e-5)

@@ -86,16 +86,17 @@ class _TokenAccumulator(_Accumulator):
         self.parts: dict[tuple[int, str], list[torch.Tensor]] = {}
 
     def take(self, key: tuple[int, str], g: torch.Tensor) -> None:
-        self.parts.setdefault(key, []).append(g.pow(2).sum(-1).cpu())
+        # flat per batch: OPT's FFN runs on [batch * seq, hidden], the others on [batch, seq, hidden]
+        self.parts.setdefault(key, []).append(g.pow(2).sum(-1).reshape(-1).cpu())
         self.acc[key] = torch.zeros(())  # seen (check_complete)
 
-    def weights(self, adapter: ModelAdapter) -> dict[int, dict[str, torch.Tensor]]:
-        """Per block and role, [rows, seqlen] in the order of the ids (unscaled: the pipeline scales them to mean 1
-        over the rows its statistics see)."""
+    def token_weights(self, adapter: ModelAdapter, shape: torch.Size) -> dict[int, dict[str, torch.Tensor]]:
+        """Per block and role, [rows, seqlen] (``shape``, the ids') in the order of the ids (unscaled: the pipeline
+        scales them to mean 1 over the rows its statistics see)."""
         self.check_complete(adapter, "--token-weight gradient", "another --token-weight")
         out: dict[int, dict[str, torch.Tensor]] = {}
         for (i, role), parts in self.parts.items():
-            out.setdefault(i, {})[role] = torch.cat(parts)
+            out.setdefault(i, {})[role] = torch.cat(parts).reshape(shape)
         return out
 
 
@@ -165,7 +166,7 @@ def token_gradients(adapter: ModelAdapter, ids: torch.Tensor, batch_size: int = 
     """
     acc = _TokenAccumulator()
     _gradient_pass(acc, adapter, ids, batch_size, progress, "loss sensitivity (tokens)", model=model, store=store)
-    return acc.weights(adapter)
+    return acc.token_weights(adapter, ids.shape)
 
 
 class OutputWeight:

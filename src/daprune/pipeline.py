@@ -175,6 +175,7 @@ class BlockPruner:
             probs: list[torch.Tensor] | None = [] if js is not None and k else None
             with capture({r: lin[r] for r in roles}) as got:
                 y = block.forward(xp[s:e], ctx, probs)
+            got = _as_rows(got, e - s)
             if replay is not None:
                 replay.add(y, *got["down_in"])
                 if s >= n_fit and not held:
@@ -184,7 +185,7 @@ class BlockPruner:
             if need_dense:
                 with capture(dense_mods) as dgot:
                     dense.forward(xd[s:e], ctx)
-                dense_out = dgot
+                dense_out = _as_rows(dgot, e - s)
             for r, pair in roles.items():
                 x = got[r][0]
                 if block_target and r == "down_in":
@@ -637,6 +638,14 @@ def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.T
 
 
 _ROLE_KIND = {"attn_in": "attention", "o_in": "attention", "ffn_in": "ffn", "down_in": "ffn"}
+
+
+def _as_rows(got: dict[str, tuple[torch.Tensor, ...]], rows: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Captured linear inputs / outputs as [rows, seq, features]. OPT runs its FFN on [rows * seq, features]; the
+    statistics slice scoring rows (``x[:k]``) and scale tokens (``--token-weight``) by row, which on the flat form
+    would take the first k *tokens* instead."""
+    return {name: tuple(t.reshape(rows, -1, t.shape[-1]) if t.dim() == 2 else t for t in pair)
+            for name, pair in got.items()}
 
 
 def _role_linears(block: BlockAdapter, role: str) -> list:
