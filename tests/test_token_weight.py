@@ -185,15 +185,15 @@ def test_refused_for_experts(one_thread, mode):
               layers="1:3", progress=False, sparsity=0.2, token_weight=mode)
 
 
-def test_flattened_token_rows_take_the_factor_flat():
-    """OPT's FFN runs on [batch * seq, hidden]: its rows get the same factor per token as [batch, seq, hidden] rows."""
+def test_a_factor_that_does_not_fit_the_rows_is_an_error():
+    """Flat rows (OPT's FFN capture before ``_as_rows``) would otherwise broadcast or take the wrong tokens' factors."""
     from daprune.token_weight import scaled
 
     gen = torch.Generator().manual_seed(5)
     rows, f = torch.randn(3, 5, 4, generator=gen), torch.rand(3, 5, generator=gen)
-    torch.testing.assert_close(scaled(rows.reshape(15, 4), f), (rows * f[..., None]).reshape(15, 4))
+    torch.testing.assert_close(scaled(rows, f), rows * f[..., None])
     with pytest.raises(ValueError, match="does not match"):
-        scaled(rows.reshape(5, 12), f)
+        scaled(rows.reshape(15, 4), f)
 
 
 @pytest.mark.parametrize("mode", ["residual", "first", "gradient"])

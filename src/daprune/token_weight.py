@@ -62,14 +62,12 @@ class TokenScale:
 
 
 def scaled(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``rows`` (a linear's input or target on the tokens ``factor`` [batch, seq] belongs to) multiplied by that
-    factor; rows whose tokens are flattened into one axis (OPT's FFN runs on [batch * seq, hidden]) take it flat."""
+    """``rows`` [batch, seq, ...] (a linear's input or target on the tokens ``factor`` [batch, seq] belongs to)
+    multiplied by that factor. The pipeline hands every capture over as rows (``_as_rows``: OPT's flat FFN too)."""
     f = factor.to(rows.device)
-    if tuple(rows.shape[: f.dim()]) == tuple(f.shape):
-        return rows.float() * f.reshape(*f.shape, *([1] * (rows.dim() - f.dim())))
-    if rows.shape[0] == f.numel():
-        return rows.float() * f.reshape(-1, *([1] * (rows.dim() - 1)))
-    raise ValueError(f"token factor {tuple(f.shape)} does not match rows {tuple(rows.shape)}")
+    if tuple(rows.shape[: f.dim()]) != tuple(f.shape):
+        raise ValueError(f"token factor {tuple(f.shape)} does not match rows {tuple(rows.shape)}")
+    return rows.float() * f.reshape(*f.shape, *([1] * (rows.dim() - f.dim())))
 
 
 class FirstTokenScale:
