@@ -48,6 +48,34 @@ class CharTokenizer:
         pass
 
 
+
+def output_linear_gradients(model, adapter, ids: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    """dL/dy at every block's attention ("o") and FFN ("down") output linear, L the summed next-token NLL over
+    ``ids``, by differentiating a zero added to each output: the reference the fisher and token-gradient passes are
+    checked against (shaped as the linear's output: OPT's FFN gives [batch * seq, hidden])."""
+    import torch.nn.functional as F
+
+    zeros: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i in range(adapter.n_layers):
+        b = adapter.block(i)
+        for role, mod in (("o", b.attn_out()), ("down", b.ffn_out())):
+            def add_zero(_m, _inp, out, key=(i, role)):
+                zeros[key] = torch.zeros_like(out, requires_grad=True)
+                return out + zeros[key]
+            hooks.append(mod.register_forward_hook(add_zero))
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=ids).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                   reduction="sum")
+            keys = list(zeros)
+            grads = torch.autograd.grad(loss, [zeros[k] for k in keys])
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(zip(keys, grads, strict=True))
+
 @pytest.fixture
 def one_thread():
     """Tiny matmuls on a shared 2-core machine: a second OpenMP thread only adds contention (up to 30x slower)."""

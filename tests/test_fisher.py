@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import CharTokenizer, tiny_model
+from conftest import CharTokenizer, output_linear_gradients, tiny_model
 
 from daprune.config import PruneConfig
 from daprune.errors import ConfigError
@@ -25,27 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _reference(model, adapter, ids: torch.Tensor, full: bool = False) -> dict[int, dict[str, torch.Tensor]]:
     """sum over tokens of (dL/dy)^2 (``full``: of dL/dy dL/dy^T), L the summed next-token NLL, by differentiating a
     zero added to each output."""
-    zeros: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i in range(adapter.n_layers):
-        b = adapter.block(i)
-        for role, mod in (("o", b.attn_out()), ("down", b.ffn_out())):
-            def add_zero(_m, _inp, out, key=(i, role)):
-                zeros[key] = torch.zeros_like(out, requires_grad=True)
-                return out + zeros[key]
-            hooks.append(mod.register_forward_hook(add_zero))
-    try:
-        with torch.enable_grad():
-            logits = model(input_ids=ids).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                   reduction="sum")
-            keys = list(zeros)
-            grads = torch.autograd.grad(loss, [zeros[k] for k in keys])
-    finally:
-        for h in hooks:
-            h.remove()
+    grads = output_linear_gradients(model, adapter, ids)
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for (i, role), g in zip(keys, grads, strict=True):
+    for (i, role), g in grads.items():
         # per token and hidden dimension (OPT's FFN runs on [batch * seq, hidden], the others on [batch, seq, hidden])
         flat = g.double().reshape(-1, g.shape[-1])
         out.setdefault(i, {})[role] = torch.einsum("td,te->de", flat, flat) if full else flat.pow(2).sum(0)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import CharTokenizer, tiny_model
+from conftest import CharTokenizer, output_linear_gradients, tiny_model
 
 from daprune.api import prune
 from daprune.fisher import token_gradients
@@ -25,27 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _reference(model, adapter, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """sum over hidden dimensions of (dL/dy_t)^2 per token, L the summed next-token NLL, by differentiating a zero
     added to each output linear's output."""
-    zeros: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i in range(adapter.n_layers):
-        b = adapter.block(i)
-        for role, mod in (("o", b.attn_out()), ("down", b.ffn_out())):
-            def add_zero(_m, _inp, out, key=(i, role)):
-                zeros[key] = torch.zeros_like(out, requires_grad=True)
-                return out + zeros[key]
-            hooks.append(mod.register_forward_hook(add_zero))
-    try:
-        with torch.enable_grad():
-            logits = model(input_ids=ids).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                   reduction="sum")
-            keys = list(zeros)
-            grads = torch.autograd.grad(loss, [zeros[k] for k in keys])
-    finally:
-        for h in hooks:
-            h.remove()
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for (i, role), g in zip(keys, grads, strict=True):
+    for (i, role), g in output_linear_gradients(model, adapter, ids).items():
         out.setdefault(i, {})[role] = g.double().pow(2).sum(-1).reshape(ids.shape)
     return out
 

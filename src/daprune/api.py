@@ -410,45 +410,49 @@ class _Run:
     def loss_weights(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]] | None:
         """``--error-weight fisher|kfac``'s per-block output weights of the dense model (None for uniform), kept in
         the work folder (``fisher/all.safetensors``) so that a resumed run reuses them."""
-        from daprune.checkpoint import load_block_tensors, save_block_tensors
         from daprune.fisher import output_fisher, streamed_output_fisher
 
-        cfg, work = self.cfg, self.work
+        cfg = self.cfg
         if cfg.error_weight == "uniform":
             return None
-        with self._prepass("fisher", "fisher_s") as reused:
-            if reused:
-                return load_block_tensors(work.prepass_file("fisher"))
-            full = cfg.error_weight == "kfac"
+        full = cfg.error_weight == "kfac"
+
+        def compute() -> dict[int, dict[str, torch.Tensor]]:
             if self.store.streaming:
-                fisher = streamed_output_fisher(self.adapter, self.store, rows, batch_size=cfg.batch_size,
-                                                progress=self.progress, full=full)
-            else:
-                fisher = output_fisher(self.model, self.adapter, rows, batch_size=cfg.batch_size,
-                                       progress=self.progress, full=full)
-            if work is not None:
-                save_block_tensors(work.prepass_file("fisher"), fisher)
-            return fisher
+                return streamed_output_fisher(self.adapter, self.store, rows, batch_size=cfg.batch_size,
+                                              progress=self.progress, full=full)
+            return output_fisher(self.model, self.adapter, rows, batch_size=cfg.batch_size, progress=self.progress,
+                                 full=full)
+
+        return self._one_file_prepass("fisher", "fisher_s", compute)
 
     def token_gradients(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]] | None:
         """``--token-weight gradient``'s per-token weights over every stream row (re-fit and held-out rows too: each
         row's statistics or errors are weighted by its own tokens' gradients), kept in the work folder
         (``token-gradients/all.safetensors``) so that a resumed run reuses them; None for any other token weight."""
-        from daprune.checkpoint import load_block_tensors, save_block_tensors
         from daprune.fisher import token_gradients
 
-        cfg, work = self.cfg, self.work
+        cfg = self.cfg
         if cfg.token_weight != "gradient":
             return None
-        with self._prepass("token-gradients", "token_gradients_s") as reused:
+        streamed = self.store.streaming
+        return self._one_file_prepass("token-gradients", "token_gradients_s", lambda: token_gradients(
+            self.adapter, rows, batch_size=cfg.batch_size, progress=self.progress,
+            model=None if streamed else self.model, store=self.store if streamed else None))
+
+    def _one_file_prepass(self, name: str, timing: str, compute: Callable[[], dict[int, dict[str, torch.Tensor]]]
+                          ) -> dict[int, dict[str, torch.Tensor]]:
+        """A pre-pass kept in one work-folder file (``NAME/all.safetensors``): read back when the folder holds it,
+        else computed and, with a work folder, written."""
+        from daprune.checkpoint import load_block_tensors, save_block_tensors
+
+        with self._prepass(name, timing) as reused:
             if reused:
-                return load_block_tensors(work.prepass_file("token-gradients"))
-            streamed = self.store.streaming
-            grads = token_gradients(self.adapter, rows, batch_size=cfg.batch_size, progress=self.progress,
-                                    model=None if streamed else self.model, store=self.store if streamed else None)
-            if work is not None:
-                save_block_tensors(work.prepass_file("token-gradients"), grads)
-            return grads
+                return load_block_tensors(self.work.prepass_file(name))
+            out = compute()
+            if self.work is not None:
+                save_block_tensors(self.work.prepass_file(name), out)
+            return out
 
     @contextlib.contextmanager
     def _prepass(self, name: str, timing: str) -> Iterator[bool]:

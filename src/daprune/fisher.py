@@ -59,9 +59,14 @@ class _Accumulator:
         sq = (flat.T @ flat if self.full else flat.pow(2).sum(0)).cpu()
         self.acc[key] = self.acc[key] + sq if key in self.acc else sq
 
+    def seen(self) -> set[tuple[int, str]]:
+        """The (block, role) outputs a gradient reached."""
+        return set(self.acc)
+
     def check_complete(self, adapter: ModelAdapter, setting: str, instead: str) -> None:
         """A module the adapter names but the forward never runs: the weighting would silently not happen."""
-        missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in self.acc]
+        seen = self.seen()
+        missing = [f"block {i} {role}" for i in range(adapter.n_layers) for role in ROLES if (i, role) not in seen]
         if missing:
             raise ConfigError(f"{setting}: no gradient reached {', '.join(missing[:3])} of this "
                               f"{adapter.config.model_type} model; use {instead}")
@@ -88,7 +93,9 @@ class _TokenAccumulator(_Accumulator):
     def take(self, key: tuple[int, str], g: torch.Tensor) -> None:
         # flat per batch: OPT's FFN runs on [batch * seq, hidden], the others on [batch, seq, hidden]
         self.parts.setdefault(key, []).append(g.pow(2).sum(-1).reshape(-1).cpu())
-        self.acc[key] = torch.zeros(())  # seen (check_complete)
+
+    def seen(self) -> set[tuple[int, str]]:
+        return set(self.parts)
 
     def token_weights(self, adapter: ModelAdapter, shape: torch.Size) -> dict[int, dict[str, torch.Tensor]]:
         """Per block and role, [rows, seqlen] (``shape``, the ids') in the order of the ids (unscaled: the pipeline

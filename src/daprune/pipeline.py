@@ -196,7 +196,7 @@ class BlockPruner:
                 else:
                     t = torch.cat([dense_out[f"{r}:{i}"][1] for i in range(len(tgt[r]))], -1) if pair else None
                 if factors is not None:
-                    f = factors[_ROLE_KIND[r]]
+                    f = factors[_OUTPUT_ROLE[r]]
                     x, t = scaled(x, f), None if t is None else scaled(t, f)
                 if s >= n_fit:
                     if r in held:
@@ -637,7 +637,8 @@ def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.T
                        cfg.owl_threshold or OWL_THRESHOLD)[1]
 
 
-_ROLE_KIND = {"attn_in": "attention", "o_in": "attention", "ffn_in": "ffn", "down_in": "ffn"}
+# each statistic role's output linear, by the name fisher / token weights use: the attention's or the FFN's
+_OUTPUT_ROLE = {"attn_in": "o", "o_in": "o", "ffn_in": "down", "down_in": "down"}
 
 
 def _as_rows(got: dict[str, tuple[torch.Tensor, ...]], rows: int) -> dict[str, tuple[torch.Tensor, ...]]:

@@ -56,9 +56,10 @@ class TokenScale:
 
     def factors(self, stream: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
         """sqrt(w_t) for each token of ``stream`` (one batch of the block's input, rows ``start``..): computed once per
-        batch and applied, by :func:`scaled`, to every role's rows on those tokens (the same for attention and FFN)."""
+        batch and applied, by :func:`scaled`, to every role's rows on those tokens: the same for the attention
+        statistics ("o") and the FFN's ("down")."""
         f = (self.raw(stream) / self.norm).sqrt()
-        return {"attention": f, "ffn": f}
+        return {"o": f, "down": f}
 
 
 def scaled(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -83,31 +84,26 @@ class FirstTokenScale:
         if seq > 1:
             w[:, 0] = (seq - 1) * self.share / (1 - self.share)
         f = (w / w.mean()).sqrt()
-        return {"attention": f, "ffn": f}
+        return {"o": f, "down": f}
 
 
 class GradientTokenScale:
-    """``--token-weight gradient``: sqrt(w_t) with w_t = ||g_t||^2 at the block's attention output (attention
-    statistics) or FFN output (FFN statistics), from :func:`daprune.fisher.token_gradients` over every stream row,
-    each scaled to mean 1 over the first ``rows`` rows (those the statistics see)."""
-
-    KIND = {"attention": "o", "ffn": "down"}
+    """``--token-weight gradient``: sqrt(w_t) with w_t = ||g_t||^2 at the block's attention output ("o", for the
+    attention statistics) or FFN output ("down", for the FFN's), from :func:`daprune.fisher.token_gradients` over every
+    stream row, each scaled to mean 1 over the first ``rows`` rows (those the statistics see)."""
 
     def __init__(self, grads: dict[str, torch.Tensor], rows: int):
-        self.w = {}
-        for kind, role in self.KIND.items():
-            g = grads[role].float()
-            self.w[kind] = g / g[:rows].double().mean().clamp_min(1e-30).float()
+        self.w = {role: g.float() / g[:rows].double().mean().clamp_min(1e-30).float() for role, g in grads.items()}
 
     def factors(self, stream: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
         rows, seq = stream.shape[:2]
         out = {}
-        for kind, w in self.w.items():
+        for role, w in self.w.items():
             part = w[start:start + rows]
             if tuple(part.shape) != (rows, seq):
                 raise ValueError(f"token gradients cover {tuple(w.shape)} tokens, not rows {start}..{start + rows} "
                                  f"of {seq}")
-            out[kind] = part.to(stream.device).sqrt()
+            out[role] = part.to(stream.device).sqrt()
         return out
 
 
