@@ -72,6 +72,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior,
                    help="what the re-fit's ridge pulls toward (default: zero, the paper's; original under "
                         "--recovery heldout)")
+    p.add_argument("--recovery-inputs", action=argparse.BooleanOptionalAction, default=d.recovery_inputs,
+                   help="with --recovery post|heldout, also re-fit q/k/v and gate/up to their dense outputs on the "
+                        "pruned stream (the paper's remedy for the input linears), under the same ridge rules: under "
+                        "heldout each linear keeps its weights unless a strength lowers its held-out error")
     p.add_argument("--recovery-target", choices=RECOVERY_TARGETS, default=d.recovery_target,
                    help="what a re-fitted down_proj matches: linear (the dense down_proj's output, the paper's) or "
                         "block (the dense block's output, so the re-fit also corrects what earlier pruned blocks "

@@ -137,6 +137,9 @@ class PruneConfig:
     # None: zero, except original under --recovery heldout
     recovery_prior: str | None = None
     recovery_target: str = "linear"
+    # also re-fit the level-1 linears (q/k/v before the head choice, gate/up after the heads are cut) to their dense
+    # outputs on the pruned stream, as the paper's remedy does, but under --recovery post/heldout's ridge rules
+    recovery_inputs: bool = False
     # kept FFN widths are multiples of this; 16 by measurement (docs/layout.md): unaligned widths made llama.cpp's
     # prompt processing 27% slower than the dense model's, multiples of 16 made it faster, for ~+2% perplexity
     channel_multiple: int = 16
@@ -265,6 +268,11 @@ class PruneConfig:
         if self.recovery_target != "linear" and self.recovery == "none":
             raise ConfigError(f"--recovery-target {self.recovery_target} says what a re-fit matches, and --recovery "
                               "none re-fits nothing: add --recovery post|heldout|paper|both, or drop it")
+        if self.recovery_inputs and self.recovery not in ("post", "heldout"):
+            why = ("re-fits q/k/v and gate/up already" if self.recovery in ("paper", "both")
+                   else "re-fits nothing")
+            raise ConfigError(f"--recovery-inputs adds the q/k/v and gate/up re-fit to --recovery post|heldout, and "
+                              f"--recovery {self.recovery} {why}: drop it, or use --recovery post|heldout")
         if self.recovery_prior not in ("zero", "original", None):
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:

@@ -483,6 +483,7 @@ class BlockPruner:
         cfg = self.cfg
         rec = BlockRecord(block.index, True)
         paper, post = cfg.recovery in ("paper", "both"), cfg.recovery in ("post", "both", "heldout")
+        inputs = paper or cfg.recovery_inputs  # q/k/v and gate/up re-fitted to their dense outputs
         stats = BlockStats(grads=self.grads.get(block.index, {}), output_weight=self.output_weight(block))
         needs = self.ffn_crit.needs | (self.head_crit.needs if self.head_crit else frozenset())
         self.output = None
@@ -490,10 +491,11 @@ class BlockPruner:
         replay = (self.replay and not moe and replay_bytes(
             xp.shape[0], xp.shape[1], xp.shape[-1], block.n_channels, xp.dtype) <= REPLAY_MAX_BYTES)
 
-        if paper:  # 1) q, k, v share one input Gram
+        if inputs:  # 1) q, k, v share one input Gram
             m = self.collect(block, dense, xp, xd, ctx, {"attn_in": True})
             stats.attn_in = m["attn_in"]
-            rec.damping["qkv"] = self.refit(block.attn_in(), self.fit_moments(m, "attn_in"))
+            rec.damping["qkv"] = self.refit(block.attn_in(), self.fit_moments(m, "attn_in"),
+                                            heldout=m.get("attn_in:heldout"))
 
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
         js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
@@ -537,12 +539,13 @@ class BlockPruner:
             return rec
 
         # 4) FFN: gate/up re-fit, then down's input and re-fit, then channel scores on recovered weights
-        if paper:
+        if inputs:
             m = self.collect(block, dense, xp, xd, ctx, {"ffn_in": True})
             stats.ffn_in = m["ffn_in"]
-            rec.damping["gate_up"] = self.refit(block.ffn_in(), self.fit_moments(m, "ffn_in"))
+            rec.damping["gate_up"] = self.refit(block.ffn_in(), self.fit_moments(m, "ffn_in"),
+                                                heldout=m.get("ffn_in:heldout"))
         roles = {"down_in": paper or post}
-        if "ffn_in" in needs and not paper:
+        if "ffn_in" in needs and not inputs:
             roles["ffn_in"] = False
         block_target = cfg.recovery_target == "block"
         # through a norm the block target is a linearisation: the held-out choice judges the real block output
