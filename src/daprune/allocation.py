@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from daprune.allocation_search import SEARCH_MULTIPLES
 from daprune.criteria.similarity import select_head_plan
 from daprune.errors import ConfigError
 from daprune.schedule import block_parameters, max_removable
 
 if TYPE_CHECKING:
-    from daprune.models.adapter import ModelAdapter
+    from daprune.models.adapter import BlockAdapter, ModelAdapter
     from daprune.pipeline import BlockPruner
 
 # candidate sizes per block, as multiples of the average share (capped at what the block can lose)
@@ -97,13 +98,16 @@ def allocate(curves: list[Curve], budget: float) -> dict[int, float]:
 
 @torch.no_grad()
 def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
-                        blocks: range, budget: float, nsamples: int, *, head_logits=None
+                        blocks: range, budget: float, nsamples: int, *, head_logits=None, search: int = 0,
+                        search_nsamples: int = 8, seed: int = 0, progress: bool = False
                         ) -> tuple[dict[int, float], dict]:
     """Per-block parameter targets (summing to ``budget``) and the report entry with every measured curve.
 
     ``adapter`` may be a streaming view (blocks loaded on access); ``x`` holds the embedded scoring rows (their
     statistics choose what each trial removes); the KL is measured on the first ``nsamples`` of them.
     ``head_logits`` maps a last-layer hidden state to logits (default ``adapter.logits``). Nothing is modified.
+    ``search`` > 0: that many generations of :mod:`daprune.allocation_search` refine the additive allocation on the
+    first ``search_nsamples`` rows (the trial blocks are then kept in memory, one per measured size).
     """
     from daprune.pipeline import BlockRecord, _forward
 
@@ -117,6 +121,8 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     ns = max(1, min(nsamples, x.shape[0]))
     dense = x  # dense stream, every scoring row (statistics)
     trials: list[tuple[int, int, torch.Tensor]] = []  # (block, params removed, stream of the first ns rows)
+    kept: dict[int, list[tuple[int, BlockAdapter]]] = {}  # --allocation-search: every block's trial blocks
+    multiples = SEARCH_MULTIPLES if search else SIZE_MULTIPLES
     saved = dict(pruner.targets)
     try:
         for j in range(adapter.n_layers):
@@ -126,7 +132,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                 stats, head_imp, redundant = pruner.dense_statistics(block, dense, ctx, BlockRecord(j, True))
                 cap = max_removable(block, cfg.channel_multiple, cfg.kv_groups)
                 seen: set[int] = set()
-                for m in SIZE_MULTIPLES:
+                for m in multiples:
                     pruner.targets[j] = min(m * share * sizes[j], cap)
                     plans = pruner.candidates(block)
                     if not plans:
@@ -141,6 +147,8 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                     removed = pruner.ffn_ranking(block, stats, plan.channels)[: plan.channels].tolist()
                     trial = pruner.trial_block(block, heads, removed, stats)
                     trials.append((j, plan.params, _forward(trial, dense[:ns], ctx, bs)))
+                    if search:
+                        kept.setdefault(j, []).append((plan.params, trial))
             dense = _forward(block, dense, ctx, bs)
     finally:
         pruner.targets = saved
@@ -152,12 +160,20 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
         curves[i].kl.append(float((ref.exp() * (ref - lp)).sum(-1).mean()))
     targets = allocate(list(curves.values()), budget)
     entry = {"mode": "sensitivity", "measure": "mean per-token KL(dense || this block alone pruned), every "
-             f"{KL_POSITIONS_STRIDE}th position", "nsamples": ns, "size_multiples": list(SIZE_MULTIPLES),
+             f"{KL_POSITIONS_STRIDE}th position", "nsamples": ns, "size_multiples": list(multiples),
              "average_share": share, "budget": budget,
-             "curves": {str(i): {"params": c.params, "kl": c.kl} for i, c in curves.items()},
-             "targets": {str(i): t for i, t in targets.items()},
-             "fractions": {str(i): targets[i] / sizes[i] for i in blocks},
-             "seconds": time.perf_counter() - t0}
+             "curves": {str(i): {"params": c.params, "kl": c.kl} for i, c in curves.items()}}
+    if search:
+        from daprune.allocation_search import search_targets
+
+        entry["additive_targets"] = {str(i): t for i, t in targets.items()}
+        levels = {i: sorted(kept.get(i, []), key=lambda pt: pt[0]) for i in blocks}
+        targets, entry["search"] = search_targets(
+            adapter.block, adapter.n_layers, contexts, levels, targets, share, sizes, x[:search_nsamples],
+            lambda h: _log_probs(logits_of, h, bs), bs, search, seed, progress)
+    entry.update({"targets": {str(i): t for i, t in targets.items()},
+                  "fractions": {str(i): targets[i] / sizes[i] for i in blocks},
+                  "seconds": time.perf_counter() - t0})
     return targets, entry
 
 

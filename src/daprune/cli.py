@@ -94,6 +94,12 @@ def _prune_parser(sub) -> None:
                         "block's fraction of outlier weights (OWL)")
     p.add_argument("--sensitivity-nsamples", type=int, default=d.sensitivity_nsamples,
                    help="--schedule sensitivity: calibration rows the KL is measured on (default 4)")
+    p.add_argument("--allocation-search", type=int, default=d.allocation_search, metavar="GENERATIONS",
+                   help="--schedule sensitivity: refine the allocation by this many generations of an evolutionary "
+                        "search judged by the whole pruned model's KL from the dense one (the additive allocation "
+                        "prices each block alone); keeps every trial block in memory")
+    p.add_argument("--search-nsamples", type=int, default=d.search_nsamples,
+                   help="--allocation-search: calibration rows its KL runs on (default 8)")
     p.add_argument("--owl-lambda", type=float, default=d.owl_lambda,
                    help="--schedule owl: block shares span the average +- this (default 0.08)")
     p.add_argument("--owl-threshold", type=float, default=d.owl_threshold,

@@ -71,6 +71,8 @@ OBS_MIN_TOKENS_PER_CHANNEL = 4
 OUTPUT_CRITERION = "second-moment"
 # --schedule sensitivity: calibration rows its KL measurement runs on by default
 SENSITIVITY_NSAMPLES = 4
+# --allocation-search: calibration rows its whole-model KL runs on by default
+SEARCH_NSAMPLES = 8
 
 # calibration sources (data/calibration.py reads them; kept here so the CLI help needs no torch import)
 SOURCES_HELP = (
@@ -104,6 +106,10 @@ class PruneConfig:
     fisher_nsamples: int | None = None
     # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
     sensitivity_nsamples: int | None = None
+    # --schedule sensitivity: generations of the whole-model search that refines the additive allocation (None: off)
+    allocation_search: int | None = None
+    # --allocation-search: calibration rows the search's KL runs on (None: SEARCH_NSAMPLES)
+    search_nsamples: int | None = None
     # --schedule owl: spread of the block shares around the average and the outlier threshold M
     # (None: daprune.owl.OWL_LAMBDA, OWL_THRESHOLD)
     owl_lambda: float | None = None
@@ -337,6 +343,17 @@ class PruneConfig:
                 raise ConfigError("--sensitivity-nsamples only matters with --schedule sensitivity")
             if self.sensitivity_nsamples < 1:
                 raise ConfigError(f"--sensitivity-nsamples must be >= 1, got {self.sensitivity_nsamples}")
+        if self.allocation_search is not None:
+            if self.schedule != "sensitivity":
+                raise ConfigError("--allocation-search refines the sensitivity schedule's allocation: it needs "
+                                  "--schedule sensitivity")
+            if self.allocation_search < 1:
+                raise ConfigError(f"--allocation-search must be >= 1 generation, got {self.allocation_search}")
+        if self.search_nsamples is not None:
+            if self.allocation_search is None:
+                raise ConfigError("--search-nsamples only matters with --allocation-search")
+            if self.search_nsamples < 1:
+                raise ConfigError(f"--search-nsamples must be >= 1, got {self.search_nsamples}")
         for name, value in (("--owl-lambda", self.owl_lambda), ("--owl-threshold", self.owl_threshold)):
             if value is not None and self.schedule != "owl":
                 raise ConfigError(f"{name} only matters with --schedule owl")

@@ -624,16 +624,19 @@ class BlockPruner:
 
 
 def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
-                  blocks: range, budget: float) -> dict:
+                  blocks: range, budget: float, progress: bool = False) -> dict:
     """The report entry of a global schedule that gives each block its own share of the budget: measured
     (``sensitivity``: each block's effect on the output distribution) or by outlier ratio (``owl``)."""
     if cfg.schedule == "sensitivity":
         from daprune.allocation import sensitivity_targets
-        from daprune.config import SENSITIVITY_NSAMPLES
+        from daprune.config import SEARCH_NSAMPLES, SENSITIVITY_NSAMPLES
 
         with store.outside_layers(head=True):
             return sensitivity_targets(view, pruner, x, contexts, blocks, budget,
-                                       cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES)[1]
+                                       cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES,
+                                       search=cfg.allocation_search or 0,
+                                       search_nsamples=cfg.search_nsamples or SEARCH_NSAMPLES, seed=cfg.seed,
+                                       progress=progress)[1]
     from daprune.owl import OWL_LAMBDA, OWL_THRESHOLD, owl_targets
 
     return owl_targets(view, pruner, x, contexts, blocks, budget, cfg.owl_lambda or OWL_LAMBDA,
@@ -790,7 +793,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             view = LoadingAdapter(adapter, store)
             try:
                 allocation = _block_shares(cfg, view, store, pruner, xp[: pruner.n_score], contexts, layer_range,
-                                           target * len(layer_range))
+                                           target * len(layer_range), progress)
             finally:
                 view.close()
         pruner.targets = {int(i): float(t) for i, t in allocation["targets"].items()}

@@ -54,8 +54,14 @@ def _allocation_line(alloc: dict) -> str:
     budget."""
     shares = alloc["fractions"]
     dense = [i for i, f in shares.items() if f == 0]
+    search = alloc.get("search") or {}
+    found = ""
+    if "cost" in search:
+        start = min(search["start_costs"].values())
+        found = f"; search KL {start:.4g} -> {search['cost']:.4g} in {search['generations']} generations"
     return (f"allocation     {alloc['mode']} ({alloc['seconds']:.1f} s): block shares {min(shares.values()):.0%}.."
-            f"{max(shares.values()):.0%} of their parameters" + (f"; left dense: {', '.join(dense)}" if dense else ""))
+            f"{max(shares.values()):.0%} of their parameters" + (f"; left dense: {', '.join(dense)}" if dense else "")
+            + found)
 
 
 def layer_table(layers: list[dict]) -> str:
