@@ -145,13 +145,16 @@ def test_search_prunes_by_its_shares_and_reports_what_it_found():
     budget = 0.25 * rep["params"]["before"]
     assert math.isclose(sum(alloc["targets"].values()), budget)
     assert math.isclose(sum(alloc["additive_targets"].values()), budget)
-    assert search["cost"] <= min(search["start_costs"].values())
+    assert search["cost"] < min(search["start_costs"].values())  # it found a better state than either start
+    assert alloc["targets"] != alloc["additive_targets"]
     assert search["generations"] == 6 and search["nsamples"] == 4
     assert alloc["size_multiples"] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
     for row in rep["layers"]:
         t = alloc["targets"][str(row["index"])]
         assert (row["plan"]["params"] >= t) if t else not row["pruned"]
     assert "search KL" in summary(rep)
+    plain = _prune(tiny_llama_like("llama", layers=6), allocation_search=None, search_nsamples=None).report
+    assert [r["kept_channels"] for r in plain["layers"]] != [r["kept_channels"] for r in rep["layers"]]
     again = _prune(tiny_llama_like("llama", layers=6)).report  # the seed makes the search reproducible
     assert again["allocation"]["targets"] == alloc["targets"]
     assert [r["kept_channels"] for r in again["layers"]] == [r["kept_channels"] for r in rep["layers"]]
@@ -166,3 +169,19 @@ def test_settings_the_search_cannot_honour_are_refused():
         PruneConfig(schedule="sensitivity", search_nsamples=8).validate()
     with pytest.raises(ConfigError, match="search-nsamples must be"):
         PruneConfig(schedule="sensitivity", allocation_search=2, search_nsamples=0).validate()
+
+
+def test_streaming_search_equals_in_memory(tmp_path):
+    """Under --streaming the search loads each dense block on access and keeps only the trial copies."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=12)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    streamed = _prune(str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True).report
+    in_memory = _prune(AutoModelForCausalLM.from_pretrained(tmp_path / "src")).report
+    assert streamed["allocation"]["search"]["cost"] == pytest.approx(in_memory["allocation"]["search"]["cost"],
+                                                                     rel=1e-5)
+    assert streamed["allocation"]["targets"] == in_memory["allocation"]["targets"]
+    assert [r["kept_channels"] for r in streamed["layers"]] == [r["kept_channels"] for r in in_memory["layers"]]
