@@ -136,6 +136,24 @@ def test_different_arguments_refuse_to_resume(src, tmp_path, monkeypatch, capsys
     assert report["execution"]["resumed_from_block"] is None and report["settings"]["sparsity"] == 0.25
 
 
+def test_a_setting_added_since_the_interruption_resumes_at_its_default(src, reference, tmp_path, monkeypatch):
+    """A work folder written before a setting existed resumes when this run leaves that setting at its default (what
+    the older run did), and is refused, naming it, when this run sets it."""
+    out = tmp_path / "out"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(Crash):
+        main(["prune", "--model", str(src), "--out", str(out), *ARGS])
+    monkeypatch.undo()
+    state_file = _work(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["identity"]["settings"].pop("seed") == 0  # as an older daprune, without --seed, wrote it
+    state_file.write_text(json.dumps(state))
+    assert main(["prune", "--model", str(src), "--out", str(out), *ARGS, "--seed", "1"]) == 2
+    assert main(["prune", "--model", str(src), "--out", str(out), *ARGS]) == 0
+    assert json.loads((out / "report.json").read_text())["execution"]["resumed_from_block"] == 3  # blocks 1, 2 done
+    assert _hashes(out) == reference
+
+
 def test_changed_model_refuses_to_resume(src, tmp_path, monkeypatch):
     from daprune.api import prune
 

@@ -104,6 +104,22 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _with_new_defaults(old: dict, new: dict) -> dict:
+    """``old`` (a stored identity) with the settings a later daprune added filled in where this run leaves them at
+    their defaults: a run interrupted before a setting existed ran without it, which is what its default does (new
+    settings are only ever added with defaults that keep the earlier behaviour). Anything else still differs."""
+    from daprune.config import PruneConfig
+
+    if not isinstance(old.get("settings"), dict):
+        return old
+    defaults = _normalise(PruneConfig().to_dict())
+    settings = dict(old["settings"])
+    for key, value in new.get("settings", {}).items():
+        if key not in settings and key in defaults and value == defaults[key]:
+            settings[key] = value
+    return {**old, "settings": settings}
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -189,8 +205,8 @@ class WorkDir:
             log.info("--no-resume: discarding the work folder %s", self.path)
             self.remove()
             state = None
-        elif state is not None and state.get("identity") != identity:
-            diff = _diff(state.get("identity", {}), identity)
+        elif state is not None and _with_new_defaults(state.get("identity", {}), identity) != identity:
+            diff = _diff(_with_new_defaults(state.get("identity", {}), identity), identity)
             raise ResumeError(
                 f"the work folder {self.path} holds an interrupted run with different settings or inputs "
                 f"({'; '.join(diff[:6]) or 'unknown difference'}); rerun with the original arguments to resume, "
