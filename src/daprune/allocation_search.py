@@ -11,8 +11,8 @@ levels with the *whole* compressed model as the judge finds allocations that add
   ``KL_POSITIONS_STRIDE``-th position: the same measure as the sensitivity curves, on the composed model.
 - (1 + lambda) evolution: each generation makes ``OFFSPRING`` children of the best state by moving budget between
   blocks (one block one level up, another one level down, the total kept within half a step of the budget), scores
-  them all on a quarter of the rows, the best ``FINALISTS`` on every row, and keeps a child only if it beats its
-  parent on every row. The parent's hidden states are cached per block, so a child runs from its first changed
+  them all on a quarter of the rows, the best ``FINALISTS`` on all of them, and keeps a child only if it beats its
+  parent there. The parent's hidden states are cached per block, so a child runs from its first changed
   block only. The search starts from the better of the additive allocation (rounded to the levels) and the
   uniform share, so it can only keep or lower the measured cost.
 
