@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daprune.allocation_search import SEARCH_MULTIPLES
+from daprune.allocation_search import SEARCH_MULTIPLES, mean_kl
 from daprune.criteria.similarity import select_head_plan
 from daprune.errors import ConfigError
 from daprune.schedule import block_parameters, max_removable
@@ -157,7 +157,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     for i, p, h in trials:
         lp = _log_probs(logits_of, h, bs)
         curves[i].params.append(p)
-        curves[i].kl.append(float((ref.exp() * (ref - lp)).sum(-1).mean()))
+        curves[i].kl.append(mean_kl(ref, lp))
     targets = allocate(list(curves.values()), budget)
     entry = {"mode": "sensitivity", "measure": "mean per-token KL(dense || this block alone pruned), every "
              f"{KL_POSITIONS_STRIDE}th position", "nsamples": ns, "size_multiples": list(multiples),

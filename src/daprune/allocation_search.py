@@ -43,6 +43,11 @@ class SearchResult:
     starts: dict[str, float]  # cost of each starting state, by name
 
 
+def mean_kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    """Mean per-position KL(p_ref || p) from log-probabilities over the last dimension."""
+    return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+
 def _total(state: Sequence[int], params: Sequence[Sequence[int]]) -> int:
     return sum(p[level] for p, level in zip(params, state, strict=True))
 
@@ -172,8 +177,7 @@ class ComposedKL:
                 start = min(changed)
                 h = self.inputs[start][:rows]
         lp = self.log_probs(self._run(state, start, h, keep=False))
-        ref = self.ref[:rows]
-        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+        return mean_kl(self.ref[:rows], lp)
 
 
 def search_targets(dense: Callable[[int], object], n_layers: int, contexts: list[dict],

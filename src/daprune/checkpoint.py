@@ -205,8 +205,8 @@ class WorkDir:
             log.info("--no-resume: discarding the work folder %s", self.path)
             self.remove()
             state = None
-        elif state is not None and _with_new_defaults(state.get("identity", {}), identity) != identity:
-            diff = _diff(_with_new_defaults(state.get("identity", {}), identity), identity)
+        elif state is not None and (stored := _with_new_defaults(state.get("identity", {}), identity)) != identity:
+            diff = _diff(stored, identity)
             raise ResumeError(
                 f"the work folder {self.path} holds an interrupted run with different settings or inputs "
                 f"({'; '.join(diff[:6]) or 'unknown difference'}); rerun with the original arguments to resume, "
