@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import CharTokenizer
+from conftest import CharTokenizer, tiny_model
 from test_allocation import SEQ, _ids, _pruner
 from test_families import tiny as tiny_llama_like
 
@@ -173,12 +173,9 @@ def test_settings_the_search_cannot_honour_are_refused():
 
 def test_streaming_search_equals_in_memory(tmp_path):
     """Under --streaming the search loads each dense block on access and keeps only the trial copies."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=12)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    tiny_model("llama", layers=4, heads=4, kv=2).save_pretrained(tmp_path / "src")
     streamed = _prune(str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True).report
     in_memory = _prune(AutoModelForCausalLM.from_pretrained(tmp_path / "src")).report
     assert streamed["allocation"]["search"]["cost"] == pytest.approx(in_memory["allocation"]["search"]["cost"],
