@@ -12,14 +12,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def tiny_model(arch: str = "llama", *, layers: int = 6, heads: int = 6, kv: int = 2, hidden: int = 48,
-               inter: int = 96, vocab: int = 128, seed: int = 0, bias: bool = False):
-    """A randomly initialised decoder of the given family, small enough for second-long tests."""
+               inter: int = 96, vocab: int = 128, seed: int = 0, bias: bool = False, tie: bool = False):
+    """A randomly initialised decoder of the given family, small enough for second-long tests.
+
+    ``tie`` shares the LM head with the embedding, the case where streaming must read the real embedding."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
-                  tie_word_embeddings=False, head_dim=hidden // heads)
+                  tie_word_embeddings=tie, head_dim=hidden // heads)
     if arch == "llama" and bias:
         kwargs["attention_bias"] = True
     config = AutoConfig.for_model(arch, **kwargs)

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import CharTokenizer
+from conftest import CharTokenizer, tiny_model
 from test_families import FAMILIES as LLAMA_LIKE
 from test_families import tiny as tiny_llama_like
 from test_families_extra import FAMILIES as OTHERS
@@ -183,12 +183,9 @@ def test_sensitivity_changes_what_is_removed():
 
 def test_streaming_with_a_tied_head_equals_in_memory(tmp_path):
     """The KL reads the LM head; in streaming mode a tied head must see the real embedding, not the skeleton's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    tiny_model(layers=4, heads=4, tie=True).save_pretrained(tmp_path / "src")
     streamed = _prune(str(tmp_path / "src"), out=str(tmp_path / "o"), streaming=True).report
     in_memory = _prune(AutoModelForCausalLM.from_pretrained(tmp_path / "src")).report
     assert streamed["allocation"]["curves"] == in_memory["allocation"]["curves"]

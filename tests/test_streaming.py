@@ -20,13 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tied_model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-                                  tie_word_embeddings=True, head_dim=8)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_model(layers=4, seed=1, tie=True)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
