@@ -98,7 +98,7 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     """
     from daprune.activations import ACTIVATION_MODES
     from daprune.checkpoint import WorkDir, default_work_dir, source_fingerprint
-    from daprune.devices import resolve_device
+    from daprune.devices import resolve_device, warn_slow_half_precision
     from daprune.models.loading import resolve_source
     from daprune.output import check_output, probe_writable
     from daprune.weights import WeightsReader, count_parameters
@@ -113,6 +113,7 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
         check_output(out, overwrite)
         probe_writable(out)
     device = resolve_device(cfg.device)
+    warn_slow_half_precision(cfg.dtype, str(device))
     t0 = time.perf_counter()
 
     source = reader = None

@@ -8,7 +8,9 @@ map over several GPUs when one block fits on none) is decided once per run from 
 
 from __future__ import annotations
 
+import functools
 import logging
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,37 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     if dev.type == "mps" and torch.backends.mps.is_available():
         return dev
     raise DeviceError(f"--device {spec} is not available here; use cpu, cuda, cuda:N or auto")
+
+
+HALF_PRECISION = ("bfloat16", "float16")
+
+
+def slow_half_precision(dtype: str, device: str | torch.device) -> str | None:
+    """Why ``dtype`` would be slow on ``device``, or None.
+
+    PyTorch's CPU kernels for bf16/fp16 matmuls are fast only on x86 CPUs with AVX-512 (bf16 or AMX
+    extensions); on one with AVX2 alone they fall back to converting element by element, several times slower
+    than fp32 (benchmarks/dtype_bench.py, docs/dtype_speed.md). A user who asks for bf16 to save time
+    would get the opposite, silently; so the choice is checked, not assumed.
+    """
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in HALF_PRECISION or torch.device(device).type != "cpu":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return None  # ARM and others: no kernel table known to us; not guessed
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.upper().startswith("AVX512"):
+        return None
+    return (f"--dtype {dtype} on this CPU ({capability}, no AVX-512) runs matmuls several times slower than "
+            "float32; use --dtype float32 unless memory, not time, is the limit")
+
+
+@functools.cache
+def warn_slow_half_precision(dtype: str, device: str) -> None:
+    """Log :func:`slow_half_precision`'s reason once per process (prune and eval may both ask)."""
+    reason = slow_half_precision(dtype, device)
+    if reason:
+        log.warning(reason)
 
 
 @dataclass

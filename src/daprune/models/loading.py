@@ -160,6 +160,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from daprune.devices import warn_slow_half_precision
+
+    warn_slow_half_precision(dtype, str(device))
     src = resolve_source(source, cache)
     if src.kind != "hub" and _needs_daprune_loader(Path(src.path)):
         from daprune.loader import load_pruned
