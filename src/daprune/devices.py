@@ -55,9 +55,9 @@ HALF_PRECISION = ("bfloat16", "float16")
 def slow_half_precision(dtype: str, device: str | torch.device) -> str | None:
     """Why ``dtype`` would be slow on ``device``, or None.
 
-    PyTorch's CPU kernels for bf16/fp16 matmuls are fast only on x86 CPUs with AVX-512 (bf16 or AMX
-    extensions); on one with AVX2 alone they fall back to converting element by element, several times slower
-    than fp32 (benchmarks/dtype_bench.py, docs/dtype_speed.md). A user who asks for bf16 to save time
+    PyTorch's CPU kernels for bf16/fp16 matmuls are fast on x86 CPUs with AVX-512 (best with its bf16 or AMX
+    extensions); on one with AVX2 alone they have no fast path and run several times slower than fp32
+    (measured: benchmarks/dtype_bench.py, docs/dtype_speed.md). A user who asks for bf16 to save time
     would get the opposite, silently; so the choice is checked, not assumed.
     """
     dtype = str(dtype).removeprefix("torch.")
