@@ -11,11 +11,13 @@ built from SmolLM2-135M's shapes (random weights: speed depends on shapes, not v
 from __future__ import annotations
 
 import argparse
-import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
+from speed_bench import machine
 
 from daprune.atomic import atomic_write_json
 from daprune.devices import slow_half_precision
@@ -65,10 +67,9 @@ def main() -> None:
     print(format_table(rows, ["dtype", "block forward ms", "tokens/s", "x float32 time", "daprune"]))
     result = {
         "what": "one SmolLM2-135M-shaped decoder block (random weights), forward, best of repeats",
-        "command": "python benchmarks/dtype_bench.py" + (f" --threads {args.threads}" if args.threads else ""),
-        "batch": args.batch, "seqlen": args.seqlen, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
-        "processor": platform.processor(), "torch": torch.__version__,
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "batch": args.batch, "seqlen": args.seqlen, "repeats": args.repeats,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": machine(),
         "seconds": seconds, "ratio_to_float32": {k: v / seconds["float32"] for k, v in seconds.items()},
         "warned": {k: slow_half_precision(k, "cpu") is not None for k in seconds},
     }
