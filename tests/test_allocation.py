@@ -22,9 +22,11 @@ import daprune
 from daprune.allocation import KL_POSITIONS_STRIDE, Curve, allocate, lower_hull, sensitivity_targets
 from daprune.config import PruneConfig
 from daprune.criteria.base import get_criterion
+from daprune.criteria.similarity import select_head_plan
 from daprune.errors import ConfigError
 from daprune.models.adapter import get_adapter
-from daprune.pipeline import BlockPruner
+from daprune.pipeline import BlockPruner, BlockRecord
+from daprune.schedule import BlockPlan
 from daprune.stores import ResidentStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,32 +99,38 @@ def _pruner(cfg: PruneConfig, target: float, nsamples: int) -> BlockPruner:
     return pruner
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gpt2"])
+@pytest.mark.parametrize(("family", "refit"), [("gemma3_text", False), ("gpt2", False), ("llama", True),
+                                               ("gemma3_text", True)])
 @torch.no_grad()
-def test_each_measured_kl_is_the_whole_models_with_that_trial_block(family, monkeypatch):
-    """Every (block, size) point: KL(dense || model with that trial block swapped in), both from full forwards."""
+def test_each_measured_kl_is_the_whole_models_with_that_trial_block(family, refit, monkeypatch):
+    """Every (block, size) point: KL(dense || model with that trial block swapped in), both from full forwards;
+    with ``refit`` the trial blocks are the re-fitted ones (held-out rows choosing the strength)."""
     model = tiny_llama_like(family) if family in LLAMA_LIKE else tiny_other(family)
     adapter = get_adapter(model)
     for i in range(adapter.n_layers):
         adapter.block(i).to_canonical()
-    cfg = PruneConfig(sparsity=0.2, channel_multiple=1, batch_size=4)
+    cfg = PruneConfig(sparsity=0.2, channel_multiple=1, batch_size=4,
+                      **({"recovery": "heldout", "recovery_target": "block"} if refit else {}))
     n, ns = 8, 3
-    ids = _ids(n)
+    ids = _ids(n + 4)
     store = ResidentStore(adapter)
     blocks = range(1, adapter.n_layers)
     pruner = _pruner(cfg, 0.0, n)
     made = []
     real_trial = BlockPruner.trial_block
 
-    def keep(self, block, heads, removed, stats):
-        trial = real_trial(self, block, heads, removed, stats)
+    def keep(self, block, heads, removed, stats, rows=None):
+        assert (rows is not None) == refit
+        trial = real_trial(self, block, heads, removed, stats, rows)
         made.append((block.index, trial))
         return trial
 
     monkeypatch.setattr(BlockPruner, "trial_block", keep)
     budget = 0.15 * sum(p.numel() for i in blocks for p in adapter.block(i).layer.parameters())
-    targets, entry = sensitivity_targets(adapter, pruner, store.embed(ids, 4), store.layer_inputs(SEQ), blocks,
-                                         budget, ns)
+    x = store.embed(ids, 4)
+    targets, entry = sensitivity_targets(adapter, pruner, x[:n], store.layer_inputs(SEQ), blocks, budget, ns,
+                                         refit=refit, heldout=x[n:])
+    assert entry["refit"] is refit and entry["refit_heldout_rows"] == (4 if refit else 0)
     for i in range(adapter.n_layers):
         adapter.block(i).to_native()
     dense = torch.log_softmax(model(input_ids=ids[:ns], use_cache=False).logits[:, ::KL_POSITIONS_STRIDE], -1)
@@ -138,6 +146,89 @@ def test_each_measured_kl_is_the_whole_models_with_that_trial_block(family, monk
         assert math.isclose(got, float(want), rel_tol=1e-3, abs_tol=1e-7), (i, got, float(want))
         seen[i] += 1
     assert math.isclose(sum(targets.values()), budget)
+
+
+# -- --sensitivity-refit: the trial block is the block the pipeline makes -------------------------------------------
+def _plan_pruner(cfg: PruneConfig, plan, n: int) -> BlockPruner:
+    pruner = _pruner(cfg, 0.0, n)
+    pruner.plans = {1: plan}
+    return pruner
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("part", ["heads", "channels"])
+@torch.no_grad()
+def test_a_refitted_trial_equals_the_pipelines_prune_on_dense_inputs(family, part):
+    """On the dense stream, ``trial_block`` with rows gives the weights ``BlockPruner.prune`` (the pipeline's own
+    code path) gives the block for the same plan: heads only (o_proj re-fit) or channels only (down_proj re-fit,
+    held-out choice judged on the real block output)."""
+    model = tiny_llama_like(family)
+    adapter = get_adapter(model)
+    block = adapter.block(1)
+    block.to_canonical()
+    cfg = PruneConfig(sparsity=0.2, channel_multiple=1, batch_size=4, recovery="heldout", recovery_target="block")
+    n = 8
+    store = ResidentStore(adapter)
+    x = store.embed(_ids(n + 4), 4)
+    ctx = store.layer_inputs(SEQ)[1]
+    yd = block.forward(x, ctx)
+    plan = BlockPlan(1, 0, 0) if part == "heads" else BlockPlan(0, block.n_channels // 4, 0)
+    pruner = _plan_pruner(cfg, plan, n)
+    stats, head_imp, redundant = pruner.dense_statistics(block, x[:n], ctx, BlockRecord(1, True))
+    heads = (select_head_plan(block.head_groups(), 1, 0, head_imp, redundant)
+             if part == "heads" else [])
+    removed = pruner.ffn_ranking(block, stats, plan.channels)[: plan.channels].tolist()
+    rows = pruner.refit_rows(block, x, yd, ctx, n)
+    trial = pruner.trial_block(block, heads, removed, stats, rows)
+    plain = pruner.trial_block(block, heads, removed, stats)
+
+    pruned = copy.deepcopy(block)
+    rec = pruner.prune(pruned, block, x, x, yd, ctx)
+    assert rec.kept_heads == [h for h in range(block.n_heads) if h not in heads]
+    assert rec.kept_channels == trial.n_channels
+    for got, want in zip(trial.layer.parameters(), pruned.layer.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not all(torch.equal(a, b) for a, b in zip(trial.layer.parameters(), plain.layer.parameters(), strict=True))
+
+
+def test_the_refit_lowers_the_trials_error_on_rows_it_never_saw():
+    """A trial losing a head per group and half its channels, 32 fit rows (8 held out): its block output error on
+    16 further rows is lower with the re-fit (o_proj for the heads, down_proj toward the block output, which also
+    absorbs what the heads took) than with OBS compensation alone (errors from the blocks' own forwards). Channels
+    alone gain nothing on dense inputs: OBS already is the kept columns' least-squares fit to the same target."""
+    model = tiny_llama_like("llama")
+    adapter = get_adapter(model)
+    block = adapter.block(1)
+    block.to_canonical()
+    cfg = PruneConfig(sparsity=0.2, channel_multiple=1, batch_size=8, recovery="heldout", recovery_target="block")
+    n = 32
+    store = ResidentStore(adapter)
+    x = store.embed(_ids(n + 8 + 16), 8)
+    ctx = store.layer_inputs(SEQ)[1]
+    with torch.no_grad():
+        yd = block.forward(x, ctx)
+        pruner = _plan_pruner(cfg, BlockPlan(1, block.n_channels // 2, 0), n)
+        assert pruner.selection(block) == "obs"
+        stats, head_imp, redundant = pruner.dense_statistics(block, x[:n], ctx, BlockRecord(1, True))
+        heads = select_head_plan(block.head_groups(), 1, 0, head_imp, redundant)
+        removed = pruner.ffn_ranking(block, stats, block.n_channels // 2)[: block.n_channels // 2].tolist()
+        rows = pruner.refit_rows(block, x[: n + 8], yd[: n + 8], ctx, n)
+        fitted = pruner.trial_block(block, heads, removed, stats, rows)
+        plain = pruner.trial_block(block, heads, removed, stats)
+        unseen = slice(n + 8, None)
+        err = {name: float((b.forward(x[unseen], ctx) - yd[unseen]).pow(2).sum())
+               for name, b in (("fitted", fitted), ("plain", plain))}
+    assert err["fitted"] < 0.95 * err["plain"], err
+
+
+def test_the_refit_changes_the_measured_curves_and_the_allocation():
+    kw = dict(recovery="heldout", recovery_target="block", heldout_nsamples=4, nsamples=16)
+    plain = _prune(tiny_llama_like("llama", layers=6), **kw).report["allocation"]
+    fitted = _prune(tiny_llama_like("llama", layers=6), sensitivity_refit=True, **kw).report["allocation"]
+    assert fitted["refit"] and not plain["refit"] and fitted["refit_heldout_rows"] == 4
+    assert fitted["curves"] != plain["curves"]
+    # a re-fit chosen on held-out rows never makes the block worse there; on the KL rows it lowers the cost overall
+    assert sum(sum(c["kl"]) for c in fitted["curves"].values()) < sum(sum(c["kl"]) for c in plain["curves"].values())
 
 
 # -- end to end -----------------------------------------------------------------------------------------------------
@@ -195,6 +286,11 @@ def test_streaming_with_a_tied_head_equals_in_memory(tmp_path):
 def test_settings_the_schedule_cannot_honour_are_refused():
     with pytest.raises(ConfigError, match="sensitivity-nsamples"):
         PruneConfig(sensitivity_nsamples=4).validate()
+    with pytest.raises(ConfigError, match="sensitivity-refit only matters"):
+        PruneConfig(sensitivity_refit=True, recovery="post").validate()
+    with pytest.raises(ConfigError, match="--recovery post or heldout"):
+        PruneConfig(schedule="sensitivity", sensitivity_refit=True).validate()
+    PruneConfig(schedule="sensitivity", sensitivity_refit=True, recovery="post").validate()
     with pytest.raises(ConfigError, match="layout uniform"):
         PruneConfig(schedule="sensitivity", layout="uniform").validate()
     assert PruneConfig(schedule="sensitivity").block_range(10) == range(10)

@@ -12,7 +12,11 @@ budget is spent where it costs least, by measurement:
    distribution from the dense model's, KL(p_dense || p_pruned): the quantity the pruned model should keep
    small, measured rather than estimated, so a block whose damage is amplified downstream shows it.
    Every perturbed stream advances block by block with the dense one, so each block is loaded once
-   (streaming works) and the cost is a few block forwards per (block, size) pair.
+   (streaming works) and the cost is a few block forwards per (block, size) pair. A trial block is compensated
+   as the prune compensates it (OBS); with ``--sensitivity-refit`` it also gets the post-pruning re-fit of its
+   kept o_proj / down_proj columns (strength chosen on the held-out rows), so that a block whose damage the re-fit
+   repairs is priced as the pipeline will leave it rather than as OBS alone leaves it (one more statistics pass
+   per trial).
 2. Costs are taken as additive over blocks. Each block's measured (parameters removed, KL) points, with
    (0, 0), are reduced to their lower convex hull; the budget goes to hull segments in ascending order of
    KL per parameter until it is met, the last one in part. A block's share is thus a parameter count
@@ -99,8 +103,8 @@ def allocate(curves: list[Curve], budget: float) -> dict[int, float]:
 @torch.no_grad()
 def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
                         blocks: range, budget: float, nsamples: int, *, head_logits=None, search: int = 0,
-                        search_nsamples: int = 8, seed: int = 0, progress: bool = False
-                        ) -> tuple[dict[int, float], dict]:
+                        search_nsamples: int = 8, seed: int = 0, progress: bool = False, refit: bool = False,
+                        heldout: torch.Tensor | None = None) -> tuple[dict[int, float], dict]:
     """Per-block parameter targets (summing to ``budget``) and the report entry with every measured curve.
 
     ``adapter`` may be a streaming view (blocks loaded on access); ``x`` holds the embedded scoring rows (their
@@ -108,6 +112,9 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     ``head_logits`` maps a last-layer hidden state to logits (default ``adapter.logits``). Nothing is modified.
     ``search`` > 0: that many generations of :mod:`daprune.allocation_search` refine the additive allocation on the
     first ``search_nsamples`` rows (the trial blocks are then kept in memory, one per measured size).
+    ``refit`` (``--sensitivity-refit``): every trial block also gets the post-pruning re-fit the pipeline gives it
+    (:meth:`BlockPruner.trial_block` with rows), fitted on ``x`` and its strength chosen on the embedded
+    ``heldout`` rows, so a block whose damage the re-fit repairs is priced as the pipeline will leave it.
     """
     from daprune.pipeline import BlockRecord, _forward
 
@@ -119,7 +126,9 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     sizes = {i: block_parameters([adapter.block(i, adapter.layers()[i])]) for i in blocks}
     share = budget / sum(sizes.values())  # the average fraction of a candidate block's parameters
     ns = max(1, min(nsamples, x.shape[0]))
-    dense = x  # dense stream, every scoring row (statistics)
+    n = x.shape[0]
+    # dense stream: every scoring row (statistics), then the held-out rows (only a trial's re-fit reads them)
+    dense = x if heldout is None or not refit else torch.cat([x, heldout.to(x.device, x.dtype)])
     trials: list[tuple[int, int, torch.Tensor]] = []  # (block, params removed, stream of the first ns rows)
     kept: dict[int, list[tuple[int, BlockAdapter]]] = {}  # --allocation-search: every block's trial blocks
     multiples = SEARCH_MULTIPLES if search else SIZE_MULTIPLES
@@ -128,8 +137,10 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
         for j in range(adapter.n_layers):
             block, ctx = adapter.block(j), contexts[j]
             trials = [(i, p, _forward(block, h, ctx, bs)) for i, p, h in trials]  # dense block j downstream
+            out = _forward(block, dense, ctx, bs)  # the dense block's output: the next block's input
             if j in blocks:
-                stats, head_imp, redundant = pruner.dense_statistics(block, dense, ctx, BlockRecord(j, True))
+                stats, head_imp, redundant = pruner.dense_statistics(block, dense[:n], ctx, BlockRecord(j, True))
+                rows = pruner.refit_rows(block, dense, out, ctx, n) if refit else None
                 cap = max_removable(block, cfg.channel_multiple, cfg.kv_groups)
                 seen: set[int] = set()
                 for m in multiples:
@@ -145,11 +156,11 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                     heads = select_head_plan(block.head_groups(), plan.heads_per_group, plan.kv_groups, head_imp,
                                              redundant) if plan.heads_per_group or plan.kv_groups else []
                     removed = pruner.ffn_ranking(block, stats, plan.channels)[: plan.channels].tolist()
-                    trial = pruner.trial_block(block, heads, removed, stats)
+                    trial = pruner.trial_block(block, heads, removed, stats, rows)
                     trials.append((j, plan.params, _forward(trial, dense[:ns], ctx, bs)))
                     if search:
                         kept.setdefault(j, []).append((plan.params, trial))
-            dense = _forward(block, dense, ctx, bs)
+            dense = out
     finally:
         pruner.targets = saved
     ref = _log_probs(logits_of, dense[:ns], bs)
@@ -159,8 +170,10 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
         curves[i].params.append(p)
         curves[i].kl.append(mean_kl(ref, lp))
     targets = allocate(list(curves.values()), budget)
-    entry = {"mode": "sensitivity", "measure": "mean per-token KL(dense || this block alone pruned), every "
-             f"{KL_POSITIONS_STRIDE}th position", "nsamples": ns, "size_multiples": list(multiples),
+    entry = {"mode": "sensitivity", "measure": "mean per-token KL(dense || this block alone pruned"
+             f"{' and re-fitted' if refit else ''}), every {KL_POSITIONS_STRIDE}th position", "nsamples": ns,
+             "refit": refit, "refit_heldout_rows": 0 if heldout is None or not refit else int(heldout.shape[0]),
+             "size_multiples": list(multiples),
              "average_share": share, "budget": budget,
              "curves": {str(i): {"params": c.params, "kl": c.kl} for i, c in curves.items()}}
     if search:

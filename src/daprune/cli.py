@@ -94,6 +94,9 @@ def _prune_parser(sub) -> None:
                         "block's fraction of outlier weights (OWL)")
     p.add_argument("--sensitivity-nsamples", type=int, default=d.sensitivity_nsamples,
                    help="--schedule sensitivity: calibration rows the KL is measured on (default 4)")
+    p.add_argument("--sensitivity-refit", action=argparse.BooleanOptionalAction, default=d.sensitivity_refit,
+                   help="--schedule sensitivity with --recovery post|heldout: price each trial block after the "
+                        "o_proj / down_proj re-fit the pipeline gives it (not with OBS compensation alone)")
     p.add_argument("--allocation-search", type=int, default=d.allocation_search, metavar="GENERATIONS",
                    help="--schedule sensitivity: refine the allocation by this many generations of an evolutionary "
                         "search judged by the whole pruned model's KL from the dense one (the additive allocation "

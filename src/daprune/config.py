@@ -106,6 +106,8 @@ class PruneConfig:
     fisher_nsamples: int | None = None
     # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
     sensitivity_nsamples: int | None = None
+    # --schedule sensitivity: price each trial block after the post-pruning re-fit the pipeline gives it
+    sensitivity_refit: bool = False
     # --schedule sensitivity: generations of the whole-model search that refines the additive allocation (None: off)
     allocation_search: int | None = None
     # --allocation-search: calibration rows the search's KL runs on (None: SEARCH_NSAMPLES)
@@ -343,6 +345,12 @@ class PruneConfig:
                 raise ConfigError("--sensitivity-nsamples only matters with --schedule sensitivity")
             if self.sensitivity_nsamples < 1:
                 raise ConfigError(f"--sensitivity-nsamples must be >= 1, got {self.sensitivity_nsamples}")
+        if self.sensitivity_refit:
+            if self.schedule != "sensitivity":
+                raise ConfigError("--sensitivity-refit only matters with --schedule sensitivity")
+            if self.recovery not in ("post", "heldout"):
+                raise ConfigError("--sensitivity-refit prices trial blocks with the post-pruning re-fit: it needs "
+                                  "--recovery post or heldout")
         if self.allocation_search is not None:
             if self.schedule != "sensitivity":
                 raise ConfigError("--allocation-search refines the sensitivity schedule's allocation: it needs "

@@ -8,6 +8,7 @@ the adapter, the math in criteria/recovery/schedule.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -66,6 +67,20 @@ class BlockRecord:
     # mixture-of-experts blocks: tokens routed to each expert, kept channels per expert, unrouted experts
     experts: dict | None = None
     seconds: float = 0.0
+
+
+@dataclass
+class RefitRows:
+    """What a trial block's re-fit (``--sensitivity-refit``) runs on: dense-stream rows ``x`` into the dense
+    ``dense`` block, its outputs ``yd``, the first ``n_fit`` rows fitted and the rest held out, and the dense
+    block's o_proj input moments paired with its own output (:meth:`BlockPruner.refit_rows`)."""
+
+    dense: BlockAdapter
+    x: torch.Tensor
+    yd: torch.Tensor
+    ctx: dict
+    n_fit: int
+    o: dict[str, Moments]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -393,17 +408,27 @@ class BlockPruner:
         out = _forward(self.trial_block(block, heads, removed, stats), x, ctx, self.cfg.batch_size)
         return float((out.float() - y.float()).pow(2).sum(-1).mean())
 
-    def trial_block(self, block: BlockAdapter, heads: list[int], removed: list[int], stats: BlockStats
-                    ) -> BlockAdapter:
+    def trial_block(self, block: BlockAdapter, heads: list[int], removed: list[int], stats: BlockStats,
+                    rows: RefitRows | None = None) -> BlockAdapter:
         """A pruned copy of ``block``: ``heads`` and FFN channels ``removed`` cut, as :meth:`prune` would cut them
-        (under OBS with the kept down_proj columns least-squares compensated); ``block`` is untouched."""
+        (under OBS with the kept down_proj columns least-squares compensated); ``block`` is untouched.
+
+        With ``rows`` (``--sensitivity-refit``) the copy also gets the post-pruning re-fit :meth:`prune` gives a
+        block whose input is the dense stream: the kept o_proj columns to the dense attention output, then (with
+        OBS on the FFN input moments after the heads are cut, as :meth:`prune` orders it) the kept down_proj
+        columns to the dense down_proj or block output, each strength chosen on the held-out rows under
+        ``--recovery heldout``. The q/k/v and gate/up re-fits are left out: on dense inputs their targets are
+        the linears' own outputs."""
         trial = copy_block(block)
         if heads:
             gone = set(heads)
             keep_heads = [h for h in range(trial.n_heads) if h not in gone]
+            kept_cols = head_columns(keep_heads, trial.head_dim)
             before = trial.attn_out().weight.data.float().clone()
             self.compensate_heads(trial, keep_heads, stats)
-            self.compensate_mean(trial, "attention", before, head_columns(keep_heads, trial.head_dim), stats.o_in)
+            self.compensate_mean(trial, "attention", before, kept_cols, stats.o_in)
+            if rows is not None:
+                self.refit([trial.attn_out()], self.fit_moments(rows.o, "o_in"), kept_cols, rows.o.get("o_in:heldout"))
             self.head_crit.after_head_prune(trial, heads, stats)
             trial.slice_heads(keep_heads)
         if removed:
@@ -411,13 +436,64 @@ class BlockPruner:
             keep = [c for c in range(trial.n_channels) if c not in gone]
             down = trial.ffn_out().weight
             before = down.data.float().clone()
+            down_in, m, judge_rows = stats.down_in, None, None
+            if rows is not None:  # the FFN input as it is once the heads are cut (and o_proj re-fitted)
+                m, judge_rows = self._down_refit_moments(trial, rows.dense, rows.x, rows.x, rows.yd, rows.ctx,
+                                                         rows.n_fit)
+                down_in = m["down_in"]
             if self.selection(block) == "obs":
-                down.data.copy_(compensate(down.float(), self.energy(stats.down_in), keep,
+                down.data.copy_(compensate(down.float(), self.energy(down_in), keep,
                                            self.cfg.obs_damp).to(down.dtype))
-            self.compensate_mean(trial, "mlp", before, keep, stats.down_in)
+            self.compensate_mean(trial, "mlp", before, keep, down_in)
+            if m is not None:
+                cols = torch.tensor(keep, dtype=torch.long)
+                judge = judge_rows.judge(trial, cols) if judge_rows is not None else None
+                self.refit([trial.ffn_out()], self.fit_moments(m, "down_in"), cols, m.get("down_in:heldout"), judge)
             self.ffn_crit.after_ffn_prune(trial, removed, stats)
             trial.slice_ffn(keep)
         return trial
+
+    def refit_rows(self, block: BlockAdapter, x: torch.Tensor, yd: torch.Tensor, ctx: dict, n_fit: int
+                   ) -> RefitRows:
+        """What :meth:`trial_block`'s re-fit reads for a dense ``block`` on dense-stream rows ``x`` (the first
+        ``n_fit`` fitted, the rest held out) with outputs ``yd``: the rows and the block's paired o_proj moments
+        (on dense inputs the same for every trial of the block, so collected once)."""
+        with self._fit_rows(n_fit):
+            o = self.collect(block, block, x, x, ctx, {"o_in": True})
+        return RefitRows(block, x, yd, ctx, n_fit, o)
+
+    def _down_refit_moments(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor,
+                            yd: torch.Tensor, ctx: dict, n_fit: int | None = None
+                            ) -> tuple[dict[str, Moments], HeldoutOutputs | None]:
+        """The down_proj input moments paired with the re-fit's target (the dense down_proj output, or under
+        ``--recovery-target block`` what it must output for the block to give ``yd``) and, where the held-out
+        choice must judge the real block output, the held-out rows kept whole; ``n_fit``: fit rows, if not the
+        pipeline's."""
+        block_target = self.cfg.recovery_target == "block"
+        judge_rows = self.judge_rows(block)
+        with self._fit_rows(n_fit):
+            m = self.collect(block, dense, xp, xd, ctx, {"down_in": True}, yd=yd if block_target else None,
+                             judge_rows=judge_rows)
+        return m, judge_rows
+
+    def judge_rows(self, block: BlockAdapter) -> HeldoutOutputs | None:
+        """Where a down_proj re-fit's held-out choice must judge the real block output, the collector of the
+        held-out rows: under ``--recovery heldout --recovery-target block`` where the FFN output does not reach the
+        block output as it is (then the block target is a linearisation)."""
+        if self.cfg.recovery_target == "block" and self.cfg.recovery == "heldout" and block.ffn_output_scale() is None:
+            return HeldoutOutputs()
+        return None
+
+    @contextlib.contextmanager
+    def _fit_rows(self, n_fit: int | None):
+        """Within: the first ``n_fit`` stream rows are the scoring and fit rows, the rest held out (None: as set)."""
+        saved = self.n_score, self.n_fit
+        if n_fit is not None:
+            self.n_score = self.n_fit = n_fit
+        try:
+            yield
+        finally:
+            self.n_score, self.n_fit = saved
 
     def attn_error(self, o: torch.Tensor, z2: torch.Tensor, cols: torch.Tensor) -> float:
         """Residual-stream energy lost with o_proj input columns ``cols``: tr(O_R S_RR O_R^T), or under
@@ -548,9 +624,7 @@ class BlockPruner:
         if "ffn_in" in needs and not inputs:
             roles["ffn_in"] = False
         block_target = cfg.recovery_target == "block"
-        # through a norm the block target is a linearisation: the held-out choice judges the real block output
-        judge_rows = (HeldoutOutputs() if block_target and post and cfg.recovery == "heldout"
-                      and block.ffn_output_scale() is None else None)
+        judge_rows = self.judge_rows(block) if post else None
         if not removed_heads and not (paper or post) and "down_in" in split_m:
             m = split_m  # nothing changed since step 2: its FFN statistics stand (one block forward saved)
             last_pass = split_replay
@@ -624,7 +698,7 @@ class BlockPruner:
 
 
 def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
-                  blocks: range, budget: float, progress: bool = False) -> dict:
+                  blocks: range, budget: float, progress: bool = False, heldout: torch.Tensor | None = None) -> dict:
     """The report entry of a global schedule that gives each block its own share of the budget: measured
     (``sensitivity``: each block's effect on the output distribution) or by outlier ratio (``owl``)."""
     if cfg.schedule == "sensitivity":
@@ -636,7 +710,7 @@ def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.T
                                        cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES,
                                        search=cfg.allocation_search or 0,
                                        search_nsamples=cfg.search_nsamples or SEARCH_NSAMPLES, seed=cfg.seed,
-                                       progress=progress)[1]
+                                       progress=progress, refit=cfg.sensitivity_refit, heldout=heldout)[1]
     from daprune.owl import OWL_LAMBDA, OWL_THRESHOLD, owl_targets
 
     return owl_targets(view, pruner, x, contexts, blocks, budget, cfg.owl_lambda or OWL_LAMBDA,
@@ -793,7 +867,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             view = LoadingAdapter(adapter, store)
             try:
                 allocation = _block_shares(cfg, view, store, pruner, xp[: pruner.n_score], contexts, layer_range,
-                                           target * len(layer_range), progress)
+                                           target * len(layer_range), progress, xp[n_fit:] if heldout else None)
             finally:
                 view.close()
         pruner.targets = {int(i): float(t) for i, t in allocation["targets"].items()}
