@@ -92,8 +92,8 @@ def test_composed_kl_equals_the_models_own_with_the_trial_blocks_swapped_in(monk
     made: dict[int, list] = {}
     real_trial = BlockPruner.trial_block
 
-    def keep(self, block, heads, removed, stats):
-        trial = real_trial(self, block, heads, removed, stats)
+    def keep(self, block, heads, removed, stats, rows=None):
+        trial = real_trial(self, block, heads, removed, stats, rows)
         made.setdefault(block.index, []).append(trial)
         return trial
 
