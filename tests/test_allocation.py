@@ -155,6 +155,18 @@ def _plan_pruner(cfg: PruneConfig, plan, n: int) -> BlockPruner:
     return pruner
 
 
+def _block_one(family: str, rows: int, batch_size: int) -> tuple:
+    """Block 1 of a tiny model in canonical form, a held-out block-target re-fit config, ``rows`` embedded rows
+    and the block's context."""
+    adapter = get_adapter(tiny_llama_like(family))
+    block = adapter.block(1)
+    block.to_canonical()
+    cfg = PruneConfig(sparsity=0.2, channel_multiple=1, batch_size=batch_size, recovery="heldout",
+                      recovery_target="block")
+    store = ResidentStore(adapter)
+    return block, cfg, store.embed(_ids(rows), batch_size), store.layer_inputs(SEQ)[1]
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("part", ["heads", "channels"])
 @torch.no_grad()
@@ -162,15 +174,8 @@ def test_a_refitted_trial_equals_the_pipelines_prune_on_dense_inputs(family, par
     """On the dense stream, ``trial_block`` with rows gives the weights ``BlockPruner.prune`` (the pipeline's own
     code path) gives the block for the same plan: heads only (o_proj re-fit) or channels only (down_proj re-fit,
     held-out choice judged on the real block output)."""
-    model = tiny_llama_like(family)
-    adapter = get_adapter(model)
-    block = adapter.block(1)
-    block.to_canonical()
-    cfg = PruneConfig(sparsity=0.2, channel_multiple=1, batch_size=4, recovery="heldout", recovery_target="block")
     n = 8
-    store = ResidentStore(adapter)
-    x = store.embed(_ids(n + 4), 4)
-    ctx = store.layer_inputs(SEQ)[1]
+    block, cfg, x, ctx = _block_one(family, n + 4, 4)
     yd = block.forward(x, ctx)
     plan = BlockPlan(1, 0, 0) if part == "heads" else BlockPlan(0, block.n_channels // 4, 0)
     pruner = _plan_pruner(cfg, plan, n)
@@ -196,15 +201,8 @@ def test_the_refit_lowers_the_trials_error_on_rows_it_never_saw():
     16 further rows is lower with the re-fit (o_proj for the heads, down_proj toward the block output, which also
     absorbs what the heads took) than with OBS compensation alone (errors from the blocks' own forwards). Channels
     alone gain nothing on dense inputs: OBS already is the kept columns' least-squares fit to the same target."""
-    model = tiny_llama_like("llama")
-    adapter = get_adapter(model)
-    block = adapter.block(1)
-    block.to_canonical()
-    cfg = PruneConfig(sparsity=0.2, channel_multiple=1, batch_size=8, recovery="heldout", recovery_target="block")
     n = 32
-    store = ResidentStore(adapter)
-    x = store.embed(_ids(n + 8 + 16), 8)
-    ctx = store.layer_inputs(SEQ)[1]
+    block, cfg, x, ctx = _block_one("llama", n + 8 + 16, 8)
     with torch.no_grad():
         yd = block.forward(x, ctx)
         pruner = _plan_pruner(cfg, BlockPlan(1, block.n_channels // 2, 0), n)

@@ -172,7 +172,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     targets = allocate(list(curves.values()), budget)
     entry = {"mode": "sensitivity", "measure": "mean per-token KL(dense || this block alone pruned"
              f"{' and re-fitted' if refit else ''}), every {KL_POSITIONS_STRIDE}th position", "nsamples": ns,
-             "refit": refit, "refit_heldout_rows": 0 if heldout is None or not refit else int(heldout.shape[0]),
+             "refit": refit, "refit_heldout_rows": dense.shape[0] - n,
              "size_multiples": list(multiples),
              "average_share": share, "budget": budget,
              "curves": {str(i): {"params": c.params, "kl": c.kl} for i, c in curves.items()}}

@@ -438,8 +438,7 @@ class BlockPruner:
             before = down.data.float().clone()
             down_in, m, judge_rows = stats.down_in, None, None
             if rows is not None:  # the FFN input as it is once the heads are cut (and o_proj re-fitted)
-                m, judge_rows = self._down_refit_moments(trial, rows.dense, rows.x, rows.x, rows.yd, rows.ctx,
-                                                         rows.n_fit)
+                m, judge_rows = self._down_refit_moments(trial, rows)
                 down_in = m["down_in"]
             if self.selection(block) == "obs":
                 down.data.copy_(compensate(down.float(), self.energy(down_in), keep,
@@ -462,17 +461,15 @@ class BlockPruner:
             o = self.collect(block, block, x, x, ctx, {"o_in": True})
         return RefitRows(block, x, yd, ctx, n_fit, o)
 
-    def _down_refit_moments(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor,
-                            yd: torch.Tensor, ctx: dict, n_fit: int | None = None
+    def _down_refit_moments(self, trial: BlockAdapter, rows: RefitRows
                             ) -> tuple[dict[str, Moments], HeldoutOutputs | None]:
-        """The down_proj input moments paired with the re-fit's target (the dense down_proj output, or under
-        ``--recovery-target block`` what it must output for the block to give ``yd``) and, where the held-out
-        choice must judge the real block output, the held-out rows kept whole; ``n_fit``: fit rows, if not the
-        pipeline's."""
-        block_target = self.cfg.recovery_target == "block"
-        judge_rows = self.judge_rows(block)
-        with self._fit_rows(n_fit):
-            m = self.collect(block, dense, xp, xd, ctx, {"down_in": True}, yd=yd if block_target else None,
+        """The trial's down_proj input moments on ``rows``, paired with the re-fit's target (the dense down_proj
+        output, or under ``--recovery-target block`` what it must output for the block to give the dense output)
+        and, where the held-out choice must judge the real block output, the held-out rows kept whole."""
+        yd = rows.yd if self.cfg.recovery_target == "block" else None
+        judge_rows = self.judge_rows(trial)
+        with self._fit_rows(rows.n_fit):
+            m = self.collect(trial, rows.dense, rows.x, rows.x, rows.ctx, {"down_in": True}, yd=yd,
                              judge_rows=judge_rows)
         return m, judge_rows
 
@@ -485,11 +482,10 @@ class BlockPruner:
         return None
 
     @contextlib.contextmanager
-    def _fit_rows(self, n_fit: int | None):
-        """Within: the first ``n_fit`` stream rows are the scoring and fit rows, the rest held out (None: as set)."""
+    def _fit_rows(self, n_fit: int):
+        """Within: the first ``n_fit`` stream rows are the scoring and fit rows, the rest held out."""
         saved = self.n_score, self.n_fit
-        if n_fit is not None:
-            self.n_score = self.n_fit = n_fit
+        self.n_score = self.n_fit = n_fit
         try:
             yield
         finally:
