@@ -97,6 +97,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--sensitivity-refit", action=argparse.BooleanOptionalAction, default=d.sensitivity_refit,
                    help="--schedule sensitivity with --recovery post|heldout: price each trial block after the "
                         "o_proj / down_proj re-fit the pipeline gives it (not with OBS compensation alone)")
+    p.add_argument("--refit-unpruned", action=argparse.BooleanOptionalAction, default=d.refit_unpruned,
+                   help="with a --recovery: give the blocks left whole after the first pruned block (outside "
+                        "--layers, or a zero share under --schedule sensitivity|owl) the same re-fits toward the "
+                        "dense model's outputs, so that they stop passing on the drift of the pruned ones")
     p.add_argument("--allocation-search", type=int, default=d.allocation_search, metavar="GENERATIONS",
                    help="--schedule sensitivity: refine the allocation by this many generations of an evolutionary "
                         "search judged by the whole pruned model's KL from the dense one (the additive allocation "

@@ -108,6 +108,8 @@ class PruneConfig:
     sensitivity_nsamples: int | None = None
     # --schedule sensitivity: price each trial block after the post-pruning re-fit the pipeline gives it
     sensitivity_refit: bool = False
+    # re-fit the blocks the schedule leaves whole downstream of a pruned one (their input has drifted)
+    refit_unpruned: bool = False
     # --schedule sensitivity: generations of the whole-model search that refines the additive allocation (None: off)
     allocation_search: int | None = None
     # --allocation-search: calibration rows the search's KL runs on (None: SEARCH_NSAMPLES)
@@ -351,6 +353,13 @@ class PruneConfig:
             if self.recovery not in ("post", "heldout"):
                 raise ConfigError("--sensitivity-refit prices trial blocks with the post-pruning re-fit: it needs "
                                   "--recovery post or heldout")
+        if self.refit_unpruned:
+            if self.recovery == "none":
+                raise ConfigError("--refit-unpruned gives blocks left whole the re-fits of --recovery: it needs a "
+                                  "--recovery other than none")
+            if self.sparsity == 0:
+                raise ConfigError("--refit-unpruned re-fits blocks downstream of pruned ones: at --sparsity 0 there "
+                                  "are none")
         if self.allocation_search is not None:
             if self.schedule != "sensitivity":
                 raise ConfigError("--allocation-search refines the sensitivity schedule's allocation: it needs "

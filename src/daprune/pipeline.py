@@ -66,6 +66,8 @@ class BlockRecord:
     kept_channel_idx: list[int] = field(default_factory=list)
     # mixture-of-experts blocks: tokens routed to each expert, kept channels per expert, unrouted experts
     experts: dict | None = None
+    # a block the schedule left whole whose kept weights were re-fitted to the dense stream (--refit-unpruned)
+    refit: bool = False
     seconds: float = 0.0
 
 
@@ -549,11 +551,15 @@ class BlockPruner:
     # -- one block ----------------------------------------------------------------------------------
     @torch.no_grad()
     def prune(self, block: BlockAdapter, dense: BlockAdapter, xp: torch.Tensor, xd: torch.Tensor,
-              yd: torch.Tensor, ctx: dict) -> BlockRecord:
-        """Prune ``block`` in place. ``dense`` is an untouched copy; ``yd`` its output on ``xd``."""
+              yd: torch.Tensor, ctx: dict, whole: bool = False) -> BlockRecord:
+        """Prune ``block`` in place. ``dense`` is an untouched copy; ``yd`` its output on ``xd``.
+
+        ``whole`` (``--refit-unpruned``): remove nothing, but give every kept linear the re-fits a pruned block gets
+        (o_proj and down_proj over all their columns, q/k/v and gate/up with ``--recovery-inputs``): a block left
+        whole downstream of pruned ones sees a drifted stream, and left alone it passes the drift on, amplified."""
         t0 = time.perf_counter()
         cfg = self.cfg
-        rec = BlockRecord(block.index, True)
+        rec = BlockRecord(block.index, not whole, refit=whole)
         paper, post = cfg.recovery in ("paper", "both"), cfg.recovery in ("post", "both", "heldout")
         inputs = paper or cfg.recovery_inputs  # q/k/v and gate/up re-fitted to their dense outputs
         stats = BlockStats(grads=self.grads.get(block.index, {}), output_weight=self.output_weight(block))
@@ -570,7 +576,7 @@ class BlockPruner:
                                             heldout=m.get("attn_in:heldout"))
 
         # 2) o_proj input (after the q/k/v re-fit), head divergences, FFN moments for the split decision
-        js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 else None
+        js = JSAccumulator(block.n_heads) if self.use_similarity and block.n_heads > 1 and not whole else None
         roles = self.split_roles(block, paper or post)
         split_replay = FFNReplay() if replay and "down_in" in roles else None
         m = split_m = self.collect(block, dense, xp, xd, ctx, roles, js, split_replay)
@@ -581,10 +587,12 @@ class BlockPruner:
         if paper:
             rec.damping["o"] = self.refit([block.attn_out()], o_fit)
 
-        head_imp, redundant = self.head_importance(block, stats, js, rec)
         n_score = min(self.n_score or xp.shape[0], self.n_fit or xp.shape[0], xp.shape[0])
-        trial = (xp[:n_score], yd[:n_score], ctx)
-        plan = self.choose_plan(block, stats, head_imp, redundant, rec, trial)
+        if whole:
+            head_imp, redundant, plan = None, [], BlockPlan(0, 0, 0)
+        else:
+            head_imp, redundant = self.head_importance(block, stats, js, rec)
+            plan = self.choose_plan(block, stats, head_imp, redundant, rec, (xp[:n_score], yd[:n_score], ctx))
         rec.plan = {"heads_per_group": plan.heads_per_group, "kv_groups": plan.kv_groups, "channels": plan.channels,
                     "params": plan.params}
 
@@ -601,6 +609,8 @@ class BlockPruner:
                 rec.damping["o_post"] = self.refit([block.attn_out()], o_fit, kept_cols, m.get("o_in:heldout"))
             self.head_crit.after_head_prune(block, removed_heads, stats)
             block.slice_heads(keep_heads)
+        elif whole and post:
+            rec.damping["o_post"] = self.refit([block.attn_out()], o_fit, heldout=m.get("o_in:heldout"))
         rec.kept_heads = keep_heads
 
         if moe:  # 4') every expert its own depth-2 unit, statistics after the heads were cut
@@ -636,7 +646,9 @@ class BlockPruner:
             rec.damping["down"] = self.refit([block.ffn_out()], down_fit)
         rec.plan["selection"] = self.selection(block)
         before = block.ffn_out().weight.data.float().clone() if cfg.compensate_mean else None
-        if rec.plan["selection"] == "obs" and plan.channels:
+        if whole:
+            order = torch.arange(block.n_channels)
+        elif rec.plan["selection"] == "obs" and plan.channels:
             # OBS: greedy removal with least-squares compensation of the kept down_proj columns
             # under --error-weight fisher / kfac on weighted rows; every row gets the same input-side update, so
             # undoing the weighting leaves the same least-squares compensation
@@ -650,13 +662,12 @@ class BlockPruner:
             order = self.ffn_ranking(block, stats, plan.channels)
         removed = order[: plan.channels]
         keep = torch.sort(order[plan.channels :]).values
+        if plan.channels and before is not None:
+            self.compensate_mean(block, "mlp", before, keep, stats.down_in)
+        if (plan.channels or whole) and post:
+            judge = judge_rows.judge(block, keep) if judge_rows is not None else None
+            rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep, m.get("down_in:heldout"), judge)
         if plan.channels:
-            if before is not None:
-                self.compensate_mean(block, "mlp", before, keep, stats.down_in)
-            if post:
-                judge = judge_rows.judge(block, keep) if judge_rows is not None else None
-                rec.damping["down_post"] = self.refit([block.ffn_out()], down_fit, keep, m.get("down_in:heldout"),
-                                                      judge)
             self.ffn_crit.after_ffn_prune(block, removed.tolist(), stats)
             block.slice_ffn(keep.tolist())
         rec.kept_channels = len(keep)
@@ -891,10 +902,12 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
         ctx = contexts[i]
         block = store.load(i)
         x_dense = xp if xd is None else xd
-        if i in layer_range and cfg.sparsity > 0 and pruner.target_of(i) > 0:
+        prune_here = i in layer_range and cfg.sparsity > 0 and pruner.target_of(i) > 0
+        refit_here = not prune_here and cfg.refit_unpruned and xd is not None  # whole, on a drifted stream
+        if prune_here or refit_here:
             dense = copy_block(block)
             yd = acts.forward(dense, x_dense, ctx, cfg.batch_size, f"d-{i:05d}")
-            rec = pruner.prune(block, dense, xp, x_dense, yd, ctx)
+            rec = pruner.prune(block, dense, xp, x_dense, yd, ctx, whole=refit_here)
             del dense
         else:
             rec = BlockRecord(i, False, kept_heads=list(range(block.n_heads)), kept_channels=block.n_channels)
@@ -944,8 +957,15 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
                     f"the residual stream sees it, which holds where a block's outputs are added to that stream as "
                     f"they are; this {adapter.config.model_type} model (block {i}) normalises them first (or does "
                     "not say): drop it for this model")
+    refitted = _refit_range(adapter, cfg)
+    if cfg.refit_unpruned:
+        for i in refitted:
+            if is_moe(adapter.block(i)):
+                raise ConfigError(f"--refit-unpruned re-fits the linears of blocks left whole, but this "
+                                  f"{adapter.config.model_type} model's block {i} routes tokens to experts: drop it "
+                                  "for this model")
     if cfg.recovery_target == "block":
-        for i in cfg.block_range(adapter.n_layers):
+        for i in refitted:
             if not adapter.block(i).ffn_output_gain_known():
                 raise ConfigError(f"--recovery-target block re-fits down_proj to the dense block's output, but this "
                                   f"{adapter.config.model_type} model (block {i}) does not say how its FFN output "
@@ -962,6 +982,12 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
             raise ConfigError(f"criterion {gated[0]!r} is defined for gated FFNs (SwiGLU/GeGLU) only, but the "
                               f"FFN of this {adapter.config.model_type} model is plain (one input projection); "
                               "use --ffn-criterion second-moment (the same idea on the FFN output's real input)")
+
+
+def _refit_range(adapter: ModelAdapter, cfg: PruneConfig) -> range:
+    """Blocks a re-fit may touch: the pruned range, and with ``--refit-unpruned`` every block after its start."""
+    blocks = cfg.block_range(adapter.n_layers)
+    return range(blocks.start, adapter.n_layers) if cfg.refit_unpruned else blocks
 
 
 def _canonical(adapter: ModelAdapter, index: int) -> BlockAdapter:
