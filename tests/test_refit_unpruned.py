@@ -44,7 +44,7 @@ def test_a_whole_block_keeps_its_shape_and_fits_the_dense_stream(one_thread):
     pruner.ntokens = N * SEQ
     rec = pruner.prune(block, dense, xp, xd, yd, ctx, whole=True)
 
-    assert rec.refit and not rec.pruned
+    assert rec.refit and not rec.pruned and rec.plan["channels"] == 0 and rec.plan["selection"] == "none"
     assert rec.kept_heads == list(range(6)) and rec.kept_channels == 96
     shapes = {n: p.shape for n, p in block.layer.named_parameters()}
     assert shapes == {n: p.shape for n, p in before.items()}

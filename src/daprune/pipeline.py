@@ -644,7 +644,7 @@ class BlockPruner:
         down_fit = self.fit_moments(m, "down_in")
         if paper:
             rec.damping["down"] = self.refit([block.ffn_out()], down_fit)
-        rec.plan["selection"] = self.selection(block)
+        rec.plan["selection"] = "none" if whole else self.selection(block)  # a whole block selects nothing
         before = block.ffn_out().weight.data.float().clone() if cfg.compensate_mean else None
         if whole:
             order = torch.arange(block.n_channels)
