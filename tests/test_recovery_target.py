@@ -28,7 +28,8 @@ N, SEQ = 24, 16
 
 
 @torch.no_grad()
-def _prune_block(target: str, family: str = "llama", recovery: str = "post", n_fit: int = N, gains=None):
+def _prune_block(target: str, family: str = "llama", recovery: str = "post", n_fit: int = N, gains=None,
+                 whole: bool = False):
     model = tiny_model() if family == "llama" else tiny_llama_like(family)
     adapter = get_adapter(model)
     block = adapter.block(2)
@@ -46,7 +47,7 @@ def _prune_block(target: str, family: str = "llama", recovery: str = "post", n_f
     pruner = BlockPruner(cfg, get_criterion("second-moment"), get_criterion("second-moment"), 0.3 * params)
     pruner.n_score = pruner.n_fit = n_fit
     pruner.ntokens = N * SEQ
-    rec = pruner.prune(block, dense, xp, xd, yd, ctx)
+    rec = pruner.prune(block, dense, xp, xd, yd, ctx, whole=whole)
     return block, rec, xp, yd, ctx
 
 

@@ -12,42 +12,24 @@ import pytest
 import torch
 from conftest import CharTokenizer, tiny_model
 from test_moe import tiny as tiny_moe
-from test_recovery_target import _parts
+from test_recovery_target import _parts, _prune_block
 
 from daprune.api import prune
 from daprune.config import PruneConfig
-from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
 from daprune.models.adapter import get_adapter
-from daprune.pipeline import BlockPruner, check_criteria_fit, copy_block
-from daprune.stores import ResidentStore
-
-N, SEQ = 24, 16
+from daprune.pipeline import check_criteria_fit
 
 
 @torch.no_grad()
 def test_a_whole_block_keeps_its_shape_and_fits_the_dense_stream(one_thread):
-    model = tiny_model()
-    adapter = get_adapter(model)
-    block = adapter.block(4)
-    dense = copy_block(block)
-    g = torch.Generator().manual_seed(0)
-    xd = torch.randn(N, SEQ, model.config.hidden_size, generator=g)
-    xp = xd + 0.5 * torch.randn(xd.shape, generator=g)  # the stream pruned blocks upstream left behind
-    ctx = ResidentStore(adapter).layer_inputs(SEQ)[1]
-    yd = dense.forward(xd, ctx)
-    before = {n: p.clone() for n, p in block.layer.named_parameters()}
-    cfg = PruneConfig(recovery="post", recovery_target="block", recovery_prior="original", recovery_damp=1e-9,
-                      refit_unpruned=True, batch_size=8)
-    pruner = BlockPruner(cfg, get_criterion("second-moment"), get_criterion("second-moment"), 0.0)
-    pruner.n_score = pruner.n_fit = N
-    pruner.ntokens = N * SEQ
-    rec = pruner.prune(block, dense, xp, xd, yd, ctx, whole=True)
+    block, rec, xp, yd, ctx = _prune_block("block", whole=True)
+    untouched = get_adapter(tiny_model()).block(2)  # the same seeded weights, never re-fitted
 
     assert rec.refit and not rec.pruned and rec.plan["channels"] == 0 and rec.plan["selection"] == "none"
     assert rec.kept_heads == list(range(6)) and rec.kept_channels == 96
-    shapes = {n: p.shape for n, p in block.layer.named_parameters()}
-    assert shapes == {n: p.shape for n, p in before.items()}
+    before = dict(untouched.layer.named_parameters())
+    assert {n: p.shape for n, p in block.layer.named_parameters()} == {n: p.shape for n, p in before.items()}
     changed = {n for n, p in block.layer.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"self_attn.o_proj.weight", "mlp.down_proj.weight"}  # no --recovery-inputs: q/k/v, gate/up stay
 
@@ -56,9 +38,9 @@ def test_a_whole_block_keeps_its_shape_and_fits_the_dense_stream(one_thread):
     w, *_ = np.linalg.lstsq(h.numpy(), target.numpy(), rcond=None)
     best = float(((h.numpy() @ w - target.numpy()) ** 2).sum())
     error = float((block.forward(xp, ctx).double() - yd.double()).pow(2).sum())
-    untouched = float((dense.forward(xp, ctx).double() - yd.double()).pow(2).sum())
+    plain = float((untouched.forward(xp, ctx).double() - yd.double()).pow(2).sum())
     assert error == pytest.approx(best, rel=1e-3)
-    assert error < 0.9 * untouched
+    assert error < 0.9 * plain
 
 
 def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
