@@ -270,6 +270,28 @@ def test_sensitivity_changes_what_is_removed():
     assert [r["kept_channels"] for r in uniform["layers"]] != [r["kept_channels"] for r in sens["layers"]]
 
 
+def test_the_size_grid_sets_the_points_each_block_is_measured_at():
+    """``--sensitivity-sizes``: a coarser grid measures a subset of the default's points (same plan, same KL, since
+    a trial depends only on its size); a finer one adds points the default never measures, and moves the shares."""
+    default = _prune(tiny_llama_like("llama", layers=6)).report["allocation"]
+    coarse = _prune(tiny_llama_like("llama", layers=6), sensitivity_sizes="0.5,1,2").report["allocation"]
+    fine = _prune(tiny_llama_like("llama", layers=6), sensitivity_sizes="0.25,0.5,0.75,1,1.25,1.5,2,2.5,3"
+                  ).report["allocation"]
+    assert default["size_multiples"] == [0.5, 1.0, 1.5, 2.0, 3.0] and coarse["size_multiples"] == [0.5, 1.0, 2.0]
+    new_points = 0
+    for b, c in default["curves"].items():
+        measured = dict(zip(c["params"], c["kl"], strict=True))
+        assert 0 < len(coarse["curves"][b]["params"]) < len(c["params"])
+        for p, kl in zip(coarse["curves"][b]["params"], coarse["curves"][b]["kl"], strict=True):
+            assert kl == pytest.approx(measured[p], rel=1e-6)
+        assert set(measured) <= set(fine["curves"][b]["params"])  # the fine grid holds every default size
+        new_points += len(set(fine["curves"][b]["params"]) - set(measured))
+    assert new_points >= 6
+    assert fine["targets"] != default["targets"]
+    for t in (coarse, fine):
+        assert math.isclose(sum(t["targets"].values()), default["budget"])
+
+
 def test_streaming_with_a_tied_head_equals_in_memory(tmp_path):
     """The KL reads the LM head; in streaming mode a tied head must see the real embedding, not the skeleton's."""
     from transformers import AutoModelForCausalLM
@@ -284,6 +306,14 @@ def test_streaming_with_a_tied_head_equals_in_memory(tmp_path):
 def test_settings_the_schedule_cannot_honour_are_refused():
     with pytest.raises(ConfigError, match="sensitivity-nsamples"):
         PruneConfig(sensitivity_nsamples=4).validate()
+    with pytest.raises(ConfigError, match="sensitivity-sizes only matters"):
+        PruneConfig(sensitivity_sizes="0.5,1").validate()
+    for bad in ("1,0.5", "0,1", "1,1", "a,b", "1,nan", ""):
+        with pytest.raises(ConfigError, match="--sensitivity-sizes must"):
+            PruneConfig(schedule="sensitivity", sensitivity_sizes=bad).validate()
+    with pytest.raises(ConfigError, match="allocation-search"):
+        PruneConfig(schedule="sensitivity", sensitivity_sizes="1,2", allocation_search=2).validate()
+    PruneConfig(schedule="sensitivity", sensitivity_sizes="0.25,1,4").validate()
     with pytest.raises(ConfigError, match="sensitivity-refit only matters"):
         PruneConfig(sensitivity_refit=True, recovery="post").validate()
     with pytest.raises(ConfigError, match="--recovery post or heldout"):

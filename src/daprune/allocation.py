@@ -104,7 +104,8 @@ def allocate(curves: list[Curve], budget: float) -> dict[int, float]:
 def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
                         blocks: range, budget: float, nsamples: int, *, head_logits=None, search: int = 0,
                         search_nsamples: int = 8, seed: int = 0, progress: bool = False, refit: bool = False,
-                        heldout: torch.Tensor | None = None) -> tuple[dict[int, float], dict]:
+                        heldout: torch.Tensor | None = None, multiples: tuple[float, ...] | None = None,
+                        ) -> tuple[dict[int, float], dict]:
     """Per-block parameter targets (summing to ``budget``) and the report entry with every measured curve.
 
     ``adapter`` may be a streaming view (blocks loaded on access); ``x`` holds the embedded scoring rows (their
@@ -115,6 +116,8 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     ``refit`` (``--sensitivity-refit``): every trial block also gets the post-pruning re-fit the pipeline gives it
     (:meth:`BlockPruner.trial_block` with rows), fitted on ``x`` and its strength chosen on the embedded
     ``heldout`` rows, so a block whose damage the re-fit repairs is priced as the pipeline will leave it.
+    ``multiples`` (``--sensitivity-sizes``): the sizes measured, as multiples of the average share (default
+    SIZE_MULTIPLES); a finer grid lets the allocation stop between today's points at the price of more trials.
     """
     from daprune.pipeline import BlockRecord, _forward
 
@@ -131,7 +134,9 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     dense = x if heldout is None or not refit else torch.cat([x, heldout.to(x.device, x.dtype)])
     trials: list[tuple[int, int, torch.Tensor]] = []  # (block, params removed, stream of the first ns rows)
     kept: dict[int, list[tuple[int, BlockAdapter]]] = {}  # --allocation-search: every block's trial blocks
-    multiples = SEARCH_MULTIPLES if search else SIZE_MULTIPLES
+    if search and multiples:
+        raise ValueError("the allocation search steps between its own sizes (SEARCH_MULTIPLES)")
+    multiples = SEARCH_MULTIPLES if search else (multiples or SIZE_MULTIPLES)
     saved = dict(pruner.targets)
     try:
         for j in range(adapter.n_layers):

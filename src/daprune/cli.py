@@ -94,6 +94,9 @@ def _prune_parser(sub) -> None:
                         "block's fraction of outlier weights (OWL)")
     p.add_argument("--sensitivity-nsamples", type=int, default=d.sensitivity_nsamples,
                    help="--schedule sensitivity: calibration rows the KL is measured on (default 4)")
+    p.add_argument("--sensitivity-sizes", default=d.sensitivity_sizes, metavar="M1,M2,...",
+                   help="--schedule sensitivity: the sizes each block is pruned at to measure its cost, as multiples "
+                        "of the average share (default 0.5,1,1.5,2,3); the allocation interpolates between them")
     p.add_argument("--sensitivity-refit", action=argparse.BooleanOptionalAction, default=d.sensitivity_refit,
                    help="--schedule sensitivity with --recovery post|heldout: price each trial block after the "
                         "o_proj / down_proj re-fit the pipeline gives it (not with OBS compensation alone)")

@@ -6,6 +6,7 @@ The whole object is written into ``report.json`` so a run can be reproduced from
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,9 @@ class PruneConfig:
     fisher_nsamples: int | None = None
     # --schedule sensitivity: calibration rows its KL measurement runs on (None: SENSITIVITY_NSAMPLES)
     sensitivity_nsamples: int | None = None
+    # --schedule sensitivity: the sizes each block is measured at, comma-separated multiples of the average share
+    # (None: daprune.allocation.SIZE_MULTIPLES)
+    sensitivity_sizes: str | None = None
     # --schedule sensitivity: price each trial block after the post-pruning re-fit the pipeline gives it
     sensitivity_refit: bool = False
     # re-fit the blocks the schedule leaves whole downstream of a pruned one (their input has drifted)
@@ -347,6 +351,13 @@ class PruneConfig:
                 raise ConfigError("--sensitivity-nsamples only matters with --schedule sensitivity")
             if self.sensitivity_nsamples < 1:
                 raise ConfigError(f"--sensitivity-nsamples must be >= 1, got {self.sensitivity_nsamples}")
+        if self.sensitivity_sizes is not None:
+            if self.schedule != "sensitivity":
+                raise ConfigError("--sensitivity-sizes only matters with --schedule sensitivity")
+            if self.allocation_search is not None:
+                raise ConfigError("--sensitivity-sizes cannot be combined with --allocation-search, whose moves "
+                                  "step between its own fixed sizes")
+            parse_multiples(self.sensitivity_sizes)
         if self.sensitivity_refit:
             if self.schedule != "sensitivity":
                 raise ConfigError("--sensitivity-refit only matters with --schedule sensitivity")
@@ -431,6 +442,20 @@ def parse_size(text: str | int) -> int:
     if value < 1:
         raise ConfigError(f"--max-shard-size must be positive, got {text!r}")
     return value
+
+
+def parse_multiples(spec: str) -> tuple[float, ...]:
+    """``--sensitivity-sizes``: positive, strictly increasing multiples of the average share, e.g. "0.5,1,2"."""
+    try:
+        values = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"--sensitivity-sizes must be comma-separated numbers such as 0.5,1,2,3, got {spec!r}") \
+            from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"--sensitivity-sizes must be positive multiples of the average share, got {spec!r}")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ConfigError(f"--sensitivity-sizes must be strictly increasing, got {spec!r}")
+    return values
 
 
 def parse_layers(spec: str, n_layers: int) -> range:

@@ -710,11 +710,12 @@ def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.T
     (``sensitivity``: each block's effect on the output distribution) or by outlier ratio (``owl``)."""
     if cfg.schedule == "sensitivity":
         from daprune.allocation import sensitivity_targets
-        from daprune.config import SEARCH_NSAMPLES, SENSITIVITY_NSAMPLES
+        from daprune.config import SEARCH_NSAMPLES, SENSITIVITY_NSAMPLES, parse_multiples
 
+        sizes = parse_multiples(cfg.sensitivity_sizes) if cfg.sensitivity_sizes else None
         with store.outside_layers(head=True):
             return sensitivity_targets(view, pruner, x, contexts, blocks, budget,
-                                       cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES,
+                                       cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES, multiples=sizes,
                                        search=cfg.allocation_search or 0,
                                        search_nsamples=cfg.search_nsamples or SEARCH_NSAMPLES, seed=cfg.seed,
                                        progress=progress, refit=cfg.sensitivity_refit, heldout=heldout)[1]
