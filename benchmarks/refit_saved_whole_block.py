@@ -32,12 +32,8 @@ from daprune.data.generated import store_for
 from daprune.evaluation.perplexity import evaluate
 from daprune.models.adapter import get_adapter
 from daprune.models.loading import load_model
-from daprune.pipeline import BlockPruner, copy_block
+from daprune.pipeline import BlockPruner, _rel, copy_block
 from daprune.stores import ResidentStore
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @torch.no_grad()
