@@ -36,6 +36,8 @@ ROWS = {
     "self-generated": {"calibration": "self"},
     "sensitivity": {"schedule": "sensitivity"},
     "heldout-recovery": {"recovery": "heldout", "heldout_nsamples": 16},
+    "block-remedy": {"recovery": "heldout", "heldout_nsamples": 16, "recovery_target": "block",
+                     "recovery_inputs": True},
     "nsamples-128": {"nsamples": 128},
 }
 

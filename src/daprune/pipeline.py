@@ -182,6 +182,12 @@ class BlockPruner:
         dense_mods = {f"{r}:{i}": m for r, pair in roles.items() if pair and not (block_target and r == "down_in")
                       for i, m in enumerate(tgt[r])}
         need_dense = bool(dense_mods)
+        # a forward may end once its last hooked linear has run where nothing reads the block's output: always on the
+        # dense side (only its linears' outputs are targets), on the pruned side unless the output or the attention
+        # maps are read (replay, block target, judged rows, head divergences). Not on experts: a routed linear may run
+        # twice or not at all in one forward.
+        early = not is_moe(block)
+        stop_pruned = early and replay is None and not block_target and judge_rows is None
         bs = self.cfg.batch_size
         scale = token_scale(self.cfg.token_weight, xp, n_fit, bs, self.cfg.first_token_share,
                             self.token_grads.get(block.index))
@@ -190,7 +196,8 @@ class BlockPruner:
             e = min(s + bs, n_fit if s < n_fit else n_rows)
             k = max(0, min(e - s, n_score - s))  # rows of this batch that are scoring samples
             probs: list[torch.Tensor] | None = [] if js is not None and k else None
-            with capture({r: lin[r] for r in roles}) as got:
+            y = None  # stays None where the pass stops early (nothing below reads it then)
+            with capture({r: lin[r] for r in roles}, stop=stop_pruned and probs is None) as got:
                 y = block.forward(xp[s:e], ctx, probs)
             got = _as_rows(got, e - s)
             if replay is not None:
@@ -200,7 +207,7 @@ class BlockPruner:
             factors = scale.factors(xp[s:e], s) if scale is not None else None  # once per batch, for every role
             dense_out = {}
             if need_dense:
-                with capture(dense_mods) as dgot:
+                with capture(dense_mods, stop=early) as dgot:
                     dense.forward(xd[s:e], ctx)
                 dense_out = _as_rows(dgot, e - s)
             for r, pair in roles.items():
