@@ -19,8 +19,8 @@ from daprune.pipeline import BlockPruner, copy_block
 from daprune.stores import ResidentStore
 
 
-def _block(seed: int = 0):
-    model = tiny_model(seed=seed)
+def _block():
+    model = tiny_model()
     adapter = get_adapter(model)
     ctx = ResidentStore(adapter).layer_inputs(16)[1]
     return adapter.block(1), ctx
