@@ -264,6 +264,16 @@ def test_sensitivity_schedule_prunes_every_block_by_its_share(tmp_path):
     assert plot_allocation(alloc, tmp_path / "allocation.png").stat().st_size > 1000
 
 
+def test_the_sensitivity_pass_shows_progress_only_when_asked(capsys):
+    """The pass runs every candidate block at every size (minutes on a real model): it gets its own progress bar,
+    which ``progress=False`` (``--quiet``) hides; the bar changes nothing that is measured."""
+    quiet = _prune(tiny_llama_like("llama", layers=6)).report["allocation"]
+    assert "measuring sensitivity" not in capsys.readouterr().err
+    shown = _prune(tiny_llama_like("llama", layers=6), progress=True).report["allocation"]
+    assert "measuring sensitivity" in capsys.readouterr().err
+    assert shown["curves"] == quiet["curves"] and shown["targets"] == quiet["targets"]
+
+
 def test_sensitivity_changes_what_is_removed():
     uniform = _prune(tiny_llama_like("llama", layers=6), schedule="uniform", layers="0:").report
     sens = _prune(tiny_llama_like("llama", layers=6)).report

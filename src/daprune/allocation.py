@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from daprune.allocation_search import SEARCH_MULTIPLES, mean_kl
 from daprune.criteria.similarity import select_head_plan
@@ -138,8 +139,10 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
         raise ValueError("the allocation search steps between its own sizes (SEARCH_MULTIPLES)")
     multiples = SEARCH_MULTIPLES if search else (multiples or SIZE_MULTIPLES)
     saved = dict(pruner.targets)
+    # the pass runs every block at every size and can take many minutes on a real model: show where it is
+    layers = tqdm(range(adapter.n_layers), desc="measuring sensitivity", leave=False, disable=not progress)
     try:
-        for j in range(adapter.n_layers):
+        for j in layers:
             block, ctx = adapter.block(j), contexts[j]
             trials = [(i, p, _forward(block, h, ctx, bs)) for i, p, h in trials]  # dense block j downstream
             out = _forward(block, dense, ctx, bs)  # the dense block's output: the next block's input
@@ -167,6 +170,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                         kept.setdefault(j, []).append((plan.params, trial))
             dense = out
     finally:
+        layers.close()
         pruner.targets = saved
     ref = _log_probs(logits_of, dense[:ns], bs)
     curves = {i: Curve(i, [], []) for i in blocks}
