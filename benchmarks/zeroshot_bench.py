@@ -3,13 +3,16 @@
 Usage::
 
     python benchmarks/zeroshot_bench.py [--model DIR] [--limit N] [--batch-size B] [--dtype bf16|fp32]
-                                        [--tasks piqa,arc_easy] [--threads T] [--json FILE]
+                                        [--tasks piqa,arc_easy] [--threads T] [--json FILE] [--one-by-one]
     python benchmarks/zeroshot_bench.py --compare-dtypes --tasks hellaswag,arc_easy --limit 300
+    python benchmarks/zeroshot_bench.py --compare-scoring --tasks hellaswag,arc_easy,piqa --limit 200
     python benchmarks/zeroshot_bench.py --side-by-side Dense=docs/a.json "Ours 20%=docs/b.json"
 
 The default model is the embedded SmolLM2-135M-Instruct (de-quantized from its GGUF). ``--compare-dtypes``
 scores the same documents in fp32 and bf16 and reports how often the chosen answer changes, to decide
-whether bf16 (much faster on CPU) stays within noise. ``--side-by-side`` prints earlier results (JSONs of this
+whether bf16 (much faster on CPU) stays within noise. ``--compare-scoring`` does the same for scoring every
+answer as its own sequence against the default, each question run once for all its answers (shared contexts),
+to time what that saves and show the scores do not move. ``--side-by-side`` prints earlier results (JSONs of this
 script) as one markdown table, each task's reported metric per model and the difference from the first; it
 refuses results over different document counts, which would not be comparable.
 """
@@ -40,8 +43,11 @@ def load(model_dir: str | None, dtype: str) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> dict[str, Any]:
-    """Evaluate once and attach the settings needed to reproduce the numbers."""
+def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False, one_by_one: bool | None = None
+        ) -> dict[str, Any]:
+    """Evaluate once and attach the settings needed to reproduce the numbers (``one_by_one`` None: as
+    ``--one-by-one`` says)."""
+    one_by_one = args.one_by_one if one_by_one is None else one_by_one
     model, tokenizer = load(args.model, dtype)
     start = time.perf_counter()
     result = evaluate_zeroshot(
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> d
         log_samples=log_samples,
         request_cache=args.request_cache,
         trim_logits=not args.all_logits,
+        share_contexts=not one_by_one,
     )
     result["wall_s"] = time.perf_counter() - start
     result["settings"] = {
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False) -> d
         "threads": torch.get_num_threads(),
         "request_cache": args.request_cache,  # wall_s covers only requests not already cached
         "trim_logits": not args.all_logits,
+        "share_contexts": not one_by_one,
         "torch": torch.__version__,
         "command": " ".join(shlex.quote(a) for a in sys.argv),
     }
@@ -134,29 +142,42 @@ def _per_doc(samples: list[dict[str, Any]], metric: str) -> dict[int, tuple[list
 
 def compare_dtypes(args: argparse.Namespace) -> dict[str, Any]:
     """Score the same documents in fp32 and bf16; report metric deltas and per-doc flips."""
-    runs = {dtype: run(args, dtype, log_samples=True) for dtype in ("fp32", "bf16")}
-    report: dict[str, Any] = {"tasks": {}, "wall_s": {d: r["wall_s"] for d, r in runs.items()}}
+    return compare(args, {dtype: run(args, dtype, log_samples=True) for dtype in ("fp32", "bf16")})
+
+
+def compare_scoring(args: argparse.Namespace) -> dict[str, Any]:
+    """Score the same documents one answer per sequence and with shared contexts, in ``--dtype``."""
+    return compare(args, {"one-by-one": run(args, args.dtype, log_samples=True, one_by_one=True),
+                          "shared": run(args, args.dtype, log_samples=True, one_by_one=False)})
+
+
+def compare(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Two labelled runs over the same documents: each task's metric in both, per-doc flips, the largest
+    change of any choice's log-likelihood, and the wall times (the first run is the reference)."""
+    (ref_label, ref), (label, other) = runs.items()
+    report: dict[str, Any] = {"tasks": {}, "wall_s": {k: r["wall_s"] for k, r in runs.items()},
+                              "settings": {k: r["settings"] for k, r in runs.items()}}
     for task in args.tasks:
-        metric = runs["fp32"]["mean_metrics"][task]
-        a, b = (_per_doc(runs[d]["samples"][task], metric) for d in ("fp32", "bf16"))
+        metric = ref["mean_metrics"][task]
+        a, b = (_per_doc(r["samples"][task], metric) for r in (ref, other))
         flipped = sum(a[i][1] != b[i][1] for i in a)
         max_dll = max(abs(x - y) for i in a for x, y in zip(a[i][0], b[i][0], strict=True))
-        fp32, bf16 = (runs[d]["tasks"][task] for d in ("fp32", "bf16"))
+        first, second = ref["tasks"][task], other["tasks"][task]
         report["tasks"][task] = {
             "metric": metric,
-            "fp32": fp32[metric],
-            "bf16": bf16[metric],
-            "stderr": fp32[f"{metric}_stderr"],
-            "n": fp32["n"],
+            ref_label: first[metric],
+            label: second[metric],
+            "stderr": first[f"{metric}_stderr"],
+            "n": first["n"],
             "docs_flipped": flipped,
             "max_abs_dll": max_dll,
         }
         print(
-            f"{task:<14} {metric:<9} fp32 {fp32[metric]:.4f}  bf16 {bf16[metric]:.4f}  "
-            f"stderr {fp32[f'{metric}_stderr']:.4f}  n {fp32['n']}  "
-            f"docs flipped {flipped}/{len(a)}  max|dLL| {max_dll:.3f}"
+            f"{task:<14} {metric:<9} {ref_label} {first[metric]:.4f}  {label} {second[metric]:.4f}  "
+            f"stderr {first[f'{metric}_stderr']:.4f}  n {first['n']}  "
+            f"docs flipped {flipped}/{len(a)}  max|dLL| {max_dll:.3g}"
         )
-    print(f"wall time fp32 {report['wall_s']['fp32']:.0f} s, bf16 {report['wall_s']['bf16']:.0f} s")
+    print(", ".join(f"wall time {k} {w:.0f} s" for k, w in report["wall_s"].items()))
     return report
 
 
@@ -169,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--compare-dtypes", action="store_true", help="fp32 vs bf16 on the same documents")
+    parser.add_argument("--compare-scoring", action="store_true",
+                        help="one answer per sequence vs shared contexts, in --dtype, on the same documents")
     parser.add_argument("--json", default=None, help="write the result here")
     parser.add_argument("--request-cache", default=None, metavar="DIR",
                         help="lm-eval request cache per model: a stopped run continues where it was")
@@ -176,7 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--side-by-side", nargs="+", metavar="LABEL=FILE", default=None,
                         help="print earlier results of this script as one markdown table (no evaluation)")
     parser.add_argument("--all-logits", action="store_true",
-                        help="plain HFLM: vocabulary logits at every position (to time the saving)")
+                        help="vocabulary logits at every position (with --one-by-one: plain HFLM), to time "
+                             "the saving")
+    parser.add_argument("--one-by-one", action="store_true",
+                        help="score every answer as its own sequence, the question run once per answer "
+                             "(to time what shared contexts save)")
     args = parser.parse_args(argv)
     try:
         args.tasks = parse_tasks(args.tasks)
@@ -184,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.compare_dtypes and args.compare_scoring:
+        parser.error("--compare-dtypes and --compare-scoring are two separate comparisons: pick one")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -201,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.compare_dtypes:
         out = compare_dtypes(args)
+    elif args.compare_scoring:
+        out = compare_scoring(args)
     else:
         out = run(args, args.dtype)
         print_table(out)

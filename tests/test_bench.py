@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -220,3 +221,25 @@ def test_cuda_check_agreement_measures_what_differs(tmp_path):
     assert scaled["same_tensors_and_shapes"] and scaled["tensors_over_1e-3"] == 1
     assert scaled["max_rel_diff"] == pytest.approx(0.04 / 4.0, rel=1e-5)  # |x * 0.01| at most 0.04, max |x| = 4
     assert cc.agreement(a, c)["same_tensors_and_shapes"] is False
+
+
+def test_zeroshot_compare_counts_flipped_documents_and_the_largest_score_change(capsys):
+    zs = benchmark_module("zeroshot_bench")
+
+    def result(lls, correct, wall):
+        samples = [{"doc_id": i, "filtered_resps": [[x, False] for x in ll], "acc": c}
+                   for i, (ll, c) in enumerate(zip(lls, correct, strict=True))]
+        return {"tasks": {"piqa": {"acc": sum(correct) / len(correct), "acc_stderr": 0.1, "n": len(correct)}},
+                "mean_metrics": {"piqa": "acc"}, "samples": {"piqa": samples}, "wall_s": wall, "settings": {}}
+
+    ref = result([[-1.0, -2.0], [-3.0, -2.5], [-4.0, -4.5]], [1.0, 0.0, 1.0], 10.0)
+    other = result([[-1.0, -2.0], [-3.0, -2.9], [-4.25, -4.5]], [1.0, 1.0, 1.0], 4.0)
+    args = argparse.Namespace(tasks=["piqa"])
+    report = zs.compare(args, {"one-by-one": ref, "shared": other})
+    row = report["tasks"]["piqa"]
+    assert row["docs_flipped"] == 1 and row["max_abs_dll"] == pytest.approx(0.4)
+    assert (row["one-by-one"], row["shared"], row["n"]) == (pytest.approx(2 / 3), 1.0, 3)
+    assert report["wall_s"] == {"one-by-one": 10.0, "shared": 4.0}
+    with pytest.raises(SystemExit):
+        zs.parse_args(["--compare-dtypes", "--compare-scoring"])
+    assert "two separate comparisons" in capsys.readouterr().err

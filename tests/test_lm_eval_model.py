@@ -39,9 +39,9 @@ def _requests(max_length: int, seed: int = 0) -> list[tuple[tuple[str, str], lis
     return reqs
 
 
-def _lm(model, trim: bool, batch_size: int = 4) -> ContinuationLogitsHFLM:
+def _lm(model, trim: bool, batch_size: int = 4, share: bool = False) -> ContinuationLogitsHFLM:
     return ContinuationLogitsHFLM(pretrained=model, tokenizer=char_tokenizer(), batch_size=batch_size,
-                                  softmax_dtype="float32", progress=False, trim_logits=trim)
+                                  softmax_dtype="float32", progress=False, trim_logits=trim, share_contexts=share)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 7])
@@ -118,3 +118,98 @@ def test_saved_non_uniform_model_is_scored_from_trimmed_logits(one_thread, tmp_p
     ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
     assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in ref], abs=1e-5)
     assert trimmed.positions_computed < trimmed.positions_total
+
+
+# -- shared contexts: every answer of a question in one packed sequence ---------------------------------------------
+class _Recorder:
+    """Stands in for lm-eval's request-cache hook: records what would be committed."""
+
+    def __init__(self) -> None:
+        self.added: dict = {}
+
+    def add_partial(self, kind: str, key, value) -> None:
+        self.added[key] = value
+
+
+def test_pack_lays_out_the_context_once_and_each_ending_after_it() -> None:
+    """Expected tensors written out by hand for one context [1, 2, 3] with endings (4, 5, 6), (7,), (8, 9)."""
+    from daprune.evaluation.shared_context import Group, pack
+
+    g = Group((1, 2, 3), (0, 1, 2), ((4, 5, 6), (7,), (8, 9)))
+    short = Group((1, 2), (3,), ((5,),))
+    batch = pack([g, short])
+    assert g.length == 6 and g.needs_mask and not short.needs_mask
+    assert not Group((1,), (0, 1), ((2, 3), (4,))).needs_mask  # one ending with inputs: a plain sequence
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 8], [1, 2, 0, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 0, 0, 0, 0]]
+    want = [[1, 0, 0, 0, 0, 0],  # context: causal
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],  # ending 1, token 4: the context and itself
+            [1, 1, 1, 1, 1, 0],  # token 5: the context, 4 and itself
+            [1, 1, 1, 0, 0, 1]]  # ending 3, token 8: the context and itself, never ending 1
+    assert batch.allowed[0].int().tolist() == want
+    assert batch.allowed[1].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                                               [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]]
+    assert batch.reads == [(0, [2, 3, 4], [4, 5, 6]), (0, [2], [7]), (0, [2, 5], [8, 9]), (1, [1], [5])]
+    assert batch.first_read == 1
+
+
+def test_requests_lm_eval_would_truncate_are_not_grouped() -> None:
+    from daprune.evaluation.shared_context import group_requests
+
+    reqs = [(None, [1, 2], [3]), (None, [1, 2], [4, 5]), (None, [1, 2], [6, 7, 8, 9, 10]), (None, [7], [8])]
+    groups, plain = group_requests(reqs, max_length=5)
+    assert plain == [2]  # 7 tokens > max_length + 1: lm-eval drops its first token, not the shared context's
+    assert [(g.context, g.members) for g in groups] == [((1, 2), (0, 1)), ((7,), (3,))]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "gemma3_text/wide", "phi3", "opt", "gpt2",
+                                    "gpt_neox"])
+def test_shared_contexts_give_plain_hflm_answers(one_thread, family: str) -> None:
+    """Same answers as plain HFLM from far fewer positions. Gemma-3 as built has an 8-token sliding window,
+    shorter than every packed question here, so each goes the plain way (a packed sequence longer than the
+    window would change what its sliding layers see); "/wide" widens the window past every sequence."""
+    from test_families import FAMILIES
+    from test_families import tiny as tiny_llama_like
+    from test_families_extra import tiny as tiny_other
+
+    family, _, variant = family.partition("/")
+    model = tiny_llama_like(family) if family in FAMILIES else tiny_other(family)
+    if variant == "wide":
+        model.config.sliding_window = 4096
+    shared = _lm(model, True, batch_size=3, share=True)
+    plain = ContinuationLogitsHFLM(pretrained=model, tokenizer=char_tokenizer(), batch_size=3,
+                                   softmax_dtype="float32", progress=False, trim_logits=False, share_contexts=False)
+    assert shared.share_contexts and not plain.share_contexts
+    shared.cache_hook = _Recorder()
+    reqs = _requests(shared.max_length, seed=2)
+    ours = shared._loglikelihood_tokens(reqs, disable_tqdm=True)
+    ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert shared.share_contexts  # the first-group check agreed
+    assert [g for _, g in ours] == [g for _, g in ref]
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in ref], abs=1e-4)
+    assert shared.cache_hook.added == {r[0]: a for r, a in zip(reqs, ours, strict=True)}
+    if getattr(model.config, "sliding_window", None) == 8:
+        assert shared.tokens_run == plain.tokens_run
+    else:  # every question's context once: fewer positions than one sequence per answer (seeded requests: 45-75%)
+        assert shared.tokens_run < 0.8 * plain.tokens_run
+
+
+def test_a_model_that_ignores_the_packed_mask_is_scored_one_by_one(one_thread, caplog) -> None:
+    model = tiny_model(vocab=96)
+    original = model.forward
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, **kwargs):  # drops both
+        return original(input_ids=input_ids, **kwargs)
+
+    model.forward = forward
+    lm = _lm(model, True, share=True)
+    plain = ContinuationLogitsHFLM(pretrained=model, tokenizer=char_tokenizer(), batch_size=4,
+                                   softmax_dtype="float32", progress=False, share_contexts=False)
+    reqs = _requests(lm.max_length, seed=3)
+    with caplog.at_level("WARNING"):
+        ours = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert not lm.share_contexts and "disagrees" in caplog.text
+    ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in ref], abs=1e-5)

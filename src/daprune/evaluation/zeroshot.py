@@ -383,12 +383,14 @@ def model_fingerprint(model: Any, sample: int = 4096) -> str:
     return h.hexdigest()[:20]
 
 
-def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool, trim_logits: bool = True) -> Any:
+def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool, trim_logits: bool = True,
+             share_contexts: bool = True) -> Any:
     """Wrap an in-memory HF model for lm-eval.
 
     Log-softmax runs in float32 whatever the model dtype: summing bf16 log-probs would add
     rounding noise of ~1e-2 per token to every choice score. ``trim_logits`` computes vocabulary
-    logits only where lm-eval reads them (see ``lm_eval_model``).
+    logits only where lm-eval reads them, ``share_contexts`` runs each question once for all its
+    answers (see ``lm_eval_model``).
     """
     from daprune.evaluation.lm_eval_model import ContinuationLogitsHFLM
 
@@ -399,6 +401,7 @@ def _make_lm(model: Any, tokenizer: Any, batch_size: int, progress: bool, trim_l
         softmax_dtype="float32",
         progress=progress,
         trim_logits=trim_logits,
+        share_contexts=share_contexts,
     )
 
 
@@ -450,6 +453,7 @@ def evaluate_zeroshot(
     log_samples: bool = False,
     request_cache: str | os.PathLike | None = None,
     trim_logits: bool = True,
+    share_contexts: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of an in-memory causal LM on standard lm-eval tasks.
 
@@ -469,6 +473,10 @@ def evaluate_zeroshot(
             lm-eval keys entries by request only, so one file must never serve two models.
         trim_logits: compute the LM head and log-softmax only at the trailing positions that hold
             continuations (same scores, less work); False runs plain ``HFLM``, for comparisons.
+        share_contexts: score the answers of one question in one packed sequence, the question run
+            once (same scores up to rounding, about half the work on HellaSwag / ARC / OpenBookQA);
+            False scores every answer as its own sequence, for comparisons. The result's
+            ``shared_contexts`` says whether it stayed on (a model it disagrees with turns it off).
 
     Returns:
         ``{"tasks": {task: {"acc", "acc_norm" (None if absent), "n", "acc_stderr",
@@ -492,7 +500,7 @@ def evaluate_zeroshot(
     import lm_eval
 
     with _quiet_logs(not progress), task_manager(tasks, use_offline) as manager:
-        lm = _make_lm(model, tokenizer, batch_size, progress, trim_logits)
+        lm = _make_lm(model, tokenizer, batch_size, progress, trim_logits, share_contexts)
         raw = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,
@@ -504,7 +512,7 @@ def evaluate_zeroshot(
             use_cache=cache_path,
         )
     result = summarize(raw, tasks)
-    result.update({"offline": use_offline, "limit": limit})
+    result.update({"offline": use_offline, "limit": limit, "shared_contexts": bool(lm.share_contexts)})
     if cache_path is not None:
         result["request_cache"] = cache_path + "_rank0.db"
     if log_samples:
