@@ -94,7 +94,8 @@ def test_models_without_logits_to_keep_fall_back_to_plain_hflm() -> None:
 
 @pytest.mark.parametrize("loader", ["daprune", "remote-code"])
 def test_saved_non_uniform_model_is_scored_from_trimmed_logits(one_thread, tmp_path, loader: str) -> None:
-    """A pruned folder, loaded either way, keeps logits_to_keep, so the saving applies to it."""
+    """A pruned folder, loaded either way, keeps logits_to_keep and takes packed questions, so both savings
+    apply to it."""
     from transformers import AutoModelForCausalLM
 
     from daprune.loader import load_pruned
@@ -118,6 +119,11 @@ def test_saved_non_uniform_model_is_scored_from_trimmed_logits(one_thread, tmp_p
     ref = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
     assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in ref], abs=1e-5)
     assert trimmed.positions_computed < trimmed.positions_total
+    shared = _lm(loaded, True, share=True)  # and its questions packed, each run once for all its answers
+    packed = shared._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert shared.share_contexts and shared.tokens_run < 0.8 * trimmed.tokens_run
+    assert [ll for ll, _ in packed] == pytest.approx([ll for ll, _ in ref], abs=1e-4)
+    assert [g for _, g in packed] == [g for _, g in ref]
 
 
 # -- shared contexts: every answer of a question in one packed sequence ---------------------------------------------
