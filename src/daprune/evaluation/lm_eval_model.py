@@ -42,7 +42,8 @@ class ContinuationLogitsHFLM(HFLM):
 
     Args (besides HFLM's own):
         progress: False hides the per-request progress bar.
-        trim_logits: False gives plain ``HFLM`` behaviour (every position's logits), for comparisons.
+        trim_logits: False computes every position's logits (with ``share_contexts=False``: plain ``HFLM``), for
+            comparisons.
         share_contexts: score the requests of one context as one packed sequence (see the module docstring);
             False, or a model this cannot apply to, scores every request on its own.
     """

@@ -472,7 +472,8 @@ def evaluate_zeroshot(
             run's answers are reused by a later full run. The file is keyed by ``model_fingerprint``:
             lm-eval keys entries by request only, so one file must never serve two models.
         trim_logits: compute the LM head and log-softmax only at the trailing positions that hold
-            continuations (same scores, less work); False runs plain ``HFLM``, for comparisons.
+            continuations (same scores, less work); False, with ``share_contexts=False``, runs plain
+            ``HFLM``, for comparisons.
         share_contexts: score the answers of one question in one packed sequence, the question run
             once (same scores up to rounding, about half the work on HellaSwag / ARC / OpenBookQA);
             False scores every answer as its own sequence, for comparisons. The result's
