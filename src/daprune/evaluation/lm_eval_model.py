@@ -111,14 +111,9 @@ class ContinuationLogitsHFLM(HFLM):
         dev = self.device
         keep = batch.input_ids.shape[1] - batch.first_read
         self.tokens_run += batch.input_ids.numel()
-        with (
-            torch.no_grad(),
-            torch.autocast(device_type=dev.type, dtype=self.mixed_precision_dtype,
-                           enabled=self.mixed_precision_dtype is not None),
-        ):
-            kwargs = {"logits_to_keep": keep} if self.trim_logits else {}
-            logits = self.model(batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
-                                attention_mask=self._mask(batch.allowed.to(dev)), use_cache=False, **kwargs).logits
+        kwargs = {"logits_to_keep": keep} if self.trim_logits else {}
+        logits = self._logits(batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
+                              attention_mask=self._mask(batch.allowed.to(dev)), use_cache=False, **kwargs)
         logits = logits[:, logits.shape[1] - keep :]  # the positions from first_read on
         out: list[tuple[float, bool]] = []
         row, log_probs = -1, None
@@ -177,6 +172,11 @@ class ContinuationLogitsHFLM(HFLM):
         self.positions_computed += inps.shape[0] * (keep or inps.shape[1])
         if keep is None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        return self._logits(inps, logits_to_keep=keep)
+
+    def _logits(self, inps: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The model's logits without gradients, under HFLM's mixed precision when it has one (as
+        ``HFLM._model_call``, which takes no extra model arguments)."""
         with (
             torch.no_grad(),
             torch.autocast(
@@ -185,7 +185,7 @@ class ContinuationLogitsHFLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            return self.model(inps, logits_to_keep=keep).logits
+            return self.model(inps, **kwargs).logits
 
 
 def _can_pack(lm: HFLM) -> bool:
