@@ -84,7 +84,8 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
           extra: Callable[[Path], None] | None = None, generated=None, **settings) -> PruneResult:
     """Prune a causal LM in one shot and (optionally) write it to ``out``.
 
-    Pass a :class:`PruneConfig` or its fields as keyword arguments. ``model``/``tokenizer`` may be
+    Pass a :class:`PruneConfig` or its fields as keyword arguments; ``preset="quality"`` starts the fields from
+    that preset (:mod:`daprune.presets`) and the other keywords are set over it. ``model``/``tokenizer`` may be
     given directly (already loaded); otherwise ``config.model`` is resolved (default: SmolLM2-135M). A
     string or path passed as ``model`` is taken as that source.
     All checks on user input run before the model is loaded, and ``out`` is written atomically.
@@ -105,7 +106,12 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
 
     if isinstance(model, (str, os.PathLike)):  # a source (folder, .gguf, hub id), not a loaded model
         settings["model"], model = str(model), None
-    cfg = dataclasses.replace(config or PruneConfig(), **settings)
+    preset = settings.pop("preset", None)
+    if preset is not None and config is not None:
+        raise ConfigError("preset= builds the settings, and a config was passed too: pass one of them (a config "
+                          "from a preset: PruneConfig.from_preset(name, ...))")
+    base = PruneConfig.from_preset(preset) if preset is not None else config or PruneConfig()
+    cfg = dataclasses.replace(base, **settings)
     cfg.validate()
     if activations not in ACTIVATION_MODES:
         raise ConfigError(f"--activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")

@@ -31,16 +31,20 @@ from daprune.config import (
 )
 from daprune.errors import DapruneError, Interrupted
 from daprune.evaluation.zeroshot import TASKS_HELP
+from daprune.presets import PRESETS, preset_settings
 
 # Each module exposes add_parser(subparsers) -> {command_name: handler(args) -> exit code}.
 PLUGINS = ("daprune.evaluation.compare", "daprune.evaluation.bench", "daprune.export.cli")
 
 
-def _prune_parser(sub) -> None:
+def _prune_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and write a smaller dense model")
     d = PruneConfig()
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="start from a measured row's settings; any setting given explicitly wins: "
+                        + "; ".join(f"{k}: {v.summary} [{_flags(v.settings)}]" for k, v in PRESETS.items()))
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of all parameters to remove")
     p.add_argument("--calibration", default=d.calibration,
                    help=f"{SOURCES_HELP}, or a mixture A+B (e.g. lambada+self: rows alternate between the sources)")
@@ -202,6 +206,16 @@ def _prune_parser(sub) -> None:
                    help="also write the pruned model as a GGUF for llama.cpp (f16; see daprune export)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(recovery=d.recovery)
+    return p
+
+
+def _flags(settings: dict) -> str:
+    """A preset's settings as the flags that set them (for --help and the README)."""
+    def flag(k: str, v) -> str:
+        name = "--" + k.replace("_", "-")
+        return (name if v else f"--no-{name[2:]}") if isinstance(v, bool) else f"{name} {v}"
+
+    return " ".join(flag(k, v) for k, v in settings.items())
 
 
 def _eval_parser(sub) -> None:
@@ -339,19 +353,34 @@ def _interrupted(args, signum: int) -> str:
     return line
 
 
+def parse_args(argv: list[str] | None, handlers: dict | None = None) -> argparse.Namespace:
+    """The command line as settings; ``handlers`` (if given) receives {command: handler}.
+
+    ``prune --preset NAME`` parses twice: the preset's settings become the defaults of the second parse, so a
+    flag given explicitly wins over the preset and everything else is the preset's."""
+    parser = _OneLineParser(prog="daprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prune = _prune_parser(sub)
+    _eval_parser(sub)
+    found = {"prune": cmd_prune, "eval": cmd_eval}
+    for name in PLUGINS:  # subcommands that live next to their implementation (compare, bench)
+        module = importlib.import_module(name)
+        found.update(module.add_parser(sub))
+    if handlers is not None:
+        handlers.update(found)
+    args = parser.parse_args(argv)
+    if args.command == "prune" and args.preset:
+        prune.set_defaults(**preset_settings(args.preset))
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done; 2 refused (bad input or environment, one line on stderr; also
     usage errors); 128 + signal number when stopped by Ctrl-C (130) or SIGTERM (143), the work folder kept."""
-    parser = _OneLineParser(prog="daprune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _prune_parser(sub)
-    _eval_parser(sub)
-    handlers = {"prune": cmd_prune, "eval": cmd_eval}
-    for name in PLUGINS:  # subcommands that live next to their implementation (compare, bench)
-        module = importlib.import_module(name)
-        handlers.update(module.add_parser(sub))
+    handlers: dict = {}
     try:
-        args = parser.parse_args(argv)
+        args = parse_args(argv, handlers)
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return exc.code if isinstance(exc.code, int) else 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

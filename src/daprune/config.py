@@ -93,6 +93,9 @@ class PruneConfig:
     """
 
     model: str | None = None
+    # the named bundle of settings this run started from (daprune.presets; --preset); only recorded here: the
+    # bundle's values are the fields themselves, set by from_preset / --preset, and any of them may be overridden
+    preset: str | None = None
     sparsity: float = 0.2
     # block range START:STOP; None: the paper's 4:-2, or every block under --schedule sensitivity (which
     # measures where the budget costs least, so the first and last blocks are candidates too)
@@ -180,6 +183,27 @@ class PruneConfig:
     # random token; rows are always exactly --seqlen tokens, so no length setting exists
     self_gen: dict[str, Any] = field(default_factory=lambda: dict(SELF_GEN_DEFAULTS))
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> PruneConfig:
+        """The settings of preset ``name`` (daprune.presets), with ``overrides`` set over them."""
+        from daprune.presets import preset_settings
+
+        return cls(**{**preset_settings(name), **overrides, "preset": name})
+
+    def _validate_preset(self) -> None:
+        """A preset that is named but whose settings are not in effect (``PruneConfig(preset=...)`` built by
+        hand) would be a label on the report and nothing else: refused."""
+        if self.preset is None:
+            return
+        from daprune.presets import preset_settings
+
+        wanted = preset_settings(self.preset)
+        default = PruneConfig()
+        if not any(getattr(self, k) == v for k, v in wanted.items() if getattr(default, k) != v):
+            raise ConfigError(f"preset {self.preset!r} is named but none of its settings is in effect: build the "
+                              f"settings with PruneConfig.from_preset({self.preset!r}, ...) or daprune.prune("
+                              f"preset={self.preset!r}, ...), or drop the name")
+
     def uses_self_generation(self) -> bool:
         """Whether any calibration rows (scoring, re-fit or held-out) are self-generated."""
         from daprune.data.calibration import calibration_parts  # one parser of mixtures (a file may hold a "+")
@@ -253,6 +277,7 @@ class PruneConfig:
 
     def validate(self) -> None:
         """Reject bad settings early, before the model is even loaded."""
+        self._validate_preset()
         self._validate_self_gen()
         self._validate_token_weight()
         if not (0.0 <= self.sparsity < 1.0):

@@ -31,6 +31,7 @@ def summary(report: dict) -> str:
         *([f"blocks         {p['blocks_before']:,} -> {p['blocks_after']:,}  (removed "
            f"{p['achieved_block_sparsity']:.2%} of the decoder blocks, requested {p['requested_sparsity']:.2%})"]
           if p.get("sparsity_basis") == "blocks" else []),
+        *([_preset_line(s)] if s.get("preset") else []),
         f"criteria       FFN {s['ffn_criterion']}, heads {s['head_criterion']} (split {s['head_split']}, "
         f"tau {s['tau']}), recovery {s['recovery']}",
         f"calibration    {report['calibration']['source']}: {s['nsamples']} x {s['seqlen']} tokens, seed {s['seed']}",
@@ -47,6 +48,20 @@ def summary(report: dict) -> str:
         for k, v in report["eval"].get("ppl", {}).items():
             extra.append(f"perplexity     {k}: {v:.2f}")
     return "\n".join(head + extra) + "\n\n" + table
+
+
+def _preset_line(settings: dict) -> str:
+    """Which preset the run started from and what it set differently (a renamed or removed preset: the name only;
+    every setting in effect is in report.json either way)."""
+    from daprune.errors import ConfigError
+    from daprune.presets import overridden
+
+    try:
+        changed = overridden(settings["preset"], settings)
+    except (ConfigError, KeyError):
+        return f"preset         {settings['preset']}"
+    over = ", ".join(f"{k} {v}" for k, v in changed.items())
+    return f"preset         {settings['preset']}" + (f" (set over it: {over})" if over else "")
 
 
 def _allocation_line(alloc: dict) -> str:
