@@ -17,6 +17,7 @@ from daprune.config import (
     FFN_CRITERIA,
     HEAD_CRITERIA,
     HEAD_SPLITS,
+    HELDOUT_STRENGTHS,
     LAYOUTS,
     RECOVERY_MODES,
     RECOVERY_TARGETS,
@@ -73,6 +74,11 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
                    help="source of the --heldout-nsamples rows, as --calibration (default: the calibration's). "
                         "Other text than the calibration's (e.g. self with lambada) makes --recovery heldout choose "
                         "its re-fits on that text (measured: docs/quality.md)")
+    p.add_argument("--heldout-strength", choices=HELDOUT_STRENGTHS, default=d.heldout_strength,
+                   help="--recovery heldout: one ridge strength per re-fitted linear, chosen by its held-out error "
+                        "summed over its outputs (shared), or one per output row, each by its own held-out error, "
+                        "no re-fit for a row none helps (per-output; not through a post-FFN norm with "
+                        "--recovery-target block, which couples the rows)")
     p.add_argument("--recovery-prior", choices=("zero", "original"), default=d.recovery_prior,
                    help="what the re-fit's ridge pulls toward (default: zero, the paper's; original under "
                         "--recovery heldout)")

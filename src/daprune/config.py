@@ -47,6 +47,8 @@ def self_gen_settings(temperature: float | None = None, top_p: float | None = No
 # what a re-fitted down_proj matches: the dense down_proj's output (linear, the paper's) or the dense block's output
 # (block: the re-fit also absorbs what earlier pruned blocks and this block's heads changed in the residual stream)
 RECOVERY_TARGETS = ("linear", "block")
+# --recovery heldout: the ridge strength chosen once per re-fitted linear, or once per output row of it
+HELDOUT_STRENGTHS = ("shared", "per-output")
 HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive", "sensitivity", "owl")
 SELECTIONS = ("auto", "score", "greedy", "obs")
@@ -155,6 +157,10 @@ class PruneConfig:
     # None: zero, except original under --recovery heldout
     recovery_prior: str | None = None
     recovery_target: str = "linear"
+    # --recovery heldout: one ridge strength per re-fitted linear ("shared", chosen by the held-out error summed over
+    # its outputs) or one per output row ("per-output": each row's own least squares is separate, so each row may
+    # take the strength, or the no-re-fit, that its own held-out error prefers)
+    heldout_strength: str = "shared"
     # also re-fit the level-1 linears (q/k/v before the head choice, gate/up after the heads are cut) to their dense
     # outputs on the pruned stream, as the paper's remedy does, but under --recovery post/heldout's ridge rules
     recovery_inputs: bool = False
@@ -313,6 +319,13 @@ class PruneConfig:
                    else "re-fits nothing")
             raise ConfigError(f"--recovery-inputs adds the q/k/v and gate/up re-fit to --recovery post|heldout, and "
                               f"--recovery {self.recovery} {why}: drop it, or use --recovery post|heldout")
+        if self.heldout_strength not in HELDOUT_STRENGTHS:
+            raise ConfigError(f"--heldout-strength must be one of {', '.join(HELDOUT_STRENGTHS)}, "
+                              f"got {self.heldout_strength!r}")
+        if self.heldout_strength != "shared" and self.recovery != "heldout":
+            raise ConfigError(f"--heldout-strength {self.heldout_strength} says how --recovery heldout chooses its "
+                              f"ridge strengths, and --recovery {self.recovery} chooses none: add --recovery heldout "
+                              "--heldout-nsamples N, or drop it")
         if self.recovery_prior not in ("zero", "original", None):
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:

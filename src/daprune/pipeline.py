@@ -274,9 +274,13 @@ class BlockPruner:
             current = torch.cat([current, torch.cat([lin.bias.data.float() for lin in linears])[:, None]], 1)
         toward_current = self.cfg.ridge_prior() == "original"
         if heldout is not None:
-            w, errors = heldout_choice(mom, heldout, cols, has_bias, current, toward_current, judge)
-            chosen = min(errors, key=errors.get)
-            info = {"damp": None if w is None else float(chosen), "heldout_errors": errors}
+            per_output = self.cfg.heldout_strength == "per-output"
+            w, errors = heldout_choice(mom, heldout, cols, has_bias, current, toward_current, judge, per_output)
+            if per_output:  # each row its own strength: errors["rows"] says how many rows took which
+                info = {"damp": None if w is None else "per-output", "heldout_errors": errors}
+            else:
+                chosen = min(errors, key=errors.get)
+                info = {"damp": None if w is None else float(chosen), "heldout_errors": errors}
             if w is None:
                 return info
         else:
@@ -978,6 +982,12 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
                 raise ConfigError(f"--recovery-target block re-fits down_proj to the dense block's output, but this "
                                   f"{adapter.config.model_type} model (block {i}) does not say how its FFN output "
                                   "reaches the block output (experts, post-LN): use --recovery-target linear")
+            if cfg.heldout_strength == "per-output" and adapter.block(i).ffn_output_scale() is None:
+                raise ConfigError(f"--heldout-strength per-output chooses each output row's strength by its own "
+                                  f"held-out error, but this {adapter.config.model_type} model (block {i}) normalises "
+                                  "its FFN output before the block output, which couples the rows of the "
+                                  "--recovery-target block re-fit: use --heldout-strength shared, or --recovery-target "
+                                  "linear")
     names = [cfg.ffn_criterion] + ([cfg.head_criterion] if cfg.head_criterion not in ("similarity", "none") else [])
     gated = [n for n in names if get_criterion(n).gated_only]
     if not gated:

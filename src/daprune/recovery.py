@@ -83,9 +83,16 @@ def least_squares_terms(mom: Moments, cols: torch.Tensor | None, bias: bool) -> 
     return gram, cross
 
 
+def row_objectives(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each output row's E(x w_r - y_r)^2 less its constant E[y_r^2]: w_r G w_r - 2 w_r c_r (``objective`` per row).
+    The rows' least squares share the Gram and nothing else, so each row's error depends on its own weights only."""
+    w = w.double()
+    return ((w @ gram.double()) * w).sum(1) - 2 * (w * cross.double().T).sum(1)
+
+
 def heldout_choice(fit: Moments, heldout: Moments, cols: torch.Tensor | None, bias: bool, current: torch.Tensor,
-                   toward_current: bool = True,
-                   judge: Callable[[torch.Tensor], float] | None = None) -> tuple[torch.Tensor | None, dict]:
+                   toward_current: bool = True, judge: Callable[[torch.Tensor], float] | None = None,
+                   per_output: bool = False) -> tuple[torch.Tensor | None, dict]:
     """The ridge re-fit whose error on the held-out rows is least, or None when no strength beats leaving
     ``current`` as it is (``--recovery heldout``: a re-fit that only helps its own rows is skipped).
 
@@ -94,8 +101,16 @@ def heldout_choice(fit: Moments, heldout: Moments, cols: torch.Tensor | None, bi
     error: E||x W^T - y||^2 from the held-out statistics, or ``judge(W)`` where the fitted target is only a
     linearisation of what matters (the block output through Gemma's post-FFN norm), so that the choice is made on
     the real error.
+
+    ``per_output`` (``--heldout-strength per-output``): every output row takes the candidate (a strength, or its
+    current weights) with the least held-out error of its own, since the rows' problems are separate; the errors
+    then also hold the combination's ("per-output") and ``rows``, how many rows took each candidate. Only from
+    held-out moments: a ``judge`` sees the block output through a norm that couples the rows.
     """
+    if per_output and judge is not None:
+        raise ValueError("a per-output choice needs separable held-out errors; a judge couples the output rows")
     gram, cross = least_squares_terms(fit, cols, bias)
+    hgram = hcross = None
     if judge is None:
         hgram, hcross = least_squares_terms(heldout, cols, bias)
         hy = heldout.ysq / heldout.n
@@ -103,14 +118,25 @@ def heldout_choice(fit: Moments, heldout: Moments, cols: torch.Tensor | None, bi
         def judge(w: torch.Tensor) -> float:
             return objective(hgram, hcross, hy, w)
 
-    errors = {"none": judge(current)}
+    errors: dict = {"none": judge(current)}
     best, best_err = None, errors["none"]
+    candidates = {"none": current.float()}
     for damp in HELDOUT_DAMPS:
         w, _ = ridge_solve(gram, cross, damp=damp, prior=current if toward_current else None)
         errors[f"{damp:g}"] = err = judge(w)
+        candidates[f"{damp:g}"] = w
         if err < best_err:
             best, best_err = w, err
-    return best, errors
+    if not per_output:
+        return best, errors
+    names = list(candidates)
+    per_row = torch.stack([row_objectives(hgram, hcross, candidates[k].to(hgram.device)) for k in names])
+    pick = per_row.argmin(0)  # ties go to the first candidate: "none", the weights as they are
+    stacked = torch.stack([candidates[k].to(current.device) for k in names])
+    w = stacked[pick.to(current.device), torch.arange(current.shape[0], device=current.device)]
+    errors["per-output"] = judge(w)
+    errors["rows"] = {k: int((pick == i).sum()) for i, k in enumerate(names)}
+    return (None if errors["rows"]["none"] == current.shape[0] else w), errors
 
 
 # Levenberg-Marquardt damping of the step through a post-FFN norm, relative to the row's median gain: a channel whose
