@@ -113,6 +113,10 @@ def prune(config: PruneConfig | None = None, *, model=None, tokenizer=None, out:
     base = PruneConfig.from_preset(preset) if preset is not None else config or PruneConfig()
     cfg = dataclasses.replace(base, **settings)
     cfg.validate()
+    if cfg.allocation_from is not None:  # a report for another problem is refused now, not after calibration
+        from daprune.allocation_reuse import read_allocation
+
+        read_allocation(cfg.allocation_from, cfg.to_dict(), cfg.layers_spec())
     if activations not in ACTIVATION_MODES:
         raise ConfigError(f"--activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
     if out is not None:

@@ -114,6 +114,11 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
                    help="with a --recovery: give the blocks left whole after the first pruned block (outside "
                         "--layers, or a zero share under --schedule sensitivity|owl) the same re-fits toward the "
                         "dense model's outputs, so that they stop passing on the drift of the pruned ones")
+    p.add_argument("--allocation-from", default=d.allocation_from, metavar="REPORT",
+                   help="--schedule sensitivity|owl: take the per-block shares recorded in REPORT (a pruned folder or "
+                        "its report.json) instead of measuring them; it must be for the same model, --sparsity, "
+                        "basis and blocks (checked before any work). Saves the sensitivity pass when only what "
+                        "follows it changes")
     p.add_argument("--allocation-search", type=int, default=d.allocation_search, metavar="GENERATIONS",
                    help="--schedule sensitivity: refine the allocation by this many generations of an evolutionary "
                         "search judged by the whole pruned model's KL from the dense one (the additive allocation "

@@ -124,6 +124,9 @@ class PruneConfig:
     allocation_search: int | None = None
     # --allocation-search: calibration rows the search's KL runs on (None: SEARCH_NSAMPLES)
     search_nsamples: int | None = None
+    # --schedule sensitivity|owl: take the per-block targets recorded in this report (a report.json or its folder)
+    # instead of measuring them; the report must be for the same model, size and blocks (daprune.allocation_reuse)
+    allocation_from: str | None = None
     # --schedule owl: spread of the block shares around the average and the outlier threshold M
     # (None: daprune.owl.OWL_LAMBDA, OWL_THRESHOLD)
     owl_lambda: float | None = None
@@ -385,6 +388,9 @@ class PruneConfig:
             raise ConfigError("--batch-size must be >= 1")
         if self.layers is not None:
             parse_layers(self.layers, 10**6)  # syntax only; the range is checked against the model later
+        if self.allocation_from is not None and self.schedule not in ("sensitivity", "owl"):
+            raise ConfigError("--allocation-from reuses the per-block shares of a --schedule sensitivity|owl run: "
+                              "give the same --schedule")
         if self.sensitivity_nsamples is not None:
             if self.schedule != "sensitivity":
                 raise ConfigError("--sensitivity-nsamples only matters with --schedule sensitivity")

@@ -718,7 +718,12 @@ class BlockPruner:
 def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
                   blocks: range, budget: float, progress: bool = False, heldout: torch.Tensor | None = None) -> dict:
     """The report entry of a global schedule that gives each block its own share of the budget: measured
-    (``sensitivity``: each block's effect on the output distribution) or by outlier ratio (``owl``)."""
+    (``sensitivity``: each block's effect on the output distribution) or by outlier ratio (``owl``), or the one
+    ``--allocation-from`` names, checked against these blocks and this budget."""
+    if cfg.allocation_from is not None:
+        from daprune.allocation_reuse import check_against, read_allocation
+
+        return check_against(read_allocation(cfg.allocation_from, cfg.to_dict(), cfg.layers_spec()), blocks, budget)
     if cfg.schedule == "sensitivity":
         from daprune.allocation import sensitivity_targets
         from daprune.config import SEARCH_NSAMPLES, SENSITIVITY_NSAMPLES, parse_multiples
