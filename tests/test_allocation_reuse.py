@@ -12,6 +12,7 @@ from conftest import CharTokenizer, tiny_model
 from daprune.api import prune
 from daprune.config import PruneConfig
 from daprune.errors import ConfigError
+from daprune.report import summary
 
 KW = dict(tokenizer=CharTokenizer(), calibration="random", nsamples=16, seqlen=32, batch_size=4, progress=False,
           sparsity=0.3, schedule="sensitivity")
@@ -39,6 +40,7 @@ def test_same_settings_and_the_reused_allocation_give_the_same_model(measured, t
     assert alloc["targets"] == first.report["allocation"]["targets"]
     assert alloc["reused_from"] == str(out / "report.json") and alloc["seconds"] == 0.0
     assert again.report["settings"]["allocation_from"] == str(out)
+    assert f"allocation     sensitivity (reused from {out / 'report.json'})" in summary(again.report)
     # the sensitivity setting the first run measured with may be stated when it is the report's
     prune(model=tiny_model(), allocation_from=str(out / "report.json"), sensitivity_nsamples=2, **KW)
 

@@ -74,7 +74,8 @@ def _allocation_line(alloc: dict) -> str:
     if "cost" in search:
         start = min(search["start_costs"].values())
         found = f"; search KL {start:.4g} -> {search['cost']:.4g} in {search['generations']} generations"
-    return (f"allocation     {alloc['mode']} ({alloc['seconds']:.1f} s): block shares {min(shares.values()):.0%}.."
+    how = f"reused from {alloc['reused_from']}" if alloc.get("reused_from") else f"{alloc['seconds']:.1f} s"
+    return (f"allocation     {alloc['mode']} ({how}): block shares {min(shares.values()):.0%}.."
             f"{max(shares.values()):.0%} of their parameters" + (f"; left dense: {', '.join(dense)}" if dense else "")
             + found)
 
