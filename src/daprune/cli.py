@@ -45,7 +45,8 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="HF folder, hub id or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="start from a measured row's settings; any setting given explicitly wins: "
-                        + "; ".join(f"{k}: {v.summary} [{_flags(v.settings)}]" for k, v in PRESETS.items()))
+                        + "; ".join(f"{k}: {v.summary} [{_flags(v.settings)}; measured on {v.measured}]"
+                                    for k, v in PRESETS.items()))
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of all parameters to remove")
     p.add_argument("--calibration", default=d.calibration,
                    help=f"{SOURCES_HELP}, or a mixture A+B (e.g. lambada+self: rows alternate between the sources)")

@@ -46,7 +46,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "the best held-out mean measured: CoQA stories, Wikipedia paragraphs and the model's own text in turn, "
            "256 rows, measured allocation, held-out-chosen re-fit (about 32 minutes for a 135M model on 2 cores)",
            {**_REMEDY, "calibration": "coqa+wiki+self", "sensitivity_nsamples": 8},
-           "SmolLM2-135M at 20%: WikiText-2 90.45 (1.605x dense), PTB 154.09 (docs/quality.md, session 22)"),
+           "SmolLM2-135M at 20%: WikiText-2 90.45 (1.605x dense), PTB 154.09; with --seed 1 91.67 / 139.35 "
+           "(docs/quality.md, sessions 22-23)"),
     Preset("data-free",
            "no text at all: 256 rows of the model's own text, measured allocation, held-out-chosen re-fit "
            "(about 12 minutes for a 135M model on 2 cores, generation cached)",
