@@ -49,6 +49,14 @@ def test_explicit_flags_win_over_the_preset_and_the_rest_is_the_preset():
     assert parse_args(["prune", "--out", "o", "--preset", "data-free", "--recover"]).recovery == "paper"
 
 
+def test_help_lists_each_preset_with_its_flags(capsys):
+    assert main(["prune", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, preset in PRESETS.items():
+        assert f"{name}: " in text and "--calibration " + preset.settings["calibration"] in text
+    assert "20%:" in text  # where each was measured, with its percent sign intact
+
+
 def test_unknown_preset_is_refused_before_anything_runs(tmp_path, capsys):
     assert main(["prune", "--out", str(tmp_path / "o"), "--preset", "fastest"]) == 2
     assert "fastest" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -46,7 +46,7 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="start from a measured row's settings; any setting given explicitly wins: "
                         + "; ".join(f"{k}: {v.summary} [{_flags(v.settings)}; measured on {v.measured}]"
-                                    for k, v in PRESETS.items()))
+                                    for k, v in PRESETS.items()).replace("%", "%%"))
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="fraction of all parameters to remove")
     p.add_argument("--calibration", default=d.calibration,
                    help=f"{SOURCES_HELP}, or a mixture A+B (e.g. lambada+self: rows alternate between the sources)")
