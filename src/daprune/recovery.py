@@ -58,10 +58,17 @@ def ridge_solve(
     )
 
 
-def objective(gram: torch.Tensor, cross: torch.Tensor, y_second: torch.Tensor, w: torch.Tensor) -> float:
-    """E||x W^T - y||^2 from statistics: tr(W G W^T) - 2 tr(W C) + E||y||^2."""
+def row_objectives(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each output row's E(x w_r - y_r)^2 less its constant E[y_r^2]: w_r G w_r - 2 w_r c_r (the diagonals of
+    ``objective``'s traces). The rows' least squares share the Gram and nothing else, so each row's error depends on
+    its own weights only."""
     w = w.double()
-    return float(torch.trace(w @ gram.double() @ w.T) - 2 * torch.trace(w @ cross.double()) + y_second)
+    return ((w @ gram.double()) * w).sum(1) - 2 * (w * cross.double().T).sum(1)
+
+
+def objective(gram: torch.Tensor, cross: torch.Tensor, y_second: torch.Tensor, w: torch.Tensor) -> float:
+    """E||x W^T - y||^2 from statistics: tr(W G W^T) - 2 tr(W C) + E||y||^2, the rows' errors summed."""
+    return float(row_objectives(gram, cross, w).sum() + y_second)
 
 
 # ridge strengths (relative to the mean Gram diagonal) ``--recovery heldout`` tries, strongest last; with the
@@ -81,13 +88,6 @@ def least_squares_terms(mom: Moments, cols: torch.Tensor | None, bias: bool) -> 
         gram = g
         cross = torch.cat([cross, (mom.ysum / mom.n)[None]], 0)
     return gram, cross
-
-
-def row_objectives(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Each output row's E(x w_r - y_r)^2 less its constant E[y_r^2]: w_r G w_r - 2 w_r c_r (``objective`` per row).
-    The rows' least squares share the Gram and nothing else, so each row's error depends on its own weights only."""
-    w = w.double()
-    return ((w @ gram.double()) * w).sum(1) - 2 * (w * cross.double().T).sum(1)
 
 
 def heldout_choice(fit: Moments, heldout: Moments, cols: torch.Tensor | None, bias: bool, current: torch.Tensor,
