@@ -34,8 +34,8 @@ CORPORA = "lambada-heldout,wikitext2,ptb"
 # the calibration-text suite also scores held-out CoQA (stories, exams, Wikipedia, literature, news): a text choice
 # is judged on both held-out corpora, each one calibration source's own domain
 SUITE_CORPORA = {"calibration": "lambada-heldout,coqa-heldout,wikitext2,ptb"}
-LABELS = {"lambada-heldout": "LAMBADA (held-out)", "coqa-heldout": "CoQA (held-out)", "wikitext2": "WikiText-2",
-          "ptb": "PTB"}
+LABELS = {"lambada-heldout": "LAMBADA (held-out)", "coqa-heldout": "CoQA (held-out)",
+          "wiki-heldout": "Wikipedia (held-out)", "wikitext2": "WikiText-2", "ptb": "PTB"}
 M1 = ["--channel-multiple", "1"]  # quality rows: comparable with docs/compare.md
 HELDOUT_REC = ["--recovery", "heldout", "--heldout-nsamples", "16"]
 POST = ["--recovery", "post", "--recovery-prior", "original"]  # re-fit the kept columns, ridge toward them

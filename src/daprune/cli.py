@@ -251,16 +251,22 @@ def _eval_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def prune_config(args: argparse.Namespace) -> PruneConfig:
+    """The validated settings of a parsed ``prune`` command line (what report.json's ``settings`` records)."""
+    fields = {k: getattr(args, k) for k in PruneConfig.__dataclass_fields__ if hasattr(args, k)}
+    fields["self_gen"] = self_gen_settings(args.self_temperature, args.self_top_p)
+    cfg = PruneConfig(**fields)
+    cfg.validate()
+    return cfg
+
+
 def cmd_prune(args) -> int:
     from daprune.api import prune
     from daprune.report import plot_allocation, plot_layers, summary
 
-    fields = {k: getattr(args, k) for k in PruneConfig.__dataclass_fields__ if hasattr(args, k)}
-    fields["self_gen"] = self_gen_settings(args.self_temperature, args.self_top_p)
-    cfg = PruneConfig(**fields)
+    cfg = prune_config(args)
     from daprune.output import check_output
 
-    cfg.validate()
     check_output(args.out, args.overwrite)  # refuse before minutes of work, not after
     # the folder is written inside prune() (streaming writes it block by block); evaluation results are
     # added to its report.json afterwards
