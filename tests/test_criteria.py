@@ -363,7 +363,7 @@ def _ffn_io(block, x: torch.Tensor) -> tuple[torch.Tensor, Moments]:
 
 @torch.no_grad()
 def test_flap_compensation_lowers_ffn_error():
-    from daprune.pipeline import copy_block
+    from daprune.block_ops import copy_block
 
     model = tiny_model(layers=1)
     block = get_adapter(model).block(0)

@@ -277,10 +277,11 @@ def test_opt_ffn_statistics_count_every_token_in_any_batch_size(one_thread, batc
     """OPT runs its FFN on [batch * seq, hidden]. The statistics used to slice that flat form by the batch's row
     count and so read the first few *tokens* of each batch (5 of 60 here); every token must count, whatever the
     batching: the Gram equals numpy's sum over all fc2 inputs of one forward."""
+    from daprune.block_ops import copy_block
     from daprune.config import PruneConfig
     from daprune.criteria.base import get_criterion
     from daprune.hooks import capture
-    from daprune.pipeline import BlockPruner, copy_block
+    from daprune.pipeline import BlockPruner
     from daprune.stores import ResidentStore
 
     adapter = get_adapter(tiny("opt"))

@@ -11,8 +11,8 @@ from test_families import tiny as tiny_llama_like
 from daprune.api import prune
 from daprune.config import PruneConfig
 from daprune.errors import ConfigError
+from daprune.fit_checks import check_criteria_fit
 from daprune.models.adapter import get_adapter
-from daprune.pipeline import check_criteria_fit
 from daprune.recovery import HELDOUT_DAMPS, heldout_choice
 from daprune.stats import Moments
 

@@ -11,11 +11,12 @@ import torch
 from conftest import tiny_model
 
 import daprune.pipeline as pipeline
+from daprune.block_ops import copy_block
 from daprune.config import PruneConfig
 from daprune.criteria.base import get_criterion
 from daprune.hooks import capture
 from daprune.models.adapter import get_adapter
-from daprune.pipeline import BlockPruner, copy_block
+from daprune.pipeline import BlockPruner
 from daprune.stores import ResidentStore
 
 

@@ -152,10 +152,11 @@ def test_auto_selection_needs_enough_tokens(nsamples, expected):
 
 def test_extra_recovery_samples_feed_the_refit_statistics_only(one_thread):
     """--recovery-nsamples: scores (and head maps) see the scoring samples, the least squares sees them all."""
+    from daprune.block_ops import copy_block
     from daprune.config import PruneConfig
     from daprune.criteria.base import get_criterion
     from daprune.criteria.similarity import JSAccumulator
-    from daprune.pipeline import BlockPruner, copy_block
+    from daprune.pipeline import BlockPruner
 
     model = tiny_model()
     adapter = get_adapter(model)

@@ -14,11 +14,13 @@ from conftest import CharTokenizer, tiny_model
 from test_moe import tiny as tiny_moe
 
 from daprune.api import prune
+from daprune.block_ops import copy_block
 from daprune.config import PruneConfig
 from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
+from daprune.fit_checks import check_criteria_fit
 from daprune.models.adapter import get_adapter
-from daprune.pipeline import BlockPruner, check_criteria_fit, copy_block
+from daprune.pipeline import BlockPruner
 from daprune.stores import ResidentStore
 
 N, SEQ, HELD = 24, 16, 8

@@ -16,11 +16,13 @@ from conftest import CharTokenizer, tiny_model
 from test_families import tiny as tiny_llama_like
 
 from daprune.api import prune
+from daprune.block_ops import copy_block
 from daprune.config import PruneConfig
 from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
+from daprune.fit_checks import check_criteria_fit
 from daprune.models.adapter import get_adapter
-from daprune.pipeline import BlockPruner, check_criteria_fit, copy_block
+from daprune.pipeline import BlockPruner
 from daprune.recovery import block_target_step
 from daprune.stores import ResidentStore
 

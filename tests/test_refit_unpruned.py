@@ -17,8 +17,8 @@ from test_recovery_target import _parts, _prune_block
 from daprune.api import prune
 from daprune.config import PruneConfig
 from daprune.errors import ConfigError
+from daprune.fit_checks import check_criteria_fit
 from daprune.models.adapter import get_adapter
-from daprune.pipeline import check_criteria_fit
 
 
 @torch.no_grad()

@@ -255,7 +255,7 @@ def test_measured_split_error_equals_the_masked_block(one_thread):
 
 
 def test_compensation_equals_least_squares_on_the_kept_columns():
-    from daprune.pipeline import compensate
+    from daprune.block_ops import compensate
 
     g = torch.Generator().manual_seed(4)
     h = torch.randn(400, 12, generator=g, dtype=torch.float64)
@@ -367,7 +367,7 @@ def test_compensated_attention_error_is_the_least_squares_residual():
         pruner.cfg = PruneConfig(compensate_heads=on, obs_damp=1e-9)
         assert pruner.attn_error(o.float(), second, gone) == pytest.approx(expected, rel=1e-3)
     assert want < 0.9 * plain
-    from daprune.pipeline import compensate
+    from daprune.block_ops import compensate
 
     pruner.cfg = PruneConfig(compensate_heads=True, obs_damp=0.5)  # damped: the residual of compensate()'s weight
     w = compensate(o.float(), second, keep, 0.5).double()
@@ -392,7 +392,7 @@ def test_compensate_heads_that_would_be_ignored_is_refused(kw, match):
 def test_compensation_is_what_damped_obs_ends_with(damp):
     """compensate() on the channels OBS kept gives OBS's own compensated weight at any damping: both minimise
     the damped-Hessian objective, i.e. a ridge toward the original columns (a strong damping leaves them alone)."""
-    from daprune.pipeline import compensate
+    from daprune.block_ops import compensate
     from daprune.selection import obs_order
 
     g = torch.Generator().manual_seed(5)

@@ -53,10 +53,11 @@ def test_token_gradients_equal_an_independent_computation_whole_or_streamed():
 def test_statistics_weight_attention_and_ffn_rows_by_their_own_gradients():
     """Gram and cross term of o_proj's input equal numpy's sums weighted by the attention output's token gradients,
     down_proj's by the FFN output's, each scaled to mean 1 over the rows the statistics see (not the held-out one)."""
+    from daprune.block_ops import copy_block
     from daprune.config import PruneConfig
     from daprune.criteria.base import get_criterion
     from daprune.hooks import capture
-    from daprune.pipeline import BlockPruner, copy_block
+    from daprune.pipeline import BlockPruner
 
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(5, 12, 48, generator=gen)

@@ -14,9 +14,10 @@ from daprune.models.adapter import get_adapter
 
 
 def _collect(token_weight: str, x: torch.Tensor, **extra):
+    from daprune.block_ops import copy_block
     from daprune.config import PruneConfig
     from daprune.criteria.base import get_criterion
-    from daprune.pipeline import BlockPruner, copy_block
+    from daprune.pipeline import BlockPruner
     from daprune.stores import ResidentStore
 
     adapter = get_adapter(tiny_model())
@@ -211,10 +212,11 @@ def test_flattened_ffn_statistics_are_the_weighted_sums(one_thread):
     the first position's weight, from the block's own unweighted fc2 inputs."""
     from test_families import tiny
 
+    from daprune.block_ops import copy_block
     from daprune.config import PruneConfig
     from daprune.criteria.base import get_criterion
     from daprune.hooks import capture
-    from daprune.pipeline import BlockPruner, copy_block
+    from daprune.pipeline import BlockPruner
     from daprune.stores import ResidentStore
 
     adapter = get_adapter(tiny("opt"))

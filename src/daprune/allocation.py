@@ -120,7 +120,8 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     ``multiples`` (``--sensitivity-sizes``): the sizes measured, as multiples of the average share (default
     SIZE_MULTIPLES); a finer grid lets the allocation stop between today's points at the price of more trials.
     """
-    from daprune.pipeline import BlockRecord, _forward
+    from daprune.block_ops import forward_rows
+    from daprune.pipeline import BlockRecord
 
     t0 = time.perf_counter()
     cfg = pruner.cfg
@@ -144,8 +145,8 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     try:
         for j in layers:
             block, ctx = adapter.block(j), contexts[j]
-            trials = [(i, p, _forward(block, h, ctx, bs)) for i, p, h in trials]  # dense block j downstream
-            out = _forward(block, dense, ctx, bs)  # the dense block's output: the next block's input
+            trials = [(i, p, forward_rows(block, h, ctx, bs)) for i, p, h in trials]  # dense block j downstream
+            out = forward_rows(block, dense, ctx, bs)  # the dense block's output: the next block's input
             if j in blocks:
                 stats, head_imp, redundant = pruner.dense_statistics(block, dense[:n], ctx, BlockRecord(j, True))
                 rows = pruner.refit_rows(block, dense, out, ctx, n) if refit else None
@@ -165,7 +166,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                                              redundant) if plan.heads_per_group or plan.kv_groups else []
                     removed = pruner.ffn_ranking(block, stats, plan.channels)[: plan.channels].tolist()
                     trial = pruner.trial_block(block, heads, removed, stats, rows)
-                    trials.append((j, plan.params, _forward(trial, dense[:ns], ctx, bs)))
+                    trials.append((j, plan.params, forward_rows(trial, dense[:ns], ctx, bs)))
                     if search:
                         kept.setdefault(j, []).append((plan.params, trial))
             dense = out

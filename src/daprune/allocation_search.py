@@ -155,12 +155,12 @@ class ComposedKL:
         return self.dense(j)
 
     def _run(self, state: tuple[int, ...], start: int, h: torch.Tensor, keep: bool) -> torch.Tensor:
-        from daprune.pipeline import _forward
+        from daprune.block_ops import forward_rows
 
         for j in range(start, self.n_layers):
             if keep:
                 self.inputs.append(h)
-            h = _forward(self._block(state, j), h, self.contexts[j], self.bs)
+            h = forward_rows(self._block(state, j), h, self.contexts[j], self.bs)
         return h
 
     def adopt(self, state: tuple[int, ...]) -> None:

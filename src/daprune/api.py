@@ -230,10 +230,10 @@ class _Run:
     # -- loading -------------------------------------------------------------------------------------------
     def prepare_streaming(self) -> None:
         from daprune.devices import plan_placement
+        from daprune.fit_checks import check_criteria_fit
         from daprune.loader import build_skeleton, load_tokenizer
         from daprune.models.adapter import get_adapter
         from daprune.models.loading import DTYPES
-        from daprune.pipeline import check_criteria_fit
         from daprune.stores import StreamingStore
 
         t = time.perf_counter()
@@ -249,11 +249,11 @@ class _Run:
         self.timings["load_s"] = time.perf_counter() - t
 
     def prepare_resident(self, model, tokenizer) -> None:
+        from daprune.fit_checks import check_criteria_fit
         from daprune.loader import build_skeleton
         from daprune.models.adapter import get_adapter
         from daprune.models.checkpoint_keys import converts_tensors
         from daprune.models.loading import DTYPES, load_model
-        from daprune.pipeline import check_criteria_fit
         from daprune.stores import ResidentStore
 
         t = time.perf_counter()

@@ -39,7 +39,8 @@ def uniform_plan(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, co
     ``adapter`` may be a streaming view (blocks loaded on access); ``x`` is the embedded scoring rows.
     Nothing is modified.
     """
-    from daprune.pipeline import BlockRecord, _forward, _plan_key
+    from daprune.block_ops import forward_rows
+    from daprune.pipeline import BlockRecord, _plan_key
 
     cfg = pruner.cfg
     first = adapter.block(0)
@@ -64,7 +65,7 @@ def uniform_plan(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, co
                               f"{first.shape()}); a model whose blocks already differ cannot be made uniform")
         rec = BlockRecord(i, True)
         stats, head_imp, redundant = pruner.dense_statistics(block, x, ctx, rec)
-        y = _forward(block, x, ctx, cfg.batch_size)
+        y = forward_rows(block, x, ctx, cfg.batch_size)
         pruner.choose_plan(block, stats, head_imp, redundant, rec, (x, y, ctx), candidates=plans)
         for key, row in rec.split_errors.items():
             totals[key] += row.get("measured", row["estimate"])

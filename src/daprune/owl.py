@@ -53,12 +53,12 @@ def outlier_ratio(weights_and_inputs: list[tuple[torch.Tensor, torch.Tensor]], t
 
 def block_outlier_ratio(block: BlockAdapter, moments: dict[str, Moments], threshold: float) -> float:
     """The block's outlier ratio from the input moments of its four linear roles."""
-    from daprune.pipeline import _role_linears
+    from daprune.block_ops import role_linears
 
     pairs = []
     for role in ROLES:
         rms = torch.diagonal(moments[role].second).clamp_min(0).sqrt()
-        pairs += [(lin.weight, rms) for lin in _role_linears(block, role)]
+        pairs += [(lin.weight, rms) for lin in role_linears(block, role)]
     return outlier_ratio(pairs, threshold)
 
 
@@ -79,7 +79,7 @@ def owl_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, con
 
     ``adapter`` may be a streaming view; ``x`` holds the embedded scoring rows. Nothing is modified.
     """
-    from daprune.pipeline import _forward
+    from daprune.block_ops import forward_rows
 
     t0 = time.perf_counter()
     cfg = pruner.cfg
@@ -99,7 +99,7 @@ def owl_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Tensor, con
             moments = pruner.collect(block, block, h, h, ctx, dict.fromkeys(ROLES, False))
             ratios[j] = block_outlier_ratio(block, moments, threshold)
             caps[j] = max_removable(block, cfg.channel_multiple, cfg.kv_groups)
-        h = _forward(block, h, ctx, cfg.batch_size)
+        h = forward_rows(block, h, ctx, cfg.batch_size)
     fractions = owl_fractions(ratios, sizes, share, lam)
     bad = {i: f for i, f in fractions.items() if f < 0 or f * sizes[i] > caps[i]}
     if bad:

@@ -9,7 +9,6 @@ the adapter, the math in criteria/recovery/schedule.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import time
@@ -20,11 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from daprune.block_ops import as_rows, canonical, compensate, copy_block, forward_rows, role_linears
 from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL, PruneConfig
 from daprune.criteria.base import Criterion, get_criterion, head_columns
 from daprune.criteria.similarity import JSAccumulator, algorithm2, select_head_plan
 from daprune.errors import CalibrationError, ConfigError, NumericalError
-from daprune.experts import ExpertRanker, check_moe_fit, is_moe, prune_experts, unit_stats
+from daprune.experts import ExpertRanker, is_moe, prune_experts, unit_stats
 from daprune.fisher import OutputWeight, weighted_rows
 from daprune.heldout import HeldoutOutputs
 from daprune.hooks import capture
@@ -166,8 +166,8 @@ class BlockPruner:
         that target under ``--recovery heldout``, keeps the held-out rows whole so the re-fit's strength is judged on
         the real block output (daprune.heldout).
         """
-        lin = {r: _role_linears(block, r)[0] for r in roles}
-        tgt = {r: _role_linears(dense, r) for r, pair in roles.items() if pair}
+        lin = {r: role_linears(block, r)[0] for r in roles}
+        tgt = {r: role_linears(dense, r) for r, pair in roles.items() if pair}
         n_fit = min(self.n_fit or xp.shape[0], xp.shape[0])  # held-out rows never enter a statistic
         n_score = min(self.n_score or n_fit, n_fit)
         split = n_score < n_fit
@@ -199,7 +199,7 @@ class BlockPruner:
             y = None  # stays None where the pass stops early (nothing below reads it then)
             with capture({r: lin[r] for r in roles}, stop=stop_pruned and probs is None) as got:
                 y = block.forward(xp[s:e], ctx, probs)
-            got = _as_rows(got, e - s)
+            got = as_rows(got, e - s)
             if replay is not None:
                 replay.add(y, *got["down_in"])
                 if s >= n_fit and not held:
@@ -209,7 +209,7 @@ class BlockPruner:
             if need_dense:
                 with capture(dense_mods, stop=early) as dgot:
                     dense.forward(xd[s:e], ctx)
-                dense_out = _as_rows(dgot, e - s)
+                dense_out = as_rows(dgot, e - s)
             for r, pair in roles.items():
                 x = got[r][0]
                 if block_target and r == "down_in":
@@ -418,7 +418,7 @@ class BlockPruner:
         """Real squared block output error per token, E||block'(x) - y||^2, of a trial copy with ``heads`` and
         FFN channels ``removed`` cut (under OBS with the kept down_proj columns least-squares compensated), in
         the units of the estimate. Costs one copy and one block forward over the scoring rows per candidate."""
-        out = _forward(self.trial_block(block, heads, removed, stats), x, ctx, self.cfg.batch_size)
+        out = forward_rows(self.trial_block(block, heads, removed, stats), x, ctx, self.cfg.batch_size)
         return float((out.float() - y.float()).pow(2).sum(-1).mean())
 
     def trial_block(self, block: BlockAdapter, heads: list[int], removed: list[int], stats: BlockStats,
@@ -709,10 +709,10 @@ class BlockPruner:
         Each part runs in its own batches, so the fit rows are computed exactly as without held-out rows.
         """
         n_fit = min(self.n_fit or x.shape[0], x.shape[0])
-        fit = _rel(_forward(block, x[:n_fit], ctx, self.cfg.batch_size), y[:n_fit])
+        fit = _rel(forward_rows(block, x[:n_fit], ctx, self.cfg.batch_size), y[:n_fit])
         if n_fit == x.shape[0]:
             return fit, None
-        return fit, _rel(_forward(block, x[n_fit:], ctx, self.cfg.batch_size), y[n_fit:])
+        return fit, _rel(forward_rows(block, x[n_fit:], ctx, self.cfg.batch_size), y[n_fit:])
 
 
 def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
@@ -745,46 +745,6 @@ def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.T
 _OUTPUT_ROLE = {"attn_in": "o", "o_in": "o", "ffn_in": "down", "down_in": "down"}
 
 
-def _as_rows(got: dict[str, tuple[torch.Tensor, ...]], rows: int) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Captured linear inputs / outputs as [rows, seq, features]. OPT runs its FFN on [rows * seq, features]; the
-    statistics slice scoring rows (``x[:k]``) and scale tokens (``--token-weight``) by row, which on the flat form
-    would take the first k *tokens* instead."""
-    return {name: tuple(t.reshape(rows, -1, t.shape[-1]) if t.dim() == 2 else t for t in pair)
-            for name, pair in got.items()}
-
-
-def _role_linears(block: BlockAdapter, role: str) -> list:
-    """The linears whose (shared) input a statistic role describes; the first one is hooked."""
-    if role == "attn_in":
-        return block.attn_in()
-    if role == "o_in":
-        return [block.attn_out()]
-    if role == "ffn_in":
-        return block.ffn_in()
-    return [block.ffn_out()]
-
-
-def compensate(d: torch.Tensor, second: torch.Tensor, keep: list[int], damp: float) -> torch.Tensor:
-    """``d`` with the kept columns least-squares compensated for the removed ones, the rest zero (what OBS with the
-    damped Hessian S + lambda I ends with): W_K = D_K + D_R S_RK (S_KK + lambda I)^-1, lambda = damp * mean(diag S)
-    as in obs_order. This is the ridge toward the original columns, so a strong damping leaves them as they were
-    (a ridge toward zero would shrink them)."""
-    s = second.double()
-    keep_mask = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
-    keep_mask[torch.tensor(keep, dtype=torch.long, device=s.device)] = True
-    k, r = keep_mask.nonzero().flatten(), (~keep_mask).nonzero().flatten()
-    lam = damp * torch.diagonal(s).mean().clamp_min(1e-12)
-    skk = s[k][:, k] + lam * torch.eye(len(k), dtype=s.dtype, device=s.device)
-    dd = d.double()
-    w = torch.zeros_like(dd)
-    w[:, k] = dd[:, k] + torch.linalg.solve(skk, (dd[:, r] @ s[r][:, k]).T).T
-    return w.float()
-
-
-def _forward(block: BlockAdapter, x: torch.Tensor, ctx: dict, bs: int) -> torch.Tensor:
-    return torch.cat([block.forward(x[s : s + bs], ctx) for s in range(0, x.shape[0], bs)])
-
-
 @dataclass
 class PipelineResult:
     records: list[BlockRecord]
@@ -796,11 +756,6 @@ class PipelineResult:
     block_params_after: int = 0
     layout: dict | None = None  # --layout uniform: the shared split and each candidate's total estimated error
     allocation: dict | None = None  # --schedule sensitivity: measured curves and each block's share
-
-
-def copy_block(block: BlockAdapter) -> BlockAdapter:
-    """An independent copy of a block (the dense reference while the original is being pruned)."""
-    return type(block)(copy.deepcopy(block.layer), block.index)
 
 
 def _plan_key(plan: BlockPlan) -> str:
@@ -836,7 +791,7 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     basis = params_before if cfg.sparsity_basis == "total" else blocks_before
     target = 0.0
     if cfg.sparsity > 0:  # from the dense shapes: before any restored block is given its pruned shape
-        blocks = [_canonical(adapter, i) for i in layer_range]
+        blocks = [canonical(adapter, i) for i in layer_range]
         target = check_budget(blocks, basis, cfg.sparsity, cfg.channel_multiple, cfg.kv_groups, cfg.sparsity_basis)
         for b in blocks:  # back to the form the stores read and write
             b.to_native()
@@ -956,68 +911,6 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     blocks_after = block_parameters([adapter.block(i) for i in range(adapter.n_layers)])
     return PipelineResult(records, params_before, after, target, {"pipeline_s": time.perf_counter() - t0},
                           blocks_before, blocks_after, layout, allocation)
-
-
-def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
-    """Refuse, before any work, a criterion or setting undefined for this family's blocks (plain FFNs, experts)."""
-    check_moe_fit(adapter, cfg)
-    if cfg.token_weight != "uniform":
-        for i in cfg.block_range(adapter.n_layers):
-            block = adapter.block(i)
-            if is_moe(block):
-                raise ConfigError(f"--token-weight {cfg.token_weight} weights each token's rows, but this "
-                                  f"{adapter.config.model_type} model's experts (block {i}) each see only the tokens "
-                                  "routed to them: drop it for this model")
-            if cfg.token_weight == "residual" and block.ffn_output_scale() is None:
-                raise ConfigError(
-                    f"--token-weight {cfg.token_weight} counts a token's output error as the next layer's norm of "
-                    f"the residual stream sees it, which holds where a block's outputs are added to that stream as "
-                    f"they are; this {adapter.config.model_type} model (block {i}) normalises them first (or does "
-                    "not say): drop it for this model")
-    refitted = _refit_range(adapter, cfg)
-    if cfg.refit_unpruned:
-        for i in refitted:
-            if is_moe(adapter.block(i)):
-                raise ConfigError(f"--refit-unpruned re-fits the linears of blocks left whole, but this "
-                                  f"{adapter.config.model_type} model's block {i} routes tokens to experts: drop it "
-                                  "for this model")
-    if cfg.recovery_target == "block":
-        for i in refitted:
-            if not adapter.block(i).ffn_output_gain_known():
-                raise ConfigError(f"--recovery-target block re-fits down_proj to the dense block's output, but this "
-                                  f"{adapter.config.model_type} model (block {i}) does not say how its FFN output "
-                                  "reaches the block output (experts, post-LN): use --recovery-target linear")
-            if cfg.heldout_strength == "per-output" and adapter.block(i).ffn_output_scale() is None:
-                raise ConfigError(f"--heldout-strength per-output chooses each output row's strength by its own "
-                                  f"held-out error, but this {adapter.config.model_type} model (block {i}) normalises "
-                                  "its FFN output before the block output, which couples the rows of the "
-                                  "--recovery-target block re-fit: use --heldout-strength shared, or --recovery-target "
-                                  "linear")
-    names = [cfg.ffn_criterion] + ([cfg.head_criterion] if cfg.head_criterion not in ("similarity", "none") else [])
-    gated = [n for n in names if get_criterion(n).gated_only]
-    if not gated:
-        return
-    for i in cfg.block_range(adapter.n_layers):
-        block = _canonical(adapter, i)
-        plain = not block.gated
-        block.to_native()
-        if plain:
-            raise ConfigError(f"criterion {gated[0]!r} is defined for gated FFNs (SwiGLU/GeGLU) only, but the "
-                              f"FFN of this {adapter.config.model_type} model is plain (one input projection); "
-                              "use --ffn-criterion second-moment (the same idea on the FFN output's real input)")
-
-
-def _refit_range(adapter: ModelAdapter, cfg: PruneConfig) -> range:
-    """Blocks a re-fit may touch: the pruned range, and with ``--refit-unpruned`` every block after its start."""
-    blocks = cfg.block_range(adapter.n_layers)
-    return range(blocks.start, adapter.n_layers) if cfg.refit_unpruned else blocks
-
-
-def _canonical(adapter: ModelAdapter, index: int) -> BlockAdapter:
-    """Block ``index`` in canonical form (fused/transposed weights as plain linears), for accounting."""
-    block = adapter.block(index)
-    block.to_canonical()
-    return block
 
 
 _BLOCK_SEED_STRIDE = 1_000_003  # > any block count: (seed, block) pairs never collide

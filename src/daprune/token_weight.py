@@ -64,7 +64,8 @@ class TokenScale:
 
 def scaled(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``rows`` [batch, seq, ...] (a linear's input or target on the tokens ``factor`` [batch, seq] belongs to)
-    multiplied by that factor. The pipeline hands every capture over as rows (``_as_rows``: OPT's flat FFN too)."""
+    multiplied by that factor. The pipeline hands every capture over as rows (``block_ops.as_rows``: OPT's flat
+    FFN too)."""
     f = factor.to(rows.device)
     if tuple(rows.shape[: f.dim()]) != tuple(f.shape):
         raise ValueError(f"token factor {tuple(f.shape)} does not match rows {tuple(rows.shape)}")
