@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from settings_bench import LABELS, run_dense
+from settings_bench import LABELS, Runner, child_process, run_dense, run_prune
 
 from daprune.atomic import atomic_write_json
 
@@ -43,8 +38,6 @@ RESERVED = ("--out", "--seed", "--eval", "--max-windows", "--quiet", "--overwrit
 # report.json settings that may differ between the seeds of one command: the seed itself, and the preset's name
 # (its settings are compared one by one, so `--preset quality` and the same flags typed out are the same command)
 FREE = ("seed", "preset")
-
-Runner = Callable[[list[str]], None]
 
 
 def reserved_flags(prune_args: list[str]) -> list[str]:
@@ -103,26 +96,15 @@ def read_run(folder: Path, expected: dict, corpora: list[str], windows: int) -> 
     return row_from_report(report, corpora, windows, str(folder), None)
 
 
-def prune_argv(prune_args: list[str], seed: int | str, out: Path | str, corpora: list[str], windows: int
-               ) -> list[str]:
-    return ["prune", *prune_args, "--out", str(out), "--seed", str(seed), "--eval", ",".join(corpora),
-            "--max-windows", str(windows), "--quiet"]
-
-
-def child_process(argv: list[str]) -> None:
-    """Run ``daprune ARGV`` in its own process (what each seed costs, measured alone)."""
-    subprocess.run([sys.executable, "-m", "daprune.cli", *argv], check=True, stdout=subprocess.DEVNULL)
+def seed_args(prune_args: list[str], seed: int | str, corpora: list[str], windows: int) -> list[str]:
+    """The prune settings of one seed: the command's, the seed, and the evaluation every seed shares."""
+    return [*prune_args, "--seed", str(seed), "--eval", ",".join(corpora), "--max-windows", str(windows), "--quiet"]
 
 
 def run_seed(prune_args: list[str], seed: int, corpora: list[str], windows: int, keep: Path | None = None,
              runner: Runner = child_process) -> dict:
     """Prune with ``seed`` and evaluate; the model goes to ``keep`` (if given) or a deleted temporary folder."""
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        out = keep if keep is not None else Path(tmp) / "pruned"
-        t0 = time.perf_counter()
-        runner(prune_argv(prune_args, seed, out, corpora, windows))
-        wall = time.perf_counter() - t0
-        report = json.loads((out / "report.json").read_text())
+    report, wall = run_prune(seed_args(prune_args, seed, corpora, windows), keep, runner)
     return row_from_report(report, corpora, windows, str(keep) if keep is not None else "run", wall)
 
 
@@ -204,19 +186,19 @@ def main(argv: list[str] | None = None, runner: Runner = child_process) -> int:
     expected = expected_settings(prune_args)  # bad settings stop here, before any work
     shared = {k: v for k, v in expected.items() if k not in FREE}
     data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
-    same = (data.get("settings"), data.get("windows"), data.get("corpora")) == (shared, args.windows, ",".join(corpora))
-    if path.is_file() and not same:
-        diff = differences(data.get("settings") or {}, expected)
-        raise SystemExit(f"{path} holds another command or other windows/corpora"
-                         + (f" ({'; '.join(diff)})" if diff else "") + ": use another --json")
+    if path.is_file():  # compared as --add compares a report: a setting newer than the JSON counts as its default
+        diff = differences(data["settings"], expected) if "settings" in data else ["no settings recorded"]
+        if diff or (data.get("windows"), data.get("corpora")) != (args.windows, ",".join(corpora)):
+            raise SystemExit(f"{path} holds another command or other windows/corpora"
+                             + (f" ({'; '.join(diff)})" if diff else "") + ": use another --json")
     added = [read_run(Path(d), expected, corpora, args.windows) for d in args.add]  # all checked before any run
     taken = {int(k) for k in data["rows"]}
     for row in added:
         if row["seed"] in taken:
             raise SystemExit(f"--add {row['source']}: seed {row['seed']} is already counted")
         taken.add(row["seed"])
-    data.update({"command": "daprune " + " ".join(prune_argv(prune_args, "SEED", "OUT", corpora, args.windows)),
-                 "prune_args": prune_args, "settings": shared,
+    command = ["daprune", "prune", "--out", "OUT", *seed_args(prune_args, "SEED", corpora, args.windows)]
+    data.update({"command": " ".join(command), "prune_args": prune_args, "settings": shared,
                  "windows": args.windows, "corpora": ",".join(corpora)})
 
     def save() -> None:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 CORPORA = "lambada-heldout,wikitext2,ptb"
@@ -173,19 +174,31 @@ SUITES = {
 MODELS = {"smollm2": [], "gemma3": ["--sparsity-basis", "blocks"]}
 
 
-def run_row(model_args: list[str], extra: list[str], windows: int, corpora: str, keep: Path | None = None) -> dict:
-    """One row's ``daprune prune``; ``keep`` is a folder for the pruned model (e.g. for a zero-shot run later),
-    else it is written to a temporary folder and deleted."""
+Runner = Callable[[list[str]], None]
+
+
+def child_process(argv: list[str]) -> None:
+    """Run ``daprune ARGV`` in its own process (each row's time and memory measured alone)."""
+    subprocess.run([sys.executable, "-m", "daprune.cli", *argv], check=True, stdout=subprocess.DEVNULL)
+
+
+def run_prune(args: list[str], keep: Path | None = None, runner: Runner = child_process) -> tuple[dict, float]:
+    """``daprune prune --out OUT ARGS``: its report.json and wall seconds. ``keep`` is a folder for the pruned model
+    (e.g. for a zero-shot run later), else it is written to a temporary folder and deleted."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         out = keep if keep is not None else Path(tmp) / "pruned"
-        cmd = ["daprune", "prune", "--out", str(out), "--sparsity", "0.2", "--eval", corpora, "--max-windows",
-               str(windows), "--quiet", *model_args, *extra]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        runner(["prune", "--out", str(out), *args])
         wall = time.perf_counter() - t0
-        report = json.loads((out / "report.json").read_text())
+        return json.loads((out / "report.json").read_text()), wall
+
+
+def run_row(model_args: list[str], extra: list[str], windows: int, corpora: str, keep: Path | None = None) -> dict:
+    """One row's ``daprune prune`` (:func:`run_prune`)."""
+    args = ["--sparsity", "0.2", "--eval", corpora, "--max-windows", str(windows), "--quiet", *model_args, *extra]
+    report, wall = run_prune(args, keep)
     shapes = report["shapes"]["layers"]
-    return {"command": " ".join(cmd[:2] + ["--out", "OUT"] + cmd[4:]), "wall_s": wall,
+    return {"command": " ".join(["daprune", "prune", "--out", "OUT", *args]), "wall_s": wall,
             "prune_s": report["timings"]["total_s"], "ppl": report["eval"]["ppl"],
             "params_after": report["params"]["after"], "achieved_sparsity": report["params"]["achieved_sparsity"],
             "achieved_block_sparsity": report["params"]["achieved_block_sparsity"],

@@ -152,3 +152,14 @@ def test_a_setting_newer_than_the_report_counts_as_its_default(spread, tmp_path)
     assert (row["seed"], row["ppl"]) == (7, {"wikitext2": 33.0})
     with pytest.raises(SystemExit, match="compensate_mean: None != True"):
         spread.read_run(run, spread.expected_settings([*args, "--compensate-mean"]), ["wikitext2"], 2)
+
+    # a results JSON written before that setting existed is continued the same way, and refused once it is set
+    path = tmp_path / "seeds.json"
+    shared = {k: v for k, v in spread.expected_settings(args).items() if k not in ("seed", "preset", "compensate_mean")}
+    path.write_text(json.dumps({"rows": {}, "settings": shared, "windows": 2, "corpora": "wikitext2"}))
+    own = ["--json", str(path), "--windows", "2", "--corpora", "wikitext2", "--no-dense", "--add", str(run)]
+    assert spread.main(own + ["--", *args], lambda argv: pytest.fail("ran a seed")) == 0
+    assert json.loads(path.read_text())["rows"]["7"]["ppl"] == {"wikitext2": 33.0}
+    path.write_text(json.dumps({"rows": {}, "settings": shared, "windows": 2, "corpora": "wikitext2"}))
+    with pytest.raises(SystemExit, match="compensate_mean: None != True"):
+        spread.main(own[:-2] + ["--", *args, "--compensate-mean"], lambda argv: pytest.fail("ran a seed"))
