@@ -16,9 +16,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only for the hint: the CLI's parsers import this module before any model work
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from daprune.atomic import atomic_write_bytes
 from daprune.config import (
     ERROR_WEIGHTS,
     FFN_CRITERIA,
@@ -30,12 +31,13 @@ from daprune.config import (
     PruneConfig,
     self_gen_settings,
 )
-from daprune.errors import DapruneError, Interrupted
+from daprune.data.text import check_corpora
+from daprune.errors import ConfigError, DapruneError, Interrupted
 from daprune.evaluation.zeroshot import TASKS_HELP
 from daprune.presets import PRESETS, preset_settings
 
 # Each module exposes add_parser(subparsers) -> {command_name: handler(args) -> exit code}.
-PLUGINS = ("daprune.evaluation.compare", "daprune.evaluation.bench", "daprune.export.cli")
+PLUGINS = ("daprune.evaluation.compare", "daprune.evaluation.bench_cli", "daprune.export.cli")
 
 
 def _prune_parser(sub) -> argparse.ArgumentParser:
@@ -261,13 +263,19 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
 
 
 def cmd_prune(args) -> int:
+    # refuse bad settings, unreadable --eval corpora and an occupied --out before any work (the first two
+    # before importing torch)
+    cfg = prune_config(args)
+    if args.eval_ppl:
+        check_corpora(args.eval_ppl, args.data_dir, args.max_windows)
+    elif args.max_windows is not None:
+        raise ConfigError("--max-windows sets how much of the --eval corpora is read; pass --eval CORPORA too")
+    from daprune.output import check_output
+
+    check_output(args.out, args.overwrite)
     from daprune.api import prune
     from daprune.report import plot_allocation, plot_layers, summary
 
-    cfg = prune_config(args)
-    from daprune.output import check_output
-
-    check_output(args.out, args.overwrite)  # refuse before minutes of work, not after
     # the folder is written inside prune() (streaming writes it block by block); evaluation results are
     # added to its report.json afterwards
     def plot(tmp: Path) -> None:  # report.json is already in the folder being assembled
@@ -297,21 +305,39 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    # every refusal before the model is loaded: nothing asked is a mistake, not a full default run
+    if not args.ppl and not args.tasks:
+        raise DapruneError("nothing to evaluate: pass --ppl CORPORA (e.g. wikitext2,ptb) and/or --tasks TASKS")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.ppl and args.max_windows is not None:
+        raise ConfigError("--max-windows sets how much of the --ppl corpora is read; pass --ppl CORPORA too")
+    unused = [flag for flag, value in (("--limit", args.limit), ("--request-cache", args.request_cache))
+              if value is not None]
+    if not args.tasks and unused:
+        verb = "applies" if len(unused) == 1 else "apply"
+        raise ConfigError(f"{' and '.join(unused)} {verb} only to zero-shot tasks; pass --tasks TASKS too")
+    tasks: list[str] = []
+    if args.tasks:
+        from daprune.evaluation.zeroshot import check_request, parse_tasks
+
+        tasks = parse_tasks(args.tasks)
+        check_request(tasks, limit=args.limit, batch_size=args.batch_size)
+    if args.ppl:  # last: it reads the corpora (from the hub, without a data folder)
+        check_corpora(args.ppl, args.data_dir, args.max_windows)
     from daprune.evaluation.perplexity import evaluate
     from daprune.models.loading import load_model
     from daprune.report import format_table
 
-    if not args.ppl and not args.tasks:  # before loading: nothing asked means a mistake, not a full default run
-        raise DapruneError("nothing to evaluate: pass --ppl CORPORA (e.g. wikitext2,ptb) and/or --tasks TASKS")
     model, tok, src = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache_dir)
     out: dict = {"model": src.origin, "dtype": args.dtype}
     if args.ppl:
         out.update(evaluate(model, tok, ppl=args.ppl, data_dir=args.data_dir, max_windows=args.max_windows,
                             batch_size=args.batch_size, progress=not args.quiet))
     if args.tasks:
-        from daprune.evaluation.zeroshot import evaluate_zeroshot, parse_tasks
+        from daprune.evaluation.zeroshot import evaluate_zeroshot
 
-        zs = evaluate_zeroshot(model, tok, parse_tasks(args.tasks), limit=args.limit,
+        zs = evaluate_zeroshot(model, tok, tasks, limit=args.limit,
                                batch_size=args.batch_size, progress=not args.quiet,
                                request_cache=args.request_cache)
         out.update(zs)
@@ -323,7 +349,7 @@ def cmd_eval(args) -> int:
         rows.append(["mean zero-shot", out["mean"]])
     print(format_table(rows, ["metric", "value"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        atomic_write_bytes(Path(args.json), (json.dumps(out, indent=2) + "\n").encode())
     return 0
 
 
@@ -381,7 +407,7 @@ def parse_args(argv: list[str] | None, handlers: dict | None = None) -> argparse
     prune = _prune_parser(sub)
     _eval_parser(sub)
     found = {"prune": cmd_prune, "eval": cmd_eval}
-    for name in PLUGINS:  # subcommands that live next to their implementation (compare, bench)
+    for name in PLUGINS:  # subcommands with their own modules; each imports its heavy parts only when run
         module = importlib.import_module(name)
         found.update(module.add_parser(sub))
     if handlers is not None:

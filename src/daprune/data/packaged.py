@@ -25,8 +25,6 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from daprune.errors import CalibrationError
 
 # The held-out passages are the last HELDOUT_COUNT (at most half) of a seed-0 shuffle of a source's passages.
@@ -87,6 +85,8 @@ PASSAGES: dict[str, Callable[[], list[str]]] = {
 
 def heldout_indices(n: int) -> list[int]:
     """Indices (file order) of the passages of an ``n``-passage source kept out of calibration for evaluation."""
+    import torch  # here, not at the top: the CLI imports this module (via data.text) to check names before torch
+
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_HELDOUT_SEED)).tolist()
     return sorted(order[-min(HELDOUT_COUNT, n // 2):])
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from daprune.data.packaged import PASSAGES, heldout
-from daprune.errors import DapruneError
+from daprune.errors import ConfigError, DapruneError
 
 CORPORA = {
     "wikitext2": ("wikitext-2-raw/wiki.test.raw", ("wikitext", "wikitext-2-raw-v1", "test", "text")),
@@ -35,6 +35,20 @@ def parse_corpora(spec: str) -> list[str]:
     bad = [n for n in names if n not in CORPORA and n not in PACKAGED]
     if bad:
         raise DapruneError(f"unknown perplexity corpus {', '.join(bad)}; choose from {', '.join(_names())}")
+    return names
+
+
+def check_corpora(spec: str, folder: str | os.PathLike | None = None, max_windows: int | None = None) -> list[str]:
+    """The corpora named in ``spec``, each read once now, so that a misspelt name, a missing file or an
+    unreachable hub is refused before a prune or a model load instead of after it (reading takes seconds; the
+    evaluation reads the rows again)."""
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"--max-windows must be >= 1 (leave it out for every window), got {max_windows}")
+    names = parse_corpora(spec)
+    if not names:
+        raise ConfigError(f"no perplexity corpus given; choose from {', '.join(_names())}")
+    for name in names:
+        load_rows(name, folder)
     return names
 
 

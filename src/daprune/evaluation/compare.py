@@ -37,6 +37,7 @@ from typing import Any
 
 from daprune.atomic import atomic_write_bytes
 from daprune.config import SELF_GEN_DEFAULTS, PruneConfig, self_gen_settings
+from daprune.data.text import check_corpora
 from daprune.errors import ConfigError
 
 
@@ -688,6 +689,7 @@ def cmd_compare(args) -> int:
         raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
                           "no selected row generates any: add a data-free row (ours-sg, ...) or --calibration self")
     zeroshot = _zeroshot_fn(args)
+    check_corpora(args.ppl, args.data_dir)  # a misspelt or unreadable corpus is refused before the first row
     if args.json:  # before any row runs: the first row's minutes must not be lost to a missing folder
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": shlex.join(sys.argv),

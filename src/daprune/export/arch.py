@@ -23,6 +23,10 @@ import numpy as np
 
 from daprune.errors import DapruneError
 
+# The tensor types the writer offers (its OUTTYPES maps each to gguf's enums); named here, where no gguf or
+# torch import is needed, so that the CLI's choices come from the same list.
+OUTTYPE_NAMES = ("f32", "f16", "bf16", "q8_0")
+
 
 @dataclass(frozen=True)
 class ArchSpec:

@@ -1,0 +1,109 @@
+"""Refusals that must come before any work: a bad evaluation request costs no prune and no model load, and
+parsing a command line (``--help``, a usage error) imports none of torch, transformers or gguf."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from test_cli import _assert_refused, run_cli, tiny_folder  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make every expensive entry point fail the test if it is reached."""
+    import daprune.api
+    import daprune.models.loading
+
+    def reached(*_args, **_kwargs):
+        raise AssertionError("expensive work started before the refusal")
+
+    monkeypatch.setattr(daprune.api, "prune", reached)
+    monkeypatch.setattr(daprune.models.loading, "load_model", reached)
+
+
+def test_parsing_imports_no_heavy_library():
+    code = ("import sys; from daprune.cli import parse_args\n"
+            "for argv in (['prune', '--out', 'x', '--preset', 'quality'], ['eval', '--ppl', 'ptb'],\n"
+            "             ['compare'], ['bench', '--model', 'm'], ['export', 'f', '--gguf', 'g']):\n"
+            "    parse_args(argv)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'gguf', 'lm_eval') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+    helped = subprocess.run([sys.executable, "-m", "daprune.cli", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert helped.returncode == 0 and "prune" in helped.stdout and "export" in helped.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--eval", "wikitext9"], "unknown perplexity corpus wikitext9"),
+    (["--eval", "ptb", "--data-dir", "/no/such/data"], "ptb.valid.txt not found"),
+    (["--eval", "wikitext2", "--max-windows", "0"], "--max-windows must be >= 1"),
+    (["--max-windows", "8"], "pass --eval CORPORA too"),
+])
+def test_prune_refuses_bad_eval_before_pruning(run_cli, no_work, tmp_path, args, needle):  # noqa: F811
+    out = tmp_path / "out"
+    _assert_refused(run_cli("prune", "--out", str(out), "--quiet", *args, cwd=tmp_path), out, needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tasks", "piqa,mmlu"], "unknown task(s): mmlu"),
+    (["--tasks", "piqa", "--limit", "0"], "limit must be a positive number"),
+    (["--ppl", "wikitext2", "--limit", "5"], "--limit applies only to zero-shot tasks"),
+    (["--ppl", "wikitext2", "--limit", "5", "--request-cache", "CACHE"], "--limit and --request-cache apply only"),
+    (["--tasks", "piqa", "--max-windows", "5"], "pass --ppl CORPORA too"),
+    (["--ppl", "wikitext2,wikitext9"], "unknown perplexity corpus wikitext9"),
+    (["--ppl", "wikitext2", "--data-dir", "/no/such/data"], "wiki.test.raw not found"),
+    (["--ppl", "wikitext2", "--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_eval_refuses_before_loading(run_cli, no_work, tmp_path, args, needle):  # noqa: F811
+    cache = tmp_path / "cache"
+    res = run_cli("eval", "--quiet", *[str(cache) if a == "CACHE" else a for a in args], cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert not cache.exists()  # a refused --request-cache folder is not created
+
+
+def test_compare_refuses_bad_corpus_before_any_row(run_cli, no_work, tmp_path):  # noqa: F811
+    out = tmp_path / "table.json"
+    res = run_cli("compare", "--ppl", "wikitext2,ptb9", "--json", str(out), "--quiet", cwd=tmp_path)
+    assert res.returncode == 2 and "unknown perplexity corpus ptb9" in res.stderr
+    assert not out.exists()
+
+
+def test_eval_checks_do_not_refuse_a_good_request(run_cli, tiny_folder, tmp_path):  # noqa: F811
+    """The corpora check reads the packaged held-out passages the evaluation then scores (no data folder)."""
+    res = run_cli("eval", "--model", str(tiny_folder), "--ppl", "lambada-heldout", "--max-windows", "2",
+                  "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ppl lambada-heldout" in res.stdout
+
+
+def test_bench_and_export_refuse_before_loading(run_cli, tmp_path):  # noqa: F811
+    res = run_cli("bench", "--model", str(tmp_path / "none"), "--repeats", "0", cwd=tmp_path)
+    assert res.returncode == 2 and "--repeats and --seq-len must be >= 1" in res.stderr
+    res = run_cli("bench", "--model", str(tmp_path), "--threads", "0", cwd=tmp_path)
+    assert res.returncode == 2 and "--threads must be >= 1" in res.stderr
+    gguf = tmp_path / "m.gguf"
+    res = run_cli("export", str(tmp_path / "none"), "--gguf", str(gguf), cwd=tmp_path)
+    assert res.returncode == 2 and "is not a folder" in res.stderr and not gguf.exists()
+
+
+def test_export_choices_are_the_writers_types():
+    pytest.importorskip("gguf")
+    from daprune.export.arch import OUTTYPE_NAMES
+    from daprune.export.gguf_writer import OUTTYPES
+
+    assert tuple(OUTTYPES) == OUTTYPE_NAMES
+
+
+def test_library_errors_stay_value_errors():
+    """ConfigError is also a ValueError: callers of evaluate_zeroshot that caught ValueError still do."""
+    from daprune.errors import ConfigError, DapruneError
+    from daprune.evaluation.zeroshot import parse_tasks
+
+    with pytest.raises(ValueError, match="unknown task") as info:
+        parse_tasks("nope")
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, DapruneError)
