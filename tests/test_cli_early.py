@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_cli import _assert_refused, run_cli, tiny_folder  # noqa: F401  (fixtures)
@@ -107,3 +108,36 @@ def test_library_errors_stay_value_errors():
     with pytest.raises(ValueError, match="unknown task") as info:
         parse_tasks("nope")
     assert isinstance(info.value, ConfigError) and isinstance(info.value, DapruneError)
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory) -> dict[str, Path]:
+    from conftest import tiny_model
+    from test_streaming import save_model
+
+    root = tmp_path_factory.mktemp("families")
+    return {arch: save_model(tiny_model(arch, layers=2), root / arch) for arch in ("qwen2", "gpt2")}
+
+
+@pytest.mark.parametrize("arch,extra,needle", [
+    ("qwen2", [], "add --layout uniform"),
+    ("gpt2", ["--layout", "uniform"], "no GGUF export for model type 'gpt2'"),
+])
+def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp_path, arch, extra,  # noqa: F811
+                                           needle):
+    out, gguf = tmp_path / "out", tmp_path / "m.gguf"
+    res = run_cli("prune", "--model", str(family_folders[arch]), "--out", str(out), "--gguf", str(gguf),
+                  "--sparsity", "0.1", "--quiet", *extra, cwd=tmp_path)
+    _assert_refused(res, out, needle)
+    assert not gguf.exists()
+
+
+@pytest.mark.parametrize("arch,extra", [("qwen2", ["--layout", "uniform"]), ("gpt2", [])])
+def test_prune_exportable_or_without_gguf_goes_on(run_cli, no_work, family_folders, tmp_path, arch,  # noqa: F811
+                                                  extra):
+    """The check refuses only what the export would: qwen2 with uniform widths, and any family without --gguf,
+    reach the prune (here the stand-in that marks expensive work)."""
+    gguf = ["--gguf", str(tmp_path / "m.gguf")] if arch == "qwen2" else []
+    with pytest.raises(AssertionError, match="expensive work started"):
+        run_cli("prune", "--model", str(family_folders[arch]), "--out", str(tmp_path / "out"), "--sparsity", "0.1",
+                "--quiet", *gguf, *extra, cwd=tmp_path)

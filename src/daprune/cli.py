@@ -273,6 +273,12 @@ def cmd_prune(args) -> int:
     from daprune.output import check_output
 
     check_output(args.out, args.overwrite)
+    if args.gguf:  # the family is known from the config alone: refuse an export that cannot follow the prune
+        from daprune.export.arch import check_prune_export
+        from daprune.models.loading import check_architecture, resolve_source
+
+        model_type = check_architecture(resolve_source(cfg.model, args.cache_dir).path)
+        check_prune_export(model_type, cfg.layout, cfg.sparsity)
     from daprune.api import prune
     from daprune.report import plot_allocation, plot_layers, summary
 

@@ -83,6 +83,17 @@ def family_spec(model_type: str) -> ArchSpec:
     return FAMILIES[model_type]
 
 
+def check_prune_export(model_type: str, layout: str, sparsity: float) -> None:
+    """Refuse ``daprune prune --gguf`` before pruning where the export after it is certain to be refused: a
+    family with no GGUF export, or per-layer widths (the default layout, under which blocks end up with
+    different widths) for a family whose llama.cpp graph takes one width for every block."""
+    spec = family_spec(model_type)
+    if spec.per_layer is None and layout != "uniform" and sparsity > 0:
+        raise ExportError(f"--gguf: llama.cpp has no per-layer graph for {model_type!r}, and --layout {layout} gives "
+                          "blocks different widths; add --layout uniform (same heads and FFN width in every block) "
+                          "to export it, or drop --gguf")
+
+
 def choose_arch(model_type: str, shapes: list[LayerShape]) -> str:
     """The GGUF architecture for this family and these shapes, or a one-line reason why there is none."""
     spec = family_spec(model_type)
