@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from daprune.block_ops import canonical
+from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL
 from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
 from daprune.experts import check_moe_fit, is_moe
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     """Refuse, before any work, a criterion or setting undefined for this family's blocks (plain FFNs, experts)."""
     check_moe_fit(adapter, cfg)
+    check_obs_damp_used(adapter, cfg)
     if cfg.token_weight != "uniform":
         for i in cfg.block_range(adapter.n_layers):
             block = adapter.block(i)
@@ -64,6 +66,30 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
             raise ConfigError(f"criterion {gated[0]!r} is defined for gated FFNs (SwiGLU/GeGLU) only, but the "
                               f"FFN of this {adapter.config.model_type} model is plain (one input projection); "
                               "use --ffn-criterion second-moment (the same idea on the FFN output's real input)")
+
+
+def check_obs_damp_used(adapter: ModelAdapter, cfg: PruneConfig) -> None:
+    """``--obs-damp`` damps the OBS least-squares solves (FFN selection, ``--compensate-heads``). Under the default
+    ``--selection auto`` OBS runs on a block only with ``OBS_MIN_TOKENS_PER_CHANNEL`` calibration tokens per FFN
+    channel; when no pruned block can reach that (the bound is nsamples x seqlen), a changed damping changes
+    nothing, and is refused rather than ignored. Expert blocks count their routed tokens, so they are let through."""
+    from dataclasses import fields
+
+    default = next(f.default for f in fields(cfg) if f.name == "obs_damp")
+    if cfg.obs_damp == default or cfg.compensate_heads or cfg.sparsity == 0:
+        return
+    rule = cfg.ffn_selection()
+    if rule == "obs":
+        return
+    tokens = cfg.nsamples * cfg.seqlen
+    if rule == "auto" and any(is_moe(adapter.block(i)) or tokens >= OBS_MIN_TOKENS_PER_CHANNEL *
+                              adapter.block(i).n_channels for i in cfg.block_range(adapter.n_layers)):
+        return
+    why = (f"--selection {rule} uses no OBS" if rule != "auto" else
+           f"--selection auto uses OBS only with {OBS_MIN_TOKENS_PER_CHANNEL} calibration tokens per FFN channel, "
+           f"and {cfg.nsamples} x {cfg.seqlen} tokens are fewer than that for every pruned block of this model")
+    raise ConfigError(f"--obs-damp damps OBS compensation, and {why}: drop --obs-damp, or give more --nsamples, "
+                      "--selection obs or --compensate-heads")
 
 
 def refit_range(adapter: ModelAdapter, cfg: PruneConfig) -> range:

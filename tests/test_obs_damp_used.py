@@ -1,0 +1,46 @@
+"""``--obs-damp`` is refused where no OBS solve would read it, and changes the result where one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from daprune.api import prune
+from daprune.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# tiny_model: FFN width 96, so OBS under --selection auto needs 4 x 96 = 384 calibration tokens (config.py)
+BASE = dict(calibration="random", sparsity=0.2, layers="1:-1", progress=False)
+FEW = dict(nsamples=4, seqlen=32)  # 128 tokens (>= the hidden size 48): greedy selection in every block
+ENOUGH = dict(nsamples=32, seqlen=16)  # 512 tokens: OBS in every block
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({**FEW}, "fewer than that for every pruned block"),
+    ({**ENOUGH, "selection": "score"}, "--selection score uses no OBS"),
+    ({**ENOUGH, "selection": "greedy"}, "--selection greedy uses no OBS"),
+])
+def test_unused_damping_is_refused(extra, needle):
+    with pytest.raises(ConfigError, match=needle):
+        prune(model=tiny_model(), **BASE, **extra, obs_damp=0.5)
+
+
+def _weights(**extra) -> dict[str, torch.Tensor]:
+    res = prune(model=tiny_model(), **BASE, **extra)
+    return {k: v.clone() for k, v in res.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("extra", [ENOUGH, {**FEW, "selection": "obs"}, {**FEW, "compensate_heads": True}])
+def test_used_damping_changes_the_weights(extra):
+    """Where OBS runs (enough tokens, forced OBS, or the head compensation), two dampings give other weights."""
+    a, b = _weights(**extra, obs_damp=1e-4), _weights(**extra, obs_damp=10.0)
+    assert a.keys() == b.keys()
+    changed = [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+    assert changed, "obs_damp was accepted but changed no weight"
+
+
+def test_default_damping_needs_no_obs():
+    """The default value is never refused: it is what a run without the flag has."""
+    prune(model=tiny_model(), **BASE, **FEW)
