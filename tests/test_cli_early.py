@@ -141,3 +141,8 @@ def test_prune_exportable_or_without_gguf_goes_on(run_cli, no_work, family_folde
     with pytest.raises(AssertionError, match="expensive work started"):
         run_cli("prune", "--model", str(family_folders[arch]), "--out", str(tmp_path / "out"), "--sparsity", "0.1",
                 "--quiet", *gguf, *extra, cwd=tmp_path)
+
+
+def test_compare_tau_without_a_similarity_row_refused(run_cli, no_work, tmp_path):  # noqa: F811
+    res = run_cli("compare", "--rows", "dense,wanda-sp,flap", "--tau", "0.1", "--quiet", cwd=tmp_path)
+    assert res.returncode == 2 and "no selected row judges heads that way" in res.stderr

@@ -61,10 +61,12 @@ ERROR_WEIGHTS = ("uniform", "fisher", "kfac")
 TOKEN_WEIGHTS = ("uniform", "residual", "first", "gradient")
 SPARSITY_BASES = ("total", "blocks")
 LAYOUTS = ("per-layer", "uniform")
+TAU = 0.05  # --head-criterion similarity: Jensen-Shannon divergence (nats) under which two heads are redundant
 DEFAULT_LAYERS = "4:-2"  # the paper's block range (the default except under --schedule sensitivity)
 ALL_BLOCKS = ("0:", ":")  # spellings of "every block"
 # mixture-of-experts models: what ranks the channels of an expert no calibration token is routed to
 UNROUTED_EXPERTS = ("magnitude", "uniform", "keep")
+UNROUTED_DEFAULT = "magnitude"
 # OBS compensation solves an FFN-width least-squares problem: below this many calibration tokens per
 # FFN channel it overfits (held-out LAMBADA, SmolLM2 at 20%: obs 86.9 with 2k tokens vs greedy 79.3;
 # obs 68.7 with 8k tokens), so "auto" falls back to greedy selection.
@@ -141,7 +143,7 @@ class PruneConfig:
     # replace what the removed channels/heads add on average by a bias of down_proj / o_proj (their mean
     # contribution), and choose and compensate on the centred covariance instead of the second moment
     compensate_mean: bool = False
-    tau: float = 0.05
+    tau: float = TAU
     calibration: str = "lambada"
     nsamples: int = 16
     seqlen: int = 128
@@ -178,7 +180,7 @@ class PruneConfig:
     # "uniform": every block of the model gets one shared split, so the family's plain config states it
     layout: str = "per-layer"
     # mixture-of-experts models: how to rank the channels of experts the calibration never routes to
-    unrouted_experts: str = "magnitude"
+    unrouted_experts: str = UNROUTED_DEFAULT
     seed: int = 0
     # precision of the computation (loading, statistics, solves)
     dtype: str = "float32"
@@ -373,6 +375,9 @@ class PruneConfig:
             raise ConfigError("--channel-multiple must be >= 1")
         if not math.isfinite(self.tau) or self.tau < 0:
             raise ConfigError(f"--tau must be a finite number >= 0, got {self.tau}")
+        if self.tau != TAU and self.head_criterion != "similarity":
+            raise ConfigError(f"--tau is the redundancy threshold of --head-criterion similarity; with "
+                              f"--head-criterion {self.head_criterion} no head is judged by it: drop --tau")
         if not math.isfinite(self.recovery_damp) or self.recovery_damp <= 0:
             raise ConfigError(f"--recovery-damp must be a finite number > 0, got {self.recovery_damp}")
         if not math.isfinite(self.obs_damp) or self.obs_damp < 0:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daprune.config import PruneConfig
+from daprune.config import UNROUTED_DEFAULT, PruneConfig
 from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
 from daprune.models.moe import FFNUnit, MoEBlock, expert_moments
@@ -41,6 +41,9 @@ def is_moe(block) -> bool:
 def check_moe_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     """Refuse, before any work, settings that have no meaning for expert FFNs (instead of ignoring them)."""
     if not any(is_moe(adapter.block(i)) for i in cfg.block_range(adapter.n_layers)):
+        if cfg.unrouted_experts != UNROUTED_DEFAULT:
+            raise ConfigError(f"--unrouted-experts sets how experts no calibration token reaches are pruned; this "
+                              f"{adapter.config.model_type} model has no experts in the pruned blocks: drop it")
         return
     what = f"this {adapter.config.model_type} model's FFNs are mixtures of experts"
     if cfg.ffn_criterion not in _EXPERT_CRITERIA:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from daprune.atomic import atomic_write_bytes
-from daprune.config import SELF_GEN_DEFAULTS, PruneConfig, self_gen_settings
+from daprune.config import SELF_GEN_DEFAULTS, TAU, PruneConfig, self_gen_settings
 from daprune.data.text import check_corpora
 from daprune.errors import ConfigError
 
@@ -143,6 +143,8 @@ def row_config(row: RowSpec, base: PruneConfig) -> PruneConfig:
     cfg = dataclasses.replace(base, **extra)
     if not cfg.uses_self_generation():  # --self-top-p etc. shape only the rows that generate text
         cfg.self_gen = dict(SELF_GEN_DEFAULTS)
+    if cfg.head_criterion != "similarity":  # --tau shapes only the rows that judge heads by similarity
+        cfg.tau = TAU
     return cfg
 
 
@@ -688,6 +690,10 @@ def cmd_compare(args) -> int:
     if base.self_gen != SELF_GEN_DEFAULTS and not generating:
         raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
                           "no selected row generates any: add a data-free row (ours-sg, ...) or --calibration self")
+    if base.tau != TAU and not any(row_config(r, base).head_criterion == "similarity" for r in rows
+                                   if r.key != "dense"):
+        raise ConfigError("--tau is the redundancy threshold of --head-criterion similarity, and no selected row "
+                          "judges heads that way: add an ours row, or drop --tau")
     zeroshot = _zeroshot_fn(args)
     check_corpora(args.ppl, args.data_dir)  # a misspelt or unreadable corpus is refused before the first row
     if args.json:  # before any row runs: the first row's minutes must not be lost to a missing folder

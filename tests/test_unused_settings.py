@@ -1,4 +1,5 @@
-"""``--obs-damp`` is refused where no OBS solve would read it, and changes the result where one does."""
+"""Settings that only some runs read are refused where nothing would read them (--obs-damp, --tau,
+--unrouted-experts), and change the result where something does."""
 
 from __future__ import annotations
 
@@ -44,3 +45,33 @@ def test_used_damping_changes_the_weights(extra):
 def test_default_damping_needs_no_obs():
     """The default value is never refused: it is what a run without the flag has."""
     prune(model=tiny_model(), **BASE, **FEW)
+
+
+def test_tau_only_with_the_similarity_criterion():
+    """--tau judges heads only under --head-criterion similarity: elsewhere refused; there it changes which heads
+    count as redundant (a threshold above every divergence makes all heads of a block one redundant group)."""
+    from daprune.config import PruneConfig
+
+    with pytest.raises(ConfigError, match="--head-criterion l1 no head is judged by it"):
+        PruneConfig(head_criterion="l1", tau=0.1).validate()
+    low = prune(model=tiny_model(), **BASE, **FEW, tau=0.0)
+    high = prune(model=tiny_model(), **BASE, **FEW, tau=1e6)
+    redundant = [[r.get("redundant_heads") for r in res.report["layers"] if r["pruned"]] for res in (low, high)]
+    assert all(not r for r in redundant[0]) and all(r for r in redundant[1])
+
+
+def test_unrouted_experts_refused_on_a_model_without_experts():
+    with pytest.raises(ConfigError, match="has no experts in the pruned blocks"):
+        prune(model=tiny_model(), **BASE, **FEW, unrouted_experts="keep")
+
+
+def test_compare_tau_reaches_only_similarity_rows():
+    from daprune.config import TAU, PruneConfig
+    from daprune.evaluation.compare import row_config, select_rows
+
+    base = PruneConfig(tau=0.2)
+    configs = {r.key: row_config(r, base) for r in select_rows(None) if r.key != "dense"}
+    assert {k: c.tau for k, c in configs.items() if c.head_criterion == "similarity"}  # some ours row keeps it
+    for key, cfg in configs.items():
+        assert cfg.tau == (0.2 if cfg.head_criterion == "similarity" else TAU), key
+        cfg.validate()
