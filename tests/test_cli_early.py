@@ -56,7 +56,6 @@ def test_prune_refuses_bad_eval_before_pruning(run_cli, no_work, tmp_path, args,
     (["--ppl", "wikitext2", "--limit", "5", "--request-cache", "CACHE"], "--limit and --request-cache apply only"),
     (["--tasks", "piqa", "--max-windows", "5"], "pass --ppl CORPORA too"),
     (["--ppl", "wikitext2,wikitext9"], "unknown perplexity corpus wikitext9"),
-    (["--ppl", "wikitext2", "--data-dir", "/no/such/data"], "wiki.test.raw not found"),
     (["--ppl", "wikitext2", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_eval_refuses_before_loading(run_cli, no_work, tmp_path, args, needle):  # noqa: F811

@@ -75,3 +75,18 @@ def test_compare_tau_reaches_only_similarity_rows():
     for key, cfg in configs.items():
         assert cfg.tau == (0.2 if cfg.head_criterion == "similarity" else TAU), key
         cfg.validate()
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(head_split="ffn-only", kv_groups=True), "--kv-groups acts on the heads a block loses, and --head-split"),
+    (dict(head_criterion="none", kv_groups=True), "--kv-groups acts on the heads a block loses, and --head-crit"),
+    (dict(head_split="ffn-only", compensate_heads=True), "--compensate-heads acts on the heads"),
+    (dict(head_split="ffn-only", tau=0.1), "with --head-split ffn-only, which removes no heads"),
+    (dict(schedule="adaptive", head_split="paper"), "--head-split paper would be ignored"),
+    (dict(schedule="adaptive", kv_groups=True), "--kv-groups would be ignored"),
+])
+def test_head_settings_nothing_reads_are_refused(kw, needle):
+    from daprune.config import PruneConfig
+
+    with pytest.raises(ConfigError, match=needle):
+        PruneConfig(**kw).validate()

@@ -329,8 +329,8 @@ def cmd_eval(args) -> int:
 
         tasks = parse_tasks(args.tasks)
         check_request(tasks, limit=args.limit, batch_size=args.batch_size)
-    if args.ppl:  # last: it reads the corpora (from the hub, without a data folder)
-        check_corpora(args.ppl, args.data_dir, args.max_windows)
+    if args.ppl:  # names and window count; the rows are read after the model (whose checks come first)
+        check_corpora(args.ppl, args.data_dir, args.max_windows, read=False)
     from daprune.evaluation.perplexity import evaluate
     from daprune.models.loading import load_model
     from daprune.report import format_table

@@ -286,6 +286,21 @@ class PruneConfig:
             raise ConfigError(f"--token-weight {self.token_weight} weights second moments; the {centred[0]} criterion "
                               "reads centred variances: drop one of them")
 
+    def _validate_head_settings(self) -> None:
+        """Head settings that a run removing no heads, or FLAP's global schedule, would not read."""
+        if self.head_criterion == "none" or self.head_split == "ffn-only":
+            why = "--head-criterion none" if self.head_criterion == "none" else "--head-split ffn-only"
+            for flag, on in (("--compensate-heads", self.compensate_heads), ("--kv-groups", self.kv_groups)):
+                if on:
+                    raise ConfigError(f"{flag} acts on the heads a block loses, and {why} removes no heads: drop one "
+                                      "of them")
+        if self.schedule == "adaptive":
+            for flag, on in ((f"--head-split {self.head_split}", self.head_split != "auto"),
+                             ("--kv-groups", self.kv_groups)):
+                if on:
+                    raise ConfigError(f"--schedule adaptive chooses every block's heads and channels itself (FLAP's "
+                                      f"standardised scores), so {flag} would be ignored: drop it")
+
     def validate(self) -> None:
         """Reject bad settings early, before the model is even loaded."""
         self._validate_preset()
@@ -354,14 +369,11 @@ class PruneConfig:
             if self.recovery_damp != RECOVERY_DAMP:
                 raise ConfigError("--recovery heldout chooses the ridge strength itself on held-out rows: drop "
                                   "--recovery-damp")
-        if self.compensate_heads:
-            if self.head_criterion == "none":
-                raise ConfigError("--compensate-heads re-fits o_proj when heads go, and --head-criterion none "
-                                  "removes no heads: drop one of them")
-            if self.recovery in ("post", "both") and self.ridge_prior() == "zero":
-                raise ConfigError(f"--recovery {self.recovery} re-fits the kept o_proj columns from scratch "
-                                  "(ridge toward zero), replacing --compensate-heads' fit: drop one, or add "
-                                  "--recovery-prior original so the re-fit starts from the compensated weights")
+        self._validate_head_settings()
+        if self.compensate_heads and self.recovery in ("post", "both") and self.ridge_prior() == "zero":
+            raise ConfigError(f"--recovery {self.recovery} re-fits the kept o_proj columns from scratch "
+                              "(ridge toward zero), replacing --compensate-heads' fit: drop one, or add "
+                              "--recovery-prior original so the re-fit starts from the compensated weights")
         if self.compensate_mean and "flap" in (self.ffn_criterion, self.head_criterion):
             raise ConfigError("the flap criterion adds the removed columns' mean contribution as a bias itself: "
                               "drop --compensate-mean")
@@ -375,9 +387,11 @@ class PruneConfig:
             raise ConfigError("--channel-multiple must be >= 1")
         if not math.isfinite(self.tau) or self.tau < 0:
             raise ConfigError(f"--tau must be a finite number >= 0, got {self.tau}")
-        if self.tau != TAU and self.head_criterion != "similarity":
-            raise ConfigError(f"--tau is the redundancy threshold of --head-criterion similarity; with "
-                              f"--head-criterion {self.head_criterion} no head is judged by it: drop --tau")
+        if self.tau != TAU and (self.head_criterion != "similarity" or self.head_split == "ffn-only"):
+            why = (f"--head-criterion {self.head_criterion}" if self.head_criterion != "similarity"
+                   else "--head-split ffn-only, which removes no heads,")
+            raise ConfigError(f"--tau is the redundancy threshold of --head-criterion similarity; with {why} no head "
+                              "is judged by it: drop --tau")
         if not math.isfinite(self.recovery_damp) or self.recovery_damp <= 0:
             raise ConfigError(f"--recovery-damp must be a finite number > 0, got {self.recovery_damp}")
         if not math.isfinite(self.obs_damp) or self.obs_damp < 0:

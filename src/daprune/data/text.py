@@ -38,16 +38,18 @@ def parse_corpora(spec: str) -> list[str]:
     return names
 
 
-def check_corpora(spec: str, folder: str | os.PathLike | None = None, max_windows: int | None = None) -> list[str]:
-    """The corpora named in ``spec``, each read once now, so that a misspelt name, a missing file or an
-    unreachable hub is refused before a prune or a model load instead of after it (reading takes seconds; the
-    evaluation reads the rows again)."""
+def check_corpora(spec: str, folder: str | os.PathLike | None = None, max_windows: int | None = None, *,
+                  read: bool = True) -> list[str]:
+    """The corpora named in ``spec``, each read once now (``read``), so that a misspelt name, a missing file or an
+    unreachable hub is refused before a prune instead of after it (reading takes seconds; the evaluation reads
+    the rows again). ``read=False`` checks the names and ``max_windows`` only, for callers whose next step is
+    cheaper than reading (``daprune eval`` loads the model first, and its own checks come first)."""
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"--max-windows must be >= 1 (leave it out for every window), got {max_windows}")
     names = parse_corpora(spec)
     if not names:
         raise ConfigError(f"no perplexity corpus given; choose from {', '.join(_names())}")
-    for name in names:
+    for name in names if read else ():
         load_rows(name, folder)
     return names
 

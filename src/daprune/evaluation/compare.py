@@ -143,7 +143,9 @@ def row_config(row: RowSpec, base: PruneConfig) -> PruneConfig:
     cfg = dataclasses.replace(base, **extra)
     if not cfg.uses_self_generation():  # --self-top-p etc. shape only the rows that generate text
         cfg.self_gen = dict(SELF_GEN_DEFAULTS)
-    if cfg.head_criterion != "similarity":  # --tau shapes only the rows that judge heads by similarity
+    if cfg.schedule == "adaptive":  # FLAP's global schedule splits every block itself
+        cfg.head_split, cfg.kv_groups = "auto", False
+    if cfg.head_criterion != "similarity" or cfg.head_split == "ffn-only":  # --tau: rows that judge heads by it
         cfg.tau = TAU
     return cfg
 
