@@ -145,3 +145,9 @@ def test_prune_exportable_or_without_gguf_goes_on(run_cli, no_work, family_folde
 def test_compare_tau_without_a_similarity_row_refused(run_cli, no_work, tmp_path):  # noqa: F811
     res = run_cli("compare", "--rows", "dense,wanda-sp,flap", "--tau", "0.1", "--quiet", cwd=tmp_path)
     assert res.returncode == 2 and "no selected row judges heads that way" in res.stderr
+
+
+def test_compare_zero_shot_only_is_not_refused(run_cli, no_work, tmp_path):  # noqa: F811
+    """``compare --ppl=`` (zero-shot columns only) passes the corpus check and reaches the model load."""
+    with pytest.raises(AssertionError, match="expensive work started"):
+        run_cli("compare", "--rows", "dense", "--ppl=", "--tasks", "piqa", "--no-isolate", "--quiet", cwd=tmp_path)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from daprune.data.text import load_text, parse_corpora
+from daprune.data.text import check_corpora, load_text
 from daprune.data.tokens import bos_per_window, encode_stream, prepend_bos
 
 # logits materialised at once: 16M fp32 values = 64 MB (~330 positions of a 49k vocabulary)
@@ -123,7 +123,7 @@ def evaluate(model, tokenizer, *, ppl: str = "wikitext2,ptb", data_dir: str | No
              max_windows: int | None = None, batch_size: int = 16, progress: bool = True) -> dict:
     """``{"ppl": {corpus: float}, "ppl_details": {...}, "bos_per_window": bool}`` for each requested corpus."""
     out: dict = {"ppl": {}, "ppl_details": {}, "bos_per_window": bos_per_window(tokenizer)}
-    for name in parse_corpora(ppl):
+    for name in check_corpora(ppl, data_dir, max_windows, read=False):
         r = perplexity(model, tokenizer, name, data_dir=data_dir, max_windows=max_windows,
                        batch_size=batch_size, progress=progress)
         out["ppl"][name] = r["ppl"]
