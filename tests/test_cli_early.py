@@ -3,6 +3,7 @@ parsing a command line (``--help``, a usage error) imports none of torch, transf
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -115,12 +116,20 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
     from test_streaming import save_model
 
     root = tmp_path_factory.mktemp("families")
-    return {arch: save_model(tiny_model(arch, layers=2), root / arch) for arch in ("qwen2", "gpt2")}
+    folders = {arch: save_model(tiny_model(arch, layers=8), root / arch) for arch in ("qwen2", "gpt2", "llama")}
+    scaled = save_model(tiny_model("llama", layers=8), root / "llama-rope-scaled")  # Llama-3.x-style RoPE scaling
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    return {**folders, "llama-rope-scaled": scaled}
 
 
 @pytest.mark.parametrize("arch,extra,needle", [
-    ("qwen2", [], "add --layout uniform"),
+    ("qwen2", [], "add --layout uniform"),  # the paper's 4:-2 leaves blocks whole
+    ("qwen2", ["--layers", "0:", "--schedule", "owl"], "add --layout uniform"),  # a per-block schedule
     ("gpt2", ["--layout", "uniform"], "no GGUF export for model type 'gpt2'"),
+    ("llama-rope-scaled", [], "RoPE scaling 'llama3' is not supported"),
 ])
 def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp_path, arch, extra,  # noqa: F811
                                            needle):
@@ -131,12 +140,17 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
     assert not gguf.exists()
 
 
-@pytest.mark.parametrize("arch,extra", [("qwen2", ["--layout", "uniform"]), ("gpt2", [])])
+@pytest.mark.parametrize("arch,extra", [
+    ("qwen2", ["--layout", "uniform"]),
+    ("qwen2", ["--layers", "0:", "--head-split", "ffn-only"]),  # per-layer layout, yet every block alike
+    ("llama", []),  # llama.cpp's deci graph takes per-layer widths
+    ("gpt2", []),  # no --gguf: nothing to check
+])
 def test_prune_exportable_or_without_gguf_goes_on(run_cli, no_work, family_folders, tmp_path, arch,  # noqa: F811
                                                   extra):
-    """The check refuses only what the export would: qwen2 with uniform widths, and any family without --gguf,
-    reach the prune (here the stand-in that marks expensive work)."""
-    gguf = ["--gguf", str(tmp_path / "m.gguf")] if arch == "qwen2" else []
+    """The check refuses only what the export must: these reach the prune (here the stand-in that marks
+    expensive work)."""
+    gguf = ["--gguf", str(tmp_path / "m.gguf")] if arch != "gpt2" else []
     with pytest.raises(AssertionError, match="expensive work started"):
         run_cli("prune", "--model", str(family_folders[arch]), "--out", str(tmp_path / "out"), "--sparsity", "0.1",
                 "--quiet", *gguf, *extra, cwd=tmp_path)
@@ -151,3 +165,22 @@ def test_compare_zero_shot_only_is_not_refused(run_cli, no_work, tmp_path):  # n
     """``compare --ppl=`` (zero-shot columns only) passes the corpus check and reaches the model load."""
     with pytest.raises(AssertionError, match="expensive work started"):
         run_cli("compare", "--rows", "dense", "--ppl=", "--tasks", "piqa", "--no-isolate", "--quiet", cwd=tmp_path)
+
+
+def test_every_isolated_row_passes_its_childs_checks(run_cli, no_work, tmp_path):  # noqa: F811
+    """A compare run with settings only some rows read (--tau, --self-top-p, --head-split, --kv-groups): each row's
+    child command line passes the child's own checks and reaches its model load. The child sees one row, so a
+    setting its row does not read must stay out of its command line, or the child refuses it."""
+    import argparse
+
+    from daprune.evaluation import compare
+
+    parser = argparse.ArgumentParser()
+    compare.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--tau", "0.1", "--self-top-p", "0.9", "--head-split", "paper",
+                              "--kv-groups", "--ppl=", "--quiet"])
+    for row in compare.select_rows(None):
+        argv = compare.child_argv(args, row.key, str(tmp_path / "row.json"))[3:]
+        with pytest.raises(AssertionError, match="expensive work started"):
+            res = run_cli(*argv, cwd=tmp_path)
+            pytest.fail(f"row {row.key}: the child refused ({res.stderr.strip()})")

@@ -233,7 +233,9 @@ def test_child_sees_every_setting_of_the_parent():
     child = parser.parse_args(compare.child_argv(args, "l2", "/tmp/r.json")[3:])
     own = {"rows", "json", "isolate", "resume"}
     differ = {k: (v, getattr(child, k)) for k, v in vars(args).items() if k not in own and getattr(child, k) != v}
-    assert not differ
+    assert differ == {"tau": (0.1, 0.05)}  # the L2 row judges no head by similarity: its child is not given --tau
+    ours = parser.parse_args(compare.child_argv(args, "ours-sg", "/tmp/r.json")[3:])
+    assert ours.tau == 0.1 and ours.head_split == "paper" and ours.kv_groups and ours.self_top_p == 1
 
 
 def test_peak_rss_falls_back_to_sampling_when_kernel_reset_is_ignored(monkeypatch):

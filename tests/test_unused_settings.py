@@ -22,6 +22,7 @@ ENOUGH = dict(nsamples=32, seqlen=16)  # 512 tokens: OBS in every block
     ({**FEW}, "fewer than that for every pruned block"),
     ({**ENOUGH, "selection": "score"}, "--selection score uses no OBS"),
     ({**ENOUGH, "selection": "greedy"}, "--selection greedy uses no OBS"),
+    ({**ENOUGH, "ffn_criterion": "l1"}, "--ffn-criterion l1 chooses the channels by its own score, without OBS"),
 ])
 def test_unused_damping_is_refused(extra, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -78,10 +79,8 @@ def test_compare_tau_reaches_only_similarity_rows():
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(head_split="ffn-only", kv_groups=True), "--kv-groups acts on the heads a block loses, and --head-split"),
     (dict(head_criterion="none", kv_groups=True), "--kv-groups acts on the heads a block loses, and --head-crit"),
-    (dict(head_split="ffn-only", compensate_heads=True), "--compensate-heads acts on the heads"),
-    (dict(head_split="ffn-only", tau=0.1), "with --head-split ffn-only, which removes no heads"),
+    (dict(head_criterion="none", compensate_heads=True), "--compensate-heads acts on the heads a block loses"),
     (dict(schedule="adaptive", head_split="paper"), "--head-split paper would be ignored"),
     (dict(schedule="adaptive", kv_groups=True), "--kv-groups would be ignored"),
 ])
@@ -90,3 +89,15 @@ def test_head_settings_nothing_reads_are_refused(kw, needle):
 
     with pytest.raises(ConfigError, match=needle):
         PruneConfig(**kw).validate()
+
+
+def test_ffn_only_removes_heads_where_the_ffn_cannot_meet_the_share():
+    """Why --head-split ffn-only does not refuse head settings: its first feasible split may remove heads. The tiny
+    model's FFN is 69% of a block; at a 78% share per block heads must go, and --compensate-heads is then applied."""
+    kw = dict(BASE, **FEW, sparsity=0.78, layers="0:", head_split="ffn-only", sparsity_basis="blocks",
+              channel_multiple=1)
+    plain, compensated = (prune(model=tiny_model(), **kw, compensate_heads=on) for on in (False, True))
+    heads = [r["kept_heads"] for r in plain.report["layers"] if r["pruned"]]
+    assert any(len(h) < 6 for h in heads), heads
+    a, b = plain.model.state_dict(), compensated.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if "o_proj" in k)

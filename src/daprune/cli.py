@@ -266,19 +266,15 @@ def cmd_prune(args) -> int:
     # refuse bad settings, unreadable --eval corpora and an occupied --out before any work (the first two
     # before importing torch)
     cfg = prune_config(args)
-    if args.eval_ppl:
-        check_corpora(args.eval_ppl, args.data_dir, args.max_windows)
-    elif args.max_windows is not None:
+    if args.max_windows is not None and not args.eval_ppl:
         raise ConfigError("--max-windows sets how much of the --eval corpora is read; pass --eval CORPORA too")
     from daprune.output import check_output
 
     check_output(args.out, args.overwrite)
-    if args.gguf:  # the family is known from the config alone: refuse an export that cannot follow the prune
-        from daprune.export.arch import check_prune_export
-        from daprune.models.loading import check_architecture, resolve_source
-
-        model_type = check_architecture(resolve_source(cfg.model, args.cache_dir).path)
-        check_prune_export(model_type, cfg.layout, cfg.sparsity)
+    if args.eval_ppl:
+        check_corpora(args.eval_ppl, args.data_dir, args.max_windows)
+    if args.gguf:
+        _check_gguf(cfg, args.cache_dir)
     from daprune.api import prune
     from daprune.report import plot_allocation, plot_layers, summary
 
@@ -308,6 +304,21 @@ def cmd_prune(args) -> int:
 
         cmd_export(argparse.Namespace(folder=args.out, gguf=args.gguf, outtype="f16", tokenizer_gguf=None))
     return 0
+
+
+def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
+    """``--gguf``: refuse before pruning what the export after it must refuse, from the source model's config."""
+    from transformers import AutoConfig
+
+    from daprune.export.arch import check_prune_export
+    from daprune.models.loading import check_architecture, resolve_source
+
+    source = resolve_source(cfg.model, cache_dir).path
+    check_architecture(source)
+    config = AutoConfig.from_pretrained(source)
+    n = int(getattr(config, "num_hidden_layers", 0) or getattr(config.get_text_config(), "num_hidden_layers", 0))
+    uneven = cfg.schedule != "uniform" or len(cfg.block_range(n)) < n
+    check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven)
 
 
 def cmd_eval(args) -> int:

@@ -9,9 +9,10 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from daprune.errors import ConfigError
+from daprune.errors import CalibrationError, ConfigError
 
 FFN_CRITERIA = (
     "second-moment",
@@ -86,6 +87,18 @@ SOURCES_HELP = (
     "PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | "
     "wikitext2 / ptb (the evaluation data folder; avoid: evaluation text) | self | random"
 )
+
+
+def calibration_parts(source: str) -> list[str]:
+    """The sources of a mixture ``A+B`` (e.g. ``lambada+self``), or ``[source]``; an existing file is one source
+    even when its name holds a "+"."""
+    if "+" not in source or Path(source).expanduser().is_file():
+        return [source]
+    parts = source.split("+")
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise CalibrationError(f"calibration mixture {source!r}: name each source once, joined by '+' "
+                               f"(e.g. lambada+self); sources: {SOURCES_HELP}")
+    return parts
 
 
 @dataclass
@@ -217,8 +230,6 @@ class PruneConfig:
 
     def uses_self_generation(self) -> bool:
         """Whether any calibration rows (scoring, re-fit or held-out) are self-generated."""
-        from daprune.data.calibration import calibration_parts  # one parser of mixtures (a file may hold a "+")
-
         return any("self" in calibration_parts(s) for s in (self.calibration, self.heldout_calibration or
                                                             self.calibration))
 
@@ -287,13 +298,14 @@ class PruneConfig:
                               "reads centred variances: drop one of them")
 
     def _validate_head_settings(self) -> None:
-        """Head settings that a run removing no heads, or FLAP's global schedule, would not read."""
-        if self.head_criterion == "none" or self.head_split == "ffn-only":
-            why = "--head-criterion none" if self.head_criterion == "none" else "--head-split ffn-only"
+        """Head settings that a run removing no heads, or FLAP's global schedule, would not read. (``--head-split
+        ffn-only`` is not such a run: where the FFN alone cannot meet a block's share, its first feasible split
+        removes heads too.)"""
+        if self.head_criterion == "none":
             for flag, on in (("--compensate-heads", self.compensate_heads), ("--kv-groups", self.kv_groups)):
                 if on:
-                    raise ConfigError(f"{flag} acts on the heads a block loses, and {why} removes no heads: drop one "
-                                      "of them")
+                    raise ConfigError(f"{flag} acts on the heads a block loses, and --head-criterion none removes no "
+                                      "heads: drop one of them")
         if self.schedule == "adaptive":
             for flag, on in ((f"--head-split {self.head_split}", self.head_split != "auto"),
                              ("--kv-groups", self.kv_groups)):
@@ -387,11 +399,9 @@ class PruneConfig:
             raise ConfigError("--channel-multiple must be >= 1")
         if not math.isfinite(self.tau) or self.tau < 0:
             raise ConfigError(f"--tau must be a finite number >= 0, got {self.tau}")
-        if self.tau != TAU and (self.head_criterion != "similarity" or self.head_split == "ffn-only"):
-            why = (f"--head-criterion {self.head_criterion}" if self.head_criterion != "similarity"
-                   else "--head-split ffn-only, which removes no heads,")
-            raise ConfigError(f"--tau is the redundancy threshold of --head-criterion similarity; with {why} no head "
-                              "is judged by it: drop --tau")
+        if self.tau != TAU and self.head_criterion != "similarity":
+            raise ConfigError(f"--tau is the redundancy threshold of --head-criterion similarity; with "
+                              f"--head-criterion {self.head_criterion} no head is judged by it: drop --tau")
         if not math.isfinite(self.recovery_damp) or self.recovery_damp <= 0:
             raise ConfigError(f"--recovery-damp must be a finite number > 0, got {self.recovery_damp}")
         if not math.isfinite(self.obs_damp) or self.obs_damp < 0:

@@ -85,7 +85,8 @@ def check_obs_damp_used(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     if rule == "auto" and any(is_moe(adapter.block(i)) or tokens >= OBS_MIN_TOKENS_PER_CHANNEL *
                               adapter.block(i).n_channels for i in cfg.block_range(adapter.n_layers)):
         return
-    why = (f"--selection {rule} uses no OBS" if rule != "auto" else
+    why = (f"--ffn-criterion {cfg.ffn_criterion} chooses the channels by its own score, without OBS"
+           if rule != "auto" and cfg.selection == "auto" else f"--selection {rule} uses no OBS" if rule != "auto" else
            f"--selection auto uses OBS only with {OBS_MIN_TOKENS_PER_CHANNEL} calibration tokens per FFN channel, "
            f"and {cfg.nsamples} x {cfg.seqlen} tokens are fewer than that for every pruned block of this model")
     raise ConfigError(f"--obs-damp damps OBS compensation, and {why}: drop --obs-damp, or give more --nsamples, "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from daprune.config import SELF_GEN_DEFAULTS, SOURCES_HELP
+from daprune.config import SELF_GEN_DEFAULTS, SOURCES_HELP, calibration_parts
 from daprune.data.generated import GeneratedStore
 from daprune.data.packaged import PASSAGES, heldout_indices
 from daprune.data.tokens import bos_per_window, encode_stream, prepend_bos
@@ -124,18 +124,6 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, *,
         )
         out.append(seq[:, :seqlen].cpu())
     return torch.cat(out)
-
-
-def calibration_parts(source: str) -> list[str]:
-    """The sources of a mixture ``A+B`` (e.g. ``lambada+self``), or ``[source]``; an existing file is one source
-    even when its name holds a "+"."""
-    if "+" not in source or Path(source).expanduser().is_file():
-        return [source]
-    parts = source.split("+")
-    if any(not p for p in parts) or len(set(parts)) != len(parts):
-        raise CalibrationError(f"calibration mixture {source!r}: name each source once, joined by '+' "
-                               f"(e.g. lambada+self); sources: {SOURCES_HELP}")
-    return parts
 
 
 def _resolve(model):

@@ -145,7 +145,7 @@ def row_config(row: RowSpec, base: PruneConfig) -> PruneConfig:
         cfg.self_gen = dict(SELF_GEN_DEFAULTS)
     if cfg.schedule == "adaptive":  # FLAP's global schedule splits every block itself
         cfg.head_split, cfg.kv_groups = "auto", False
-    if cfg.head_criterion != "similarity" or cfg.head_split == "ffn-only":  # --tau: rows that judge heads by it
+    if cfg.head_criterion != "similarity":  # --tau shapes only the rows that judge heads by similarity
         cfg.tau = TAU
     return cfg
 
@@ -550,14 +550,38 @@ _FORWARD = (("model", "--model"), ("sparsity", "--sparsity"), ("layers", "--laye
             ("cache_dir", "--cache-dir"))
 
 
+def base_config(args) -> PruneConfig:
+    """The settings every row starts from (validated); :func:`row_config` adds each row's own."""
+    base = PruneConfig(model=args.model, sparsity=args.sparsity, layers=args.layers, calibration=args.calibration,
+                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, tau=args.tau,
+                       head_split=args.head_split, batch_size=args.batch_size,
+                       sparsity_basis=args.sparsity_basis, kv_groups=args.kv_groups,
+                       channel_multiple=args.channel_multiple)
+    base.validate()
+    base.self_gen = self_gen_settings(args.self_temperature, args.self_top_p)
+    base.validate_sampling()
+    return base
+
+
+# settings that row_config resets for the rows that do not read them: a child gets them only where its row does
+_ROW_READ = {"tau": lambda c: c.tau != TAU, "head_split": lambda c: c.head_split != "auto",
+             "self_temperature": lambda c: c.self_gen != SELF_GEN_DEFAULTS,
+             "self_top_p": lambda c: c.self_gen != SELF_GEN_DEFAULTS}
+
+
 def child_argv(args, key: str, json_path: str) -> list[str]:
-    """The command line that runs one row of this table in a fresh interpreter."""
+    """The command line that runs one row of this table in a fresh interpreter. A setting the row does not read
+    (``--tau`` for a peer, the sampling flags for a row that generates nothing, the head split under FLAP's schedule)
+    stays out: the child checks its one row, and would refuse a setting none of its rows reads."""
+    row = row_config(ROW_BY_KEY[key], base_config(args))
     argv = [sys.executable, "-m", "daprune.cli", "compare", "--rows", key, "--json", json_path, "--no-isolate"]
     for attr, flag in _FORWARD:
         value = getattr(args, attr, None)
+        if attr in _ROW_READ and (key == "dense" or not _ROW_READ[attr](row)):  # the dense row prunes nothing
+            continue
         if value is not None:  # "" too: --ppl= means no perplexity, not the default corpora
             argv += [f"{flag}={value}"]
-    if getattr(args, "kv_groups", False):
+    if row.kv_groups and key != "dense":
         argv.append("--kv-groups")
     if args.quiet:
         argv.append("--quiet")
@@ -672,22 +696,10 @@ def cmd_compare(args) -> int:
         from daprune.evaluation.similarity_plot import cmd_similarity_figure
 
         return cmd_similarity_figure(args)
-    from daprune.data.generated import store_for
-    from daprune.devices import resolve_device
-    from daprune.evaluation.perplexity import evaluate
-    from daprune.models.loading import load_model, resolve_source
-
     if args.max_windows is not None and args.max_windows <= 0:
         args.max_windows = None
-    base = PruneConfig(model=args.model, sparsity=args.sparsity, layers=args.layers, calibration=args.calibration,
-                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, tau=args.tau,
-                       head_split=args.head_split, batch_size=args.batch_size,
-                       sparsity_basis=args.sparsity_basis, kv_groups=args.kv_groups,
-                       channel_multiple=args.channel_multiple)
-    base.validate()
+    base = base_config(args)
     rows = select_rows(args.rows)
-    base.self_gen = self_gen_settings(args.self_temperature, args.self_top_p)
-    base.validate_sampling()
     generating = any(row_config(r, base).uses_self_generation() for r in rows if r.key != "dense")
     if base.self_gen != SELF_GEN_DEFAULTS and not generating:
         raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
@@ -698,6 +710,11 @@ def cmd_compare(args) -> int:
                           "judges heads that way: add an ours row, or drop --tau")
     zeroshot = _zeroshot_fn(args)
     check_corpora(args.ppl, args.data_dir)  # a misspelt or unreadable corpus is refused before the first row
+    from daprune.data.generated import store_for
+    from daprune.devices import resolve_device
+    from daprune.evaluation.perplexity import evaluate
+    from daprune.models.loading import load_model, resolve_source
+
     if args.json:  # before any row runs: the first row's minutes must not be lost to a missing folder
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": shlex.join(sys.argv),
