@@ -184,3 +184,10 @@ def test_every_isolated_row_passes_its_childs_checks(run_cli, no_work, tmp_path)
         with pytest.raises(AssertionError, match="expensive work started"):
             res = run_cli(*argv, cwd=tmp_path)
             pytest.fail(f"row {row.key}: the child refused ({res.stderr.strip()})")
+
+
+def test_eval_json_folder_made_before_the_work(run_cli, no_work, tmp_path):  # noqa: F811
+    out = tmp_path / "a" / "b" / "eval.json"
+    with pytest.raises(AssertionError, match="expensive work started"):
+        run_cli("eval", "--ppl", "wikitext2", "--json", str(out), "--quiet", cwd=tmp_path)
+    assert out.parent.is_dir() and not out.exists()

@@ -101,3 +101,21 @@ def test_ffn_only_removes_heads_where_the_ffn_cannot_meet_the_share():
     assert any(len(h) < 6 for h in heads), heads
     a, b = plain.model.state_dict(), compensated.model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a if "o_proj" in k)
+
+
+def test_kv_groups_refused_on_multi_head_attention(monkeypatch):
+    """With one query head per KV head every removed head is a whole group already: --kv-groups changes nothing
+    (checked with the refusal switched off, at sizes where heads go), so it is refused."""
+    mha = dict(heads=6, kv=6)
+    kw = dict(BASE, **FEW, sparsity=0.6, layers="0:", channel_multiple=1, sparsity_basis="blocks")
+    with pytest.raises(ConfigError, match="--kv-groups lets GQA blocks drop whole KV groups"):
+        prune(model=tiny_model(**mha), **kw, kv_groups=True)
+    import daprune.fit_checks
+
+    monkeypatch.setattr(daprune.fit_checks, "check_criteria_fit", lambda adapter, cfg: None)
+    for split in ("auto", "paper"):
+        plain = prune(model=tiny_model(**mha), **kw, head_split=split)
+        grouped = prune(model=tiny_model(**mha), **kw, head_split=split, kv_groups=True)
+        assert any(len(r["kept_heads"]) < 6 for r in plain.report["layers"] if r["pruned"])
+        a, b = plain.model.state_dict(), grouped.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

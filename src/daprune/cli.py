@@ -342,6 +342,8 @@ def cmd_eval(args) -> int:
         check_request(tasks, limit=args.limit, batch_size=args.batch_size)
     if args.ppl:  # names and window count; the rows are read after the model (whose checks come first)
         check_corpora(args.ppl, args.data_dir, args.max_windows, read=False)
+    if args.json:  # its folder now, not after the evaluation
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     from daprune.evaluation.perplexity import evaluate
     from daprune.models.loading import load_model
     from daprune.report import format_table

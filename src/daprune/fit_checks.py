@@ -22,6 +22,10 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     """Refuse, before any work, a criterion or setting undefined for this family's blocks (plain FFNs, experts)."""
     check_moe_fit(adapter, cfg)
     check_obs_damp_used(adapter, cfg)
+    if cfg.kv_groups and all(adapter.block(i).group_size == 1 for i in cfg.block_range(adapter.n_layers)):
+        raise ConfigError(f"--kv-groups lets GQA blocks drop whole KV groups; this {adapter.config.model_type} "
+                          "model's pruned blocks have one query head per KV head, where every removed head is "
+                          "a whole group anyway: drop it")
     if cfg.token_weight != "uniform":
         for i in cfg.block_range(adapter.n_layers):
             block = adapter.block(i)

@@ -35,6 +35,8 @@ def cmd_bench(args) -> int:
         raise ConfigError("--threads must be >= 1")
     if args.repeats < 1 or args.seq_len < 1 or args.new_tokens < 2:
         raise ConfigError("--repeats and --seq-len must be >= 1, --new-tokens >= 2")
+    if args.json:  # its folder now, not after the timing runs
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     import torch
 
     from daprune.evaluation.bench import (
