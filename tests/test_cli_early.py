@@ -128,6 +128,7 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("arch,extra,needle", [
     ("qwen2", [], "add --layout uniform"),  # the paper's 4:-2 leaves blocks whole
     ("qwen2", ["--layers", "0:", "--schedule", "owl"], "add --layout uniform"),  # a per-block schedule
+    ("qwen2", ["--layers", "0:"], "add --layout uniform"),  # the default split is chosen per block
     ("gpt2", ["--layout", "uniform"], "no GGUF export for model type 'gpt2'"),
     ("llama-rope-scaled", [], "RoPE scaling 'llama3' is not supported"),
 ])
@@ -143,6 +144,7 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
 @pytest.mark.parametrize("arch,extra", [
     ("qwen2", ["--layout", "uniform"]),
     ("qwen2", ["--layers", "0:", "--head-split", "ffn-only"]),  # per-layer layout, yet every block alike
+    ("qwen2", ["--layers", "0:", "--head-split", "paper"]),
     ("llama", []),  # llama.cpp's deci graph takes per-layer widths
     ("gpt2", []),  # no --gguf: nothing to check
 ])
@@ -191,3 +193,22 @@ def test_eval_json_folder_made_before_the_work(run_cli, no_work, tmp_path):  # n
     with pytest.raises(AssertionError, match="expensive work started"):
         run_cli("eval", "--ppl", "wikitext2", "--json", str(out), "--quiet", cwd=tmp_path)
     assert out.parent.is_dir() and not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rows", "dense,flap", "--head-split", "paper"], "--head-split shapes how a row splits each block, and no sel"),
+    (["--rows", "dense", "--kv-groups"], "--kv-groups shapes how a row splits each block, and no selected row"),
+])
+def test_compare_refuses_what_no_row_reads(run_cli, no_work, tmp_path, args, needle):  # noqa: F811
+    res = run_cli("compare", *args, "--quiet", cwd=tmp_path)
+    assert res.returncode == 2 and needle in res.stderr
+
+
+def test_compare_kv_groups_on_multi_head_model_refused_before_rows(run_cli, no_work, family_folders,  # noqa: F811
+                                                                     tmp_path):
+    res = run_cli("compare", "--model", str(family_folders["gpt2"]), "--rows", "dense,l2", "--kv-groups", "--ppl=",
+                  "--tasks", "piqa", "--no-isolate", "--quiet", cwd=tmp_path)
+    assert res.returncode == 2 and "one query head per KV head" in res.stderr
+    with pytest.raises(AssertionError, match="expensive work started"):  # a GQA model goes on to its rows
+        run_cli("compare", "--model", str(family_folders["qwen2"]), "--rows", "dense,l2", "--kv-groups", "--ppl=",
+                "--tasks", "piqa", "--no-isolate", "--quiet", cwd=tmp_path)

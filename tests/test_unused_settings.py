@@ -119,3 +119,20 @@ def test_kv_groups_refused_on_multi_head_attention(monkeypatch):
         assert any(len(r["kept_heads"]) < 6 for r in plain.report["layers"] if r["pruned"])
         a, b = plain.model.state_dict(), grouped.model.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "gpt_neox", "opt"])
+def test_width_checks_read_native_blocks(family):
+    """The checks read head groups and FFN widths of blocks still in native form (Phi-3's fused qkv, GPT-2's
+    Conv1D): Phi-3 is GQA, so --kv-groups is read there; the multi-head families refuse it with the message, not
+    a traceback; --obs-damp with too few tokens is refused alike."""
+    from test_families_extra import tiny as tiny_family
+
+    kw = dict(BASE, **FEW, layers="1:-1")
+    if family == "phi3":
+        prune(model=tiny_family(family), **kw, kv_groups=True)
+    else:
+        with pytest.raises(ConfigError, match="--kv-groups lets GQA blocks drop whole KV groups"):
+            prune(model=tiny_family(family), **kw, kv_groups=True)
+    with pytest.raises(ConfigError, match="fewer than that for every pruned block"):
+        prune(model=tiny_family(family), **kw, obs_damp=0.5)

@@ -22,10 +22,8 @@ def check_criteria_fit(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     """Refuse, before any work, a criterion or setting undefined for this family's blocks (plain FFNs, experts)."""
     check_moe_fit(adapter, cfg)
     check_obs_damp_used(adapter, cfg)
-    if cfg.kv_groups and all(adapter.block(i).group_size == 1 for i in cfg.block_range(adapter.n_layers)):
-        raise ConfigError(f"--kv-groups lets GQA blocks drop whole KV groups; this {adapter.config.model_type} "
-                          "model's pruned blocks have one query head per KV head, where every removed head is "
-                          "a whole group anyway: drop it")
+    if cfg.kv_groups:
+        check_kv_groups_read(adapter, cfg.block_range(adapter.n_layers))
     if cfg.token_weight != "uniform":
         for i in cfg.block_range(adapter.n_layers):
             block = adapter.block(i)
@@ -87,14 +85,37 @@ def check_obs_damp_used(adapter: ModelAdapter, cfg: PruneConfig) -> None:
         return
     tokens = cfg.nsamples * cfg.seqlen
     if rule == "auto" and any(is_moe(adapter.block(i)) or tokens >= OBS_MIN_TOKENS_PER_CHANNEL *
-                              adapter.block(i).n_channels for i in cfg.block_range(adapter.n_layers)):
+                              _read_canonical(adapter, i, lambda b: b.n_channels)
+                              for i in cfg.block_range(adapter.n_layers)):
         return
-    why = (f"--ffn-criterion {cfg.ffn_criterion} chooses the channels by its own score, without OBS"
-           if rule != "auto" and cfg.selection == "auto" else f"--selection {rule} uses no OBS" if rule != "auto" else
+    if rule != "auto" and cfg.selection == "auto":  # a chosen criterion turned "auto" into "score"
+        raise ConfigError(f"--obs-damp damps OBS compensation, and --ffn-criterion {cfg.ffn_criterion} chooses the "
+                          "channels by its own score, without OBS: drop --obs-damp, or use --compensate-heads or "
+                          "--ffn-criterion second-moment")
+    why = (f"--selection {rule} uses no OBS" if rule != "auto" else
            f"--selection auto uses OBS only with {OBS_MIN_TOKENS_PER_CHANNEL} calibration tokens per FFN channel, "
            f"and {cfg.nsamples} x {cfg.seqlen} tokens are fewer than that for every pruned block of this model")
     raise ConfigError(f"--obs-damp damps OBS compensation, and {why}: drop --obs-damp, or give more --nsamples, "
                       "--selection obs or --compensate-heads")
+
+
+def check_kv_groups_read(adapter: ModelAdapter, blocks: range) -> None:
+    """``--kv-groups`` lets GQA blocks drop whole KV groups; where every block has one query head per KV head,
+    every removed head is a whole group already and the setting changes nothing: refused."""
+    if all(_read_canonical(adapter, i, lambda b: b.group_size) == 1 for i in blocks):
+        raise ConfigError(f"--kv-groups lets GQA blocks drop whole KV groups; this {adapter.config.model_type} "
+                          "model's pruned blocks have one query head per KV head, where every removed head is a "
+                          "whole group anyway: drop it")
+
+
+def _read_canonical(adapter: ModelAdapter, index: int, read):
+    """``read(block)`` on block ``index`` in canonical form (native fused/Conv1D weights have no plain linears to
+    read widths from), the block put back in native form afterwards."""
+    block = canonical(adapter, index)
+    try:
+        return read(block)
+    finally:
+        block.to_native()
 
 
 def refit_range(adapter: ModelAdapter, cfg: PruneConfig) -> range:

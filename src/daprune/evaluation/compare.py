@@ -691,6 +691,21 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit or None, "modified": [ln[3:] for ln in dirty if ln.strip()]}
 
 
+def _check_kv_groups_source(source: str) -> None:
+    """``--kv-groups`` on a model with one query head per KV head, refused before any row from the model's module
+    tree on the meta device (shapes only; a config may carry a KV-head count its family ignores)."""
+    import torch
+
+    from daprune.fit_checks import check_kv_groups_read
+    from daprune.loader import build_skeleton
+    from daprune.models.adapter import get_adapter
+    from daprune.models.loading import check_architecture
+
+    check_architecture(source)
+    adapter = get_adapter(build_skeleton(source, torch.float32))
+    check_kv_groups_read(adapter, range(adapter.n_layers))
+
+
 def cmd_compare(args) -> int:
     if args.similarity_figure is not None:
         from daprune.evaluation.similarity_plot import cmd_similarity_figure
@@ -704,10 +719,16 @@ def cmd_compare(args) -> int:
     if base.self_gen != SELF_GEN_DEFAULTS and not generating:
         raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
                           "no selected row generates any: add a data-free row (ours-sg, ...) or --calibration self")
-    if base.tau != TAU and not any(row_config(r, base).head_criterion == "similarity" for r in rows
-                                   if r.key != "dense"):
+    pruned = [row_config(r, base) for r in rows if r.key != "dense"]
+    if base.tau != TAU and not any(c.tau != TAU for c in pruned):
         raise ConfigError("--tau is the redundancy threshold of --head-criterion similarity, and no selected row "
                           "judges heads that way: add an ours row, or drop --tau")
+    for flag, given, read in (("--head-split", base.head_split != "auto", lambda c: c.head_split != "auto"),
+                              ("--kv-groups", base.kv_groups, lambda c: c.kv_groups)):
+        if given and not any(read(c) for c in pruned):
+            raise ConfigError(f"{flag} shapes how a row splits each block, and no selected row reads it (FLAP's "
+                              "schedule splits blocks itself; the dense row prunes nothing): add a row that does, "
+                              "or drop it")
     zeroshot = _zeroshot_fn(args)
     check_corpora(args.ppl, args.data_dir)  # a misspelt or unreadable corpus is refused before the first row
     from daprune.data.generated import store_for
@@ -715,6 +736,8 @@ def cmd_compare(args) -> int:
     from daprune.evaluation.perplexity import evaluate
     from daprune.models.loading import load_model, resolve_source
 
+    if base.kv_groups:  # a multi-head model would refuse it in every pruned row, after the dense one ran
+        _check_kv_groups_source(resolve_source(args.model, args.cache_dir).path)
     if args.json:  # before any row runs: the first row's minutes must not be lost to a missing folder
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": shlex.join(sys.argv),

@@ -86,9 +86,10 @@ def family_spec(model_type: str) -> ArchSpec:
 def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool) -> None:
     """Refuse ``daprune prune --gguf`` before pruning where the export after it is certain to be refused: a
     family with no GGUF export, RoPE scaling or a Gemma-3 layout the writer refuses (read from the source model's
-    ``config``, as the export reads the pruned one's), or per-layer widths that must differ between blocks
-    (``uneven``: some blocks left whole, or a schedule that gives blocks different shares) for a family whose
-    llama.cpp graph takes one width for every block."""
+    ``config``, as the export reads the pruned one's), or per-layer widths that will differ between blocks
+    (``uneven``: some blocks left whole, a schedule that gives blocks different shares, a head/FFN split chosen per
+    block, or a source whose blocks differ already) for a family whose llama.cpp graph takes one width for every
+    block."""
     from daprune.io_templates.modeling_daprune import base_model_type
 
     model_type = str(base_model_type(config.get("model_type")))
@@ -97,8 +98,10 @@ def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool)
     check_family(config, spec.uniform)
     if spec.per_layer is None and layout != "uniform" and sparsity > 0 and uneven:
         raise ExportError(f"--gguf: llama.cpp has no per-layer graph for {model_type!r}, and this run gives blocks "
-                          "different widths (blocks left whole, or a per-block schedule); add --layout uniform (same "
-                          "heads and FFN width in every block) to export it, or drop --gguf")
+                          "different widths (blocks left whole, a per-block schedule or head/FFN split, or a source "
+                          "whose blocks differ already); add --layout uniform (same heads and FFN width in every "
+                          "block), or prune every block alike (--layers 0: --head-split paper|ffn-only), or drop "
+                          "--gguf")
 
 
 def choose_arch(model_type: str, shapes: list[LayerShape]) -> str:
