@@ -212,3 +212,24 @@ def test_compare_kv_groups_on_multi_head_model_refused_before_rows(run_cli, no_w
     with pytest.raises(AssertionError, match="expensive work started"):  # a GQA model goes on to its rows
         run_cli("compare", "--model", str(family_folders["qwen2"]), "--rows", "dense,l2", "--kv-groups", "--ppl=",
                 "--tasks", "piqa", "--no-isolate", "--quiet", cwd=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def uneven_qwen2(family_folders, tmp_path_factory) -> Path:
+    """A per-layer pruned qwen2 folder (blocks of different widths) to use as a source."""
+    from daprune.api import prune
+
+    out = tmp_path_factory.mktemp("uneven") / "qwen2-pruned"
+    res = prune(model=str(family_folders["qwen2"]), out=str(out), sparsity=0.2, layers="1:-1", calibration="random",
+                nsamples=4, seqlen=32, progress=False)
+    assert len({(len(r["kept_heads"]), r["kept_channels"]) for r in res.report["layers"]}) > 1
+    return out
+
+
+def test_prune_gguf_from_an_uneven_source_refused_under_any_layout(run_cli, no_work, uneven_qwen2,  # noqa: F811
+                                                                    tmp_path):
+    for layout in ("uniform", "per-layer"):
+        out = tmp_path / f"out-{layout}"
+        res = run_cli("prune", "--model", str(uneven_qwen2), "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
+                      "--layout", layout, "--sparsity", "0.1", "--quiet", cwd=tmp_path)
+        _assert_refused(res, out, "the source's blocks already have different widths")

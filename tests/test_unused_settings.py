@@ -136,3 +136,22 @@ def test_width_checks_read_native_blocks(family):
             prune(model=tiny_family(family), **kw, kv_groups=True)
     with pytest.raises(ConfigError, match="fewer than that for every pruned block"):
         prune(model=tiny_family(family), **kw, obs_damp=0.5)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2"])
+def test_fit_checks_leave_native_blocks_as_they_were(family):
+    """The checks read widths in canonical form and put each block back: module types and every tensor unchanged."""
+    from test_families_extra import tiny as tiny_family
+
+    from daprune.config import PruneConfig
+    from daprune.fit_checks import check_criteria_fit
+    from daprune.models.adapter import get_adapter
+
+    model = tiny_family(family)
+    before_types = {n: type(m) for n, m in model.named_modules()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = PruneConfig(sparsity=0.2, layers="1:-1", kv_groups=family == "phi3", obs_damp=0.5, nsamples=512, seqlen=8)
+    check_criteria_fit(get_adapter(model), cfg)
+    assert {n: type(m) for n, m in model.named_modules()} == before_types
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

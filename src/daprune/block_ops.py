@@ -64,3 +64,13 @@ def canonical(adapter: ModelAdapter, index: int) -> BlockAdapter:
     block = adapter.block(index)
     block.to_canonical()
     return block
+
+
+def read_canonical(adapter: ModelAdapter, index: int, read):
+    """``read(block)`` on block ``index`` in canonical form (native fused or Conv1D weights have no plain linears
+    to read widths from), the block put back in native form afterwards."""
+    block = canonical(adapter, index)
+    try:
+        return read(block)
+    finally:
+        block.to_native()

@@ -317,10 +317,8 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     check_architecture(source)
     config = AutoConfig.from_pretrained(source)
     n = int(getattr(config, "num_hidden_layers", 0) or getattr(config.get_text_config(), "num_hidden_layers", 0))
-    records = getattr(config, "daprune_layers", None) or []  # a pruned folder as the source: its own widths
     uneven = (cfg.schedule != "uniform" or len(cfg.block_range(n)) < n  # per-block shares, or blocks left whole
-              or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none")  # a split per block
-              or len({json.dumps(r, sort_keys=True) for r in records}) > 1)
+              or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
     check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven)
 
 

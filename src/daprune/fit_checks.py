@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from daprune.block_ops import canonical
+from daprune.block_ops import canonical, read_canonical
 from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL
 from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
@@ -85,7 +85,7 @@ def check_obs_damp_used(adapter: ModelAdapter, cfg: PruneConfig) -> None:
         return
     tokens = cfg.nsamples * cfg.seqlen
     if rule == "auto" and any(is_moe(adapter.block(i)) or tokens >= OBS_MIN_TOKENS_PER_CHANNEL *
-                              _read_canonical(adapter, i, lambda b: b.n_channels)
+                              read_canonical(adapter, i, lambda b: b.n_channels)
                               for i in cfg.block_range(adapter.n_layers)):
         return
     if rule != "auto" and cfg.selection == "auto":  # a chosen criterion turned "auto" into "score"
@@ -102,20 +102,10 @@ def check_obs_damp_used(adapter: ModelAdapter, cfg: PruneConfig) -> None:
 def check_kv_groups_read(adapter: ModelAdapter, blocks: range) -> None:
     """``--kv-groups`` lets GQA blocks drop whole KV groups; where every block has one query head per KV head,
     every removed head is a whole group already and the setting changes nothing: refused."""
-    if all(_read_canonical(adapter, i, lambda b: b.group_size) == 1 for i in blocks):
+    if all(read_canonical(adapter, i, lambda b: b.group_size) == 1 for i in blocks):
         raise ConfigError(f"--kv-groups lets GQA blocks drop whole KV groups; this {adapter.config.model_type} "
                           "model's pruned blocks have one query head per KV head, where every removed head is a "
                           "whole group anyway: drop it")
-
-
-def _read_canonical(adapter: ModelAdapter, index: int, read):
-    """``read(block)`` on block ``index`` in canonical form (native fused/Conv1D weights have no plain linears to
-    read widths from), the block put back in native form afterwards."""
-    block = canonical(adapter, index)
-    try:
-        return read(block)
-    finally:
-        block.to_native()
 
 
 def refit_range(adapter: ModelAdapter, cfg: PruneConfig) -> range:

@@ -789,10 +789,11 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
     params_before = count_parameters(adapter.model)
     blocks_before = block_parameters([adapter.block(i) for i in range(adapter.n_layers)])
     basis = params_before if cfg.sparsity_basis == "total" else blocks_before
-    target = 0.0
+    target, widest = 0.0, 0
     if cfg.sparsity > 0:  # from the dense shapes: before any restored block is given its pruned shape
         blocks = [canonical(adapter, i) for i in layer_range]
         target = check_budget(blocks, basis, cfg.sparsity, cfg.channel_multiple, cfg.kv_groups, cfg.sparsity_basis)
+        widest = max(b.n_channels for b in blocks)  # canonical: native GPT-2 Conv1D has no in_features
         for b in blocks:  # back to the form the stores read and write
             b.to_native()
     if heldout < 0 or (heldout and heldout >= ids.shape[0]):
@@ -863,8 +864,8 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             plans = pruner.plans = {i: shared for i in layer_range}
         else:
             layout = {"mode": "uniform", "plan": dataclasses.asdict(next(iter(plans.values()))), "restored": True}
-    widest = max(adapter.block(i).n_channels for i in layer_range) if cfg.recovery != "none" else 0
-    if cfg.sparsity > 0 and cfg.recovery != "heldout" and n_fit * ids.shape[1] < OBS_MIN_TOKENS_PER_CHANNEL * widest:
+    if cfg.sparsity > 0 and cfg.recovery not in ("none", "heldout") and n_fit * ids.shape[1] < \
+            OBS_MIN_TOKENS_PER_CHANNEL * widest:
         log.warning("recovery re-fits %d-wide least-squares problems on only %d calibration tokens: expect it to "
                     "overfit (held-out tuning: 16 x 128 tokens hurt, 128 x 128 helped); pass --recovery-nsamples 128 "
                     "or more", widest, n_fit * ids.shape[1])

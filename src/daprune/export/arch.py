@@ -17,6 +17,7 @@ rows), not from ``config.daprune_layers``, so the GGUF always describes the tens
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,18 +85,22 @@ def family_spec(model_type: str) -> ArchSpec:
 
 
 def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool) -> None:
-    """Refuse ``daprune prune --gguf`` before pruning where the export after it is certain to be refused: a
-    family with no GGUF export, RoPE scaling or a Gemma-3 layout the writer refuses (read from the source model's
-    ``config``, as the export reads the pruned one's), or per-layer widths that will differ between blocks
-    (``uneven``: some blocks left whole, a schedule that gives blocks different shares, a head/FFN split chosen per
-    block, or a source whose blocks differ already) for a family whose llama.cpp graph takes one width for every
-    block."""
+    """Refuse ``daprune prune --gguf`` before pruning where the export after it would be refused: a family with no
+    GGUF export, RoPE scaling or a Gemma-3 layout the writer refuses (read from the source model's ``config``, as
+    the export reads the pruned one's), a source whose blocks differ already, or per-layer widths that will differ
+    (``uneven``: some blocks left whole, a schedule that gives blocks different shares; also a head/FFN split chosen
+    per block, which in practice differs between blocks though it could come out alike) for a family whose
+    llama.cpp graph takes one width for every block."""
     from daprune.io_templates.modeling_daprune import base_model_type
 
     model_type = str(base_model_type(config.get("model_type")))
     spec = family_spec(model_type)
     check_rope(config)
     check_family(config, spec.uniform)
+    records = config.get("daprune_layers") or []  # a pruned folder as the source: its blocks' own widths
+    if spec.per_layer is None and len({json.dumps(r, sort_keys=True) for r in records}) > 1:
+        raise ExportError(f"--gguf: the source's blocks already have different widths, and llama.cpp has no "
+                          f"per-layer graph for {model_type!r}; pruning cannot make them alike again: drop --gguf")
     if spec.per_layer is None and layout != "uniform" and sparsity > 0 and uneven:
         raise ExportError(f"--gguf: llama.cpp has no per-layer graph for {model_type!r}, and this run gives blocks "
                           "different widths (blocks left whole, a per-block schedule or head/FFN split, or a source "
