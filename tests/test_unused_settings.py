@@ -155,3 +155,23 @@ def test_fit_checks_leave_native_blocks_as_they_were(family):
     assert {n: type(m) for n, m in model.named_modules()} == before_types
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_gpt2_with_recovery_prunes():
+    """The recovery-overfit warning reads the widest FFN from canonical blocks (GPT-2's native Conv1D has no
+    in_features; this raised before): the warning is given, and the prune finishes."""
+    import logging
+
+    from test_families_extra import tiny as tiny_family
+
+    logger = logging.getLogger("daprune.pipeline")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        res = prune(model=tiny_family("gpt2"), **BASE, **FEW, recovery="paper")
+    finally:
+        logger.removeHandler(handler)
+    assert res.report["params"]["after"] < res.report["params"]["before"]
+    assert any("least-squares problems on only 128 calibration tokens" in r.getMessage() for r in records)
