@@ -63,8 +63,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, *, indent: int = 1, sort_keys: bool = True, default=None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n").encode())
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from daprune.atomic import atomic_write_bytes
+from daprune.atomic import atomic_write_json
 from daprune.config import (
     ERROR_WEIGHTS,
     FFN_CRITERIA,
@@ -316,7 +316,7 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     source = resolve_source(cfg.model, cache_dir).path
     check_architecture(source)
     config = AutoConfig.from_pretrained(source)
-    n = int(getattr(config, "num_hidden_layers", 0) or getattr(config.get_text_config(), "num_hidden_layers", 0))
+    n = config.get_text_config().num_hidden_layers  # the config itself for text-only families
     uneven = (cfg.schedule != "uniform" or len(cfg.block_range(n)) < n  # per-block shares, or blocks left whole
               or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
     check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven)
@@ -369,7 +369,7 @@ def cmd_eval(args) -> int:
         rows.append(["mean zero-shot", out["mean"]])
     print(format_table(rows, ["metric", "value"]))
     if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps(out, indent=2) + "\n").encode())
+        atomic_write_json(Path(args.json), out, indent=2, sort_keys=False)
     return 0
 
 

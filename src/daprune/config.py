@@ -35,6 +35,7 @@ HEAD_CRITERIA = ("similarity", "second-moment", "random", "l1", "l2", "wanda-sp"
 # current weights at the strength held-out calibration rows prefer, and no re-fit where none helps them
 RECOVERY_MODES = ("none", "paper", "post", "both", "heldout")
 RECOVERY_DAMP = 1e-4
+OBS_DAMP = 1e-2  # OBS compensation: ridge lambda as a fraction of the mean Gram diagonal
 # nucleus sampling of self-generated calibration; top-k is off (0)
 SELF_GEN_DEFAULTS: dict[str, float] = {"temperature": 1.0, "top_p": 1.0}
 
@@ -150,7 +151,7 @@ class PruneConfig:
     head_criterion: str = "similarity"
     head_split: str = "auto"
     selection: str = "auto"
-    obs_damp: float = 1e-2
+    obs_damp: float = OBS_DAMP
     # when heads go, least-squares compensate the kept o_proj columns for them (OBS for heads, damping obs_damp)
     compensate_heads: bool = False
     # replace what the removed channels/heads add on average by a bias of down_proj / o_proj (their mean

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from daprune.block_ops import canonical, read_canonical
-from daprune.config import OBS_MIN_TOKENS_PER_CHANNEL
+from daprune.config import OBS_DAMP, OBS_MIN_TOKENS_PER_CHANNEL
 from daprune.criteria.base import get_criterion
 from daprune.errors import ConfigError
 from daprune.experts import check_moe_fit, is_moe
@@ -75,10 +75,7 @@ def check_obs_damp_used(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     ``--selection auto`` OBS runs on a block only with ``OBS_MIN_TOKENS_PER_CHANNEL`` calibration tokens per FFN
     channel; when no pruned block can reach that (the bound is nsamples x seqlen), a changed damping changes
     nothing, and is refused rather than ignored. Expert blocks count their routed tokens, so they are let through."""
-    from dataclasses import fields
-
-    default = next(f.default for f in fields(cfg) if f.name == "obs_damp")
-    if cfg.obs_damp == default or cfg.compensate_heads or cfg.sparsity == 0:
+    if cfg.obs_damp == OBS_DAMP or cfg.compensate_heads or cfg.sparsity == 0:
         return
     rule = cfg.ffn_selection()
     if rule == "obs":

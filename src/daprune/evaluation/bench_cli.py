@@ -6,10 +6,9 @@ torch import: the settings are checked first, the models loaded after.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from daprune.atomic import atomic_write_bytes
+from daprune.atomic import atomic_write_json
 from daprune.errors import ConfigError
 
 
@@ -61,5 +60,5 @@ def cmd_bench(args) -> int:
           f"threads={result['environment']['threads']}, median of {s.repeats})")
     print(format_bench(result))
     if args.json:
-        atomic_write_bytes(Path(args.json), (json.dumps(result, indent=2) + "\n").encode())
+        atomic_write_json(Path(args.json), result, indent=2, sort_keys=False)
     return 0

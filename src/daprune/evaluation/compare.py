@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daprune.atomic import atomic_write_bytes
+from daprune.atomic import atomic_write_json
 from daprune.config import SELF_GEN_DEFAULTS, TAU, PruneConfig, self_gen_settings
 from daprune.data.text import check_corpora
 from daprune.errors import ConfigError
@@ -334,7 +334,7 @@ def table_order(rows: list[dict]) -> list[dict]:
 
 
 def _write_json(path: str, data: dict) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=str) + "\n").encode())
+    atomic_write_json(Path(path), data, indent=2, sort_keys=False, default=str)
 
 
 # -- the table -----------------------------------------------------------------------------------------
@@ -565,6 +565,7 @@ def base_config(args) -> PruneConfig:
 
 # settings that row_config resets for the rows that do not read them: a child gets them only where its row does
 _ROW_READ = {"tau": lambda c: c.tau != TAU, "head_split": lambda c: c.head_split != "auto",
+             "kv_groups": lambda c: c.kv_groups,
              "self_temperature": lambda c: c.self_gen != SELF_GEN_DEFAULTS,
              "self_top_p": lambda c: c.self_gen != SELF_GEN_DEFAULTS}
 
@@ -581,7 +582,7 @@ def child_argv(args, key: str, json_path: str) -> list[str]:
             continue
         if value is not None:  # "" too: --ppl= means no perplexity, not the default corpora
             argv += [f"{flag}={value}"]
-    if row.kv_groups and key != "dense":
+    if key != "dense" and _ROW_READ["kv_groups"](row):
         argv.append("--kv-groups")
     if args.quiet:
         argv.append("--quiet")
@@ -715,17 +716,16 @@ def cmd_compare(args) -> int:
         args.max_windows = None
     base = base_config(args)
     rows = select_rows(args.rows)
-    generating = any(row_config(r, base).uses_self_generation() for r in rows if r.key != "dense")
-    if base.self_gen != SELF_GEN_DEFAULTS and not generating:
+    pruned = [row_config(r, base) for r in rows if r.key != "dense"]  # each with what its row reads (row_config)
+    generating = any(c.uses_self_generation() for c in pruned)
+    if _ROW_READ["self_top_p"](base) and not generating:
         raise ConfigError("--self-temperature / --self-top-p set how self-generated calibration is sampled, and "
                           "no selected row generates any: add a data-free row (ours-sg, ...) or --calibration self")
-    pruned = [row_config(r, base) for r in rows if r.key != "dense"]
-    if base.tau != TAU and not any(c.tau != TAU for c in pruned):
+    if _ROW_READ["tau"](base) and not any(_ROW_READ["tau"](c) for c in pruned):
         raise ConfigError("--tau is the redundancy threshold of --head-criterion similarity, and no selected row "
                           "judges heads that way: add an ours row, or drop --tau")
-    for flag, given, read in (("--head-split", base.head_split != "auto", lambda c: c.head_split != "auto"),
-                              ("--kv-groups", base.kv_groups, lambda c: c.kv_groups)):
-        if given and not any(read(c) for c in pruned):
+    for flag, attr in (("--head-split", "head_split"), ("--kv-groups", "kv_groups")):
+        if _ROW_READ[attr](base) and not any(_ROW_READ[attr](c) for c in pruned):
             raise ConfigError(f"{flag} shapes how a row splits each block, and no selected row reads it (FLAP's "
                               "schedule splits blocks itself; the dense row prunes nothing): add a row that does, "
                               "or drop it")
