@@ -131,6 +131,10 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
     ("qwen2", ["--layers", "0:"], "add --layout uniform"),  # the default split is chosen per block
     ("gpt2", ["--layout", "uniform"], "no GGUF export for model type 'gpt2'"),
     ("llama-rope-scaled", [], "RoPE scaling 'llama3' is not supported"),
+    # Qwen2's config has no flag for o_proj / down_proj biases: the compensation would land in daprune_extra_biases
+    ("qwen2", ["--layout", "uniform", "--compensate-mean"], "may add biases to o_proj and down_proj"),
+    ("qwen2", ["--layout", "uniform", "--ffn-criterion", "flap", "--selection", "score", "--head-criterion", "none"],
+     "may add biases to down_proj"),
 ])
 def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp_path, arch, extra,  # noqa: F811
                                            needle):
@@ -146,6 +150,7 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
     ("qwen2", ["--layers", "0:", "--head-split", "ffn-only"]),  # per-layer layout, yet every block alike
     ("qwen2", ["--layers", "0:", "--head-split", "paper"]),
     ("llama", []),  # llama.cpp's deci graph takes per-layer widths
+    ("llama", ["--compensate-mean"]),  # Llama's config states o_proj / down_proj biases (attention_bias, mlp_bias)
     ("gpt2", []),  # no --gguf: nothing to check
 ])
 def test_prune_exportable_or_without_gguf_goes_on(run_cli, no_work, family_folders, tmp_path, arch,  # noqa: F811

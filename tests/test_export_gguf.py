@@ -366,6 +366,29 @@ def test_prune_writes_a_gguf_too(tmp_path, one_thread):
     total_ff = f[f"{arch}.feed_forward_length"]
     assert (sum(total_ff) if isinstance(total_ff, list) else 4 * total_ff) < 4 * 64  # the pruned widths
 
+def test_extra_biases_refused_by_the_writer_as_prune_gguf_predicted(tmp_path, one_thread):
+    """A Qwen2 pruned with --compensate-mean carries daprune_extra_biases, which the writer refuses, and which
+    ``prune --gguf`` refuses before pruning (tests/test_cli_early.py); with Llama's bias flags both go through."""
+    from daprune.cli import main
+    from daprune.errors import DapruneError
+    from daprune.export import export_gguf
+
+    for arch, extra in (("qwen2", True), ("llama", False)):
+        src = save(tiny_model(arch, layers=4), tmp_path / f"src-{arch}")
+        out, gg = tmp_path / f"out-{arch}", tmp_path / f"{arch}.gguf"
+        assert main(["prune", "--model", str(src), "--out", str(out), "--sparsity", "0.3", "--layers", "0:",
+                     "--layout", "uniform", "--compensate-mean", "--calibration", "random", "--nsamples", "4",
+                     "--seqlen", "16", "--quiet"]) == 0
+        assert bool(json.loads((out / "config.json").read_text()).get("daprune_extra_biases")) == extra
+        if extra:
+            with pytest.raises(DapruneError, match="extra biases"):
+                export_gguf(out, gg)
+            assert not gg.exists()
+        else:
+            export_gguf(out, gg)
+            assert gg.is_file()
+
+
 # -- a real llama.cpp (slow: llama-cpp-python compiles from source) -------------------------------------
 
 TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 for the "

@@ -229,6 +229,15 @@ class PruneConfig:
                               f"settings with PruneConfig.from_preset({self.preset!r}, ...) or daprune.prune("
                               f"preset={self.preset!r}, ...), or drop the name")
 
+    def output_bias_kinds(self) -> list[str]:
+        """Level-2 linears ("attention": o_proj, "mlp": down_proj) this run may give a bias: FLAP's compensation
+        (``--ffn-criterion`` / ``--head-criterion flap``) and ``--compensate-mean`` fold removed units' mean
+        contribution into one. Heads may or may not go under a per-block split, so "may"."""
+        if self.sparsity == 0:
+            return []
+        return [kind for kind, crit in (("attention", self.head_criterion), ("mlp", self.ffn_criterion))
+                if self.compensate_mean or crit == "flap"]
+
     def uses_self_generation(self) -> bool:
         """Whether any calibration rows (scoring, re-fit or held-out) are self-generated."""
         return any("self" in calibration_parts(s) for s in (self.calibration, self.heldout_calibration or
