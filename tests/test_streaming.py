@@ -282,3 +282,25 @@ def test_cpu_activations_with_moving_hooks(tmp_path, monkeypatch):
     a, b = _pair(tmp_path, tiny_model(layers=3), layers="0:", activations="cpu")
     wa, wb = _weights(tmp_path / "stream"), _weights(tmp_path / "mem")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_output_modes_follow_the_umask(tmp_path, umask):
+    """Temp files and folders are made owner-only (0600 / 0700); the output renamed into place must carry the
+    mode a plain open / mkdir gives under the user's umask, so another account (a serving container) reads it."""
+    import os
+    import stat
+
+    src = save_model(tiny_model(layers=3), tmp_path / "src")
+    old = os.umask(umask)
+    try:
+        for streaming in (True, False):
+            out = tmp_path / f"out-{streaming}"
+            prune(model=str(src), out=str(out), streaming=streaming, layers="0:", **FAST)
+            entries = [out, *out.rglob("*")]
+            assert {"model.safetensors", "report.json", "config.json"} <= {p.name for p in entries}
+            for p in entries:
+                want = (0o777 if p.is_dir() else 0o666) & ~umask
+                assert stat.S_IMODE(p.stat().st_mode) == want, (p.name, oct(p.stat().st_mode), streaming)
+    finally:
+        os.umask(old)

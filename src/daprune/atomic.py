@@ -43,14 +43,37 @@ def fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def usual_mode(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Give a ``mkstemp`` / ``mkdtemp`` entry the mode a plain ``open`` / ``mkdir`` would (0666 / 0777 less the
+    umask). Those make owner-only entries (0600 / 0700), right for scratch files but not for outputs renamed into
+    place: a pruned folder served from another account (vLLM or ollama in a container, a shared cluster folder)
+    could not be read."""
+    mask = os.umask(0)  # the only portable way to read the umask is to set it; put it straight back
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+
+
+def usual_modes(tree: str | os.PathLike) -> None:
+    """:func:`usual_mode` on a folder and everything in it: safetensors' ``save_file`` (so ``save_pretrained``)
+    writes its files owner-only too, so an output folder is set right as a whole before it is renamed into place."""
+    usual_mode(tree, folder=True)
+    for root, dirs, files in os.walk(tree):
+        for name in dirs:
+            usual_mode(os.path.join(root, name), folder=True)
+        for name in files:
+            usual_mode(os.path.join(root, name))
+
+
 def _tmp_name(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
+    usual_mode(name)
     return Path(name)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` so that ``path`` holds either its old content or all of ``data``, never a prefix."""
+    path = Path(path)
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as fh:
@@ -63,7 +86,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any, *, indent: int = 1, sort_keys: bool = True, default=None) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 1, sort_keys: bool = True,
+                      default=None) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n").encode())
 
 

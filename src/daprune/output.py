@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daprune.atomic import atomic_write_bytes, owner_tag, remove_stale_siblings
+from daprune.atomic import atomic_write_bytes, owner_tag, remove_stale_siblings, usual_modes
 from daprune.errors import OutputError, WeightsMismatchError
 from daprune.loader import needs_remote_code
 from daprune.weights import INDEX_FILE, param_name, tied_lm_head_key
@@ -90,6 +90,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{owner_tag()}-", dir=out.parent))
     try:
         yield tmp
+        usual_modes(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{owner_tag()}")
             os.replace(out, old)

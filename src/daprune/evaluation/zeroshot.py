@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daprune.atomic import usual_mode
 from daprune.errors import ConfigError, EvaluationDataError
 
 if TYPE_CHECKING:  # lm-eval is an optional dependency ("eval" extra): import it only when used
@@ -269,6 +270,7 @@ def _write_jsonl_atomic(rows: list[dict[str, Any]], target: Path) -> None:
     """Write rows so that a concurrent reader never sees a half-written file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=target.parent)
+    usual_mode(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for row in rows:

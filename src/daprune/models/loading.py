@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from daprune.atomic import usual_modes
 from daprune.errors import ModelSourceError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None, name: str |
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "daprune_source.json").write_text(json.dumps({"gguf": str(gguf), "key": key}))
+        usual_modes(tmp)  # a shared cache: other accounts read the converted model too
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
