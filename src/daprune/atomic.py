@@ -48,9 +48,22 @@ def usual_mode(path: str | os.PathLike, *, folder: bool = False) -> None:
     umask). Those make owner-only entries (0600 / 0700), right for scratch files but not for outputs renamed into
     place: a pruned folder served from another account (vLLM or ollama in a container, a shared cluster folder)
     could not be read."""
-    mask = os.umask(0)  # the only portable way to read the umask is to set it; put it straight back
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status): setting it to read it
+    would, for that instant, let another thread (the request cache's sqlite writer) create world-writable files."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere the only way is to set it and put it back; the most private value meanwhile
     os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+    return mask
 
 
 def usual_modes(tree: str | os.PathLike) -> None:
