@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the test suite (fast tests plus a representative real-model subset).
-# `bash scripts/test.sh -m slow` runs the slow real-model tests too.
+# `bash scripts/test.sh -m slow` runs only the slow real-model tests; `-m ''` runs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
