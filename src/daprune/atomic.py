@@ -70,11 +70,13 @@ def usual_modes(tree: str | os.PathLike) -> None:
     """:func:`usual_mode` on a folder and everything in it: safetensors' ``save_file`` (so ``save_pretrained``)
     writes its files owner-only too, so an output folder is set right as a whole before it is renamed into place."""
     usual_mode(tree, folder=True)
-    for root, dirs, files in os.walk(tree):
+    for root, dirs, files in os.walk(tree):  # links are left alone: chmod would change what they point to
         for name in dirs:
-            usual_mode(os.path.join(root, name), folder=True)
+            if not os.path.islink(p := os.path.join(root, name)):
+                usual_mode(p, folder=True)
         for name in files:
-            usual_mode(os.path.join(root, name))
+            if not os.path.islink(p := os.path.join(root, name)):
+                usual_mode(p)
 
 
 def _tmp_name(path: Path) -> Path:
