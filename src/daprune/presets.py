@@ -6,8 +6,10 @@ users go wrong (drop ``--recovery-inputs`` and the row is another row). A preset
 the preset's name next to every setting in effect, so a report never depends on what a preset meant in some
 other version.
 
-Only rows that were measured go here, each with where it was measured. Both are SmolLM2-135M rows; Gemma-3 chose
-other settings (``--error-weight fisher --token-weight first``; the block-target re-fit was worse there).
+Only rows that were measured go here, each with where it was measured. Both were chosen on SmolLM2-135M. On
+Gemma-3-270M ``quality`` was measured too (session 26, docs/gemma3.md): better on held-out LAMBADA and WikiText-2
+than Gemma's own best row (``--error-weight fisher --token-weight first`` on generated text), worse on PTB;
+``data-free`` was not (Gemma chose other settings for generated text, and the block-target re-fit was worse there).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "the best held-out mean measured: CoQA stories, Wikipedia paragraphs and the model's own text in turn, "
            "256 rows, measured allocation, held-out-chosen re-fit (about 32 minutes for a 135M model on 2 cores)",
            {**_REMEDY, "calibration": "coqa+wiki+self", "sensitivity_nsamples": 8},
-           "SmolLM2-135M at 20%: WikiText-2 90.45 (1.605x dense), PTB 154.09; with --seed 1 91.67 / 139.35 "
-           "(docs/quality.md, sessions 22-23)"),
+           "SmolLM2-135M at 20%: WikiText-2 91.20 (1.619x dense), PTB 149.03, mean of seeds 0-2 (docs/quality.md, "
+           "sessions 22-24); Gemma-3-270M at 20% of its blocks: WikiText-2 64.09, PTB 340.27 (docs/gemma3.md, "
+           "session 26)"),
     Preset("data-free",
            "no text at all: 256 rows of the model's own text, measured allocation, held-out-chosen re-fit "
            "(about 12 minutes for a 135M model on 2 cores, generation cached)",
