@@ -117,12 +117,16 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("families")
     folders = {arch: save_model(tiny_model(arch, layers=8), root / arch) for arch in ("qwen2", "gpt2", "llama")}
+    biased = save_model(tiny_model("qwen2", layers=8), root / "qwen2-extra-biases")  # a FLAP output as the source
+    config = json.loads((biased / "config.json").read_text())
+    config["daprune_extra_biases"] = ["mlp.down_proj"]
+    (biased / "config.json").write_text(json.dumps(config))
     scaled = save_model(tiny_model("llama", layers=8), root / "llama-rope-scaled")  # Llama-3.x-style RoPE scaling
     config = json.loads((scaled / "config.json").read_text())
     config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 64, "rope_theta": 10000.0}
     (scaled / "config.json").write_text(json.dumps(config))
-    return {**folders, "llama-rope-scaled": scaled}
+    return {**folders, "llama-rope-scaled": scaled, "qwen2-extra-biases": biased}
 
 
 @pytest.mark.parametrize("arch,extra,needle", [
@@ -135,6 +139,9 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
     ("qwen2", ["--layout", "uniform", "--compensate-mean"], "may add biases to o_proj and down_proj"),
     ("qwen2", ["--layout", "uniform", "--ffn-criterion", "flap", "--selection", "score", "--head-criterion", "none"],
      "may add biases to down_proj"),
+    ("qwen2", ["--layout", "uniform", "--compensate-mean", "--head-criterion", "none"],
+     "may add biases to down_proj (--compensate-mean"),  # no heads go: no o_proj bias
+    ("qwen2-extra-biases", ["--layout", "uniform"], "the source has extra biases"),
 ])
 def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp_path, arch, extra,  # noqa: F811
                                            needle):

@@ -304,3 +304,21 @@ def test_output_modes_follow_the_umask(tmp_path, umask):
                 assert stat.S_IMODE(p.stat().st_mode) == want, (p.name, oct(p.stat().st_mode), streaming)
     finally:
         os.umask(old)
+
+
+def test_outputs_are_written_where_modes_cannot_be_set(tmp_path, monkeypatch):
+    """On filesystems with fixed modes (FAT, some CIFS/FUSE mounts) chmod fails: the write still succeeds."""
+    import os
+
+    from daprune.atomic import atomic_write_json
+
+    def refuse(*_a, **_k):
+        raise PermissionError("operation not permitted")
+
+    old = os.umask(0o022)
+    try:
+        monkeypatch.setattr(os, "chmod", refuse)
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}

@@ -48,7 +48,12 @@ def usual_mode(path: str | os.PathLike, *, folder: bool = False) -> None:
     umask). Those make owner-only entries (0600 / 0700), right for scratch files but not for outputs renamed into
     place: a pruned folder served from another account (vLLM or ollama in a container, a shared cluster folder)
     could not be read."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+    want = (0o777 if folder else 0o666) & ~_umask()
+    try:
+        if os.stat(path).st_mode & 0o777 != want:
+            os.chmod(path, want)
+    except OSError as exc:  # FAT/exFAT, some CIFS/FUSE mounts fix modes: the write must not fail over them
+        log.debug("cannot set the mode of %s: %s", path, exc)
 
 
 def _umask() -> int:

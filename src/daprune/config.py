@@ -235,8 +235,9 @@ class PruneConfig:
         contribution into one. Heads may or may not go under a per-block split, so "may"."""
         if self.sparsity == 0:
             return []
-        return [kind for kind, crit in (("attention", self.head_criterion), ("mlp", self.ffn_criterion))
-                if self.compensate_mean or crit == "flap"]
+        heads = self.head_criterion != "none"
+        pairs = (("attention", self.head_criterion, heads), ("mlp", self.ffn_criterion, True))
+        return [kind for kind, crit, can in pairs if can and (self.compensate_mean or crit == "flap")]
 
     def uses_self_generation(self) -> bool:
         """Whether any calibration rows (scoring, re-fit or held-out) are self-generated."""

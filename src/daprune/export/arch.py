@@ -97,6 +97,10 @@ def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool)
     spec = family_spec(model_type)
     check_rope(config)
     check_family(config, spec.uniform)
+    if config.get("daprune_extra_biases"):  # a FLAP / --compensate-mean output as the source keeps its biases
+        raise ExportError("--gguf: the source has extra biases (FLAP's or --compensate-mean's compensation, "
+                          "config.daprune_extra_biases) that the GGUF export refuses, and pruning keeps them: drop "
+                          "--gguf")
     records = config.get("daprune_layers") or []  # a pruned folder as the source: its blocks' own widths
     if spec.per_layer is None and len({json.dumps(r, sort_keys=True) for r in records}) > 1:
         raise ExportError(f"--gguf: the source's blocks already have different widths, and llama.cpp has no "
