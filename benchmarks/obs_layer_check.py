@@ -41,35 +41,36 @@ def output_error(d: torch.Tensor, w: torch.Tensor, second: torch.Tensor) -> floa
     return float(torch.einsum("oi,ij,oj->", e, second, e))
 
 
-def refit(d: torch.Tensor, second: torch.Tensor, keep: list[int], lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares weight on the kept columns (ridge ``lam``), zeros elsewhere, and the kept Gram's inverse."""
-    inv = torch.linalg.inv(second[keep][:, keep] + lam * torch.eye(len(keep), dtype=second.dtype))
+def refit(d: torch.Tensor, second: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares weight on the kept columns, zeros elsewhere, and the kept Gram's inverse (a damped ``second``
+    makes it OBS's ridge toward the original columns)."""
+    inv = torch.linalg.inv(second[keep][:, keep])
     w = torch.zeros_like(d)
     w[:, keep] = d @ second[:, keep] @ inv
     return w, inv
 
 
-def swap_search(d: torch.Tensor, second: torch.Tensor, keep: list[int], lam: float, max_swaps: int,
+def swap_search(d: torch.Tensor, second: torch.Tensor, keep: list[int], max_swaps: int,
                 tries: int = 8) -> tuple[list[int], int]:
     """Add-one / drop-one swaps that lower the fit error; the kept set and how many swaps were taken."""
     n, swaps = d.shape[1], 0
     ds = d @ second
     while swaps < max_swaps:
-        w, inv = refit(d, second, keep, lam)
+        w, inv = refit(d, second, keep)
         out = sorted(set(range(n)) - set(keep))
         cross = second[keep][:, out]
         resid = ds[:, out] - w[:, keep] @ cross
-        schur = torch.diagonal(second)[out] + lam - torch.einsum("ki,kl,li->i", cross, inv, cross)
+        schur = torch.diagonal(second)[out] - torch.einsum("ki,kl,li->i", cross, inv, cross)
         gain = resid.pow(2).sum(0) / schur  # error drop from giving channel j back, kept columns re-fitted
         current = output_error(d, w, second)
         for j in (out[i] for i in torch.topk(gain, min(tries, len(out))).indices.tolist()):
             grown = sorted(keep + [j])
-            w2, inv2 = refit(d, second, grown, lam)
+            w2, inv2 = refit(d, second, grown)
             cost = w2[:, grown].pow(2).sum(0) / torch.diagonal(inv2)  # OBS cost of dropping each one again
             cost[grown.index(j)] = float("inf")
             drop = grown[int(torch.argmin(cost))]
             trial = [c for c in grown if c != drop]
-            if output_error(d, refit(d, second, trial, lam)[0], second) < current * (1 - 1e-9):
+            if output_error(d, refit(d, second, trial)[0], second) < current * (1 - 1e-9):
                 keep, swaps = trial, swaps + 1
                 break
         else:
@@ -116,10 +117,10 @@ def main() -> None:
         damped = s + 1e-2 * torch.diagonal(s).mean() * torch.eye(s.shape[0], dtype=s.dtype)
         order, w_obs = obs_order(d, s, count, 1e-2)
         keep = sorted(set(range(d.shape[1])) - set(order))
-        w0 = refit(d, damped, keep, 0.0)[0]
+        w0 = refit(d, damped, keep)[0]
         t0 = time.perf_counter()
-        keep2, swaps = swap_search(d, damped, keep, 0.0, args.max_swaps)
-        w1 = refit(d, damped, keep2, 0.0)[0]
+        keep2, swaps = swap_search(d, damped, keep, args.max_swaps)
+        w1 = refit(d, damped, keep2)[0]
         row = {"removed": count, "damp": damps, "swaps": swaps, "swap_s": time.perf_counter() - t0,
                "refit_equals_obs": float((w0 - w_obs.double()).abs().max() / w_obs.abs().max()),
                "obs": {"fit": output_error(d, w0, s), "heldout": output_error(d, w0, sh)},

@@ -366,6 +366,7 @@ def test_prune_writes_a_gguf_too(tmp_path, one_thread):
     total_ff = f[f"{arch}.feed_forward_length"]
     assert (sum(total_ff) if isinstance(total_ff, list) else 4 * total_ff) < 4 * 64  # the pruned widths
 
+
 def test_extra_biases_refused_by_the_writer_as_prune_gguf_predicted(tmp_path, one_thread):
     """A Qwen2 pruned with --compensate-mean carries daprune_extra_biases, which the writer refuses, and which
     ``prune --gguf`` refuses before pruning (tests/test_cli_early.py); with Llama's bias flags both go through."""

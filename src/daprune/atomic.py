@@ -43,12 +43,12 @@ def fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def usual_mode(path: str | os.PathLike, *, folder: bool = False) -> None:
+def usual_mode(path: str | os.PathLike, *, folder: bool = False, umask: int | None = None) -> None:
     """Give a ``mkstemp`` / ``mkdtemp`` entry the mode a plain ``open`` / ``mkdir`` would (0666 / 0777 less the
     umask). Those make owner-only entries (0600 / 0700), right for scratch files but not for outputs renamed into
     place: a pruned folder served from another account (vLLM or ollama in a container, a shared cluster folder)
-    could not be read."""
-    want = (0o777 if folder else 0o666) & ~_umask()
+    could not be read. ``umask``: the process's, when the caller has read it already."""
+    want = (0o777 if folder else 0o666) & ~(_umask() if umask is None else umask)
     try:
         if os.stat(path).st_mode & 0o777 != want:
             os.chmod(path, want)
@@ -74,14 +74,13 @@ def _umask() -> int:
 def usual_modes(tree: str | os.PathLike) -> None:
     """:func:`usual_mode` on a folder and everything in it: safetensors' ``save_file`` (so ``save_pretrained``)
     writes its files owner-only too, so an output folder is set right as a whole before it is renamed into place."""
-    usual_mode(tree, folder=True)
+    mask = _umask()  # once for the tree
+    usual_mode(tree, folder=True, umask=mask)
     for root, dirs, files in os.walk(tree):  # links are left alone: chmod would change what they point to
-        for name in dirs:
-            if not os.path.islink(p := os.path.join(root, name)):
-                usual_mode(p, folder=True)
-        for name in files:
-            if not os.path.islink(p := os.path.join(root, name)):
-                usual_mode(p)
+        for names, folder in ((dirs, True), (files, False)):
+            for name in names:
+                if not os.path.islink(p := os.path.join(root, name)):
+                    usual_mode(p, folder=folder, umask=mask)
 
 
 def _tmp_name(path: Path) -> Path:

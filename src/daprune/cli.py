@@ -320,11 +320,11 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     uneven = (cfg.schedule != "uniform" or len(cfg.block_range(n)) < n  # per-block shares, or blocks left whole
               or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
     check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven)
-    if cfg.output_bias_kinds():
-        _check_gguf_biases(cfg, source)
+    if kinds := cfg.output_bias_kinds():
+        _check_gguf_biases(kinds, source)
 
 
-def _check_gguf_biases(cfg: PruneConfig, source: str) -> None:
+def _check_gguf_biases(kinds: list[str], source: str) -> None:
     """A compensation bias the family's config cannot state goes into ``daprune_extra_biases``, which the GGUF
     writer refuses (llama.cpp's graphs may not read it): found from the module tree on the meta device."""
     import torch
@@ -334,7 +334,7 @@ def _check_gguf_biases(cfg: PruneConfig, source: str) -> None:
     from daprune.models.adapter import get_adapter
 
     adapter = get_adapter(build_skeleton(source, torch.float32))
-    extra = [k for k in cfg.output_bias_kinds() if not adapter.expresses_biases(k)]
+    extra = [k for k in kinds if not adapter.expresses_biases(k)]
     if extra:
         linears = " and ".join({"attention": "o_proj", "mlp": "down_proj"}[k] for k in extra)
         raise ExportError(f"--gguf: this run may add biases to {linears} (--compensate-mean or the flap criterion), "

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daprune.atomic import usual_mode
+from daprune.atomic import atomic_write_bytes
 from daprune.errors import ConfigError, EvaluationDataError
 
 if TYPE_CHECKING:  # lm-eval is an optional dependency ("eval" extra): import it only when used
@@ -269,16 +269,7 @@ def _source_file(task: str) -> Path:
 def _write_jsonl_atomic(rows: list[dict[str, Any]], target: Path) -> None:
     """Write rows so that a concurrent reader never sees a half-written file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=target.parent)
-    usual_mode(tmp)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
 
 
 def offline_data_file(task: str, cache: Path | None = None) -> Path:
