@@ -116,7 +116,8 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
     from test_streaming import save_model
 
     root = tmp_path_factory.mktemp("families")
-    folders = {arch: save_model(tiny_model(arch, layers=8), root / arch) for arch in ("qwen2", "gpt2", "llama")}
+    folders = {arch: save_model(tiny_model(arch, layers=8), root / arch) for arch in ("qwen2", "gpt2", "llama",
+                                                                                       "qwen3")}
     biased = save_model(tiny_model("qwen2", layers=8), root / "qwen2-extra-biases")  # a FLAP output as the source
     config = json.loads((biased / "config.json").read_text())
     config["daprune_extra_biases"] = ["mlp.down_proj"]
@@ -142,6 +143,11 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
     ("qwen2", ["--layout", "uniform", "--compensate-mean", "--head-criterion", "none"],
      "may add biases to down_proj (--compensate-mean"),  # no heads go: no o_proj bias
     ("qwen2-extra-biases", ["--layout", "uniform"], "the source has extra biases"),
+    # Qwen3's config states an o_proj bias (attention_bias), but llama.cpp's qwen3 graph reads none
+    ("qwen3", ["--layout", "uniform", "--head-criterion", "flap"], "o_proj (--compensate-mean or the flap "
+     "criterion), which llama.cpp's qwen3 graph does not read"),
+    ("qwen3", ["--layout", "uniform", "--compensate-mean", "--head-criterion", "none"],
+     "may add biases to down_proj (--compensate-mean"),
 ])
 def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp_path, arch, extra,  # noqa: F811
                                            needle):
@@ -158,6 +164,7 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
     ("qwen2", ["--layers", "0:", "--head-split", "paper"]),
     ("llama", []),  # llama.cpp's deci graph takes per-layer widths
     ("llama", ["--compensate-mean"]),  # Llama's config states o_proj / down_proj biases (attention_bias, mlp_bias)
+    ("qwen3", ["--layout", "uniform"]),  # no compensation: nothing llama.cpp's qwen3 graph cannot read
     ("gpt2", []),  # no --gguf: nothing to check
 ])
 def test_prune_exportable_or_without_gguf_goes_on(run_cli, no_work, family_folders, tmp_path, arch,  # noqa: F811

@@ -258,20 +258,22 @@ def test_per_layer_family_without_graph_points_to_uniform():
     assert arch.choose_arch("qwen2", shapes[:1] * 3) == "qwen2"
 
 
-def _tiny_family(family: str):
-    """A tiny random Qwen2 / Qwen3 / Gemma-3 (Gemma-3 laid out as llama.cpp's gemma3 graph assumes: a global
-    layer every 6th, no soft-capping; a window of 8 so 30-token texts use it)."""
+def _tiny_family(family: str, **flags):
+    """A tiny random Qwen2 / Qwen3 / Gemma-3 / Llama (Gemma-3 laid out as llama.cpp's gemma3 graph assumes: a
+    global layer every 6th, no soft-capping; a window of 8 so 30-token texts use it); ``flags`` go into the config
+    (``attention_bias=True``), and every bias is random."""
     from test_families import randomise_norms_and_biases, tiny
 
     if family != "gemma3_text":
-        return tiny(family, layers=4)
+        return tiny(family, layers=4, **flags)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("gemma3_text", vocab_size=128, hidden_size=48, intermediate_size=96,
                                   num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                                   max_position_embeddings=256, sliding_window=8, query_pre_attn_scalar=12,
-                                  layer_types=["sliding_attention"] * 5 + ["full_attention"], tie_word_embeddings=True)
+                                  layer_types=["sliding_attention"] * 5 + ["full_attention"], tie_word_embeddings=True,
+                                  **flags)
     return randomise_norms_and_biases(AutoModelForCausalLM.from_config(config).eval())
 
 
@@ -328,10 +330,16 @@ def test_llamacpp_runs_each_family_like_transformers(family, arch, tmp_path, one
     model = _tiny_family(family)
     folder = save(model, tmp_path / family)
     export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    _assert_llamacpp_matches(llama_cpp, model, tmp_path / "m.gguf")
+
+
+def _assert_llamacpp_matches(llama_cpp, model, path: Path) -> None:
+    """llama.cpp's next-token log-probabilities of a 30-token text within 1e-3 nats of transformers', the same
+    top-1 token everywhere."""
     ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = torch.log_softmax(model(ids).logits[0].float(), -1).numpy()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
     try:
         llm.eval(ids[0].tolist())
         got = _log_softmax(np.array(llm.scores[:30], dtype=np.float32))
@@ -339,6 +347,70 @@ def test_llamacpp_runs_each_family_like_transformers(family, arch, tmp_path, one
         llm.close()
     assert float(np.abs(got - ref).max()) < 1e-3
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+# every bias each family's config can state; llama.cpp reads the o_proj / MLP ones only in llama (and deci)
+BIAS_FAMILIES = [("qwen3", "qwen3", {"attention_bias": True}), ("gemma3_text", "gemma3", {"attention_bias": True}),
+                 ("llama", "llama", {"attention_bias": True, "mlp_bias": True})]
+
+
+def _gguf_bias_names(path: Path) -> set[str]:
+    return {t.name for t in gguf.GGUFReader(path).tensors if t.name.endswith(".bias")}
+
+
+@pytest.mark.parametrize("family, arch, flags", BIAS_FAMILIES)
+def test_biases_only_where_llamacpp_reads_them(family, arch, flags, tmp_path, one_thread):
+    """q/k/v biases go into every GGUF (values as transformers holds them); o_proj and MLP biases only where the
+    graph reads them (llama). Elsewhere a nonzero one is refused before anything is written (llama.cpp does not
+    load such a file: the next test) and an all-zero one is left out and counted."""
+    from daprune.export import export_gguf
+    from daprune.export.arch import ExportError
+
+    model = _tiny_family(family, **flags)
+    out = tmp_path / "m.gguf"
+    if arch == "llama":
+        res = export_gguf(save(model, tmp_path / "b"), out, outtype="f32")
+        names = _gguf_bias_names(out)
+        assert {f"blk.0.{t}.bias" for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                            "ffn_down")} <= names
+        assert len(names) == 7 * 4 and res.dropped_zero_biases == []
+        return
+    with pytest.raises(ExportError, match=rf"o_proj.bias is a nonzero bias, and llama.cpp's {arch} graph reads no "
+                                          "attn_output bias"):
+        export_gguf(save(model, tmp_path / "b"), out, outtype="f32")
+    assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))
+    layers = model.model.layers
+    with torch.no_grad():
+        for layer in layers:
+            layer.self_attn.o_proj.bias.zero_()
+    res = export_gguf(save(model, tmp_path / "z"), out, outtype="f32")
+    assert _gguf_bias_names(out) == {f"blk.{i}.attn_{x}.bias" for i in range(len(layers)) for x in "qkv"}
+    assert res.dropped_zero_biases == [f"model.layers.{i}.self_attn.o_proj.bias" for i in range(len(layers))]
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+    np.testing.assert_array_equal(got["blk.1.attn_k.bias"], layers[1].self_attn.k_proj.bias.detach().numpy())
+
+
+@pytest.mark.parametrize("family, arch, flags", BIAS_FAMILIES)
+def test_llamacpp_reads_the_biases_written(family, arch, flags, tmp_path, one_thread, monkeypatch):
+    """In llama.cpp itself: each family with every bias its config states (o_proj's zeroed where the graph reads
+    none) computes what transformers computes, so the q/k/v (and Llama's o_proj / MLP) biases are read; and a
+    qwen3 / gemma3 GGUF that holds an o_proj bias (the writer's refusal bypassed) does not load at all."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from daprune.export import export_gguf, gguf_writer
+
+    model = _tiny_family(family, **flags)
+    if arch != "llama":
+        monkeypatch.setattr(gguf_writer, "reads_bias", lambda arch, tensor: True)
+        export_gguf(save(model, tmp_path / "b"), tmp_path / "bad.gguf", outtype="f32")
+        assert "blk.0.attn_output.bias" in _gguf_bias_names(tmp_path / "bad.gguf")
+        with pytest.raises(ValueError, match="Failed to load model"):
+            llama_cpp.Llama(model_path=str(tmp_path / "bad.gguf"), n_ctx=64, n_threads=1, verbose=False)
+        monkeypatch.undo()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.bias.zero_()
+    export_gguf(save(model, tmp_path / "z"), tmp_path / "m.gguf", outtype="f32")
+    _assert_llamacpp_matches(llama_cpp, model, tmp_path / "m.gguf")
 
 
 def test_cli_export(per_layer_folder, tmp_path, capsys):

@@ -26,8 +26,9 @@ SEQ = 24  # longer than the sliding window (8), so sliding-window layers see ano
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text"]
 
 
-def tiny(family: str, *, heads: int = 4, kv: int = 2, layers: int = 6, seed: int = 0):
-    """A random decoder of ``family`` with non-trivial norms, biases and family-specific features switched on."""
+def tiny(family: str, *, heads: int = 4, kv: int = 2, layers: int = 6, seed: int = 0, **config):
+    """A random decoder of ``family`` with non-trivial norms, biases and family-specific features switched on;
+    ``config`` adds or overrides config fields (``attention_bias=True``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -43,7 +44,7 @@ def tiny(family: str, *, heads: int = 4, kv: int = 2, layers: int = 6, seed: int
         "gemma3_text": dict(sliding_window=8, final_logit_softcapping=15.0, query_pre_attn_scalar=12,
                             layer_types=["sliding_attention", "full_attention"] * (layers // 2)),
     }.get(family, {})
-    config = AutoConfig.for_model(family, **kw, **extra)
+    config = AutoConfig.for_model(family, **{**kw, **extra, **config})
     return randomise_norms_and_biases(AutoModelForCausalLM.from_config(config).eval())
 
 

@@ -319,8 +319,9 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     n = config.get_text_config().num_hidden_layers  # the config itself for text-only families
     uneven = (cfg.schedule != "uniform" or len(cfg.block_range(n)) < n  # per-block shares, or blocks left whole
               or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
-    check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven)
-    if kinds := cfg.output_bias_kinds():
+    kinds = cfg.output_bias_kinds()
+    check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven, kinds)
+    if kinds:
         _check_gguf_biases(kinds, source)
 
 

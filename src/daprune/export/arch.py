@@ -47,6 +47,27 @@ FAMILIES: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec("gemma3", None, meta_rope=False, norm_shift=1.0),
 }
 
+# The bias tensors each llama.cpp graph creates when loading (src/models/<arch>.cpp, ``load_arch_tensors``, as
+# vendored by llama-cpp-python 0.3.36): q/k/v biases in every graph (``create_tensor_qkv``), the output
+# projection's and the MLP's only in llama and deci. A GGUF holding a tensor its graph does not create fails to
+# load ("wrong number of tensors"), so a bias outside this set is dropped when it is zero (exact) and refused
+# otherwise. tests/test_export_gguf.py runs each family with every bias it can state in llama.cpp itself.
+_QKV_BIASES = frozenset({"attn_q", "attn_k", "attn_v"})
+BIASES_READ: dict[str, frozenset[str]] = {
+    "llama": _QKV_BIASES | {"attn_output", "ffn_gate", "ffn_up", "ffn_down"},
+    "deci": _QKV_BIASES | {"attn_output", "ffn_gate", "ffn_up", "ffn_down"},
+    "qwen2": _QKV_BIASES | {"output"},
+    "qwen3": _QKV_BIASES,
+    "gemma3": _QKV_BIASES,
+}
+# the GGUF tensor of each level-2 linear that compensation (FLAP, --compensate-mean) gives a bias
+OUTPUT_BIAS_TENSOR = {"attention": "attn_output", "mlp": "ffn_down"}
+
+
+def reads_bias(arch: str, tensor: str) -> bool:
+    """Whether llama.cpp's ``arch`` graph loads a bias for GGUF tensor ``tensor`` (``attn_output``, ...)."""
+    return tensor in BIASES_READ[arch]
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -84,13 +105,15 @@ def family_spec(model_type: str) -> ArchSpec:
     return FAMILIES[model_type]
 
 
-def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool) -> None:
+def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool,
+                       bias_kinds: tuple[str, ...] | list[str] = ()) -> None:
     """Refuse ``daprune prune --gguf`` before pruning where the export after it would be refused: a family with no
     GGUF export, RoPE scaling or a Gemma-3 layout the writer refuses (read from the source model's ``config``, as
-    the export reads the pruned one's), a source whose blocks differ already, or per-layer widths that will differ
+    the export reads the pruned one's), a source whose blocks differ already, per-layer widths that will differ
     (``uneven``: some blocks left whole, a schedule that gives blocks different shares; also a head/FFN split chosen
     per block, which in practice differs between blocks though it could come out alike) for a family whose
-    llama.cpp graph takes one width for every block."""
+    llama.cpp graph takes one width for every block, or compensation biases (``bias_kinds``: "attention" for
+    o_proj, "mlp" for down_proj) that the family's llama.cpp graph does not read."""
     from daprune.io_templates.modeling_daprune import base_model_type
 
     model_type = str(base_model_type(config.get("model_type")))
@@ -101,6 +124,13 @@ def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool)
         raise ExportError("--gguf: the source has extra biases (FLAP's or --compensate-mean's compensation, "
                           "config.daprune_extra_biases) that the GGUF export refuses, and pruning keeps them: drop "
                           "--gguf")
+    unread = [k for k in bias_kinds if not all(reads_bias(a, OUTPUT_BIAS_TENSOR[k])
+                                               for a in (spec.uniform, spec.per_layer) if a)]
+    if unread:
+        linears = " and ".join({"attention": "o_proj", "mlp": "down_proj"}[k] for k in unread)
+        raise ExportError(f"--gguf: this run may add biases to {linears} (--compensate-mean or the flap criterion), "
+                          f"which llama.cpp's {spec.uniform} graph does not read (it loads q/k/v biases only), so "
+                          "the GGUF export would refuse the result; drop --gguf, or prune without that compensation")
     records = config.get("daprune_layers") or []  # a pruned folder as the source: its blocks' own widths
     if spec.per_layer is None and len({json.dumps(r, sort_keys=True) for r in records}) > 1:
         raise ExportError(f"--gguf: the source's blocks already have different widths, and llama.cpp has no "

@@ -27,6 +27,7 @@ from daprune.export.arch import (
     family_spec,
     hparams,
     layer_shapes,
+    reads_bias,
     to_gguf_rotary,
 )
 from daprune.export.tokenizer import tokenizer_fields
@@ -51,6 +52,7 @@ class ExportResult:
     tokenizer_source: str
     per_layer: dict[str, list[int]] = field(default_factory=dict)
     fallback_f16: list[str] = field(default_factory=list)  # q8_0 tensors whose rows are not whole blocks
+    dropped_zero_biases: list[str] = field(default_factory=list)  # all-zero biases the arch's graph does not read
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -121,7 +123,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     spec = family_spec(family)
     check_family(config, arch)
     gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
-    names = _tensor_names(shapes, gguf_arch, len(layers), config)
+    names, dropped = _tensor_names(shapes, gguf_arch, len(layers), config)
     wanted, ftype = OUTTYPES[outtype]
 
     writer = GGUFWriter(path=None, arch=arch)
@@ -162,14 +164,18 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
             tmp.unlink()
     per_layer = {"head_count": [s.n_head for s in layers], "head_count_kv": [s.n_head_kv for s in layers],
                  "feed_forward_length": [s.n_ff for s in layers]}
-    return ExportResult(out, arch, outtype, len(plan), tok_source, per_layer, fallback)
+    return ExportResult(out, arch, outtype, len(plan), tok_source, per_layer, fallback, dropped)
 
 
-def _tensor_names(shapes: dict, arch: MODEL_ARCH, n_layers: int, config: dict) -> list[tuple[str, str]]:
-    """(HF name, GGUF name) for every tensor written; unknown tensors are an error, not silently dropped."""
+def _tensor_names(shapes: dict, arch: MODEL_ARCH, n_layers: int,
+                  config: dict) -> tuple[list[tuple[str, str]], list[str]]:
+    """(HF name, GGUF name) for every tensor written, and the HF names of all-zero biases left out because the
+    graph does not read them (a Qwen3 or Gemma-3 with ``attention_bias`` has an o_proj bias, llama.cpp's graphs
+    none). Unknown tensors and nonzero unread biases are an error, not silently dropped."""
     tmap = get_tensor_name_map(arch, n_layers)
     allowed = set(MODEL_TENSORS[arch])
-    pairs = []
+    arch_name = MODEL_ARCH_NAMES[arch]
+    pairs, dropped = [], []
     for hf_name in sorted(shapes, key=_order):
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings", False):
             continue  # tied: llama.cpp reuses token_embd when output.weight is absent
@@ -178,8 +184,18 @@ def _tensor_names(shapes: dict, arch: MODEL_ARCH, n_layers: int, config: dict) -
         found = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None or found[0] not in allowed:
             raise ExportError(f"tensor {hf_name} has no place in a {arch.name.lower()} GGUF")
-        pairs.append((hf_name, found[1]))
-    return pairs
+        gguf_name = found[1]
+        if gguf_name.endswith(".bias") and not reads_bias(arch_name, gguf_name.split(".")[-2]):
+            with safe_open(shapes[hf_name][1], framework="pt") as st:
+                nonzero = bool(st.get_tensor(hf_name).count_nonzero())
+            if nonzero:
+                raise ExportError(f"{hf_name} is a nonzero bias, and llama.cpp's {arch_name} graph reads no "
+                                  f"{gguf_name.split('.')[-2]} bias (a GGUF holding one does not load); this model "
+                                  "cannot be exported to llama.cpp as it is")
+            dropped.append(hf_name)  # zero: leaving it out computes the same
+            continue
+        pairs.append((hf_name, gguf_name))
+    return pairs, dropped
 
 
 def _order(name: str) -> tuple:
