@@ -161,6 +161,48 @@ def test_transformers_reads_the_uniform_gguf_back_to_the_same_logits(uniform_fol
         torch.testing.assert_close(back(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_convert_gguf_caches_a_loadable_folder_atomically(uniform_folder, tmp_path):
+    """A GGUF given as --model becomes a cached safetensors folder: the same logits as the model it came from,
+    another account can read it (umask 022), an entry left for another file version is replaced, and the
+    leftovers of a conversion killed half-way (a dead process's temp folder) are removed."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from daprune.atomic import owner_tag
+    from daprune.export import export_gguf
+    from daprune.models.loading import convert_gguf
+
+    export_gguf(uniform_folder, tmp_path / "m.gguf", outtype="f32")
+    cache, name = tmp_path / "cache", "tiny"
+    target = cache / "models" / name
+    target.mkdir(parents=True)
+    (target / "daprune_source.json").write_text(json.dumps({"key": "another-version"}))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = owner_tag().split("-")[1]
+    stale = target.parent / f".{name}.tmp-{int(dead.stdout)}-{host}-x"
+    stale.mkdir()
+    old = os.umask(0o022)
+    try:
+        got = convert_gguf(tmp_path / "m.gguf", cache, name)
+    finally:
+        os.umask(old)
+    assert got == target and not stale.exists()
+    assert json.loads((target / "daprune_source.json").read_text())["key"] != "another-version"
+    assert sorted(p.name for p in target.parent.iterdir()) == [name]
+    assert (target.stat().st_mode & 0o777) == 0o755 and ((target / "config.json").stat().st_mode & 0o777) == 0o644
+    ref = AutoModelForCausalLM.from_pretrained(uniform_folder).eval()
+    back = AutoModelForCausalLM.from_pretrained(target).eval()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    mtime = (target / "daprune_source.json").stat().st_mtime_ns
+    assert convert_gguf(tmp_path / "m.gguf", cache, name) == target  # cached: not converted again
+    assert (target / "daprune_source.json").stat().st_mtime_ns == mtime
+
+
 def test_per_layer_model_uses_deci_with_per_layer_arrays(per_layer_folder, tmp_path):
     from daprune.export import export_gguf
 

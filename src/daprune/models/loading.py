@@ -11,14 +11,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from daprune.atomic import usual_modes
 from daprune.errors import ModelSourceError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -111,19 +108,14 @@ def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None, name: str |
     model.config.quantization_config = None
     if hasattr(model.config, "_name_or_path"):
         model.config._name_or_path = name or gguf.stem
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    from daprune.output import atomic_dir
+
+    # the output writer's folder swap: a stale entry (another key) is replaced in one rename, leftovers of a killed
+    # conversion are removed, and the folder gets the usual modes (a shared cache: other accounts read it too)
+    with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "daprune_source.json").write_text(json.dumps({"gguf": str(gguf), "key": key}))
-        usual_modes(tmp)  # a shared cache: other accounts read the converted model too
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
