@@ -142,7 +142,7 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
      "may add biases to down_proj"),
     ("qwen2", ["--layout", "uniform", "--compensate-mean", "--head-criterion", "none"],
      "may add biases to down_proj (--compensate-mean"),  # no heads go: no o_proj bias
-    ("qwen2-extra-biases", ["--layout", "uniform"], "the source has extra biases"),
+    ("qwen2-extra-biases", ["--layout", "uniform"], "the source carries down_proj biases"),
     # Qwen3's config states an o_proj bias (attention_bias), but llama.cpp's qwen3 graph reads none
     ("qwen3", ["--layout", "uniform", "--head-criterion", "flap"], "o_proj (--compensate-mean or the flap "
      "criterion), which llama.cpp's qwen3 graph does not read"),

@@ -391,6 +391,19 @@ def _assert_llamacpp_matches(llama_cpp, model, path: Path) -> None:
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_llamacpp_runs_a_compensated_mistral(tmp_path, one_thread):
+    """A Mistral pruned with --compensate-mean keeps its o_proj / down_proj biases outside its config
+    (daprune_extra_biases; daprune.load rebuilds them): llama.cpp's llama graph reads them and computes what the
+    pruned model computes."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import daprune
+    from daprune.export import export_gguf
+
+    out = _prune_compensated("mistral", tmp_path)
+    export_gguf(out, tmp_path / "m.gguf", outtype="f32")
+    _assert_llamacpp_matches(llama_cpp, daprune.load(out)[0].eval(), tmp_path / "m.gguf")
+
+
 # every bias each family's config can state; llama.cpp reads the o_proj / MLP ones only in llama (and deci)
 BIAS_FAMILIES = [("qwen3", "qwen3", {"attention_bias": True}), ("gemma3_text", "gemma3", {"attention_bias": True}),
                  ("llama", "llama", {"attention_bias": True, "mlp_bias": True})]
@@ -481,27 +494,50 @@ def test_prune_writes_a_gguf_too(tmp_path, one_thread):
     assert (sum(total_ff) if isinstance(total_ff, list) else 4 * total_ff) < 4 * 64  # the pruned widths
 
 
-def test_extra_biases_refused_by_the_writer_as_prune_gguf_predicted(tmp_path, one_thread):
-    """A Qwen2 pruned with --compensate-mean carries daprune_extra_biases, which the writer refuses, and which
-    ``prune --gguf`` refuses before pruning (tests/test_cli_early.py); with Llama's bias flags both go through."""
+def _prune_compensated(arch: str, tmp_path: Path) -> Path:
+    """A tiny ``arch`` pruned with --compensate-mean in every block, uniform layout: o_proj and down_proj biases."""
+    from test_families import tiny
+
     from daprune.cli import main
+
+    src = save(tiny(arch, layers=4, **({"sliding_window": None} if arch == "mistral" else {})), tmp_path / f"s-{arch}")
+    out = tmp_path / f"out-{arch}"
+    assert main(["prune", "--model", str(src), "--out", str(out), "--sparsity", "0.3", "--layers", "0:",
+                 "--layout", "uniform", "--compensate-mean", "--calibration", "random", "--nsamples", "4",
+                 "--seqlen", "16", "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("arch, extra, exported", [("qwen2", True, False), ("mistral", True, True),
+                                                   ("llama", False, True)])
+def test_compensation_biases_exported_where_llamacpp_reads_them(arch, extra, exported, tmp_path, one_thread):
+    """--compensate-mean's o_proj / down_proj biases: Qwen2 (config cannot state them: daprune_extra_biases; its
+    llama.cpp graph reads neither) is refused by the writer, as ``prune --gguf`` predicts before pruning
+    (tests/test_cli_early.py); Mistral (extra biases too, but the llama graph reads both) and Llama (config flags)
+    export with both biases written, as transformers holds them."""
     from daprune.errors import DapruneError
     from daprune.export import export_gguf
 
-    for arch, extra in (("qwen2", True), ("llama", False)):
-        src = save(tiny_model(arch, layers=4), tmp_path / f"src-{arch}")
-        out, gg = tmp_path / f"out-{arch}", tmp_path / f"{arch}.gguf"
-        assert main(["prune", "--model", str(src), "--out", str(out), "--sparsity", "0.3", "--layers", "0:",
-                     "--layout", "uniform", "--compensate-mean", "--calibration", "random", "--nsamples", "4",
-                     "--seqlen", "16", "--quiet"]) == 0
-        assert bool(json.loads((out / "config.json").read_text()).get("daprune_extra_biases")) == extra
-        if extra:
-            with pytest.raises(DapruneError, match="extra biases"):
-                export_gguf(out, gg)
-            assert not gg.exists()
-        else:
+    out, gg = _prune_compensated(arch, tmp_path), tmp_path / f"{arch}.gguf"
+    assert bool(json.loads((out / "config.json").read_text()).get("daprune_extra_biases")) == extra
+    if not exported:
+        with pytest.raises(DapruneError, match="down_proj.bias is a nonzero bias, and llama.cpp's qwen2 graph"):
             export_gguf(out, gg)
-            assert gg.is_file()
+        assert not gg.exists()
+        return
+    export_gguf(out, gg, outtype="f32")
+    from safetensors.torch import load_file
+
+    sd = load_file(out / "model.safetensors")
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(gg).tensors}
+    level2 = {"self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down"}
+    written = [(f"blk.{i}.{g}.bias", f"model.layers.{i}.{h}.bias") for i in range(4) for h, g in level2.items()
+               if f"model.layers.{i}.{h}.bias" in sd]
+    assert {g for g, _ in written} == {n for n in got if n.endswith(("attn_output.bias", "ffn_down.bias"))}
+    assert sum(g.endswith("ffn_down.bias") for g, _ in written) == 4  # channels went in every block
+    for g, h in written:
+        np.testing.assert_array_equal(got[g], sd[h].numpy())
+    assert any(np.abs(got[g]).sum() > 0 for g, _ in written)
 
 
 # -- a real llama.cpp (slow: llama-cpp-python compiles from source) -------------------------------------

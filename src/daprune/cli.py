@@ -319,28 +319,7 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     n = config.get_text_config().num_hidden_layers  # the config itself for text-only families
     uneven = (cfg.schedule != "uniform" or len(cfg.block_range(n)) < n  # per-block shares, or blocks left whole
               or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
-    kinds = cfg.output_bias_kinds()
-    check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven, kinds)
-    if kinds:
-        _check_gguf_biases(kinds, source)
-
-
-def _check_gguf_biases(kinds: list[str], source: str) -> None:
-    """A compensation bias the family's config cannot state goes into ``daprune_extra_biases``, which the GGUF
-    writer refuses (llama.cpp's graphs may not read it): found from the module tree on the meta device."""
-    import torch
-
-    from daprune.export.arch import ExportError
-    from daprune.loader import build_skeleton
-    from daprune.models.adapter import get_adapter
-
-    adapter = get_adapter(build_skeleton(source, torch.float32))
-    extra = [k for k in kinds if not adapter.expresses_biases(k)]
-    if extra:
-        linears = " and ".join({"attention": "o_proj", "mlp": "down_proj"}[k] for k in extra)
-        raise ExportError(f"--gguf: this run may add biases to {linears} (--compensate-mean or the flap criterion), "
-                          f"which {adapter.config.model_type!r}'s config cannot state, so the GGUF export would "
-                          "refuse the result; drop --gguf, or prune without that compensation")
+    check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven, cfg.output_bias_kinds())
 
 
 def cmd_eval(args) -> int:

@@ -120,17 +120,21 @@ def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool,
     spec = family_spec(model_type)
     check_rope(config)
     check_family(config, spec.uniform)
-    if config.get("daprune_extra_biases"):  # a FLAP / --compensate-mean output as the source keeps its biases
-        raise ExportError("--gguf: the source has extra biases (FLAP's or --compensate-mean's compensation, "
-                          "config.daprune_extra_biases) that the GGUF export refuses, and pruning keeps them: drop "
-                          "--gguf")
-    unread = [k for k in bias_kinds if not all(reads_bias(a, OUTPUT_BIAS_TENSOR[k])
-                                               for a in (spec.uniform, spec.per_layer) if a)]
-    if unread:
-        linears = " and ".join({"attention": "o_proj", "mlp": "down_proj"}[k] for k in unread)
-        raise ExportError(f"--gguf: this run may add biases to {linears} (--compensate-mean or the flap criterion), "
-                          f"which llama.cpp's {spec.uniform} graph does not read (it loads q/k/v biases only), so "
-                          "the GGUF export would refuse the result; drop --gguf, or prune without that compensation")
+    def unread(kinds) -> list[str]:
+        return [k for k in kinds if not all(reads_bias(a, OUTPUT_BIAS_TENSOR[k])
+                                            for a in (spec.uniform, spec.per_layer) if a)]
+
+    # a FLAP / --compensate-mean output as the source: pruning keeps its compensation biases
+    kept = unread(["attention" if "attn" in name else "mlp" for name in config.get("daprune_extra_biases") or []])
+    if kept:
+        raise ExportError(f"--gguf: the source carries {_linears(kept)} biases (FLAP's or --compensate-mean's "
+                          f"compensation, config.daprune_extra_biases), which llama.cpp's {spec.uniform} graph does "
+                          "not read, and pruning keeps them: drop --gguf")
+    if added := unread(bias_kinds):
+        raise ExportError(f"--gguf: this run may add biases to {_linears(added)} (--compensate-mean or the flap "
+                          f"criterion), which llama.cpp's {spec.uniform} graph does not read (it loads q/k/v biases "
+                          "only), so the GGUF export would refuse the result; drop --gguf, or prune without that "
+                          "compensation")
     records = config.get("daprune_layers") or []  # a pruned folder as the source: its blocks' own widths
     if spec.per_layer is None and len({json.dumps(r, sort_keys=True) for r in records}) > 1:
         raise ExportError(f"--gguf: the source's blocks already have different widths, and llama.cpp has no "
@@ -141,6 +145,10 @@ def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool,
                           "whose blocks differ already); add --layout uniform (same heads and FFN width in every "
                           "block), or prune every block alike (--layers 0: --head-split paper|ffn-only), or drop "
                           "--gguf")
+
+
+def _linears(kinds: list[str]) -> str:
+    return " and ".join(dict.fromkeys({"attention": "o_proj", "mlp": "down_proj"}[k] for k in kinds))
 
 
 def choose_arch(model_type: str, shapes: list[LayerShape]) -> str:

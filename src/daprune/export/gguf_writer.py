@@ -111,9 +111,6 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
         raise ExportError(f"{folder} is not a model folder (no config.json)")
     config = json.loads((folder / "config.json").read_text())
     check_rope(config)
-    if config.get("daprune_extra_biases"):
-        raise ExportError("this folder has extra biases (FLAP's or --compensate-mean's compensation) that the "
-                          "llama/deci graphs may not read; prune without that compensation to export")
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     files = _weight_files(folder)
     shapes = _tensor_shapes(files)

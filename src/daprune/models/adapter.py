@@ -367,13 +367,6 @@ class ModelAdapter(ABC):
         """
         return False
 
-    def expresses_biases(self, kind: str) -> bool:
-        """Whether a vanilla ``from_pretrained`` rebuilds a ``kind`` level-2 bias: the family has one natively or a
-        config flag for it. Otherwise :meth:`sync_biases` records it in ``config.daprune_extra_biases``, which only
-        daprune's loader and remote code read. (Whether llama.cpp reads it is the GGUF export's question:
-        ``export.arch.BIASES_READ``.)"""
-        return self.native_biases(kind) or self.bias_flag(kind) is not None
-
     def ensure_biases(self, kind: str) -> bool:
         """Make ``kind``'s biases model-wide: zeros where missing in every block, and the config flag set.
 
