@@ -375,20 +375,58 @@ def test_llamacpp_runs_each_family_like_transformers(family, arch, tmp_path, one
     _assert_llamacpp_matches(llama_cpp, model, tmp_path / "m.gguf")
 
 
-def _assert_llamacpp_matches(llama_cpp, model, path: Path) -> None:
-    """llama.cpp's next-token log-probabilities of a 30-token text within 1e-3 nats of transformers', the same
-    top-1 token everywhere."""
-    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(0))
+def _llamacpp_gap(llama_cpp, model, path: Path, n: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of an ``n``-token random text, the largest difference between llama.cpp's and transformers'
+    next-token log-probabilities, and whether both rank the same token first."""
+    ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = torch.log_softmax(model(ids).logits[0].float(), -1).numpy()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
     try:
         llm.eval(ids[0].tolist())
-        got = _log_softmax(np.array(llm.scores[:30], dtype=np.float32))
+        got = _log_softmax(np.array(llm.scores[:n], dtype=np.float32))
     finally:
         llm.close()
-    assert float(np.abs(got - ref).max()) < 1e-3
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    return np.abs(got - ref).max(-1), got.argmax(-1) == ref.argmax(-1)
+
+
+def _assert_llamacpp_matches(llama_cpp, model, path: Path) -> None:
+    """llama.cpp's next-token log-probabilities of a 30-token text within 1e-3 nats of transformers', the same
+    top-1 token everywhere."""
+    gap, same = _llamacpp_gap(llama_cpp, model, path)
+    assert float(gap.max()) < 1e-3 and same.all()
+
+
+@pytest.mark.parametrize("family, flags, window", [
+    ("mistral", {"sliding_window": 8}, 8), ("mistral", {"sliding_window": None}, None),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, 8),
+    ("qwen2", {}, None), ("llama", {}, None)])
+def test_sliding_window_llamacpp_ignores_bounds_the_context(family, flags, window, tmp_path, one_thread):
+    """llama.cpp's llama / qwen2 graphs attend to the whole context: a model whose transformers attention slides
+    is written with its window as context_length (where both compute the same), and the summary says so."""
+    from test_families import tiny
+
+    from daprune.export import export_gguf
+
+    model = tiny(family, layers=2, **flags)
+    res = export_gguf(save(model, tmp_path / "w"), tmp_path / "m.gguf", outtype="f32")
+    f = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert f[f"{res.arch}.context_length"] == (window or 256)
+    assert [("window 8" in n) for n in res.notes] == ([True] if window else [])
+
+
+def test_llamacpp_computes_a_sliding_window_model_alike_only_within_the_window(tmp_path, one_thread):
+    """Why the context is bounded: a Mistral with an 8-token window in llama.cpp equals transformers on the first
+    8 positions and departs after them."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from test_families import tiny
+
+    from daprune.export import export_gguf
+
+    model = tiny("mistral", layers=2, sliding_window=8)
+    export_gguf(save(model, tmp_path / "w"), tmp_path / "m.gguf", outtype="f32")
+    gap, same = _llamacpp_gap(llama_cpp, model, tmp_path / "m.gguf", n=30)
+    assert float(gap[:8].max()) < 1e-3 and same[:8].all() and float(gap[8:].max()) > 1e-2
 
 
 def test_llamacpp_runs_a_compensated_mistral(tmp_path, one_thread):

@@ -213,15 +213,41 @@ def check_family(config: dict, arch: str) -> None:
                               f"{key}={config[key]}")
 
 
+def attention_window(config: dict, arch: str) -> int | None:
+    """The sliding window transformers applies to some layers of this model that llama.cpp's ``arch`` graph does
+    not: Mistral's ``sliding_window`` (transformers 5 defaults it to 4096; Mistral v0.2+ configs set null), Qwen2 /
+    Qwen3 layers typed ``sliding_attention`` (``use_sliding_window``). The llama, deci, qwen2 and qwen3 graphs
+    attend to the whole context, so both compute the same only within the window. None where there is none, or
+    where the graph has its own (gemma3, checked by :func:`check_family`)."""
+    from daprune.io_templates.modeling_daprune import base_model_type
+
+    window = config.get("sliding_window")
+    if arch == "gemma3" or not window:
+        return None
+    types = config.get("layer_types")
+    if types:  # transformers 5 states each layer's attention
+        return int(window) if "sliding_attention" in types else None
+    if base_model_type(config.get("model_type")) == "mistral" or config.get("use_sliding_window"):
+        return int(window)
+    return None
+
+
 def hparams(config: dict, shapes: list[LayerShape], head_dim: int, arch: str) -> dict[str, object]:
-    """``GGUFWriter.add_<name>`` -> value; lists become the per-layer arrays the deci graph reads."""
+    """``GGUFWriter.add_<name>`` -> value; lists become the per-layer arrays the deci graph reads.
+
+    ``context_length`` is the model's, or its sliding window where llama.cpp's graph ignores one
+    (:func:`attention_window`): the GGUF then says how far it computes what transformers computes, and llama.cpp
+    warns when asked for more."""
     per_layer = arch == "deci"
+    context = int(config.get("max_position_embeddings", 2048))
+    if (window := attention_window(config, arch)) is not None:
+        context = min(context, window)
 
     def field(values: list[int]) -> int | list[int]:
         return list(values) if per_layer else int(values[0])
 
     return {
-        "context_length": int(config.get("max_position_embeddings", 2048)),
+        "context_length": context,
         "embedding_length": int(config["hidden_size"]),
         "block_count": len(shapes),
         "feed_forward_length": field([s.n_ff for s in shapes]),

@@ -33,6 +33,8 @@ def cmd_export(args) -> int:
         print("per-layer FFN:  ", res.per_layer["feed_forward_length"])
     if res.dropped_zero_biases:
         print(f"{len(res.dropped_zero_biases)} all-zero biases left out (llama.cpp's {res.arch} graph reads none)")
+    for note in res.notes:
+        print("note:", note)
     if res.fallback_f16:
         print(f"{len(res.fallback_f16)} tensors stayed f16 (rows not a multiple of the q8_0 block of 32)")
     return 0

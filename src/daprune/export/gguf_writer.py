@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from daprune.export.arch import (
     ExportError,
+    attention_window,
     check_family,
     check_rope,
     choose_arch,
@@ -53,6 +54,7 @@ class ExportResult:
     per_layer: dict[str, list[int]] = field(default_factory=dict)
     fallback_f16: list[str] = field(default_factory=list)  # q8_0 tensors whose rows are not whole blocks
     dropped_zero_biases: list[str] = field(default_factory=list)  # all-zero biases the arch's graph does not read
+    notes: list[str] = field(default_factory=list)  # where llama.cpp computes other than transformers, and why
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -161,7 +163,12 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
             tmp.unlink()
     per_layer = {"head_count": [s.n_head for s in layers], "head_count_kv": [s.n_head_kv for s in layers],
                  "feed_forward_length": [s.n_ff for s in layers]}
-    return ExportResult(out, arch, outtype, len(plan), tok_source, per_layer, fallback, dropped)
+    notes = []
+    window = attention_window(config, arch)
+    if window is not None and window < int(config.get("max_position_embeddings", 2048)):
+        notes.append(f"sliding-window attention (window {window}) is not in llama.cpp's {arch} graph, which attends "
+                     f"to the whole context: context_length is written as {window}, where both compute the same")
+    return ExportResult(out, arch, outtype, len(plan), tok_source, per_layer, fallback, dropped, notes)
 
 
 def _tensor_names(shapes: dict, arch: MODEL_ARCH, n_layers: int,
