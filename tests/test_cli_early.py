@@ -117,7 +117,18 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("families")
     folders = {arch: save_model(tiny_model(arch, layers=8), root / arch) for arch in ("qwen2", "gpt2", "llama",
-                                                                                       "qwen3")}
+                                                                                       "qwen3", "mistral")}
+    # a Qwen3 whose config states o_proj biases (attention_bias), as a FLAP-compensated Qwen3 output has: nonzero
+    # ones llama.cpp's qwen3 graph cannot read, and the same with the o_proj biases all zero
+    import torch
+    from test_families import tiny
+
+    flagged = tiny("qwen3", layers=8, attention_bias=True)
+    folders["qwen3-flagged"] = save_model(flagged, root / "qwen3-flagged")
+    with torch.no_grad():
+        for layer in flagged.model.layers:
+            layer.self_attn.o_proj.bias.zero_()
+    folders["qwen3-flagged-zero"] = save_model(flagged, root / "qwen3-flagged-zero")
     biased = save_model(tiny_model("qwen2", layers=8), root / "qwen2-extra-biases")  # a FLAP output as the source
     config = json.loads((biased / "config.json").read_text())
     config["daprune_extra_biases"] = ["mlp.down_proj"]
@@ -136,13 +147,14 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
     ("qwen2", ["--layers", "0:"], "add --layout uniform"),  # the default split is chosen per block
     ("gpt2", ["--layout", "uniform"], "no GGUF export for model type 'gpt2'"),
     ("llama-rope-scaled", [], "RoPE scaling 'llama3' is not supported"),
-    # Qwen2's config has no flag for o_proj / down_proj biases: the compensation would land in daprune_extra_biases
+    # llama.cpp's qwen2 graph reads no o_proj / down_proj bias (and Qwen2's config cannot state them either)
     ("qwen2", ["--layout", "uniform", "--compensate-mean"], "may add biases to o_proj and down_proj"),
     ("qwen2", ["--layout", "uniform", "--ffn-criterion", "flap", "--selection", "score", "--head-criterion", "none"],
      "may add biases to down_proj"),
     ("qwen2", ["--layout", "uniform", "--compensate-mean", "--head-criterion", "none"],
      "may add biases to down_proj (--compensate-mean"),  # no heads go: no o_proj bias
     ("qwen2-extra-biases", ["--layout", "uniform"], "the source carries down_proj biases"),
+    ("qwen3-flagged", ["--layout", "uniform"], "the source's model.layers.0.self_attn.o_proj.bias is a nonzero bias"),
     # Qwen3's config states an o_proj bias (attention_bias), but llama.cpp's qwen3 graph reads none
     ("qwen3", ["--layout", "uniform", "--head-criterion", "flap"], "o_proj (--compensate-mean or the flap "
      "criterion), which llama.cpp's qwen3 graph does not read"),
@@ -165,6 +177,8 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
     ("llama", []),  # llama.cpp's deci graph takes per-layer widths
     ("llama", ["--compensate-mean"]),  # Llama's config states o_proj / down_proj biases (attention_bias, mlp_bias)
     ("qwen3", ["--layout", "uniform"]),  # no compensation: nothing llama.cpp's qwen3 graph cannot read
+    ("qwen3-flagged-zero", ["--layout", "uniform"]),  # its o_proj biases are zero: left out of the GGUF
+    ("mistral", ["--compensate-mean"]),  # biases outside Mistral's config, but llama.cpp's deci graph reads them
     ("gpt2", []),  # no --gguf: nothing to check
 ])
 def test_prune_exportable_or_without_gguf_goes_on(run_cli, no_work, family_folders, tmp_path, arch,  # noqa: F811

@@ -191,7 +191,7 @@ def test_convert_gguf_caches_a_loadable_folder_atomically(uniform_folder, tmp_pa
         os.umask(old)
     assert got == target and not stale.exists()
     assert json.loads((target / "daprune_source.json").read_text())["key"] != "another-version"
-    assert sorted(p.name for p in target.parent.iterdir()) == [name]
+    assert sorted(p.name for p in target.parent.iterdir()) == [f".{name}.lock", name]  # no temp or old folders
     assert (target.stat().st_mode & 0o777) == 0o755 and ((target / "config.json").stat().st_mode & 0o777) == 0o644
     ref = AutoModelForCausalLM.from_pretrained(uniform_folder).eval()
     back = AutoModelForCausalLM.from_pretrained(target).eval()
@@ -442,6 +442,83 @@ def test_llamacpp_runs_a_compensated_mistral(tmp_path, one_thread):
     _assert_llamacpp_matches(llama_cpp, daprune.load(out)[0].eval(), tmp_path / "m.gguf")
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_prune_gguf_precheck_agrees_with_the_writer(family, tmp_path, one_thread):
+    """For every family the GGUF export takes: ``prune --gguf --compensate-mean`` is refused before pruning
+    exactly where the writer refuses the compensated prune afterwards (llama.cpp reads the biases in llama and
+    mistral's graph, in no other)."""
+    from daprune.export import export_gguf
+    from daprune.export.arch import ExportError, check_prune_export
+
+    out = _prune_compensated(family, tmp_path)
+    source = json.loads((tmp_path / f"s-{family}" / "config.json").read_text())
+    try:
+        check_prune_export(source, "uniform", 0.3, False, ["attention", "mlp"])
+        predicted = False
+    except ExportError:
+        predicted = True
+    try:
+        export_gguf(out, tmp_path / "m.gguf", outtype="f32")
+        refused = False
+    except ExportError:
+        refused = True
+    assert predicted == refused == (family not in ("llama", "mistral"))
+
+
+def test_tokenizer_larger_than_the_embedding_refused(tmp_path, one_thread):
+    """A tokenizer with more tokens than the embedding has rows (here a pad token added after the fact) gives a GGUF
+    llama.cpp does not load: refused before anything is written."""
+    from daprune.export import export_gguf
+    from daprune.export.arch import ExportError
+
+    folder = save(tiny_model(layers=2, heads=4, kv=2, hidden=32, inter=64), tmp_path / "f")
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tj["added_tokens"].append({"id": 128, "content": "<pad>", "single_word": False, "lstrip": False,
+                               "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ExportError, match="has 129 tokens and the embedding 128 rows"):
+        export_gguf(folder, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_blocks_llamacpp_would_compute_otherwise_are_refused(tmp_path, one_thread):
+    """A hand-sliced folder: a block with no heads left keeps its o_proj bias in transformers, which llama.cpp's
+    deci graph skips with the attention (refused when nonzero, left out when zero); a block with heads but no FFN
+    channels is skipped whole by deci (refused)."""
+    from daprune.export import export_gguf
+    from daprune.export.arch import ExportError
+
+    model = tiny_model(layers=3, heads=4, kv=2, hidden=32, inter=64, bias=True)
+    attn = model.model.layers[1].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(attn, name, torch.nn.Linear(32, 0, bias=True))
+    attn.o_proj = torch.nn.Linear(0, 32, bias=True)
+    with torch.no_grad():
+        attn.o_proj.bias.copy_(torch.linspace(-1, 1, 32))
+    layers = [{"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64},
+              {"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 64},
+              {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}]
+    folder = save(model, tmp_path / "a", {"daprune_layers": layers})
+    with pytest.raises(ExportError, match="o_proj.bias is a nonzero bias, and its linear has no weights left"):
+        export_gguf(folder, tmp_path / "m.gguf")
+    with torch.no_grad():
+        attn.o_proj.bias.zero_()
+    res = export_gguf(save(model, tmp_path / "b", {"daprune_layers": layers}), tmp_path / "m.gguf")
+    assert res.arch == "deci" and res.per_layer["head_count"] == [4, 0, 4]
+    assert [n for n in res.dropped_zero_biases if ".1." in n] == [
+        f"model.layers.1.self_attn.{x}_proj.bias" for x in "koqv"]
+    mlp = tiny_model(layers=3, heads=4, kv=2, hidden=32, inter=64)
+    block = mlp.model.layers[2].mlp
+    block.gate_proj, block.up_proj = torch.nn.Linear(32, 0, bias=False), torch.nn.Linear(32, 0, bias=False)
+    block.down_proj = torch.nn.Linear(0, 32, bias=False)
+    layers[1], layers[2] = dict(layers[0]), {"num_attention_heads": 4, "num_key_value_heads": 2,
+                                             "intermediate_size": 0}
+    with pytest.raises(ExportError, match="block 2 keeps attention heads but no FFN channels"):
+        export_gguf(save(mlp, tmp_path / "c", {"daprune_layers": layers}), tmp_path / "n.gguf")
+    assert not (tmp_path / "n.gguf").exists()
+
+
 # every bias each family's config can state; llama.cpp reads the o_proj / MLP ones only in llama (and deci)
 BIAS_FAMILIES = [("qwen3", "qwen3", {"attention_bias": True}), ("gemma3_text", "gemma3", {"attention_bias": True}),
                  ("llama", "llama", {"attention_bias": True, "mlp_bias": True})]
@@ -483,8 +560,34 @@ def test_biases_only_where_llamacpp_reads_them(family, arch, flags, tmp_path, on
     np.testing.assert_array_equal(got["blk.1.attn_k.bias"], layers[1].self_attn.k_proj.bias.detach().numpy())
 
 
+def _assert_llamacpp_refuses(llama_cpp, path: Path, capfd) -> None:
+    """llama.cpp does not load ``path``, for the reason the writer's refusal gives: a tensor its graph never
+    creates (its loader counts them; the reason is in its log)."""
+    capfd.readouterr()
+    with pytest.raises(ValueError, match="Failed to load model"):
+        llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=True)
+    assert "wrong number of tensors" in capfd.readouterr().err
+
+
+def test_llamacpp_refuses_qwen2_compensation_biases(tmp_path, one_thread, monkeypatch, capfd):
+    """Qwen2's graph loads q/k/v biases only: a compensated Qwen2 written with its down_proj (and o_proj) biases,
+    the writer's refusal bypassed, does not load."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import shutil
+
+    from daprune.export import export_gguf, gguf_writer
+
+    out = _prune_compensated("qwen2", tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers' Qwen2Tokenizer added a pad token
+        shutil.copy(tmp_path / "s-qwen2" / name, out / name)
+    monkeypatch.setattr(gguf_writer, "reads_bias", lambda arch, tensor: True)
+    export_gguf(out, tmp_path / "bad.gguf", outtype="f32")
+    assert "blk.0.ffn_down.bias" in _gguf_bias_names(tmp_path / "bad.gguf")
+    _assert_llamacpp_refuses(llama_cpp, tmp_path / "bad.gguf", capfd)
+
+
 @pytest.mark.parametrize("family, arch, flags", BIAS_FAMILIES)
-def test_llamacpp_reads_the_biases_written(family, arch, flags, tmp_path, one_thread, monkeypatch):
+def test_llamacpp_reads_the_biases_written(family, arch, flags, tmp_path, one_thread, monkeypatch, capfd):
     """In llama.cpp itself: each family with every bias its config states (o_proj's zeroed where the graph reads
     none) computes what transformers computes, so the q/k/v (and Llama's o_proj / MLP) biases are read; and a
     qwen3 / gemma3 GGUF that holds an o_proj bias (the writer's refusal bypassed) does not load at all."""
@@ -496,8 +599,7 @@ def test_llamacpp_reads_the_biases_written(family, arch, flags, tmp_path, one_th
         monkeypatch.setattr(gguf_writer, "reads_bias", lambda arch, tensor: True)
         export_gguf(save(model, tmp_path / "b"), tmp_path / "bad.gguf", outtype="f32")
         assert "blk.0.attn_output.bias" in _gguf_bias_names(tmp_path / "bad.gguf")
-        with pytest.raises(ValueError, match="Failed to load model"):
-            llama_cpp.Llama(model_path=str(tmp_path / "bad.gguf"), n_ctx=64, n_threads=1, verbose=False)
+        _assert_llamacpp_refuses(llama_cpp, tmp_path / "bad.gguf", capfd)
         monkeypatch.undo()
         with torch.no_grad():
             for layer in model.model.layers:
@@ -534,11 +636,9 @@ def test_prune_writes_a_gguf_too(tmp_path, one_thread):
 
 def _prune_compensated(arch: str, tmp_path: Path) -> Path:
     """A tiny ``arch`` pruned with --compensate-mean in every block, uniform layout: o_proj and down_proj biases."""
-    from test_families import tiny
-
     from daprune.cli import main
 
-    src = save(tiny(arch, layers=4, **({"sliding_window": None} if arch == "mistral" else {})), tmp_path / f"s-{arch}")
+    src = save(_tiny_family(arch, **({"sliding_window": None} if arch == "mistral" else {})), tmp_path / f"s-{arch}")
     out = tmp_path / f"out-{arch}"
     assert main(["prune", "--model", str(src), "--out", str(out), "--sparsity", "0.3", "--layers", "0:",
                  "--layout", "uniform", "--compensate-mean", "--calibration", "random", "--nsamples", "4",

@@ -322,3 +322,28 @@ def test_outputs_are_written_where_modes_cannot_be_set(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+
+
+def test_exclusive_lock_makes_a_second_holder_wait(tmp_path):
+    """The cache's conversion lock: a second taker (another thread's own open of the lock file, as another process
+    would have) gets the lock only after the first lets go, then finds the first one's work done."""
+    import threading
+    import time
+
+    from daprune.atomic import exclusive_lock
+
+    lock, events, held = tmp_path / "c" / ".m.lock", [], threading.Event()
+
+    def first():
+        with exclusive_lock(lock):
+            held.set()
+            time.sleep(0.3)
+            events.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait(5)
+    with exclusive_lock(lock):
+        events.append("second in")
+    t.join()
+    assert events == ["first done", "second in"]

@@ -320,6 +320,14 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     uneven = (cfg.schedule != "uniform" or len(cfg.block_range(n)) < n  # per-block shares, or blocks left whole
               or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
     check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven, cfg.output_bias_kinds())
+    if Path(source).is_dir():  # biases the source already carries (a compensated Qwen3 states its o_proj's by flag)
+        from daprune.export.arch import ExportError
+        from daprune.export.gguf_writer import unread_nonzero_biases
+
+        if refused := unread_nonzero_biases(source):
+            name, why = refused[0]
+            raise ExportError(f"--gguf: the source's {name} is a nonzero bias, and {why}; pruning keeps it, so the "
+                              "GGUF export would refuse the result: drop --gguf")
 
 
 def cmd_eval(args) -> int:

@@ -160,6 +160,11 @@ def choose_arch(model_type: str, shapes: list[LayerShape]) -> str:
     if per_layer is None:
         raise ExportError(f"llama.cpp has no per-layer graph for {model_type!r}; prune with --layout uniform "
                           "(same heads and FFN width in every block) to export it")
+    # deci.cpp: a block with no FFN is skipped whole ("continue" before the residual add), its attention too
+    if bad := [i for i, s in enumerate(shapes) if s.n_ff == 0 and s.n_head > 0]:
+        raise ExportError(f"block {bad[0]} keeps attention heads but no FFN channels, and llama.cpp's {per_layer} "
+                          "graph skips such a block whole, its attention included: this model cannot be exported "
+                          "to llama.cpp as it is (daprune's own prunes keep channels in every block)")
     return per_layer
 
 

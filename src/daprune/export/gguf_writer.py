@@ -131,6 +131,12 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     for key, value in hparams(config, layers, head_dim, arch).items():
         getattr(writer, f"add_{key}")(value)
     tok_fields, tok_source = tokenizer_fields(folder, int(config["vocab_size"]), tokenizer_gguf)
+    rows = shapes["model.embed_tokens.weight"][0][0] if "model.embed_tokens.weight" in shapes else None
+    n_tokens = next((len(v) for k, v, *_ in tok_fields if k == "tokenizer.ggml.tokens"), None)
+    if rows is not None and n_tokens is not None and n_tokens != rows:  # llama.cpp sizes token_embd by the tokens
+        raise ExportError(f"the tokenizer ({tok_source}) has {n_tokens} tokens and the embedding {rows} rows; "
+                          "llama.cpp would not load the GGUF (pass --tokenizer-gguf FILE with this model's own "
+                          "tokenizer)")
     for key, value, vtype, sub in tok_fields:
         writer.add_key_value(key, value, vtype, sub_type=sub)
     writer.add_quantization_version(2)
@@ -176,30 +182,60 @@ def _tensor_names(shapes: dict, arch: MODEL_ARCH, n_layers: int,
     """(HF name, GGUF name) for every tensor written, and the HF names of all-zero biases left out because the
     graph does not read them (a Qwen3 or Gemma-3 with ``attention_bias`` has an o_proj bias, llama.cpp's graphs
     none). Unknown tensors and nonzero unread biases are an error, not silently dropped."""
+    pairs, dropped, refused = _classify(shapes, arch, n_layers, config)
+    if refused:
+        hf_name, why = refused[0]
+        raise ExportError(f"{hf_name} is a nonzero bias, and {why}; this model cannot be exported to llama.cpp as it "
+                          "is" + (f" ({len(refused) - 1} more such biases)" if len(refused) > 1 else ""))
+    return pairs, dropped
+
+
+def _classify(shapes: dict, arch: MODEL_ARCH, n_layers: int,
+              config: dict) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
+    """Every tensor of ``shapes`` as written ((HF, GGUF) name), left out (HF names of all-zero unread biases) or
+    refused ((HF name, why) of nonzero unread biases). A bias is unread where llama.cpp's graph loads none for
+    that tensor (``arch.BIASES_READ``), and where its linear has no weights left (a block that lost every head or
+    channel: the graph skips that part, while transformers still adds the bias)."""
     tmap = get_tensor_name_map(arch, n_layers)
     allowed = set(MODEL_TENSORS[arch])
     arch_name = MODEL_ARCH_NAMES[arch]
-    pairs, dropped = [], []
+    empty = {n for n, (shape, _) in shapes.items() if any(d == 0 for d in shape)}
+    pairs, dropped, refused = [], [], []
     for hf_name in sorted(shapes, key=_order):
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings", False):
             continue  # tied: llama.cpp reuses token_embd when output.weight is absent
-        if any(s == 0 for s in shapes[hf_name][0]):
+        if hf_name in empty and not hf_name.endswith(".bias"):
             continue  # a block that lost all heads or channels (its count in the metadata is 0)
         found = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None or found[0] not in allowed:
             raise ExportError(f"tensor {hf_name} has no place in a {arch.name.lower()} GGUF")
         gguf_name = found[1]
-        if gguf_name.endswith(".bias") and not reads_bias(arch_name, gguf_name.split(".")[-2]):
-            with safe_open(shapes[hf_name][1], framework="pt") as st:
-                nonzero = bool(st.get_tensor(hf_name).count_nonzero())
-            if nonzero:
-                raise ExportError(f"{hf_name} is a nonzero bias, and llama.cpp's {arch_name} graph reads no "
-                                  f"{gguf_name.split('.')[-2]} bias (a GGUF holding one does not load); this model "
-                                  "cannot be exported to llama.cpp as it is")
-            dropped.append(hf_name)  # zero: leaving it out computes the same
-            continue
+        if gguf_name.endswith(".bias"):
+            tensor = gguf_name.split(".")[-2]
+            why = (f"llama.cpp's {arch_name} graph reads no {tensor} bias (a GGUF holding one does not load)"
+                   if not reads_bias(arch_name, tensor) else
+                   f"its linear has no weights left, and llama.cpp's {arch_name} graph skips that part of the block"
+                   if hf_name.removesuffix(".bias") + ".weight" in empty else None)
+            if why is not None:
+                with safe_open(shapes[hf_name][1], framework="pt") as st:
+                    bias = st.get_tensor(hf_name)
+                if bias.numel() and bool(bias.count_nonzero()):
+                    refused.append((hf_name, why))
+                else:
+                    dropped.append(hf_name)  # zero: leaving it out computes the same
+                continue
         pairs.append((hf_name, gguf_name))
-    return pairs, dropped
+    return pairs, dropped, refused
+
+
+def unread_nonzero_biases(folder: str | os.PathLike) -> list[tuple[str, str]]:
+    """The nonzero biases of ``folder``'s weights that the writer would refuse for its family, as (HF name, why):
+    what ``prune --gguf`` refuses before pruning a source that carries them (pruning keeps every bias)."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    spec = family_spec(str(base_model_type(config.get("model_type"))))
+    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == spec.uniform)
+    return _classify(_tensor_shapes(_weight_files(folder)), arch, int(config["num_hidden_layers"]), config)[2]
 
 
 def _order(name: str) -> tuple:

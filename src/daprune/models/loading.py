@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from daprune.atomic import exclusive_lock
 from daprune.errors import ModelSourceError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -88,35 +89,49 @@ def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None, name: str |
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:12]
     target = cache_dir(cache) / "models" / (name or f"{gguf.stem}-{key}")
     marker = target / "daprune_source.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+
+    def converted() -> bool:
+        return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+    if converted():
         return target
+    model, tok = _read_gguf(gguf, name)  # a file transformers cannot read fails here, before the cache is touched
+    # one writer per cache entry: a second process waits for the first, then finds its work done (without the lock it
+    # would replace the entry under the first one's reader, and a third would convert again meanwhile)
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
+        if not converted():
+            from daprune.output import atomic_dir
+
+            # the output writer's folder swap: a stale entry (another key) is replaced in one rename, leftovers of a
+            # killed conversion are removed, and the folder gets the usual modes (other accounts read a shared cache)
+            with atomic_dir(target, overwrite=True) as tmp:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                (tmp / "daprune_source.json").write_text(json.dumps({"gguf": str(gguf), "key": key}))
+    return target
+
+
+def _read_gguf(gguf: Path, name: str | None):
+    """``gguf`` read by transformers, de-quantized to fp32, as a model that saves as plain safetensors, and its
+    tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         import gguf as _  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ModelSourceError("reading .gguf files needs the 'gguf' package: pip install gguf") from exc
-    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    log.info("converting %s to safetensors (once)", gguf)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:
         raise ModelSourceError(f"cannot read GGUF file {gguf}: {exc}") from exc
-    # The weights are already de-quantized to fp32; drop the GGUF quantizer so the model saves as
-    # plain safetensors that any tool loads.
+    # drop the GGUF quantizer so the model saves as plain safetensors that any tool loads
     model.hf_quantizer = None
     model.config.quantization_config = None
     if hasattr(model.config, "_name_or_path"):
         model.config._name_or_path = name or gguf.stem
-    from daprune.output import atomic_dir
-
-    # the output writer's folder swap: a stale entry (another key) is replaced in one rename, leftovers of a killed
-    # conversion are removed, and the folder gets the usual modes (a shared cache: other accounts read it too)
-    with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "daprune_source.json").write_text(json.dumps({"gguf": str(gguf), "key": key}))
-    return target
+    return model, tok
 
 
 def check_architecture(folder_or_id: str) -> str:
