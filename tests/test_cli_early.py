@@ -129,7 +129,7 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
         for layer in flagged.model.layers:
             layer.self_attn.o_proj.bias.zero_()
     folders["qwen3-flagged-zero"] = save_model(flagged, root / "qwen3-flagged-zero")
-    biased = save_model(tiny_model("qwen2", layers=8), root / "qwen2-extra-biases")  # a FLAP output as the source
+    biased = save_model(tiny_model("qwen3", layers=8), root / "qwen3-extra-biases")  # a FLAP output as the source
     config = json.loads((biased / "config.json").read_text())
     config["daprune_extra_biases"] = ["mlp.down_proj"]
     (biased / "config.json").write_text(json.dumps(config))
@@ -138,22 +138,20 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
     config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 64, "rope_theta": 10000.0}
     (scaled / "config.json").write_text(json.dumps(config))
-    return {**folders, "llama-rope-scaled": scaled, "qwen2-extra-biases": biased}
+    return {**folders, "llama-rope-scaled": scaled, "qwen3-extra-biases": biased}
 
 
 @pytest.mark.parametrize("arch,extra,needle", [
-    ("qwen2", [], "add --layout uniform"),  # the paper's 4:-2 leaves blocks whole
-    ("qwen2", ["--layers", "0:", "--schedule", "owl"], "add --layout uniform"),  # a per-block schedule
-    ("qwen2", ["--layers", "0:"], "add --layout uniform"),  # the default split is chosen per block
+    ("qwen3", [], "add --layout uniform"),  # the paper's 4:-2 leaves blocks whole
+    ("qwen3", ["--layers", "0:", "--schedule", "owl"], "add --layout uniform"),  # a per-block schedule
+    ("qwen3", ["--layers", "0:"], "add --layout uniform"),  # the default split is chosen per block
     ("gpt2", ["--layout", "uniform"], "no GGUF export for model type 'gpt2'"),
     ("llama-rope-scaled", [], "RoPE scaling 'llama3' is not supported"),
-    # llama.cpp's qwen2 graph reads no o_proj / down_proj bias (and Qwen2's config cannot state them either)
-    ("qwen2", ["--layout", "uniform", "--compensate-mean"], "may add biases to o_proj and down_proj"),
-    ("qwen2", ["--layout", "uniform", "--ffn-criterion", "flap", "--selection", "score", "--head-criterion", "none"],
+    # llama.cpp's qwen3 graph reads no o_proj / down_proj bias
+    ("qwen3", ["--layout", "uniform", "--compensate-mean"], "may add biases to o_proj and down_proj"),
+    ("qwen3", ["--layout", "uniform", "--ffn-criterion", "flap", "--selection", "score", "--head-criterion", "none"],
      "may add biases to down_proj"),
-    ("qwen2", ["--layout", "uniform", "--compensate-mean", "--head-criterion", "none"],
-     "may add biases to down_proj (--compensate-mean"),  # no heads go: no o_proj bias
-    ("qwen2-extra-biases", ["--layout", "uniform"], "the source carries down_proj biases"),
+    ("qwen3-extra-biases", ["--layout", "uniform"], "the source carries down_proj biases"),
     ("qwen3-flagged", ["--layout", "uniform"], "the source's model.layers.0.self_attn.o_proj.bias is a nonzero bias"),
     # Qwen3's config states an o_proj bias (attention_bias), but llama.cpp's qwen3 graph reads none
     ("qwen3", ["--layout", "uniform", "--head-criterion", "flap"], "o_proj (--compensate-mean or the flap "
@@ -174,6 +172,9 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
     ("qwen2", ["--layout", "uniform"]),
     ("qwen2", ["--layers", "0:", "--head-split", "ffn-only"]),  # per-layer layout, yet every block alike
     ("qwen2", ["--layers", "0:", "--head-split", "paper"]),
+    ("qwen2", []),  # per-layer Qwen2 goes to llama.cpp's deci graph (Llama with q/k/v biases)
+    ("qwen2", ["--layout", "uniform", "--compensate-mean"]),  # written as llama, whose graph reads the biases
+    ("qwen3", ["--layers", "0:", "--head-split", "ffn-only"]),  # per-layer layout, yet every block alike
     ("llama", []),  # llama.cpp's deci graph takes per-layer widths
     ("llama", ["--compensate-mean"]),  # Llama's config states o_proj / down_proj biases (attention_bias, mlp_bias)
     ("qwen3", ["--layout", "uniform"]),  # no compensation: nothing llama.cpp's qwen3 graph cannot read
@@ -248,21 +249,21 @@ def test_compare_kv_groups_on_multi_head_model_refused_before_rows(run_cli, no_w
 
 
 @pytest.fixture(scope="module")
-def uneven_qwen2(family_folders, tmp_path_factory) -> Path:
-    """A per-layer pruned qwen2 folder (blocks of different widths) to use as a source."""
+def uneven_qwen3(family_folders, tmp_path_factory) -> Path:
+    """A per-layer pruned qwen3 folder (blocks of different widths) to use as a source."""
     from daprune.api import prune
 
-    out = tmp_path_factory.mktemp("uneven") / "qwen2-pruned"
-    res = prune(model=str(family_folders["qwen2"]), out=str(out), sparsity=0.2, layers="1:-1", calibration="random",
+    out = tmp_path_factory.mktemp("uneven") / "qwen3-pruned"
+    res = prune(model=str(family_folders["qwen3"]), out=str(out), sparsity=0.2, layers="1:-1", calibration="random",
                 nsamples=4, seqlen=32, progress=False)
     assert len({(len(r["kept_heads"]), r["kept_channels"]) for r in res.report["layers"]}) > 1
     return out
 
 
-def test_prune_gguf_from_an_uneven_source_refused_under_any_layout(run_cli, no_work, uneven_qwen2,  # noqa: F811
+def test_prune_gguf_from_an_uneven_source_refused_under_any_layout(run_cli, no_work, uneven_qwen3,  # noqa: F811
                                                                     tmp_path):
     for layout in ("uniform", "per-layer"):
         out = tmp_path / f"out-{layout}"
-        res = run_cli("prune", "--model", str(uneven_qwen2), "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
+        res = run_cli("prune", "--model", str(uneven_qwen3), "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
                       "--layout", layout, "--sparsity", "0.1", "--quiet", cwd=tmp_path)
         _assert_refused(res, out, "the source's blocks already have different widths")

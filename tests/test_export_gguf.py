@@ -291,13 +291,20 @@ def test_unsupported_family_is_one_clear_error(tmp_path, one_thread):
 
 
 def test_per_layer_family_without_graph_points_to_uniform():
-    """llama.cpp reads per-layer widths only in its Llama-shaped deci graph: a per-layer Qwen2 is refused."""
+    """llama.cpp reads per-layer widths only in its Llama-shaped deci graph: a per-layer Qwen3 or Gemma-3 is refused;
+    Qwen2 (Llama with q/k/v biases) goes to deci, and to llama where its own graph cannot hold uniform blocks
+    (heads narrower than the hidden size, o_proj / MLP biases)."""
     from daprune.export import arch
 
     shapes = [arch.LayerShape(4, 2, 64), arch.LayerShape(2, 2, 64)]
-    with pytest.raises(arch.ExportError, match="--layout uniform"):
-        arch.choose_arch("qwen2", shapes)
-    assert arch.choose_arch("qwen2", shapes[:1] * 3) == "qwen2"
+    for family in ("qwen3", "gemma3_text"):
+        with pytest.raises(arch.ExportError, match="--layout uniform"):
+            arch.choose_arch(family, shapes)
+    assert arch.choose_arch("qwen2", shapes, 48, 12) == "deci"
+    assert arch.choose_arch("qwen2", [arch.LayerShape(4, 2, 64)] * 3, 48, 12) == "qwen2"
+    assert arch.choose_arch("qwen2", [arch.LayerShape(3, 2, 64)] * 3, 48, 12) == "llama"
+    assert arch.choose_arch("qwen2", [arch.LayerShape(4, 2, 64)] * 3, 48, 12, level2_biases=True) == "llama"
+    assert arch.choose_arch("qwen3", [arch.LayerShape(3, 2, 64)] * 3, 48, 12) == "qwen3"
 
 
 def _tiny_family(family: str, **flags):
@@ -415,6 +422,28 @@ def test_sliding_window_llamacpp_ignores_bounds_the_context(family, flags, windo
     assert [("window 8" in n) for n in res.notes] == ([True] if window else [])
 
 
+@pytest.mark.parametrize("config, window", [
+    ({"model_type": "mistral"}, 4096),  # the key missing: MistralConfig's default
+    ({"model_type": "mistral", "sliding_window": None}, None),
+    ({"model_type": "mistral", "sliding_window": 8, "layer_types": ["full_attention"] * 2}, 8),  # Mistral ignores them
+    ({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": False,
+      "layer_types": ["sliding_attention"] * 2}, None),  # transformers drops the window without the flag
+    ({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True, "num_hidden_layers": 4,
+      "max_window_layers": 4}, None),  # no layer from max_window_layers on
+    ({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True, "num_hidden_layers": 4,
+      "max_window_layers": 2}, 8),
+    ({"model_type": "daprune_qwen3", "sliding_window": 8, "use_sliding_window": True,
+      "layer_types": ["full_attention", "sliding_attention"]}, 8),  # a pruned folder's remote-code type
+    ({"model_type": "llama", "sliding_window": 8}, None),
+])
+def test_attention_window_follows_transformers_rules(config, window):
+    """Which window transformers applies, by each family's own rule (read from transformers 5's Mistral and Qwen2
+    code), so the GGUF's context is cut exactly where the two would differ."""
+    from daprune.export.arch import attention_window
+
+    assert attention_window(config, "llama") == window
+
+
 def test_llamacpp_computes_a_sliding_window_model_alike_only_within_the_window(tmp_path, one_thread):
     """Why the context is bounded: a Mistral with an 8-token window in llama.cpp equals transformers on the first
     8 positions and departs after them."""
@@ -445,8 +474,8 @@ def test_llamacpp_runs_a_compensated_mistral(tmp_path, one_thread):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_prune_gguf_precheck_agrees_with_the_writer(family, tmp_path, one_thread):
     """For every family the GGUF export takes: ``prune --gguf --compensate-mean`` is refused before pruning
-    exactly where the writer refuses the compensated prune afterwards (llama.cpp reads the biases in llama and
-    mistral's graph, in no other)."""
+    exactly where the writer refuses the compensated prune afterwards (llama.cpp reads the biases in the llama
+    graph, which Llama, Mistral and Qwen2 are written as; in no graph of Qwen3 or Gemma-3)."""
     from daprune.export import export_gguf
     from daprune.export.arch import ExportError, check_prune_export
 
@@ -462,7 +491,7 @@ def test_prune_gguf_precheck_agrees_with_the_writer(family, tmp_path, one_thread
         refused = False
     except ExportError:
         refused = True
-    assert predicted == refused == (family not in ("llama", "mistral"))
+    assert predicted == refused == (family in ("qwen3", "gemma3_text"))
 
 
 def test_tokenizer_larger_than_the_embedding_refused(tmp_path, one_thread):
@@ -569,21 +598,31 @@ def _assert_llamacpp_refuses(llama_cpp, path: Path, capfd) -> None:
     assert "wrong number of tensors" in capfd.readouterr().err
 
 
-def test_llamacpp_refuses_qwen2_compensation_biases(tmp_path, one_thread, monkeypatch, capfd):
-    """Qwen2's graph loads q/k/v biases only: a compensated Qwen2 written with its down_proj (and o_proj) biases,
-    the writer's refusal bypassed, does not load."""
+@pytest.mark.parametrize("layout", ["uniform", "per-layer"])
+def test_llamacpp_runs_pruned_and_compensated_qwen2(layout, tmp_path, one_thread):
+    """A Qwen2 with heads pruned and --compensate-mean biases, which llama.cpp's qwen2 graph cannot hold (q_proj and
+    o_proj hidden x hidden, no o_proj / MLP bias), runs in llama.cpp as llama (uniform) or deci (per-layer) with q/k
+    rows and biases in Meta's rotary layout, and computes what the pruned model computes."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import shutil
 
-    from daprune.export import export_gguf, gguf_writer
+    import daprune
+    from daprune.cli import main
+    from daprune.export import export_gguf
 
-    out = _prune_compensated("qwen2", tmp_path)
+    src = save(_tiny_family("qwen2"), tmp_path / "src")
+    out = tmp_path / "out"
+    shape = ["--layout", "uniform"] if layout == "uniform" else ["--schedule", "owl"]
+    assert main(["prune", "--model", str(src), "--out", str(out), "--sparsity", "0.3", "--layers", "0:",
+                 "--compensate-mean", "--calibration", "random", "--nsamples", "4", "--seqlen", "16", "--quiet",
+                 "--head-split", "paper", *shape]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers' Qwen2Tokenizer added a pad token
-        shutil.copy(tmp_path / "s-qwen2" / name, out / name)
-    monkeypatch.setattr(gguf_writer, "reads_bias", lambda arch, tensor: True)
-    export_gguf(out, tmp_path / "bad.gguf", outtype="f32")
-    assert "blk.0.ffn_down.bias" in _gguf_bias_names(tmp_path / "bad.gguf")
-    _assert_llamacpp_refuses(llama_cpp, tmp_path / "bad.gguf", capfd)
+        shutil.copy(src / name, out / name)
+    res = export_gguf(out, tmp_path / "m.gguf", outtype="f32")
+    heads = res.per_layer["head_count"]
+    assert res.arch == ("llama" if layout == "uniform" else "deci") and min(heads) < 4
+    assert layout == "uniform" or len(set(zip(heads, res.per_layer["feed_forward_length"], strict=True))) > 1
+    _assert_llamacpp_matches(llama_cpp, daprune.load(out)[0].eval(), tmp_path / "m.gguf")
 
 
 @pytest.mark.parametrize("family, arch, flags", BIAS_FAMILIES)
@@ -643,27 +682,29 @@ def _prune_compensated(arch: str, tmp_path: Path) -> Path:
     assert main(["prune", "--model", str(src), "--out", str(out), "--sparsity", "0.3", "--layers", "0:",
                  "--layout", "uniform", "--compensate-mean", "--calibration", "random", "--nsamples", "4",
                  "--seqlen", "16", "--quiet"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers' Qwen2Tokenizer adds a pad token to the
+        (out / name).write_bytes((src / name).read_bytes())  # tiny test tokenizer (129 tokens, 128 embedding rows)
     return out
 
 
-@pytest.mark.parametrize("arch, extra, exported", [("qwen2", True, False), ("mistral", True, True),
-                                                   ("llama", False, True)])
+@pytest.mark.parametrize("arch, extra, exported", [("qwen3", True, False), ("qwen2", True, True),
+                                                   ("mistral", True, True), ("llama", False, True)])
 def test_compensation_biases_exported_where_llamacpp_reads_them(arch, extra, exported, tmp_path, one_thread):
-    """--compensate-mean's o_proj / down_proj biases: Qwen2 (config cannot state them: daprune_extra_biases; its
-    llama.cpp graph reads neither) is refused by the writer, as ``prune --gguf`` predicts before pruning
-    (tests/test_cli_early.py); Mistral (extra biases too, but the llama graph reads both) and Llama (config flags)
-    export with both biases written, as transformers holds them."""
+    """--compensate-mean's o_proj / down_proj biases: Qwen3 (down_proj's outside its config; its llama.cpp graph
+    reads neither) is refused by the writer, as ``prune --gguf`` predicts before pruning (tests/test_cli_early.py);
+    Qwen2 and Mistral (outside their configs, daprune_extra_biases) and Llama (config flags) export with both
+    biases written, as transformers holds them: Qwen2 as llama, whose graph reads them."""
     from daprune.errors import DapruneError
     from daprune.export import export_gguf
 
     out, gg = _prune_compensated(arch, tmp_path), tmp_path / f"{arch}.gguf"
     assert bool(json.loads((out / "config.json").read_text()).get("daprune_extra_biases")) == extra
     if not exported:
-        with pytest.raises(DapruneError, match="down_proj.bias is a nonzero bias, and llama.cpp's qwen2 graph"):
+        with pytest.raises(DapruneError, match="bias is a nonzero bias, and llama.cpp's qwen3 graph"):
             export_gguf(out, gg)
         assert not gg.exists()
         return
-    export_gguf(out, gg, outtype="f32")
+    assert export_gguf(out, gg, outtype="f32").arch == "llama"
     from safetensors.torch import load_file
 
     sd = load_file(out / "model.safetensors")

@@ -182,16 +182,25 @@ def remove_stale_siblings(out: Path) -> list[Path]:
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on the file ``path`` (created if missing) for the ``with`` block, so that
     processes sharing a cache do the same expensive work once: the second waits, then finds it done. Where the
-    platform has no ``fcntl`` (Windows) the block runs unlocked, as before."""
+    lock cannot be had (no ``fcntl`` on Windows, a filesystem without flock, a lock file this account cannot
+    open) the block runs unlocked, as before there was a lock."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    fh = None
+    try:
+        fh = open(path, "a")  # noqa: SIM115 - held across the yield
         fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError as exc:  # a filesystem without flock (some FUSE / Lustre mounts), another account's lock file
+        log.warning("running without the lock %s (%s)", path, exc)
+        if fh is not None:
+            fh.close()
+        fh = None
+    try:
+        yield
+    finally:
+        if fh is not None:
+            fh.close()  # closing releases the lock

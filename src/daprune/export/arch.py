@@ -3,11 +3,13 @@
 Uniform blocks keep their family's own GGUF architecture (Llama/Mistral -> ``llama``, Qwen2 -> ``qwen2``,
 Qwen3 -> ``qwen3``, Gemma-3 -> ``gemma3``). Blocks with different head counts or FFN widths need a graph
 that reads per-layer arrays; llama.cpp has one for Llama-shaped blocks only: ``deci`` (src/models/deci.cpp
-reads ``hparams.n_head(il)``, ``n_head_kv(il)`` and ``n_ff(il)`` for every layer). Other families are
-refused with a pointer to ``--layout uniform``.
+reads ``hparams.n_head(il)``, ``n_head_kv(il)`` and ``n_ff(il)`` for every layer). Qwen2 is Llama with q/k/v
+biases, so it goes there too, and to ``llama`` where its own graph cannot hold uniform blocks (pruned heads,
+compensation biases). Qwen3 and Gemma-3 (q/k norms, post-norms) are refused with a pointer to ``--layout
+uniform``.
 
-What differs per family is stated in :data:`FAMILIES`: whether llama.cpp wants q/k rows in Meta's
-interleaved rotary layout (Llama; the NeoX-style families take HF's rotate-half rows as they are), and
+What differs per family is stated in :data:`FAMILIES` and :data:`META_ROPE`: whether the graph wants q/k rows in
+Meta's interleaved rotary layout (llama, deci; the NeoX-style graphs take HF's rotate-half rows as they are), and
 whether RMSNorm weights are shifted (Gemma computes ``x * (1 + w)``, llama.cpp ``x * w``, so the
 converter writes ``1 + w``, as llama.cpp's own converter does).
 
@@ -35,17 +37,24 @@ class ArchSpec:
 
     uniform: str  # GGUF architecture of a model whose blocks all have the same widths
     per_layer: str | None  # GGUF architecture with per-layer widths, None where llama.cpp has no such graph
-    meta_rope: bool  # llama.cpp rotates adjacent pairs (Meta layout): q/k rows are permuted from HF's
     norm_shift: float = 0.0  # added to every RMSNorm weight
+    # for uniform blocks the family's own graph cannot hold (see :func:`own_graph_holds`): a graph that computes the
+    # family exactly all the same (Qwen2 is Llama with q/k/v biases, so llama's graph, rows in Meta's rotary layout)
+    general: str | None = None
 
 
 FAMILIES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama", "deci", meta_rope=True),
-    "mistral": ArchSpec("llama", "deci", meta_rope=True),
-    "qwen2": ArchSpec("qwen2", None, meta_rope=False),
-    "qwen3": ArchSpec("qwen3", None, meta_rope=False),
-    "gemma3_text": ArchSpec("gemma3", None, meta_rope=False, norm_shift=1.0),
+    "llama": ArchSpec("llama", "deci"),
+    "mistral": ArchSpec("llama", "deci"),
+    "qwen2": ArchSpec("qwen2", "deci", general="llama"),
+    "qwen3": ArchSpec("qwen3", None),
+    "gemma3_text": ArchSpec("gemma3", None, norm_shift=1.0),
 }
+
+# graphs that rotate adjacent pairs (Meta's layout): q/k rows and biases are permuted from HF's rotate-half layout;
+# the NeoX-style graphs (qwen2, qwen3, gemma3) take HF's rows as they are
+META_ROPE = frozenset({"llama", "deci"})
+
 
 # The bias tensors each llama.cpp graph creates when loading (src/models/<arch>.cpp, ``load_arch_tensors``, as
 # vendored by llama-cpp-python 0.3.36): q/k/v biases in every graph (``create_tensor_qkv``), the output
@@ -120,9 +129,9 @@ def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool,
     spec = family_spec(model_type)
     check_rope(config)
     check_family(config, spec.uniform)
-    def unread(kinds) -> list[str]:
-        return [k for k in kinds if not all(reads_bias(a, OUTPUT_BIAS_TENSOR[k])
-                                            for a in (spec.uniform, spec.per_layer) if a)]
+    def unread(kinds) -> list[str]:  # read by no graph the family is written as (the writer routes biases there)
+        return [k for k in kinds if not any(reads_bias(a, OUTPUT_BIAS_TENSOR[k])
+                                            for a in (spec.uniform, spec.per_layer, spec.general) if a)]
 
     # a FLAP / --compensate-mean output as the source: pruning keeps its compensation biases
     kept = unread(["attention" if "attn" in name else "mlp" for name in config.get("daprune_extra_biases") or []])
@@ -151,12 +160,25 @@ def _linears(kinds: list[str]) -> str:
     return " and ".join(dict.fromkeys({"attention": "o_proj", "mlp": "down_proj"}[k] for k in kinds))
 
 
-def choose_arch(model_type: str, shapes: list[LayerShape]) -> str:
-    """The GGUF architecture for this family and these shapes, or a one-line reason why there is none."""
+def own_graph_holds(arch: str, shapes: list[LayerShape], hidden: int, head_dim: int, level2_biases: bool) -> bool:
+    """Whether llama.cpp's ``arch`` graph holds these uniform blocks. Its qwen2 graph sizes q_proj and o_proj as
+    hidden x hidden (src/models/qwen2.cpp) and loads no o_proj or MLP bias, so heads pruned or compensation biases
+    do not fit it; the other graphs size attention by heads x head_dim."""
+    if arch != "qwen2":
+        return True
+    return not level2_biases and all(s.n_head * head_dim == hidden for s in shapes)
+
+
+def choose_arch(model_type: str, shapes: list[LayerShape], hidden: int = 0, head_dim: int = 0,
+                level2_biases: bool = False) -> str:
+    """The GGUF architecture for this family and these shapes (and whether o_proj / MLP biases are present), or a
+    one-line reason why there is none."""
     spec = family_spec(model_type)
     uniform, per_layer = spec.uniform, spec.per_layer
     if len(set(shapes)) <= 1:
-        return uniform
+        if own_graph_holds(uniform, shapes, hidden, head_dim, level2_biases) or spec.general is None:
+            return uniform
+        return spec.general
     if per_layer is None:
         raise ExportError(f"llama.cpp has no per-layer graph for {model_type!r}; prune with --layout uniform "
                           "(same heads and FFN width in every block) to export it")
@@ -220,20 +242,25 @@ def check_family(config: dict, arch: str) -> None:
 
 def attention_window(config: dict, arch: str) -> int | None:
     """The sliding window transformers applies to some layers of this model that llama.cpp's ``arch`` graph does
-    not: Mistral's ``sliding_window`` (transformers 5 defaults it to 4096; Mistral v0.2+ configs set null), Qwen2 /
-    Qwen3 layers typed ``sliding_attention`` (``use_sliding_window``). The llama, deci, qwen2 and qwen3 graphs
-    attend to the whole context, so both compute the same only within the window. None where there is none, or
-    where the graph has its own (gemma3, checked by :func:`check_family`)."""
+    not (the llama, deci, qwen2 and qwen3 graphs attend to the whole context, so both compute the same only within
+    it), by transformers' own rules: Mistral slides every layer by ``sliding_window`` (a config without the key
+    gets MistralConfig's default, 4096; Mistral v0.2+ configs set null); Qwen2 / Qwen3 slide only with
+    ``use_sliding_window``, the layers ``layer_types`` names (else those from ``max_window_layers`` on). None where
+    nothing slides, or where the graph has its own window (gemma3, checked by :func:`check_family`)."""
     from daprune.io_templates.modeling_daprune import base_model_type
 
-    window = config.get("sliding_window")
-    if arch == "gemma3" or not window:
+    if arch == "gemma3":
         return None
-    types = config.get("layer_types")
-    if types:  # transformers 5 states each layer's attention
-        return int(window) if "sliding_attention" in types else None
-    if base_model_type(config.get("model_type")) == "mistral" or config.get("use_sliding_window"):
-        return int(window)
+    family = base_model_type(config.get("model_type"))
+    if family == "mistral":
+        window = config.get("sliding_window", 4096)
+        return int(window) if window else None
+    if family in ("qwen2", "qwen3") and config.get("use_sliding_window") and config.get("sliding_window"):
+        types = config.get("layer_types")
+        n = int(config.get("num_hidden_layers", 0))
+        slides = ("sliding_attention" in types if types
+                  else int(config.get("max_window_layers", n)) < n)
+        return int(config["sliding_window"]) if slides else None
     return None
 
 

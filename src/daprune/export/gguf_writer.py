@@ -20,6 +20,7 @@ from gguf.quants import quantize
 from safetensors import safe_open
 
 from daprune.export.arch import (
+    META_ROPE,
     ExportError,
     attention_window,
     check_family,
@@ -40,6 +41,10 @@ OUTTYPES = {
     "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
 }
+
+
+# biases of the output projection and the MLP: llama.cpp's qwen2 graph loads none (qwen2 then goes to llama)
+_LEVEL2_BIASES = ("o_proj.bias", "gate_proj.bias", "up_proj.bias", "down_proj.bias")
 
 
 @dataclass
@@ -118,7 +123,8 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     shapes = _tensor_shapes(files)
     layers = layer_shapes({k: v[0] for k, v in shapes.items()}, int(config["num_hidden_layers"]), head_dim)
     family = str(base_model_type(config.get("model_type")))
-    arch = choose_arch(family, layers)
+    level2 = any(n.endswith(_LEVEL2_BIASES) and 0 not in shapes[n][0] for n in shapes)
+    arch = choose_arch(family, layers, int(config["hidden_size"]), head_dim, level2)
     spec = family_spec(family)
     check_family(config, arch)
     gguf_arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
@@ -130,8 +136,8 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     writer.add_file_type(int(ftype))
     for key, value in hparams(config, layers, head_dim, arch).items():
         getattr(writer, f"add_{key}")(value)
-    tok_fields, tok_source = tokenizer_fields(folder, int(config["vocab_size"]), tokenizer_gguf)
     rows = shapes["model.embed_tokens.weight"][0][0] if "model.embed_tokens.weight" in shapes else None
+    tok_fields, tok_source = tokenizer_fields(folder, rows or int(config["vocab_size"]), tokenizer_gguf)
     n_tokens = next((len(v) for k, v, *_ in tok_fields if k == "tokenizer.ggml.tokens"), None)
     if rows is not None and n_tokens is not None and n_tokens != rows:  # llama.cpp sizes token_embd by the tokens
         raise ExportError(f"the tokenizer ({tok_source}) has {n_tokens} tokens and the embedding {rows} rows; "
@@ -158,7 +164,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for hf_name, _gguf_name, qtype in plan:
-            data = _read(shapes[hf_name][1], hf_name, layers, head_dim, spec.meta_rope)
+            data = _read(shapes[hf_name][1], hf_name, layers, head_dim, arch in META_ROPE)
             if spec.norm_shift and "norm" in hf_name:  # Gemma: x * (1 + w) in transformers, x * w in llama.cpp
                 data = data + np.float32(spec.norm_shift)
             writer.write_tensor_data(_encode(data, qtype))
@@ -234,8 +240,15 @@ def unread_nonzero_biases(folder: str | os.PathLike) -> list[tuple[str, str]]:
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     spec = family_spec(str(base_model_type(config.get("model_type"))))
-    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == spec.uniform)
-    return _classify(_tensor_shapes(_weight_files(folder)), arch, int(config["num_hidden_layers"]), config)[2]
+    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == (spec.general or spec.uniform))  # biases go there
+    shapes = _tensor_shapes(_weight_files(folder))
+    # the biases and their linears' weights only: another stray tensor is the writer's to refuse, not this check's
+    linears = {n.removesuffix(".bias") for n in shapes if n.endswith(".bias")}
+    shapes = {n: v for n, v in shapes.items() if n.removesuffix(".bias").removesuffix(".weight") in linears}
+    try:
+        return _classify(shapes, arch, int(config["num_hidden_layers"]), config)[2]
+    except ExportError:
+        return []
 
 
 def _order(name: str) -> tuple:

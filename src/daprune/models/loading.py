@@ -6,6 +6,7 @@ GGUF sources are de-quantized once and cached as safetensors, because converting
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -95,19 +96,29 @@ def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None, name: str |
 
     if converted():
         return target
-    model, tok = _read_gguf(gguf, name)  # a file transformers cannot read fails here, before the cache is touched
-    # one writer per cache entry: a second process waits for the first, then finds its work done (without the lock it
-    # would replace the entry under the first one's reader, and a third would convert again meanwhile)
-    with exclusive_lock(target.parent / f".{target.name}.lock"):
-        if not converted():
-            from daprune.output import atomic_dir
+    made = [d for d in (target.parent.parent, target.parent) if not d.exists()]  # to remove if the read fails
+    lock = target.parent / f".{target.name}.lock"
+    # one conversion per cache entry: a second process waits for the first, then finds its work done (without the lock
+    # it would convert too and replace the entry under the first one's reader)
+    with exclusive_lock(lock):
+        if converted():
+            return target
+        try:
+            model, tok = _read_gguf(gguf, name)
+        except ModelSourceError:  # bad input leaves nothing behind: not the lock file, not the cache folders
+            lock.unlink(missing_ok=True)
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
+        from daprune.output import atomic_dir
 
-            # the output writer's folder swap: a stale entry (another key) is replaced in one rename, leftovers of a
-            # killed conversion are removed, and the folder gets the usual modes (other accounts read a shared cache)
-            with atomic_dir(target, overwrite=True) as tmp:
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-                (tmp / "daprune_source.json").write_text(json.dumps({"gguf": str(gguf), "key": key}))
+        # the output writer's folder swap: a stale entry (another key) is replaced in one rename, leftovers of a
+        # killed conversion are removed, and the folder gets the usual modes (other accounts read a shared cache)
+        with atomic_dir(target, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "daprune_source.json").write_text(json.dumps({"gguf": str(gguf), "key": key}))
     return target
 
 
