@@ -604,20 +604,11 @@ def test_llamacpp_runs_pruned_and_compensated_qwen2(layout, tmp_path, one_thread
     o_proj hidden x hidden, no o_proj / MLP bias), runs in llama.cpp as llama (uniform) or deci (per-layer) with q/k
     rows and biases in Meta's rotary layout, and computes what the pruned model computes."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    import shutil
-
     import daprune
-    from daprune.cli import main
     from daprune.export import export_gguf
 
-    src = save(_tiny_family("qwen2"), tmp_path / "src")
-    out = tmp_path / "out"
-    shape = ["--layout", "uniform"] if layout == "uniform" else ["--schedule", "owl"]
-    assert main(["prune", "--model", str(src), "--out", str(out), "--sparsity", "0.3", "--layers", "0:",
-                 "--compensate-mean", "--calibration", "random", "--nsamples", "4", "--seqlen", "16", "--quiet",
-                 "--head-split", "paper", *shape]) == 0
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers' Qwen2Tokenizer added a pad token
-        shutil.copy(src / name, out / name)
+    shape = ("--layout", "uniform") if layout == "uniform" else ("--schedule", "owl")
+    out = _prune_compensated("qwen2", tmp_path, ("--head-split", "paper", *shape))
     res = export_gguf(out, tmp_path / "m.gguf", outtype="f32")
     heads = res.per_layer["head_count"]
     assert res.arch == ("llama" if layout == "uniform" else "deci") and min(heads) < 4
@@ -673,15 +664,16 @@ def test_prune_writes_a_gguf_too(tmp_path, one_thread):
     assert (sum(total_ff) if isinstance(total_ff, list) else 4 * total_ff) < 4 * 64  # the pruned widths
 
 
-def _prune_compensated(arch: str, tmp_path: Path) -> Path:
-    """A tiny ``arch`` pruned with --compensate-mean in every block, uniform layout: o_proj and down_proj biases."""
+def _prune_compensated(arch: str, tmp_path: Path, shape: tuple[str, ...] = ("--layout", "uniform")) -> Path:
+    """A tiny ``arch`` pruned with --compensate-mean in every block (``shape``: the layout / split settings, uniform
+    by default): o_proj and down_proj biases."""
     from daprune.cli import main
 
     src = save(_tiny_family(arch, **({"sliding_window": None} if arch == "mistral" else {})), tmp_path / f"s-{arch}")
     out = tmp_path / f"out-{arch}"
     assert main(["prune", "--model", str(src), "--out", str(out), "--sparsity", "0.3", "--layers", "0:",
-                 "--layout", "uniform", "--compensate-mean", "--calibration", "random", "--nsamples", "4",
-                 "--seqlen", "16", "--quiet"]) == 0
+                 "--compensate-mean", "--calibration", "random", "--nsamples", "4", "--seqlen", "16", "--quiet",
+                 *shape]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers' Qwen2Tokenizer adds a pad token to the
         (out / name).write_bytes((src / name).read_bytes())  # tiny test tokenizer (129 tokens, 128 embedding rows)
     return out

@@ -129,6 +129,7 @@ def check_prune_export(config: dict, layout: str, sparsity: float, uneven: bool,
     spec = family_spec(model_type)
     check_rope(config)
     check_family(config, spec.uniform)
+
     def unread(kinds) -> list[str]:  # read by no graph the family is written as (the writer routes biases there)
         return [k for k in kinds if not any(reads_bias(a, OUTPUT_BIAS_TENSOR[k])
                                             for a in (spec.uniform, spec.per_layer, spec.general) if a)]

@@ -22,7 +22,6 @@ from safetensors import safe_open
 from daprune.export.arch import (
     META_ROPE,
     ExportError,
-    attention_window,
     check_family,
     check_rope,
     choose_arch,
@@ -134,7 +133,8 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     writer = GGUFWriter(path=None, arch=arch)
     writer.add_name(str(config.get("_name_or_path") or folder.name) + " (daprune)")
     writer.add_file_type(int(ftype))
-    for key, value in hparams(config, layers, head_dim, arch).items():
+    params = hparams(config, layers, head_dim, arch)
+    for key, value in params.items():
         getattr(writer, f"add_{key}")(value)
     rows = shapes["model.embed_tokens.weight"][0][0] if "model.embed_tokens.weight" in shapes else None
     tok_fields, tok_source = tokenizer_fields(folder, rows or int(config["vocab_size"]), tokenizer_gguf)
@@ -176,8 +176,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
     per_layer = {"head_count": [s.n_head for s in layers], "head_count_kv": [s.n_head_kv for s in layers],
                  "feed_forward_length": [s.n_ff for s in layers]}
     notes = []
-    window = attention_window(config, arch)
-    if window is not None and window < int(config.get("max_position_embeddings", 2048)):
+    if (window := params["context_length"]) < int(config.get("max_position_embeddings", 2048)):  # hparams cut it
         notes.append(f"sliding-window attention (window {window}) is not in llama.cpp's {arch} graph, which attends "
                      f"to the whole context: context_length is written as {window}, where both compute the same")
     return ExportResult(out, arch, outtype, len(plan), tok_source, per_layer, fallback, dropped, notes)
