@@ -113,11 +113,19 @@ def test_library_errors_stay_value_errors():
 @pytest.fixture(scope="module")
 def family_folders(tmp_path_factory) -> dict[str, Path]:
     from conftest import tiny_model
-    from test_streaming import save_model
+    from test_export_gguf import bpe_tokenizer
+
+    def save_model(model, folder: Path, tokenizer=None) -> Path:  # with a tokenizer llama.cpp can split alike
+        model.save_pretrained(folder)
+        (tokenizer or bpe_tokenizer(model.config.vocab_size)).save_pretrained(folder)
+        return folder
 
     root = tmp_path_factory.mktemp("families")
     folders = {arch: save_model(tiny_model(arch, layers=8), root / arch) for arch in ("qwen2", "gpt2", "llama",
                                                                                        "qwen3", "mistral")}
+    # a byte-level BPE tokenizer under a pre-tokenizer llama.cpp has no name for
+    folders["llama-word-split"] = save_model(tiny_model("llama", layers=8), root / "llama-word-split",
+                                             bpe_tokenizer(128, pre="whitespace"))
     # a Qwen3 whose config states o_proj biases (attention_bias), as a FLAP-compensated Qwen3 output has: nonzero
     # ones llama.cpp's qwen3 graph cannot read, and the same with the o_proj biases all zero
     import torch
@@ -153,6 +161,7 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
      "may add biases to down_proj"),
     ("qwen3-extra-biases", ["--layout", "uniform"], "the source carries down_proj biases"),
     ("qwen3-flagged", ["--layout", "uniform"], "the source's model.layers.0.self_attn.o_proj.bias is a nonzero bias"),
+    ("llama-word-split", [], "--gguf: tokenizer.json's pre-tokenizer 'Whitespace' has no llama.cpp counterpart"),
     # Qwen3's config states an o_proj bias (attention_bias), but llama.cpp's qwen3 graph reads none
     ("qwen3", ["--layout", "uniform", "--head-criterion", "flap"], "o_proj (--compensate-mean or the flap "
      "criterion), which llama.cpp's qwen3 graph does not read"),
@@ -166,6 +175,23 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
                   "--sparsity", "0.1", "--quiet", *extra, cwd=tmp_path)
     _assert_refused(res, out, needle)
     assert not gguf.exists()
+
+
+def test_prune_gguf_checks_a_hub_models_files_before_pruning(run_cli, no_work, family_folders, tmp_path,  # noqa: F811
+                                                               monkeypatch):
+    """A hub id is downloaded (as the prune would download it) before the check, so the biases and tokenizer
+    checks read its files: here the download is a stand-in that returns a local folder with a nonzero unread
+    bias."""
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **_: asked.append(repo_id) or str(family_folders["qwen3-flagged"]))
+    out = tmp_path / "out"
+    res = run_cli("prune", "--model", "someorg/qwen3-flagged", "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
+                  "--layout", "uniform", "--sparsity", "0.1", "--quiet", cwd=tmp_path)
+    _assert_refused(res, out, "the source's model.layers.0.self_attn.o_proj.bias is a nonzero bias")
+    assert asked == ["someorg/qwen3-flagged"]
 
 
 @pytest.mark.parametrize("arch,extra", [

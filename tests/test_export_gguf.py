@@ -17,8 +17,9 @@ from conftest import tiny_model
 gguf = pytest.importorskip("gguf")
 
 
-def bpe_tokenizer(vocab: int = 128):
-    """A saveable byte-level BPE tokenizer (ids 0..vocab-1) with BOS/EOS specials, built offline."""
+def bpe_tokenizer(vocab: int = 128, pre: str = "gpt-2"):
+    """A saveable byte-level BPE tokenizer (ids 0..vocab-1) with BOS/EOS specials, built offline, that splits words
+    as GPT-2 (``pre="whitespace"``: on word boundaries, which llama.cpp has no name for)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,8 +31,9 @@ def bpe_tokenizer(vocab: int = 128):
     while len(words) < vocab:
         words[f"x{len(words)}"] = len(words)
     tok = Tokenizer(models.BPE(words, merges, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder()
+    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if pre == "gpt-2"  # llama.cpp's "gpt-2"
+                         else pre_tokenizers.Whitespace())
+    tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.add_special_tokens({"additional_special_tokens": []})
     return fast
@@ -128,6 +130,7 @@ def test_uniform_llama_metadata_and_values(uniform_folder, tmp_path):
     assert f["general.file_type"] == 0
     # tokenizer metadata rebuilt from tokenizer.json
     assert f["tokenizer.ggml.model"] == "gpt2" and len(f["tokenizer.ggml.tokens"]) == 128
+    assert f["tokenizer.ggml.pre"] == "gpt-2"
     assert f["tokenizer.ggml.tokens"][:3] == ["<unk>", "<s>", "</s>"] and f["tokenizer.ggml.merges"] == ["a b", "c d"]
     assert f["tokenizer.ggml.bos_token_id"] == 1 and f["tokenizer.ggml.eos_token_id"] == 2
     model = torch.nn.Module()

@@ -307,27 +307,36 @@ def cmd_prune(args) -> int:
 
 
 def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
-    """``--gguf``: refuse before pruning what the export after it must refuse, from the source model's config."""
+    """``--gguf``: refuse before pruning what the export after it must refuse, from the source model's config, its
+    biases and its tokenizer (a hub model is downloaded first, as the prune would)."""
     from transformers import AutoConfig
 
-    from daprune.export.arch import check_prune_export
+    from daprune.export.arch import ExportError, check_prune_export
+    from daprune.export.gguf_writer import unread_nonzero_biases
+    from daprune.export.tokenizer import tokenizer_fields
     from daprune.models.loading import check_architecture, resolve_source
 
-    source = resolve_source(cfg.model, cache_dir).path
+    resolved = resolve_source(cfg.model, cache_dir)
+    source = resolved.path
+    if resolved.kind == "hub":  # the prune downloads it anyway; first, so that its files are checked too
+        from huggingface_hub import snapshot_download
+
+        source = snapshot_download(source)
     check_architecture(source)
     config = AutoConfig.from_pretrained(source)
     n = config.get_text_config().num_hidden_layers  # the config itself for text-only families
     uneven = (cfg.schedule != "uniform" or len(cfg.block_range(n)) < n  # per-block shares, or blocks left whole
               or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
     check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven, cfg.output_bias_kinds())
-    if Path(source).is_dir():  # biases the source already carries (a compensated Qwen3 states its o_proj's by flag)
-        from daprune.export.arch import ExportError
-        from daprune.export.gguf_writer import unread_nonzero_biases
-
-        if refused := unread_nonzero_biases(source):
-            name, why = refused[0]
-            raise ExportError(f"--gguf: the source's {name} is a nonzero bias, and {why}; pruning keeps it, so the "
-                              "GGUF export would refuse the result: drop --gguf")
+    # biases the source already carries (a compensated Qwen3 states its o_proj's by flag): pruning keeps them
+    if refused := unread_nonzero_biases(source):
+        name, why = refused[0]
+        raise ExportError(f"--gguf: the source's {name} is a nonzero bias, and {why}; pruning keeps it, so the "
+                          "GGUF export would refuse the result: drop --gguf")
+    try:  # pruning keeps the tokenizer and the embedding's rows
+        tokenizer_fields(Path(source), int(config.get_text_config().vocab_size))
+    except ExportError as exc:
+        raise ExportError(f"--gguf: {exc}; the export after pruning would refuse it: drop --gguf") from None
 
 
 def cmd_eval(args) -> int:

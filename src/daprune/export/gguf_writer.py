@@ -138,11 +138,6 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, outtype: s
         getattr(writer, f"add_{key}")(value)
     rows = shapes["model.embed_tokens.weight"][0][0] if "model.embed_tokens.weight" in shapes else None
     tok_fields, tok_source = tokenizer_fields(folder, rows or int(config["vocab_size"]), tokenizer_gguf)
-    n_tokens = next((len(v) for k, v, *_ in tok_fields if k == "tokenizer.ggml.tokens"), None)
-    if rows is not None and n_tokens is not None and n_tokens != rows:  # llama.cpp sizes token_embd by the tokens
-        raise ExportError(f"the tokenizer ({tok_source}) has {n_tokens} tokens and the embedding {rows} rows; "
-                          "llama.cpp would not load the GGUF (pass --tokenizer-gguf FILE with this model's own "
-                          "tokenizer)")
     for key, value, vtype, sub in tok_fields:
         writer.add_key_value(key, value, vtype, sub_type=sub)
     writer.add_quantization_version(2)

@@ -2,7 +2,8 @@
 
 Copying the source GGUF's ``tokenizer.*`` keys keeps exactly what llama.cpp used for the original model
 (pre-tokenizer name, token types, chat template); rebuilding them from tokenizer.json is the fallback for
-models that never were GGUFs, and handles byte-level BPE ("gpt2") tokenizers only.
+models that never were GGUFs, and handles byte-level BPE ("gpt2") tokenizers whose pre-tokenizer llama.cpp
+names (export/pretokenizer.py) only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from gguf import GGUFReader, GGUFValueType, TokenType
 
 from daprune.errors import DapruneError
 from daprune.export.arch import ExportError
+from daprune.export.pretokenizer import pre_tokenizer_name
 
 Field = tuple[str, Any, GGUFValueType, GGUFValueType | None]  # key, value, type, array element type
 
@@ -60,7 +62,8 @@ def from_gguf(path: Path) -> list[Field]:
 
 
 def from_tokenizer_json(folder: Path, vocab_size: int) -> list[Field]:
-    """Byte-level BPE metadata (``gpt2`` model in llama.cpp) from ``tokenizer.json`` and its config."""
+    """Byte-level BPE metadata (``gpt2`` model in llama.cpp) from ``tokenizer.json`` and its config, under the
+    pre-tokenizer name that splits text as it does (refused when none does)."""
     tj_path = folder / "tokenizer.json"
     if not tj_path.is_file():
         raise ExportError(f"{folder} has no tokenizer.json and no source GGUF; pass --tokenizer-gguf FILE")
@@ -69,6 +72,7 @@ def from_tokenizer_json(folder: Path, vocab_size: int) -> list[Field]:
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ExportError(f"tokenizer.json holds a {model.get('type')} tokenizer; only byte-level BPE is rebuilt "
                           "(export from a GGUF source with --tokenizer-gguf FILE)")
+    pre = pre_tokenizer_name(tj)
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types: dict[int, int] = dict.fromkeys(tokens, TokenType.NORMAL)
     for added in tj.get("added_tokens", []):
@@ -80,7 +84,7 @@ def from_tokenizer_json(folder: Path, vocab_size: int) -> list[Field]:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     fields: list[Field] = [
         ("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING, None),
-        ("tokenizer.ggml.pre", "default", GGUFValueType.STRING, None),
+        ("tokenizer.ggml.pre", pre, GGUFValueType.STRING, None),
         ("tokenizer.ggml.tokens", names, GGUFValueType.ARRAY, GGUFValueType.STRING),
         ("tokenizer.ggml.token_type", kinds, GGUFValueType.ARRAY, GGUFValueType.INT32),
         ("tokenizer.ggml.merges", merges, GGUFValueType.ARRAY, GGUFValueType.STRING),
@@ -110,8 +114,15 @@ def _special_ids(folder: Path) -> list[Field]:
 
 
 def tokenizer_fields(folder: Path, vocab_size: int, gguf_path: Path | None = None) -> tuple[list[Field], str]:
-    """Metadata fields and where they came from (a GGUF path or ``tokenizer.json``)."""
+    """Metadata fields and where they came from (a GGUF path or ``tokenizer.json``), for an embedding of
+    ``vocab_size`` rows: refused when the token count differs, as llama.cpp sizes ``token_embd`` by the tokens and
+    would not load the file."""
     src = gguf_path or source_gguf(folder)
-    if src is not None:
-        return from_gguf(Path(src)), str(src)
-    return from_tokenizer_json(folder, vocab_size), "tokenizer.json"
+    fields = from_gguf(Path(src)) if src is not None else from_tokenizer_json(folder, vocab_size)
+    where = str(src) if src is not None else "tokenizer.json"
+    n_tokens = next(len(v) for k, v, *_ in fields if k == "tokenizer.ggml.tokens")
+    if n_tokens != vocab_size:
+        raise ExportError(f"the tokenizer ({where}) has {n_tokens} tokens and the embedding {vocab_size} rows; "
+                          "llama.cpp would not load the GGUF (pass --tokenizer-gguf FILE with this model's own "
+                          "tokenizer)")
+    return fields, where
