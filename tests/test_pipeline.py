@@ -253,3 +253,18 @@ def test_heldout_calibration_needs_held_out_rows():
 
     with pytest.raises(ConfigError, match="heldout-nsamples"):
         _prune(tiny_model(), sparsity=0.25, heldout_calibration="random")
+
+
+def test_report_fingerprints_every_calibration_row(one_thread):
+    """report.json's ``ids_sha256`` is the SHA-256 of every row the prune read, scoring rows then held-out rows, as
+    int64 bytes: recomputed here from the random rows drawn independently with each part's own seed."""
+    res = _prune(tiny_model(), sparsity=0.25, nsamples=8, heldout_nsamples=4, seed=3)
+    vocab = tiny_model().config.vocab_size
+
+    def rows(n: int, seed: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (n, 32), generator=torch.Generator().manual_seed(seed))
+
+    ids = torch.cat([rows(8, 3), rows(4, 3 + 104729)])  # held-out rows: seed + HELDOUT_SEED_OFFSET
+    assert res.report["calibration"]["ids_sha256"] == hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    other = _prune(tiny_model(), sparsity=0.25, nsamples=8, heldout_nsamples=4, seed=4)
+    assert other.report["calibration"]["ids_sha256"] != res.report["calibration"]["ids_sha256"]

@@ -302,6 +302,7 @@ class _Run:
         return store_for(self.source, self.cfg.dtype, self.device.type, self.cache)
 
     def calibration(self) -> torch.Tensor:
+        from daprune.checkpoint import ids_digest
         from daprune.data.calibration import calibration_parts, calibration_tokens
 
         cfg = self.cfg
@@ -317,6 +318,7 @@ class _Run:
                                "seed": cfg.seed, "kind": kind, "reused_from_work_folder": True}
             if cfg.heldout_nsamples:
                 self.calib_info["heldout"] = {"source": held_source, "nsamples": cfg.heldout_nsamples}
+            self.calib_info["ids_sha256"] = ids_digest(cached)
             return cached
         gen_model = self.model
         if self.store.streaming and generated:
@@ -352,6 +354,9 @@ class _Run:
         if ids.numel() and int(ids.max()) >= vocab:
             raise TokenizerError(f"the tokenizer produced token id {int(ids.max())} but the model's vocabulary has "
                                  f"{vocab} entries: tokenizer and model do not belong together")
+        # the rows themselves, every one the prune read (scoring, re-fit, held-out): two reports with the same digest
+        # calibrated on the same tokens, whatever made them (a regenerated cache, another machine)
+        info["ids_sha256"] = ids_digest(ids)
         self.calib_info = info
         return ids
 

@@ -85,6 +85,7 @@ def source_fingerprint(source: dict | None) -> dict:
 
 
 def ids_digest(ids: torch.Tensor) -> str:
+    """SHA-256 of token ids as contiguous int64 bytes: what identifies calibration rows (work folders, reports)."""
     return hashlib.sha256(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
