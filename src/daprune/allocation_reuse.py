@@ -1,11 +1,11 @@
 """Reusing a finished run's per-block allocation (``--allocation-from``) instead of measuring it again.
 
 The sensitivity pass is the costliest part of a measured-allocation prune (336 of 935 s for SmolLM2's
-`--preset quality` on two cores, session 28), and it does not depend on anything after it: a run that changes only the re-fit, the held-out choice
-or the written precision spends it again for the same shares. A run given another report's allocation takes that
-report's per-block parameter targets as they are. The report must be for the same model, size, sparsity basis,
-blocks and schedule; that is checked twice: from the report's settings before any work, and against the
-budget and the blocks the pipeline computes before the first block is pruned.
+``--preset quality`` on two cores, session 28), and it does not depend on anything after it: a run that changes only
+the re-fit, the held-out choice or the written precision spends it again for the same shares. A run given another
+report's allocation takes that report's per-block parameter targets as they are. The report must be for the same
+model, size, sparsity basis, blocks and schedule; that is checked twice: from the report's settings before any work,
+and against the budget and the blocks the pipeline computes before the first block is pruned.
 """
 
 from __future__ import annotations
