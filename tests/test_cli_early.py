@@ -117,7 +117,7 @@ def family_folders(tmp_path_factory) -> dict[str, Path]:
 
     def save_model(model, folder: Path, tokenizer=None) -> Path:  # with a tokenizer llama.cpp can split alike
         model.save_pretrained(folder)
-        (tokenizer or bpe_tokenizer(model.config.vocab_size)).save_pretrained(folder)
+        (tokenizer or bpe_tokenizer(model.config.vocab_size, pad=True)).save_pretrained(folder)
         return folder
 
     root = tmp_path_factory.mktemp("families")
@@ -177,21 +177,69 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
     assert not gguf.exists()
 
 
+@pytest.mark.parametrize("folder, needle, steps", [
+    ("qwen3-flagged", "the source's model.layers.0.self_attn.o_proj.bias is a nonzero bias", 2),
+    ("llama-word-split", "'Whitespace' has no llama.cpp counterpart", 1),  # refused before the weights come down
+    ("gpt2", "no GGUF export for model type 'gpt2'", 1),
+])
 def test_prune_gguf_checks_a_hub_models_files_before_pruning(run_cli, no_work, family_folders, tmp_path,  # noqa: F811
-                                                               monkeypatch):
-    """A hub id is downloaded (as the prune would download it) before the check, so the biases and tokenizer
-    checks read its files: here the download is a stand-in that returns a local folder with a nonzero unread
-    bias."""
+                                                               monkeypatch, folder, needle, steps):
+    """A hub id's config and tokenizer files are downloaded for the check, and its weights (for the bias check) only
+    once those pass, all from the files the prune's from_pretrained reads, not a repo's originals: here the download
+    is a stand-in that returns a local folder."""
     import huggingface_hub
 
+    from daprune.cli import HUB_CONFIG_FILES, HUB_WEIGHT_FILES
+
     asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, **_: asked.append(repo_id) or str(family_folders["qwen3-flagged"]))
+
+    def download(repo_id, allow_patterns=None, ignore_patterns=None):
+        asked.append((repo_id, allow_patterns))
+        assert "original/*" in ignore_patterns
+        return str(family_folders[folder])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     out = tmp_path / "out"
-    res = run_cli("prune", "--model", "someorg/qwen3-flagged", "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
+    res = run_cli("prune", "--model", f"someorg/{folder}", "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
                   "--layout", "uniform", "--sparsity", "0.1", "--quiet", cwd=tmp_path)
-    _assert_refused(res, out, "the source's model.layers.0.self_attn.o_proj.bias is a nonzero bias")
-    assert asked == ["someorg/qwen3-flagged"]
+    _assert_refused(res, out, needle)
+    assert asked == [(f"someorg/{folder}", HUB_CONFIG_FILES), (f"someorg/{folder}", HUB_WEIGHT_FILES)][:steps]
+
+
+def test_prune_gguf_hub_download_failure_is_one_line(run_cli, no_work, tmp_path, monkeypatch):  # noqa: F811
+    import huggingface_hub
+
+    def offline(*_args, **_kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    out = tmp_path / "out"
+    res = run_cli("prune", "--model", "someorg/model", "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
+                  "--quiet", cwd=tmp_path)
+    _assert_refused(res, out, "cannot download someorg/model from the Hugging Face hub: no network")
+
+
+def test_prune_gguf_checks_the_tokenizer_the_prune_saves(run_cli, no_work, tmp_path, monkeypatch):  # noqa: F811
+    """The export reads the tokenizer the prune saves, which transformers may change on saving (here it adds a
+    token, as Qwen2Tokenizer adds a pad token to a tiny tokenizer): the check sees what will be saved."""
+    import transformers
+    from conftest import tiny_model
+    from test_export_gguf import bpe_tokenizer
+
+    folder = tmp_path / "src"
+    tiny_model("llama", layers=8).save_pretrained(folder)
+    bpe_tokenizer(128).save_pretrained(folder)
+    saving = transformers.PreTrainedTokenizerFast.save_pretrained
+
+    def save_with_a_token(self, *args, **kwargs):
+        self.add_special_tokens({"pad_token": "<pad>"})  # 129 tokens for 128 embedding rows
+        return saving(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", save_with_a_token)
+    out = tmp_path / "out"
+    res = run_cli("prune", "--model", str(folder), "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
+                  "--sparsity", "0.1", "--quiet", cwd=tmp_path)
+    _assert_refused(res, out, "has 129 tokens and the embedding 128 rows")
 
 
 @pytest.mark.parametrize("arch,extra", [

@@ -17,9 +17,10 @@ from conftest import tiny_model
 gguf = pytest.importorskip("gguf")
 
 
-def bpe_tokenizer(vocab: int = 128, pre: str = "gpt-2"):
+def bpe_tokenizer(vocab: int = 128, pre: str = "gpt-2", pad: bool = False):
     """A saveable byte-level BPE tokenizer (ids 0..vocab-1) with BOS/EOS specials, built offline, that splits words
-    as GPT-2 (``pre="whitespace"``: on word boundaries, which llama.cpp has no name for)."""
+    as GPT-2 (``pre="whitespace"``: on word boundaries, which llama.cpp has no name for). ``pad``: ``<unk>`` pads,
+    so that transformers' Qwen2Tokenizer adds no pad token of its own (a 129th) when the folder is loaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,7 +35,8 @@ def bpe_tokenizer(vocab: int = 128, pre: str = "gpt-2"):
     tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if pre == "gpt-2"  # llama.cpp's "gpt-2"
                          else pre_tokenizers.Whitespace())
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   **({"pad_token": "<unk>"} if pad else {}))
     fast.add_special_tokens({"additional_special_tokens": []})
     return fast
 
@@ -492,7 +494,8 @@ def test_prune_gguf_precheck_agrees_with_the_writer(family, tmp_path, one_thread
     try:
         export_gguf(out, tmp_path / "m.gguf", outtype="f32")
         refused = False
-    except ExportError:
+    except ExportError as exc:
+        assert "bias" in str(exc), exc  # the refusal predicted, not another one
         refused = True
     assert predicted == refused == (family in ("qwen3", "gemma3_text"))
 

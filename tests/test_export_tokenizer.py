@@ -160,3 +160,29 @@ def test_llamacpp_tokenizes_the_export_like_transformers(kind, tmp_path, one_thr
         monkeypatch.setattr(tokenizer_module, "pre_tokenizer_name", lambda tj, name=other: name)
         export_gguf(folder, tmp_path / f"{other}.gguf")
         assert _llamacpp_ids(llama_cpp, tmp_path / f"{other}.gguf") != expected, other
+
+
+@pytest.mark.parametrize("pre_tokenizer, why", [
+    # a split after the byte mapping sees 'Ġ' for a space: not what llama.cpp (splitting the text itself) does
+    ({"type": "Sequence", "pretokenizers": [{"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+                                            {"type": "Split", "pattern": {"Regex": QWEN2}, "behavior": "Isolated",
+                                             "invert": False}]}, "splits after its ByteLevel step"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": None, "behavior": "Isolated"},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "not an isolating regex"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated"},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "not an isolating regex"),
+    (None, "no ByteLevel step"),
+])
+def test_malformed_or_reordered_pre_tokenizers_are_refused_in_one_line(pre_tokenizer, why):
+    with pytest.raises(ExportError, match=why):
+        pre_tokenizer_name({"model": {"type": "BPE"}, "pre_tokenizer": pre_tokenizer})
+
+
+def test_unreadable_tokenizer_json_is_an_export_error(tmp_path, one_thread):
+    from daprune.export.gguf_writer import export_gguf
+
+    folder = folder_with(trained("gpt-2"), tmp_path / "m")
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ExportError, match="cannot read .*tokenizer.json"):
+        export_gguf(folder, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

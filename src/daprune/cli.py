@@ -306,37 +306,69 @@ def cmd_prune(args) -> int:
     return 0
 
 
+# what a hub model's pre-check downloads, in two steps: the small files every check but the bias one reads, then the
+# weights (the files from_pretrained reads later from the same cache; not the originals some repos also carry)
+HUB_CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken"]
+HUB_WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json"]
+
+
+def _hub_files(repo: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    from daprune.errors import ModelSourceError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=["original/*", "consolidated*"]))
+    except Exception as exc:  # not found, gated, offline: one line, not a traceback
+        raise ModelSourceError(f"cannot download {repo} from the Hugging Face hub: {exc}") from exc
+
+
 def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
-    """``--gguf``: refuse before pruning what the export after it must refuse, from the source model's config, its
-    biases and its tokenizer (a hub model is downloaded first, as the prune would)."""
+    """``--gguf``: refuse before pruning what the export after it must refuse: from the source model's config, its
+    tokenizer as the prune will save it, and its biases. A hub model's config and tokenizer files are downloaded
+    first and its weights only once those pass (the prune reads them from the same cache)."""
+    import tempfile
+
     from transformers import AutoConfig
 
     from daprune.export.arch import ExportError, check_prune_export
     from daprune.export.gguf_writer import unread_nonzero_biases
-    from daprune.export.tokenizer import tokenizer_fields
+    from daprune.export.tokenizer import source_gguf, tokenizer_fields
+    from daprune.loader import load_tokenizer
     from daprune.models.loading import check_architecture, resolve_source
 
     resolved = resolve_source(cfg.model, cache_dir)
-    source = resolved.path
-    if resolved.kind == "hub":  # the prune downloads it anyway; first, so that its files are checked too
-        from huggingface_hub import snapshot_download
-
-        source = snapshot_download(source)
-    check_architecture(source)
-    config = AutoConfig.from_pretrained(source)
+    folder = _hub_files(resolved.path, HUB_CONFIG_FILES) if resolved.kind == "hub" else Path(resolved.path)
+    check_architecture(str(folder))
+    config = AutoConfig.from_pretrained(folder)
     n = config.get_text_config().num_hidden_layers  # the config itself for text-only families
     uneven = (cfg.schedule != "uniform" or len(cfg.block_range(n)) < n  # per-block shares, or blocks left whole
               or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
     check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven, cfg.output_bias_kinds())
+    # pruning keeps the tokenizer and the embedding's rows; the export reads the tokenizer the prune saves, so a
+    # rebuilt one is checked as saved (transformers may add a token when it saves), a GGUF source's as copied
+    vocab = int(config.get_text_config().vocab_size)
+    way_out = ("; the export after pruning would refuse it: drop --gguf (and export afterwards with daprune export, "
+               "which takes --tokenizer-gguf)")
+    try:
+        if source_gguf(folder) is not None:
+            tokenizer_fields(folder, vocab)
+        else:
+            tok = load_tokenizer(folder)
+            if tok is None:
+                raise ExportError("the source has no tokenizer and no GGUF it came from, and the GGUF needs one")
+            with tempfile.TemporaryDirectory() as tmp:
+                tok.save_pretrained(tmp)
+                tokenizer_fields(Path(tmp), vocab)
+    except ExportError as exc:
+        raise ExportError(f"--gguf: {exc}{way_out}") from None
+    if resolved.kind == "hub":
+        folder = _hub_files(resolved.path, HUB_WEIGHT_FILES)
     # biases the source already carries (a compensated Qwen3 states its o_proj's by flag): pruning keeps them
-    if refused := unread_nonzero_biases(source):
+    if refused := unread_nonzero_biases(folder):
         name, why = refused[0]
         raise ExportError(f"--gguf: the source's {name} is a nonzero bias, and {why}; pruning keeps it, so the "
                           "GGUF export would refuse the result: drop --gguf")
-    try:  # pruning keeps the tokenizer and the embedding's rows
-        tokenizer_fields(Path(source), int(config.get_text_config().vocab_size))
-    except ExportError as exc:
-        raise ExportError(f"--gguf: {exc}; the export after pruning would refuse it: drop --gguf") from None
 
 
 def cmd_eval(args) -> int:

@@ -232,6 +232,8 @@ def unread_nonzero_biases(folder: str | os.PathLike) -> list[tuple[str, str]]:
     """The nonzero biases of ``folder``'s weights that the writer would refuse for its family, as (HF name, why):
     what ``prune --gguf`` refuses before pruning a source that carries them (pruning keeps every bias)."""
     folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):  # .bin weights: pruning writes safetensors, which the writer checks
+        return []
     config = json.loads((folder / "config.json").read_text())
     spec = family_spec(str(base_model_type(config.get("model_type"))))
     arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == (spec.general or spec.uniform))  # biases go there

@@ -48,36 +48,34 @@ KNOWN: tuple[PreTokenizer, ...] = (
 NORMALIZERS_IGNORED = (None, "NFC")  # llama.cpp applies no normalizer; NFC text (the usual) is unchanged by NFC
 
 
-def _steps(node: dict[str, Any] | None) -> list[str]:
-    """The splitting regexes of one pre_tokenizer node, in order; ExportError for a step with no regex here."""
+def _flat(node: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The pre-tokenizer's steps in order, nested Sequences flattened."""
     if node is None:
         return []
-    kind = node.get("type")
-    if kind == "Sequence":
-        return [r for child in node.get("pretokenizers", []) for r in _steps(child)]
+    if node.get("type") == "Sequence":
+        return [step for child in node.get("pretokenizers") or [] for step in _flat(child)]
+    return [node]
+
+
+def _regexes(step: dict[str, Any]) -> list[str]:
+    """The splitting regexes of one pre-tokenizer step; ExportError for a step with no llama.cpp counterpart."""
+    kind = step.get("type")
     if kind == "ByteLevel":
-        if node.get("add_prefix_space"):
+        if step.get("add_prefix_space"):
             raise ExportError("tokenizer.json's ByteLevel pre-tokenizer adds a prefix space, which llama.cpp's "
                               "byte-level BPE does not")
-        return [GPT2] if node.get("use_regex", True) else []
+        return [GPT2] if step.get("use_regex", True) else []
     if kind == "Digits":
-        return [DIGIT if node.get("individual_digits") else DIGITS]
+        return [DIGIT if step.get("individual_digits") else DIGITS]
     if kind == "Split":
-        pattern = node.get("pattern", {})
-        if "Regex" not in pattern or node.get("behavior") != "Isolated" or node.get("invert"):
-            raise ExportError(f"tokenizer.json's Split pre-tokenizer ({pattern}, behavior {node.get('behavior')}, "
-                              f"invert {node.get('invert')}) is not an isolating regex split, which is all llama.cpp "
+        pattern = step.get("pattern")
+        if not isinstance(pattern, dict) or "Regex" not in pattern or step.get("behavior") != "Isolated" \
+                or step.get("invert"):
+            raise ExportError(f"tokenizer.json's Split pre-tokenizer ({pattern}, behavior {step.get('behavior')}, "
+                              f"invert {step.get('invert')}) is not an isolating regex split, which is all llama.cpp "
                               "applies")
         return [pattern["Regex"]]
     raise ExportError(f"tokenizer.json's pre-tokenizer {kind!r} has no llama.cpp counterpart")
-
-
-def _has_byte_level(node: dict[str, Any] | None) -> bool:
-    if node is None:
-        return False
-    if node.get("type") == "Sequence":
-        return any(_has_byte_level(child) for child in node.get("pretokenizers", []))
-    return node.get("type") == "ByteLevel"
 
 
 def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
@@ -91,15 +89,19 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
     if normalizer not in NORMALIZERS_IGNORED:
         raise ExportError(f"tokenizer.json has a {normalizer} normalizer, which llama.cpp does not apply" + way_out)
-    node = tokenizer_json.get("pre_tokenizer")
+    steps = _flat(tokenizer_json.get("pre_tokenizer"))
     try:
-        splits = tuple(_steps(node))
+        splits = tuple(regex for step in steps for regex in _regexes(step))
     except ExportError as exc:
         raise ExportError(str(exc) + way_out) from None
-    if not _has_byte_level(node):
+    kinds = [step.get("type") for step in steps]
+    if "ByteLevel" not in kinds:
         raise ExportError("tokenizer.json's pre-tokenizer has no ByteLevel step, so its vocabulary is not in the "
                           "byte-level alphabet llama.cpp's BPE maps text into" + way_out)
-    ignore_merges = bool(tokenizer_json.get("model", {}).get("ignore_merges", False))
+    if kinds.count("ByteLevel") > 1 or kinds[-1] != "ByteLevel":  # a split after it would see mapped bytes (Ġ)
+        raise ExportError("tokenizer.json's pre-tokenizer splits after its ByteLevel step, on byte-mapped text, "
+                          "where llama.cpp splits the text itself" + way_out)
+    ignore_merges = bool((tokenizer_json.get("model") or {}).get("ignore_merges", False))
     for known in KNOWN:
         if known.splits == splits and known.ignore_merges == ignore_merges:
             return known.name

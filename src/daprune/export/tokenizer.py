@@ -67,8 +67,11 @@ def from_tokenizer_json(folder: Path, vocab_size: int) -> list[Field]:
     tj_path = folder / "tokenizer.json"
     if not tj_path.is_file():
         raise ExportError(f"{folder} has no tokenizer.json and no source GGUF; pass --tokenizer-gguf FILE")
-    tj = json.loads(tj_path.read_text())
-    model = tj.get("model", {})
+    try:
+        tj = json.loads(tj_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read {tj_path}: {exc}") from None
+    model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ExportError(f"tokenizer.json holds a {model.get('type')} tokenizer; only byte-level BPE is rebuilt "
                           "(export from a GGUF source with --tokenizer-gguf FILE)")
