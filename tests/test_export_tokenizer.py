@@ -29,10 +29,11 @@ TEXTS = [
     "x = a+b; // comment??? <tag attr=\"v\">...</tag> $100,000.00",
     "日本語のテキスト 123 中文 한국어",
     "emoji 🙂🙂 ok :) 2024-12-07 09:30:00",
+    "say qwertyuiop, then qwertyuiop again",  # a whole word in the vocabulary that no merge sequence reaches
     "\n\n\n   \t\n",
 ]
-NAMES = ["gpt-2", "smollm", "llama-bpe", "qwen2"]  # llama.cpp's names for the pre-tokenizers _pre builds
-CORPUS = [t * 3 for t in TEXTS] + [f"{w} {n} {w.upper()}'S" for n in range(0, 3000, 7)
+NAMES = ["gpt-2", "smollm", "llama-bpe", "smaug-bpe", "qwen2"]  # llama.cpp's names for the pre-tokenizers _pre builds
+CORPUS = [t * 3 for t in TEXTS if "qwertyuiop" not in t] + [f"{w} {n} {w.upper()}'S" for n in range(0, 3000, 7)
                                    for w in ("alpha", "beta", "gamma", "they've", "we'd")]
 
 
@@ -45,6 +46,7 @@ def _pre(kind: str):
         "gpt-2": pt.ByteLevel(add_prefix_space=False, use_regex=True),
         "smollm": pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]),
         "llama-bpe": pt.Sequence([pt.Split(Regex(LLAMA3), behavior="isolated"), byte_level]),
+        "smaug-bpe": pt.Sequence([pt.Split(Regex(LLAMA3), behavior="isolated"), byte_level]),
         "qwen2": pt.Sequence([pt.Split(Regex(QWEN2), behavior="isolated"), byte_level]),
         "whitespace": pt.Whitespace(),
         "split-only": pt.Split(Regex(LLAMA3), behavior="isolated"),
@@ -71,6 +73,10 @@ def trained(kind: str, ignore_merges: bool | None = None, normalizer=None, vocab
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
+    # a vocabulary entry outside the merges (as vocabularies edited by hand have): only ignore_merges emits it whole
+    state = json.loads(tok.to_str())
+    state["model"]["vocab"]["Ġqwertyuiop"] = len(state["model"]["vocab"])
+    tok = Tokenizer.from_str(json.dumps(state))
     tok.pre_tokenizer = _pre(kind)
     if normalizer is not None:
         tok.normalizer = normalizer
@@ -106,7 +112,7 @@ def test_qwen2_nfc_normalizer_is_accepted(tmp_path):
     ("prefix-space", False, None, "prefix space"),
     ("digits-grouped", False, None, "none of those"),
     ("removed-split", False, None, "not an isolating regex split"),
-    ("llama-bpe", False, None, "ignore_merges False"),  # Llama-3's splits, but llama.cpp would ignore merges
+    ("qwen2", True, None, "ignore_merges True"),  # Qwen2's splits, but llama.cpp's qwen2 applies every merge
     ("gpt-2", False, "lowercase", "Lowercase normalizer"),
 ])
 def test_pre_tokenizers_llamacpp_would_split_otherwise_are_refused(kind, ignore_merges, normalizer, why, tmp_path):

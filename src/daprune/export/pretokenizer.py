@@ -43,6 +43,9 @@ KNOWN: tuple[PreTokenizer, ...] = (
     PreTokenizer("gpt-2", (GPT2,), False),  # GPT-2, OPT, Phi-2
     PreTokenizer("smollm", (DIGIT, GPT2), False),  # SmolLM / SmolLM2, StarCoder
     PreTokenizer("llama-bpe", (LLAMA3,), True),  # Llama-3.x
+    # Llama-3's splits with every merge applied: tokenizer.json files saved before tokenizers 0.19 had no
+    # ignore_merges, and transformers then tokenizes them so (Smaug, and Llama-3 files of that time)
+    PreTokenizer("smaug-bpe", (LLAMA3,), False),
     PreTokenizer("qwen2", (QWEN2,), False),  # Qwen2 / Qwen2.5 / Qwen3
 )
 NORMALIZERS_IGNORED = (None, "NFC")  # llama.cpp applies no normalizer; NFC text (the usual) is unchanged by NFC
