@@ -185,17 +185,17 @@ def test_prune_gguf_refused_before_pruning(run_cli, no_work, family_folders, tmp
 def test_prune_gguf_checks_a_hub_models_files_before_pruning(run_cli, no_work, family_folders, tmp_path,  # noqa: F811
                                                                monkeypatch, folder, needle, steps):
     """A hub id's config and tokenizer files are downloaded for the check, and its weights (for the bias check) only
-    once those pass, all from the files the prune's from_pretrained reads, not a repo's originals: here the download
-    is a stand-in that returns a local folder."""
+    once those pass: the files the prune's from_pretrained reads, by exact name (no pattern reaches a repo's
+    original/ or checkpoint folders). Here the download is a stand-in that returns a local folder."""
     import huggingface_hub
 
-    from daprune.cli import HUB_CONFIG_FILES, HUB_WEIGHT_FILES
+    from daprune.cli import HUB_CONFIG_FILES
 
     asked = []
 
-    def download(repo_id, allow_patterns=None, ignore_patterns=None):
+    def download(repo_id, allow_patterns=None):
         asked.append((repo_id, allow_patterns))
-        assert "original/*" in ignore_patterns
+        assert not any(c in name for name in allow_patterns for c in "*?[/")  # exact top-level names only
         return str(family_folders[folder])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
@@ -203,7 +203,17 @@ def test_prune_gguf_checks_a_hub_models_files_before_pruning(run_cli, no_work, f
     res = run_cli("prune", "--model", f"someorg/{folder}", "--out", str(out), "--gguf", str(tmp_path / "m.gguf"),
                   "--layout", "uniform", "--sparsity", "0.1", "--quiet", cwd=tmp_path)
     _assert_refused(res, out, needle)
-    assert asked == [(f"someorg/{folder}", HUB_CONFIG_FILES), (f"someorg/{folder}", HUB_WEIGHT_FILES)][:steps]
+    assert asked == [(f"someorg/{folder}", HUB_CONFIG_FILES), (f"someorg/{folder}", ["model.safetensors"])][:steps]
+
+
+def test_hub_weight_files_are_the_indexed_shards(tmp_path):
+    from daprune.cli import _hub_weight_files
+
+    assert _hub_weight_files(tmp_path) == ["model.safetensors"]
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    index = {"weight_map": {"a.weight": second, "b.weight": first, "c.weight": first}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert _hub_weight_files(tmp_path) == [first, second]
 
 
 def test_prune_gguf_hub_download_failure_is_one_line(run_cli, no_work, tmp_path, monkeypatch):  # noqa: F811

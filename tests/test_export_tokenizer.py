@@ -192,3 +192,19 @@ def test_unreadable_tokenizer_json_is_an_export_error(tmp_path, one_thread):
     with pytest.raises(ExportError, match="cannot read .*tokenizer.json"):
         export_gguf(folder, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_source_gguf_followed_through_pruned_folders(tmp_path):
+    """A folder pruned from a folder that was pruned from a GGUF: the tokenizer comes from that GGUF, as for the
+    first prune (its report.json names the GGUF), so a second prune exports the same tokenizer keys."""
+    from daprune.export.tokenizer import source_gguf
+
+    gguf_file = tmp_path / "base.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, model in ((first, gguf_file), (second, first)):
+        folder.mkdir()
+        (folder / "report.json").write_text(json.dumps({"settings": {"model": str(model)}}))
+    assert source_gguf(first) == gguf_file and source_gguf(second) == gguf_file
+    (second / "report.json").write_text(json.dumps({"settings": {"model": str(second)}}))  # a report naming itself
+    assert source_gguf(second) is None

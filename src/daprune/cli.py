@@ -306,21 +306,31 @@ def cmd_prune(args) -> int:
     return 0
 
 
-# what a hub model's pre-check downloads, in two steps: the small files every check but the bias one reads, then the
-# weights (the files from_pretrained reads later from the same cache; not the originals some repos also carry)
-HUB_CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken"]
-HUB_WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json"]
+# what a hub model's pre-check downloads, in two steps: the top-level config and tokenizer files every check but the
+# bias one reads, then the weights from_pretrained reads (and later finds in the same cache): the shards the index
+# names, else model.safetensors; never a repo's originals or checkpoint folders (exact names: no pattern reaches in)
+HUB_CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                    "chat_template.jinja", "chat_template.json", "model.safetensors.index.json"]
 
 
-def _hub_files(repo: str, patterns: list[str]) -> Path:
+def _hub_files(repo: str, names: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     from daprune.errors import ModelSourceError
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=["original/*", "consolidated*"]))
+        return Path(snapshot_download(repo, allow_patterns=names))
     except Exception as exc:  # not found, gated, offline: one line, not a traceback
         raise ModelSourceError(f"cannot download {repo} from the Hugging Face hub: {exc}") from exc
+
+
+def _hub_weight_files(folder: Path) -> list[str]:
+    """The safetensors files ``from_pretrained`` reads: those the index maps tensors to, else the single file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    return ["model.safetensors"]
 
 
 def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
@@ -363,7 +373,7 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     except ExportError as exc:
         raise ExportError(f"--gguf: {exc}{way_out}") from None
     if resolved.kind == "hub":
-        folder = _hub_files(resolved.path, HUB_WEIGHT_FILES)
+        folder = _hub_files(resolved.path, _hub_weight_files(folder))
     # biases the source already carries (a compensated Qwen3 states its o_proj's by flag): pruning keeps them
     if refused := unread_nonzero_biases(folder):
         name, why = refused[0]

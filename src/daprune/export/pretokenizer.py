@@ -55,6 +55,8 @@ def _flat(node: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The pre-tokenizer's steps in order, nested Sequences flattened."""
     if node is None:
         return []
+    if not isinstance(node, dict):
+        raise ExportError(f"tokenizer.json's pre-tokenizer step {node!r} is not a JSON object")
     if node.get("type") == "Sequence":
         return [step for child in node.get("pretokenizers") or [] for step in _flat(child)]
     return [node]
@@ -89,11 +91,12 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     """
     way_out = ("; llama.cpp would split text differently from transformers. Export with --tokenizer-gguf FILE, a GGUF "
                "of the base model, whose tokenizer keys are copied as they are")
-    normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+    normalizer = tokenizer_json.get("normalizer")
+    normalizer = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
     if normalizer not in NORMALIZERS_IGNORED:
         raise ExportError(f"tokenizer.json has a {normalizer} normalizer, which llama.cpp does not apply" + way_out)
-    steps = _flat(tokenizer_json.get("pre_tokenizer"))
     try:
+        steps = _flat(tokenizer_json.get("pre_tokenizer"))
         splits = tuple(regex for step in steps for regex in _regexes(step))
     except ExportError as exc:
         raise ExportError(str(exc) + way_out) from None

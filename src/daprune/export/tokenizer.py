@@ -21,8 +21,9 @@ from daprune.export.pretokenizer import pre_tokenizer_name
 Field = tuple[str, Any, GGUFValueType, GGUFValueType | None]  # key, value, type, array element type
 
 
-def source_gguf(folder: Path) -> Path | None:
-    """The GGUF a folder was pruned from (report.json's model setting), or converted from (cache marker)."""
+def source_gguf(folder: Path, _depth: int = 0) -> Path | None:
+    """The GGUF a folder was pruned from (report.json's model setting), or converted from (cache marker), followed
+    through pruned folders used as sources (each one's report.json names the folder it came from)."""
     marker = folder / "daprune_source.json"
     if marker.is_file():
         path = Path(json.loads(marker.read_text()).get("gguf", ""))
@@ -41,8 +42,8 @@ def source_gguf(folder: Path) -> Path | None:
     path = Path(str(model)).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return path
-    if path.is_dir():  # pruned from a folder that was itself converted from a GGUF
-        return source_gguf(path) if (path / "daprune_source.json").is_file() else None
+    if path.is_dir() and _depth < 16:  # pruned from a converted folder, or from an earlier prune of one
+        return source_gguf(path, _depth + 1)
     return None
 
 
@@ -71,16 +72,21 @@ def from_tokenizer_json(folder: Path, vocab_size: int) -> list[Field]:
         tj = json.loads(tj_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"cannot read {tj_path}: {exc}") from None
+    if not isinstance(tj, dict):
+        raise ExportError(f"{tj_path} is not a tokenizer file as tokenizers writes one (not a JSON object)")
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ExportError(f"tokenizer.json holds a {model.get('type')} tokenizer; only byte-level BPE is rebuilt "
                           "(export from a GGUF source with --tokenizer-gguf FILE)")
     pre = pre_tokenizer_name(tj)
-    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types: dict[int, int] = dict.fromkeys(tokens, TokenType.NORMAL)
-    for added in tj.get("added_tokens", []):
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
+    try:
+        tokens: dict[int, str] = {int(i): str(t) for t, i in model["vocab"].items()}
+        types: dict[int, int] = dict.fromkeys(tokens, TokenType.NORMAL)
+        for added in tj.get("added_tokens") or []:
+            tokens[int(added["id"])] = str(added["content"])
+            types[int(added["id"])] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{tj_path} is not a tokenizer file as tokenizers writes one ({exc!r})") from None
     size = max(vocab_size, max(tokens) + 1)
     names = [tokens.get(i, f"[PAD{i}]") for i in range(size)]  # the embedding may be padded past the vocabulary
     kinds = [int(types.get(i, TokenType.UNUSED)) for i in range(size)]
