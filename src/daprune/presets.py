@@ -48,7 +48,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "the best held-out mean measured: CoQA stories, Wikipedia paragraphs and the model's own text in turn, "
            "256 rows, measured allocation, held-out-chosen re-fit (about 16 minutes for a 135M model on 2 cores)",
            {**_REMEDY, "calibration": "coqa+wiki+self", "sensitivity_nsamples": 8},
-           "SmolLM2-135M at 20%: WikiText-2 90.80 (1.612x dense), PTB 146.66, mean of seeds 0-4 (docs/quality.md, "
+           "SmolLM2-135M at 20%: WikiText-2 91.49 (1.624x dense), PTB 147.19, mean of seeds 0-6 (docs/quality.md, "
            "sessions 22-24, 27 and 28); Gemma-3-270M at 20% of its blocks: WikiText-2 64.09, PTB 340.27 "
            "(docs/gemma3.md, session 26)"),
     Preset("data-free",
