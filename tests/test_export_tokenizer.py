@@ -18,7 +18,7 @@ pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
 from daprune.export.arch import ExportError  # noqa: E402
-from daprune.export.pretokenizer import LLAMA3, QWEN2, pre_tokenizer_name  # noqa: E402
+from daprune.export.pretokenizer import LLAMA3, QWEN2, TEKKEN, pre_tokenizer_name  # noqa: E402
 
 # contractions in both cases, digit runs, punctuation runs, whitespace runs, CR/LF, accents, CJK, emoji
 TEXTS = [
@@ -31,8 +31,10 @@ TEXTS = [
     "emoji 🙂🙂 ok :) 2024-12-07 09:30:00",
     "say qwertyuiop, then qwertyuiop again",  # a whole word in the vocabulary that no merge sequence reaches
     "\n\n\n   \t\n",
+    "camelCaseWords getHTTPResponse ÜBER Straße naïveTÉST ΑΒΓ αβγ ΣΊΣΥΦΟΣ İstanbul ıi ŒUVRE œuvre",
 ]
-NAMES = ["gpt-2", "smollm", "llama-bpe", "smaug-bpe", "qwen2"]  # llama.cpp's names for the pre-tokenizers _pre builds
+# llama.cpp's names for the pre-tokenizers _pre builds
+NAMES = ["gpt-2", "smollm", "llama-bpe", "smaug-bpe", "qwen2", "tekken"]
 CORPUS = [t * 3 for t in TEXTS if "qwertyuiop" not in t] + [f"{w} {n} {w.upper()}'S" for n in range(0, 3000, 7)
                                    for w in ("alpha", "beta", "gamma", "they've", "we'd")]
 
@@ -48,6 +50,7 @@ def _pre(kind: str):
         "llama-bpe": pt.Sequence([pt.Split(Regex(LLAMA3), behavior="isolated"), byte_level]),
         "smaug-bpe": pt.Sequence([pt.Split(Regex(LLAMA3), behavior="isolated"), byte_level]),
         "qwen2": pt.Sequence([pt.Split(Regex(QWEN2), behavior="isolated"), byte_level]),
+        "tekken": pt.Sequence([pt.Split(Regex(TEKKEN), behavior="isolated"), byte_level]),
         "whitespace": pt.Whitespace(),
         "split-only": pt.Split(Regex(LLAMA3), behavior="isolated"),
         "prefix-space": pt.ByteLevel(add_prefix_space=True),
@@ -66,7 +69,7 @@ def trained(kind: str, ignore_merges: bool | None = None, normalizer=None, vocab
     from transformers import PreTrainedTokenizerFast
 
     if ignore_merges is None:
-        ignore_merges = kind == "llama-bpe"
+        ignore_merges = kind in ("llama-bpe", "tekken")
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     tok.pre_tokenizer = _pre("gpt-2")
     tok.decoder = decoders.ByteLevel()

@@ -26,6 +26,10 @@ GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
           r"|\s+(?!\S)|\s+")
 QWEN2 = LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+# Mistral's tekken (Nemo, Small 3): words split at case changes, digits one at a time, no contractions
+TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 DIGIT = r"\p{N}"  # Digits(individual_digits=True)
 DIGITS = r"\p{N}+"  # Digits(individual_digits=False)
 
@@ -47,6 +51,7 @@ KNOWN: tuple[PreTokenizer, ...] = (
     # ignore_merges, and transformers then tokenizes them so (Smaug, and Llama-3 files of that time)
     PreTokenizer("smaug-bpe", (LLAMA3,), False),
     PreTokenizer("qwen2", (QWEN2,), False),  # Qwen2 / Qwen2.5 / Qwen3
+    PreTokenizer("tekken", (TEKKEN,), True),  # Mistral Nemo, Mistral Small 3
 )
 NORMALIZERS_IGNORED = (None, "NFC")  # llama.cpp applies no normalizer; NFC text (the usual) is unchanged by NFC
 
