@@ -189,7 +189,7 @@ def test_prune_gguf_checks_a_hub_models_files_before_pruning(run_cli, no_work, f
     original/ or checkpoint folders). Here the download is a stand-in that returns a local folder."""
     import huggingface_hub
 
-    from daprune.cli import HUB_CONFIG_FILES
+    from daprune.models.loading import HUB_CONFIG_FILES
 
     asked = []
 
@@ -207,13 +207,13 @@ def test_prune_gguf_checks_a_hub_models_files_before_pruning(run_cli, no_work, f
 
 
 def test_hub_weight_files_are_the_indexed_shards(tmp_path):
-    from daprune.cli import _hub_weight_files
+    from daprune.models.loading import hub_weight_files
 
-    assert _hub_weight_files(tmp_path) == ["model.safetensors"]
+    assert hub_weight_files(tmp_path) == ["model.safetensors"]
     first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
     index = {"weight_map": {"a.weight": second, "b.weight": first, "c.weight": first}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert _hub_weight_files(tmp_path) == [first, second]
+    assert hub_weight_files(tmp_path) == [first, second]
 
 
 def test_prune_gguf_hub_download_failure_is_one_line(run_cli, no_work, tmp_path, monkeypatch):  # noqa: F811
@@ -230,8 +230,9 @@ def test_prune_gguf_hub_download_failure_is_one_line(run_cli, no_work, tmp_path,
 
 
 def test_prune_gguf_checks_the_tokenizer_the_prune_saves(run_cli, no_work, tmp_path, monkeypatch):  # noqa: F811
-    """The export reads the tokenizer the prune saves, which transformers may change on saving (here it adds a
-    token, as Qwen2Tokenizer adds a pad token to a tiny tokenizer): the check sees what will be saved."""
+    """The export reads the tokenizer the prune saves, which transformers may change between loading and saving
+    (here a stand-in adds a token on saving, as Qwen2Tokenizer adds a pad token when it loads a tiny tokenizer): the
+    check sees what will be saved."""
     import transformers
     from conftest import tiny_model
     from test_export_gguf import bpe_tokenizer

@@ -306,33 +306,6 @@ def cmd_prune(args) -> int:
     return 0
 
 
-# what a hub model's pre-check downloads, in two steps: the top-level config and tokenizer files every check but the
-# bias one reads, then the weights from_pretrained reads (and later finds in the same cache): the shards the index
-# names, else model.safetensors; never a repo's originals or checkpoint folders (exact names: no pattern reaches in)
-HUB_CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-                    "chat_template.jinja", "chat_template.json", "model.safetensors.index.json"]
-
-
-def _hub_files(repo: str, names: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-
-    from daprune.errors import ModelSourceError
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=names))
-    except Exception as exc:  # not found, gated, offline: one line, not a traceback
-        raise ModelSourceError(f"cannot download {repo} from the Hugging Face hub: {exc}") from exc
-
-
-def _hub_weight_files(folder: Path) -> list[str]:
-    """The safetensors files ``from_pretrained`` reads: those the index maps tensors to, else the single file."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-    return ["model.safetensors"]
-
-
 def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     """``--gguf``: refuse before pruning what the export after it must refuse: from the source model's config, its
     tokenizer as the prune will save it, and its biases. A hub model's config and tokenizer files are downloaded
@@ -345,10 +318,10 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     from daprune.export.gguf_writer import unread_nonzero_biases
     from daprune.export.tokenizer import source_gguf, tokenizer_fields
     from daprune.loader import load_tokenizer
-    from daprune.models.loading import check_architecture, resolve_source
+    from daprune.models.loading import HUB_CONFIG_FILES, check_architecture, hub_files, hub_weight_files, resolve_source
 
     resolved = resolve_source(cfg.model, cache_dir)
-    folder = _hub_files(resolved.path, HUB_CONFIG_FILES) if resolved.kind == "hub" else Path(resolved.path)
+    folder = hub_files(resolved.path, HUB_CONFIG_FILES) if resolved.kind == "hub" else Path(resolved.path)
     check_architecture(str(folder))
     config = AutoConfig.from_pretrained(folder)
     n = config.get_text_config().num_hidden_layers  # the config itself for text-only families
@@ -356,7 +329,7 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
               or (cfg.head_split in ("auto", "measured") and cfg.head_criterion != "none"))  # a split per block
     check_prune_export(config.to_dict(), cfg.layout, cfg.sparsity, uneven, cfg.output_bias_kinds())
     # pruning keeps the tokenizer and the embedding's rows; the export reads the tokenizer the prune saves, so a
-    # rebuilt one is checked as saved (transformers may add a token when it saves), a GGUF source's as copied
+    # rebuilt one is checked as saved (transformers may add a token when it loads one), a GGUF source's as copied
     vocab = int(config.get_text_config().vocab_size)
     way_out = ("; the export after pruning would refuse it: drop --gguf (and export afterwards with daprune export, "
                "which takes --tokenizer-gguf)")
@@ -373,7 +346,7 @@ def _check_gguf(cfg: PruneConfig, cache_dir: str | None) -> None:
     except ExportError as exc:
         raise ExportError(f"--gguf: {exc}{way_out}") from None
     if resolved.kind == "hub":
-        folder = _hub_files(resolved.path, _hub_weight_files(folder))
+        folder = hub_files(resolved.path, hub_weight_files(folder))
     # biases the source already carries (a compensated Qwen3 states its o_proj's by flag): pruning keeps them
     if refused := unread_nonzero_biases(folder):
         name, why = refused[0]

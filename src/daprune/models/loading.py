@@ -84,6 +84,33 @@ def resolve_source(source: str | None, cache: str | os.PathLike | None = None) -
     return ModelSource("hub", source, source)
 
 
+# what ``prune --gguf`` downloads of a hub model before pruning, in two steps: the top-level config and tokenizer
+# files every check but the bias one reads, then the weights from_pretrained reads (and later finds in the same
+# cache): the shards the index names, else model.safetensors; never a repo's originals or checkpoint folders (exact
+# names: no pattern reaches into a folder)
+HUB_CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                    "chat_template.jinja", "chat_template.json", "model.safetensors.index.json"]
+
+
+def hub_files(repo: str, names: list[str]) -> Path:
+    """The local snapshot of hub model ``repo`` holding (at least) the files ``names``, downloaded if needed."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=names))
+    except Exception as exc:  # not found, gated, offline: one line, not a traceback
+        raise ModelSourceError(f"cannot download {repo} from the Hugging Face hub: {exc}") from exc
+
+
+def hub_weight_files(folder: Path) -> list[str]:
+    """The safetensors files ``from_pretrained`` reads: those the index maps tensors to, else the single file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    return ["model.safetensors"]
+
+
 def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None, name: str | None = None) -> Path:
     """De-quantize a GGUF checkpoint into a cached safetensors folder (atomically) and return it."""
     stat = gguf.stat()
