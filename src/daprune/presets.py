@@ -51,8 +51,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "the best held-out mean measured: CoQA stories, Wikipedia paragraphs and the model's own text in turn, "
            "512 rows, measured allocation, held-out-chosen re-fit (about 23 minutes for a 135M model on 2 cores)",
            {**_REMEDY, "calibration": "coqa+wiki+self", "sensitivity_nsamples": 8, "nsamples": 512},
-           "SmolLM2-135M at 20%: WikiText-2 89.91 (1.596x dense), PTB 143.76, "
-           "mean of seeds 5, 6 (docs/quality.md, session "
+           "SmolLM2-135M at 20%: WikiText-2 88.96 (1.579x dense), PTB 144.63, "
+           "mean of seeds 4, 5, 6 (docs/quality.md, session "
            "29; with 256 rows 91.49 (1.624x) / 147.19 over seeds 0-6); Gemma-3-270M at 20% of its blocks, with 256 "
            "rows only: WikiText-2 64.09, PTB 340.27 (docs/gemma3.md, session 26)"),
     Preset("data-free",
