@@ -6,7 +6,7 @@ statistics and re-fits read. This script averages each block's KL over the repor
 sizes: the same model, sparsity and size grid), spends the budget on the pooled curves exactly as the pipeline does
 (:func:`daprune.allocation.allocate`), and writes a report.json holding the first report's settings and the pooled
 allocation. A prune given it with ``--allocation-from`` then differs from its own-seed run only in the allocation
-(docs/quality.md, "Is the spread the allocation?").
+(docs/quality.md, "Where the spread between seeds comes from").
 
     python benchmarks/pooled_allocation.py runs/s28/quality-seeds/seed-{4,5,6} --out runs/s29/avg456/report.json
 """
