@@ -11,13 +11,15 @@ between settings that turns on less than that needs several seeds per setting, a
     python benchmarks/seed_spread.py --seeds 0,1,2 --json docs/seeds_quality_smollm2.json -- --preset quality
     python benchmarks/seed_spread.py --json docs/seeds_quality_smollm2.json --add runs/a runs/b -- --preset quality
     python benchmarks/seed_spread.py --json docs/seeds_quality_smollm2.json --table-only
+    python benchmarks/seed_spread.py --seeds 0,1 --json FILE --dense-from docs/seeds_quality_smollm2.json -- ...
 
 Everything after ``--`` is the prune command's settings; the script sets ``--out``, ``--seed``, ``--eval`` and
 ``--max-windows`` itself and refuses them there. ``--add DIR`` counts a finished prune folder (its report.json) as
 the seed it ran with, after checking that it ran the same settings and was evaluated on the same windows, so runs
-made earlier need not be repeated. Each seed runs in a child process; the JSON is rewritten (atomically) after each
-one and seeds already in it are skipped, so a stopped run continues. Tune only on the held-out columns: WikiText-2
-and PTB are test data.
+made earlier need not be repeated. ``--dense-from JSON`` takes the dense row of another seed JSON of the same model,
+windows and corpora instead of evaluating the dense model again. Each seed runs in a child process; the JSON is
+rewritten (atomically) after each one and seeds already in it are skipped, so a stopped run continues. Tune only on
+the held-out columns: WikiText-2 and PTB are test data.
 """
 
 from __future__ import annotations
@@ -96,6 +98,26 @@ def read_run(folder: Path, expected: dict, corpora: list[str], windows: int) -> 
     return row_from_report(report, corpora, windows, str(folder), None)
 
 
+def dense_from(path: Path, expected: dict, corpora: list[str], windows: int) -> dict:
+    """The dense row of another seed JSON, refused unless it evaluated the same model on the same windows of every
+    corpus: the dense model does not depend on the prune settings, so evaluating it again for each command repeats
+    minutes of work for the same numbers."""
+    if not path.is_file():
+        raise SystemExit(f"--dense-from {path}: no such file")
+    other = json.loads(path.read_text())
+    dense = other.get("dense")
+    if dense is None:
+        raise SystemExit(f"--dense-from {path}: it has no dense row (run with --no-dense?)")
+    model = other.get("settings", {}).get("model")
+    if model != expected.get("model"):
+        raise SystemExit(f"--dense-from {path}: its model is {model!r}, this command's {expected.get('model')!r}")
+    missing = [c for c in corpora if c not in dense["ppl"]]
+    if other.get("windows") != windows or missing:
+        raise SystemExit(f"--dense-from {path}: evaluated on {other.get('windows')} windows of "
+                         f"{', '.join(dense['ppl'])}; this run wants {windows} windows of {', '.join(corpora)}")
+    return {**dense, "ppl": {c: dense["ppl"][c] for c in corpora}, "from": str(path)}
+
+
 def seed_args(prune_args: list[str], seed: int | str, corpora: list[str], windows: int) -> list[str]:
     """The prune settings of one seed: the command's, the seed, and the evaluation every seed shares."""
     return [*prune_args, "--seed", str(seed), "--eval", ",".join(corpora), "--max-windows", str(windows), "--quiet"]
@@ -169,6 +191,9 @@ def main(argv: list[str] | None = None, runner: Runner = child_process) -> int:
     ap.add_argument("--corpora", default=CORPORA)
     ap.add_argument("--keep-models", default=None, metavar="DIR", help="keep each seed's model under DIR/seed-N")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense evaluation (no ratio to dense)")
+    ap.add_argument("--dense-from", default=None, metavar="JSON",
+                    help="take the dense row from another of this script's JSON files (same model, windows and "
+                         "corpora) instead of evaluating it again")
     ap.add_argument("--table-only", action="store_true", help="print the table of the JSON and stop")
     args = ap.parse_args(own)
     path = Path(args.json)
@@ -181,9 +206,12 @@ def main(argv: list[str] | None = None, runner: Runner = child_process) -> int:
     if clash:
         raise SystemExit(f"{', '.join(clash)} among the prune settings: this script sets "
                          f"{', '.join(RESERVED)} itself")
+    if args.dense_from and args.no_dense:
+        raise SystemExit("--dense-from and --no-dense: give one")
     seeds = parse_seeds(args.seeds)
     corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     expected = expected_settings(prune_args)  # bad settings stop here, before any work
+    borrowed = dense_from(Path(args.dense_from), expected, corpora, args.windows) if args.dense_from else None
     shared = {k: v for k, v in expected.items() if k not in FREE}
     data = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
     if path.is_file():  # compared as --add compares a report: a setting newer than the JSON counts as its default
@@ -210,6 +238,9 @@ def main(argv: list[str] | None = None, runner: Runner = child_process) -> int:
     for row in added:
         data["rows"][str(row["seed"])] = row
     if added:
+        save()
+    if borrowed is not None and data.get("dense") != borrowed:
+        data["dense"] = borrowed
         save()
     if not args.no_dense and "dense" not in data:
         print("[dense] ...", file=sys.stderr, flush=True)

@@ -163,3 +163,46 @@ def test_a_setting_newer_than_the_report_counts_as_its_default(spread, tmp_path)
     path.write_text(json.dumps({"rows": {}, "settings": shared, "windows": 2, "corpora": "wikitext2"}))
     with pytest.raises(SystemExit, match="compensate_mean: None != True"):
         spread.main(own[:-2] + ["--", *args, "--compensate-mean"], lambda argv: pytest.fail("ran a seed"))
+
+
+def test_dense_from_another_json_gives_the_ratio_without_evaluating(spread, tmp_path, monkeypatch):
+    """--dense-from copies the dense row of another JSON of the same model, windows and corpora (the ratio to dense
+    follows from it), and refuses one that evaluated another model or other windows or corpora, before any work."""
+    monkeypatch.setattr(spread, "run_dense", lambda *a: pytest.fail("evaluated the dense model"))
+    args = ["--sparsity", "0.1", "--nsamples", "16"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({
+        "settings": {**spread.expected_settings(args), "seed": 3}, "timings": {"total_s": 1.0},
+        "params": {"after": 9, "achieved_sparsity": 0.1},
+        "eval": {"ppl_details": {"wikitext2": {"ppl": 33.0, "windows": 2}}}}))
+    model = spread.expected_settings(args)["model"]
+    source = tmp_path / "other.json"
+
+    def write_source(**change):
+        data = {"rows": {}, "settings": {"model": model}, "windows": 2, "corpora": "wikitext2,ptb",
+                "dense": {"command": "daprune eval", "ppl": {"wikitext2": 20.0, "ptb": 40.0}}}
+        data.update(change)
+        source.write_text(json.dumps(data))
+
+    path = tmp_path / "seeds.json"
+    own = ["--json", str(path), "--windows", "2", "--corpora", "wikitext2", "--add", str(run)]
+    never = lambda argv: pytest.fail("ran a seed")  # noqa: E731
+    for change, corpora, needle in (({"windows": 3}, "wikitext2", "evaluated on 3 windows"),
+                                    ({}, "wikitext2,lambada-heldout", "wants 2 windows of wikitext2, lambada"),
+                                    ({"settings": {"model": "elsewhere"}}, "wikitext2", "its model is 'elsewhere'"),
+                                    ({"dense": None}, "wikitext2", "has no dense row")):
+        write_source(**change)
+        argv = [*own[:4], "--corpora", corpora, *own[6:], "--dense-from", str(source), "--", *args]
+        with pytest.raises(SystemExit, match=needle):
+            spread.main(argv, never)
+        assert not path.exists()
+    write_source()
+    with pytest.raises(SystemExit, match="give one"):
+        spread.main([*own, "--dense-from", str(source), "--no-dense", "--", *args], never)
+    assert not path.exists()
+
+    assert spread.main([*own, "--dense-from", str(source), "--", *args], never) == 0
+    data = json.loads(path.read_text())
+    assert data["dense"]["ppl"] == {"wikitext2": 20.0} and data["dense"]["from"] == str(source)
+    assert data["summary"]["wikitext2"]["ratio"] == pytest.approx(33.0 / 20.0)
