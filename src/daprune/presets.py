@@ -49,11 +49,11 @@ class Preset:
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("quality",
            "the best held-out mean measured: CoQA stories, Wikipedia paragraphs and the model's own text in turn, "
-           "512 rows, measured allocation, held-out-chosen re-fit (about 23 minutes for a 135M model on 2 cores)",
+           "512 rows, measured allocation, held-out-chosen re-fit (about 25 minutes for a 135M model on 2 cores)",
            {**_REMEDY, "calibration": "coqa+wiki+self", "sensitivity_nsamples": 8, "nsamples": 512},
-           "SmolLM2-135M at 20%: WikiText-2 88.96 (1.579x dense), PTB 144.63, "
-           "mean of seeds 4, 5, 6 (docs/quality.md, session "
-           "29; with 256 rows 91.49 (1.624x) / 147.19 over seeds 0-6); Gemma-3-270M at 20% of its blocks, with 256 "
+           "SmolLM2-135M at 20%: WikiText-2 89.86 (1.595x dense), PTB 148.39, "
+           "mean of seeds 0-6 (docs/quality.md, sessions "
+           "29-30; with 256 rows 91.49 (1.624x) / 147.19 over seeds 0-6); Gemma-3-270M at 20% of its blocks, with 256 "
            "rows only: WikiText-2 64.09, PTB 340.27 (docs/gemma3.md, session 26)"),
     Preset("data-free",
            "no text at all: 256 rows of the model's own text, measured allocation, held-out-chosen re-fit "
