@@ -6,13 +6,13 @@ users go wrong (drop ``--recovery-inputs`` and the row is another row). A preset
 the preset's name next to every setting in effect, so a report never depends on what a preset meant in some
 other version.
 
-Only rows that were measured go here, each with where it was measured. Both were chosen on SmolLM2-135M.
-``quality`` reads 512 rows since session 29 (256 before: over seeds 0-6 twice the rows lowered the held-out texts
-by 1-2% on average and WikiText-2 on six of the seven, PTB level, docs/quality.md); its 256-row form is
-``--preset quality --nsamples 256``, which is what sessions 22-28 measured, on Gemma-3-270M too (session 26, docs/gemma3.md: better on held-out LAMBADA
-and WikiText-2 than Gemma's own best row, ``--error-weight fisher --token-weight first`` on generated text, worse on
-PTB); the 512-row form is not measured on Gemma. ``data-free`` was not measured on Gemma (Gemma chose other
-settings for generated text, and the block-target re-fit was worse there).
+Only rows that were measured go here, each with where it was measured. Both were chosen on SmolLM2-135M. ``quality``
+reads 512 rows since session 29 (256 before: over seeds 0-6 twice the rows lowered the held-out texts by 1-2% on
+average and WikiText-2 on six of the seven, PTB level, docs/quality.md); its 256-row form is ``--preset quality
+--nsamples 256``, which is what sessions 22-28 measured, on Gemma-3-270M too (session 26, docs/gemma3.md: better on
+held-out LAMBADA and WikiText-2 than Gemma's own best row, ``--error-weight fisher --token-weight first`` on
+generated text, worse on PTB); the 512-row form is not measured on Gemma. ``data-free`` was not measured on Gemma
+(Gemma chose other settings for generated text, and the block-target re-fit was worse there).
 """
 
 from __future__ import annotations
