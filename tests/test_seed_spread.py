@@ -50,10 +50,22 @@ def test_summary_is_the_sample_mean_and_deviation(spread):
     mean = (90 + 92 + 97) / 3
     assert s["mean"] == pytest.approx(mean)
     assert s["sd"] == pytest.approx(math.sqrt(((90 - mean) ** 2 + (92 - mean) ** 2 + (97 - mean) ** 2) / 2))
+    # the mean's standard error, by hand: deviations from 93 are -3, -1, 4, sample variance 26 / 2 = 13
+    assert s["se"] == pytest.approx(math.sqrt(13 / 3))
     assert (s["min"], s["max"], s["n"]) == (90.0, 97.0, 3)
     assert s["ratio"] == pytest.approx(mean / 50.0)
     one = spread.summarise(rows[:1], ["w"], None)["w"]
-    assert one["sd"] is None and one["ratio"] is None
+    assert one["sd"] is None and one["se"] is None and one["ratio"] is None
+
+
+def test_table_prints_the_standard_error_only_with_several_seeds(spread):
+    rows = {str(i): {"seed": i, "ppl": {"w": v}, "prune_s": 1.0, "source": "run"}
+            for i, v in enumerate((90.0, 92.0, 97.0))}
+    lines = spread.table({"corpora": "w", "rows": rows}).splitlines()
+    se_lines = [line for line in lines if line.startswith("| standard error of the mean |")]
+    assert se_lines == ["| standard error of the mean | 2.08 | | |"]  # sqrt(13 / 3) = 2.0817
+    one = spread.table({"corpora": "w", "rows": {"0": rows["0"]}})
+    assert "standard error" not in one
 
 
 def test_seeds_run_resume_and_count_finished_runs(spread, folder, data_dir, tmp_path):
