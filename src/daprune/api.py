@@ -225,6 +225,7 @@ class _Run:
         self.source_dtype: str | None = None
         self.generated = None  # the caller's store of self-generated rows (prune(generated=...))
         self.reused_prepasses: list[str] = []  # pre-passes read from an interrupted run's work folder
+        self.output_tensors: dict[str, torch.Tensor] = {}  # a streamed run's final norm carrying --logit-scale
         self._scratch: Path | None = None
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -373,6 +374,11 @@ class _Run:
     def execute(self):
         from daprune.pipeline import run_pipeline
 
+        if self.cfg.logit_scale == "fit":  # a final norm that cannot carry a scale is refused before any work
+            from daprune.logit_scale import scaled_tensors
+
+            with self.store.outside_layers(head=True):
+                scaled_tensors(self.adapter, 1.5)
         t = time.perf_counter()
         ids = self.calibration()
         if self.work is not None:
@@ -386,6 +392,7 @@ class _Run:
         result = run_pipeline(self.adapter, ids, cfg, progress=self.progress, grads=grads, store=self.store,
                               work=self.work, heldout=cfg.heldout_nsamples, fisher=fisher, token_grads=token_grads)
         self.timings.update(result.timings)
+        self.output_tensors = result.output_tensors
         return result
 
     def gradients(self, rows: torch.Tensor) -> Mapping[int, dict[str, torch.Tensor]] | None:
@@ -491,7 +498,8 @@ class _Run:
 
         dtype = resolve_save_dtype(self.cfg.save_dtype, self.source_dtype)
         if self.store.streaming:
-            weights = streamed_weights(self.store, self.work.block_file, dtype, self.cfg.max_shard_size)
+            weights = streamed_weights(self.store, self.work.block_file, dtype, self.cfg.max_shard_size,
+                                       self.output_tensors)
         else:
             weights = model_weights(self.model, dtype, self.cfg.max_shard_size)
         return write_output(out, weights, self.tokenizer, report, overwrite=overwrite, extra=extra)
@@ -749,6 +757,7 @@ def build_report(cfg, source, calib_info, result, shapes, timings) -> dict:
         "shapes": shapes,
         "layout": result.layout or {"mode": cfg.layout},
         "allocation": result.allocation,
+        "logit_scale": result.logit_scale,
         "layers": layers,
         "kept_channels": {r.index: r.kept_channel_idx for r in result.records if r.pruned},
         "timings": timings,

@@ -20,6 +20,7 @@ from daprune.config import (
     HEAD_SPLITS,
     HELDOUT_STRENGTHS,
     LAYOUTS,
+    LOGIT_SCALES,
     RECOVERY_MODES,
     RECOVERY_TARGETS,
     SCHEDULES,
@@ -89,6 +90,11 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
                    help="with --recovery post|heldout, also re-fit q/k/v and gate/up to their dense outputs on the "
                         "pruned stream (the paper's remedy for the input linears), under the same ridge rules: under "
                         "heldout each linear keeps its weights unless a strength lowers its held-out error")
+    p.add_argument("--logit-scale", choices=LOGIT_SCALES, default=d.logit_scale,
+                   help="fit: after the last block, multiply the logits by the one scale that brings the output "
+                        "distribution closest (KL) to the dense model's on calibration rows, kept only if the "
+                        "held-out rows agree; written into the final norm, so the model stays the family's own "
+                        "(pruned models come out over-confident: docs/quality.md). Default none")
     p.add_argument("--recovery-target", choices=RECOVERY_TARGETS, default=d.recovery_target,
                    help="what a re-fitted down_proj matches: linear (the dense down_proj's output, the paper's) or "
                         "block (the dense block's output, so the re-fit also corrects what earlier pruned blocks "

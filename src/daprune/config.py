@@ -51,6 +51,7 @@ def self_gen_settings(temperature: float | None = None, top_p: float | None = No
 RECOVERY_TARGETS = ("linear", "block")
 # --recovery heldout: the ridge strength chosen once per re-fitted linear, or once per output row of it
 HELDOUT_STRENGTHS = ("shared", "per-output")
+LOGIT_SCALES = ("none", "fit")
 HEAD_SPLITS = ("auto", "measured", "paper", "ffn-only")
 SCHEDULES = ("uniform", "adaptive", "sensitivity", "owl")
 SELECTIONS = ("auto", "score", "greedy", "obs")
@@ -183,6 +184,10 @@ class PruneConfig:
     # also re-fit the level-1 linears (q/k/v before the head choice, gate/up after the heads are cut) to their dense
     # outputs on the pruned stream, as the paper's remedy does, but under --recovery post/heldout's ridge rules
     recovery_inputs: bool = False
+    # "fit": after the last block, one scale on the logits, the one whose output distribution is closest (KL) to
+    # the dense model's on calibration rows, kept only if it is closer on the held-out rows too; written into the
+    # final norm (daprune.logit_scale). "none": the logits as the blocks leave them
+    logit_scale: str = "none"
     # kept FFN widths are multiples of this; 16 by measurement (docs/layout.md): unaligned widths made llama.cpp's
     # prompt processing 27% slower than the dense model's, multiples of 16 made it faster, for ~+2% perplexity
     channel_multiple: int = 16
@@ -369,6 +374,8 @@ class PruneConfig:
             raise ConfigError(f"--heldout-strength {self.heldout_strength} says how --recovery heldout chooses its "
                               f"ridge strengths, and --recovery {self.recovery} chooses none: add --recovery heldout "
                               "--heldout-nsamples N, or drop it")
+        if self.logit_scale not in LOGIT_SCALES:
+            raise ConfigError(f"--logit-scale must be one of {', '.join(LOGIT_SCALES)}, got {self.logit_scale!r}")
         if self.recovery_prior not in ("zero", "original", None):
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:

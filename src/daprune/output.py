@@ -161,9 +161,11 @@ def model_weights(model, dtype: torch.dtype | None = None, max_shard_size: str |
 
 
 def streamed_weights(store: StreamingStore, block_file: Callable[[int], Path], dtype: torch.dtype | None = None,
-                     max_shard_size: str | int = "5GB") -> Callable[[Path], dict]:
-    """Weights of a streamed model: ``block_file(i)`` is the work folder's shard of pruned block i."""
-    return lambda tmp: write_streaming_output(store, block_file, tmp, dtype, max_shard_size)
+                     max_shard_size: str | int = "5GB", replaced: dict[str, torch.Tensor] | None = None
+                     ) -> Callable[[Path], dict]:
+    """Weights of a streamed model: ``block_file(i)`` is the work folder's shard of pruned block i; ``replaced``:
+    tensors outside the blocks written instead of the source's (the final norm carrying ``--logit-scale``)."""
+    return lambda tmp: write_streaming_output(store, block_file, tmp, dtype, max_shard_size, replaced)
 
 
 def _count_shards(folder: Path) -> dict:
@@ -276,7 +278,8 @@ def _shard_name(k: int, total: int) -> str:
 
 
 def write_streaming_output(store: StreamingStore, block_file: Callable[[int], Path], tmp: Path,
-                           dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB") -> dict:
+                           dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB",
+                           replaced: dict[str, torch.Tensor] | None = None) -> dict:
     """Write the weights of a streamed, pruned model into the (atomic temp) folder ``tmp``.
 
     ``block_file(i)`` is the work folder's shard of pruned block i. Tensors go out in model order (embedding,
@@ -316,7 +319,8 @@ def write_streaming_output(store: StreamingStore, block_file: Callable[[int], Pa
 
     def load(what: str | int, keys: list[str]) -> dict[str, torch.Tensor]:
         if not isinstance(what, int):  # through the compute dtype, exactly as the in-memory model holds them
-            tensors = reader.get_many(keys, store.dtype)
+            own = [k for k in keys if k not in (replaced or {})]
+            tensors = {**reader.get_many(own, store.dtype), **{k: replaced[k] for k in keys if k not in own}}
             return {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         tensors = load_file(str(block_file(what)))
         missing = [k for k in keys if k not in tensors]

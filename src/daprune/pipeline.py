@@ -756,6 +756,10 @@ class PipelineResult:
     block_params_after: int = 0
     layout: dict | None = None  # --layout uniform: the shared split and each candidate's total estimated error
     allocation: dict | None = None  # --schedule sensitivity: measured curves and each block's share
+    logit_scale: dict | None = None  # --logit-scale fit: the scales tried, their KLs, the one kept
+    # parameters (by name) the output must hold instead of the source's: a streamed model's final norm carrying the
+    # logit scale (a resident model holds them already)
+    output_tensors: dict = field(default_factory=dict)
 
 
 def _plan_key(plan: BlockPlan) -> str:
@@ -908,10 +912,23 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             work.commit(i, records, xp, xd, plans, acts_files=files,
                         extra={"allocation": allocation} if allocation is not None else None)
         acts.gc([xp, xd])
+    timings = {"pipeline_s": time.perf_counter() - t0}
+    logit_scale, output_tensors = None, {}
+    if cfg.logit_scale == "fit" and xd is not None:  # xd None: nothing was pruned, the logits are the dense ones
+        from daprune.logit_scale import apply_tensors, fit_logit_scale
+
+        t = time.perf_counter()
+        with store.outside_layers(head=True):
+            logit_scale, output_tensors = fit_logit_scale(adapter, xp, xd, n_fit, cfg.batch_size)
+            output_tensors = {k: v.detach().cpu() for k, v in output_tensors.items()}
+        if not store.streaming:
+            apply_tensors(adapter.model, output_tensors)
+            output_tensors = {}
+        timings["logit_scale_s"] = time.perf_counter() - t
     after = count_parameters(adapter.model)
     blocks_after = block_parameters([adapter.block(i) for i in range(adapter.n_layers)])
-    return PipelineResult(records, params_before, after, target, {"pipeline_s": time.perf_counter() - t0},
-                          blocks_before, blocks_after, layout, allocation)
+    return PipelineResult(records, params_before, after, target, timings, blocks_before, blocks_after, layout,
+                          allocation, logit_scale, output_tensors)
 
 
 _BLOCK_SEED_STRIDE = 1_000_003  # > any block count: (seed, block) pairs never collide

@@ -339,15 +339,22 @@ class ModelAdapter(ABC):
         Final norm, LM head, then the config's logit scaling (Granite) and soft-capping (Gemma-2/3). The
         sensitivity schedule reads the model's output distribution from a stream it propagated itself.
         """
+        return self.finish_logits(self.raw_logits(hidden))
+
+    def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's output on the final norm's: the logits before the config's own transforms."""
         norm = self.final_norm()
-        logits = self.model.get_output_embeddings()(norm(hidden) if norm is not None else hidden)
+        return self.model.get_output_embeddings()(norm(hidden) if norm is not None else hidden)
+
+    def finish_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The config's transforms of the LM head's output: logit scaling (Granite), then soft-capping (Gemma)."""
         scale = getattr(self.config, "logits_scaling", None)
         if scale:
-            logits = logits / scale
+            z = z / scale
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+            z = torch.tanh(z / cap) * cap
+        return z
 
     def layers_path(self) -> str:
         target = self.layers()
