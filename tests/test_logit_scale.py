@@ -173,14 +173,6 @@ def test_the_scale_lowers_the_kl_on_rows_it_never_saw():
     assert kls[1] < kls[0]
 
 
-def test_nothing_pruned_keeps_the_model_exact():
-    model = tiny_model(layers=2, seed=3)
-    res = prune(model=copy.deepcopy(model), tokenizer=CharTokenizer(), **{**FAST, "sparsity": 0.0},
-                logit_scale="fit")
-    assert res.report["logit_scale"] is None
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in res.model.state_dict().items())
-
-
 def test_streamed_and_in_memory_write_the_same_scaled_model(tmp_path):
     from daprune.loader import load_pruned
 
@@ -199,6 +191,8 @@ def test_streamed_and_in_memory_write_the_same_scaled_model(tmp_path):
 def test_bad_value_is_refused_and_an_unscalable_norm_before_calibration(monkeypatch):
     with pytest.raises(ConfigError, match="logit-scale"):
         PruneConfig(logit_scale="yes").validate()
+    with pytest.raises(ConfigError, match="sparsity 0"):
+        PruneConfig(logit_scale="fit", sparsity=0.0).validate()
     from daprune import api
     from daprune.models.adapter import ModelAdapter
 

@@ -376,6 +376,9 @@ class PruneConfig:
                               "--heldout-nsamples N, or drop it")
         if self.logit_scale not in LOGIT_SCALES:
             raise ConfigError(f"--logit-scale must be one of {', '.join(LOGIT_SCALES)}, got {self.logit_scale!r}")
+        if self.logit_scale == "fit" and self.sparsity == 0:
+            raise ConfigError("--logit-scale fit brings a pruned model's logits back toward the dense model's: at "
+                              "--sparsity 0 nothing is pruned and the scale would be 1")
         if self.recovery_prior not in ("zero", "original", None):
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:
