@@ -16,11 +16,11 @@ from daprune.errors import ConfigError
 from daprune.presets import PRESETS
 from daprune.report import summary
 
-# the commands the measured rows were run with (docs/quality.md, sessions 22 and 29; README settings table), written out
-# by hand: the presets must mean exactly these
+# the commands the measured rows were run with (docs/quality.md, sessions 22, 29 and 32; README settings table),
+# written out by hand: the presets must mean exactly these
 QUALITY_FLAGS = ("--calibration coqa+wiki+self --sparsity 0.2 --self-top-p 1 --channel-multiple 1 --nsamples 512 "
                  "--schedule sensitivity --recovery heldout --heldout-nsamples 16 --recovery-target block "
-                 "--recovery-inputs --sensitivity-nsamples 8")
+                 "--recovery-inputs --sensitivity-nsamples 8 --logit-scale fit")
 DATA_FREE_FLAGS = ("--sparsity 0.2 --calibration self --self-top-p 1 --channel-multiple 1 --nsamples 256 "
                    "--schedule sensitivity --recovery heldout --heldout-nsamples 16 --recovery-target block "
                    "--recovery-inputs")
