@@ -31,7 +31,7 @@ from daprune.errors import ConfigError
 LOGIT_SCALE_NSAMPLES = 128  # fit rows read: one scalar needs few (128 rows x 32 positions = 4,096 positions)
 SPAN = 8.0  # the first grid spans [1/SPAN, SPAN], log-spaced
 GRID_POINTS = 13  # in the first grid
-ZOOM_POINTS = 9  # in each zoom: one step of the grid before either side of its best, so a quarter of that step
+ZOOM_POINTS = 9  # each zoom spans one step of the last grid either side of its best, in quarter steps
 ZOOMS = 3  # the last step is about 0.5% of the scale
 
 
