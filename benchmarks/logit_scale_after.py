@@ -56,29 +56,34 @@ def calibration_rows(report: dict, model, tokenizer, source, data_dir: str | Non
 
 
 def last_layer_states(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The last decoder layer's output (before the final norm) on ``ids``, as the pipeline's stream holds it."""
+    """The last decoder layer's output on ``ids``, as the pipeline's stream holds it: the final norm's input, read by
+    a hook that ends each forward there (the LM head's logits are not needed)."""
+    from torch import nn
+
+    from daprune.hooks import capture
     from daprune.models.adapter import get_adapter
 
-    layer = get_adapter(model).layers()[-1]
+    norm = get_adapter(model).final_norm()
+    first = norm[0] if isinstance(norm, nn.Sequential) else norm  # OPT's norm-then-projection: its norm
+    if first is None:
+        raise SystemExit("this model has no final norm to read the last layer's output from")
     got: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda m, i, o: got.append(o[0] if isinstance(o, tuple) else o))
-    try:
-        with torch.no_grad():
-            for s in range(0, ids.shape[0], batch_size):
+    with torch.no_grad():
+        for s in range(0, ids.shape[0], batch_size):
+            with capture({"norm": first}, stop=True) as seen:
                 model(ids[s : s + batch_size])
-    finally:
-        hook.remove()
+            got.append(seen["norm"][0])
     return torch.cat(got)
 
 
-def fit_after(folder: Path, dense, tokenizer, source, data_dir: str | None, cache: str | None):
-    """The pruned model of ``folder`` with the scale the pipeline would have fitted written in, and the report entry
-    the pipeline would have written (daprune.logit_scale.fit_logit_scale on the same rows)."""
+def fit_after(folder: Path, report: dict, dense, tokenizer, source, data_dir: str | None, cache: str | None):
+    """The pruned model of ``folder`` (whose report.json is ``report``) with the scale the pipeline would have fitted
+    written in, and the report entry the pipeline would have written (daprune.logit_scale.fit_logit_scale on the
+    same rows)."""
     from daprune.loader import load_pruned
     from daprune.logit_scale import LOGIT_SCALE_NSAMPLES, apply_tensors, fit_logit_scale
     from daprune.models.adapter import get_adapter
 
-    report = json.loads((folder / "report.json").read_text())
     settings = report["settings"]
     ids = calibration_rows(report, dense, tokenizer, source, data_dir, cache)
     held = settings["heldout_nsamples"]
@@ -92,15 +97,14 @@ def fit_after(folder: Path, dense, tokenizer, source, data_dir: str | None, cach
     return pruned, entry
 
 
-def rescale(folder: Path, dense, tokenizer, source, corpora: list[str], windows: int, data_dir: str | None,
-            cache: str | None) -> dict:
+def rescale(folder: Path, report: dict, dense, tokenizer, source, corpora: list[str], windows: int,
+            data_dir: str | None, cache: str | None) -> dict:
     """One prune folder as a seed row: its perplexities with the scale, and without it (from its report)."""
     from daprune.evaluation.perplexity import evaluate
 
-    report = json.loads((folder / "report.json").read_text())
     before = row_from_report(report, corpora, windows, str(folder), None)
     t0 = time.perf_counter()
-    pruned, entry = fit_after(folder, dense, tokenizer, source, data_dir, cache)
+    pruned, entry = fit_after(folder, report, dense, tokenizer, source, data_dir, cache)
     fit_s = time.perf_counter() - t0
     got = evaluate(pruned, tokenizer, ppl=",".join(corpora), data_dir=data_dir, max_windows=windows, progress=False)
     report = {**report, "eval": got, "logit_scale": entry}
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed}: in {args.json} already", file=sys.stderr)
             continue
         print(f"seed {seed}: {folder}", file=sys.stderr, flush=True)
-        data["rows"][seed] = rescale(folder, dense, tokenizer, source, corpora, args.windows, data_dir, cache)
+        data["rows"][seed] = rescale(folder, report, dense, tokenizer, source, corpora, args.windows, data_dir,
+                                     cache)
         atomic_write_json(args.json, data)
         print(table(data), flush=True)
     return 0

@@ -8,6 +8,7 @@ end to end only the final norm changes, by the reported scale, bit for bit the s
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -217,7 +218,8 @@ def test_fitted_after_the_prune_equals_fitted_in_it(tmp_path, monkeypatch):
     prune(model=str(src), out=str(tmp_path / "plain"), **settings)
     fit = prune(model=str(src), out=str(tmp_path / "fit"), **settings, logit_scale="fit")
     dense, tok, source = load_model(str(src))
-    model, entry = after.fit_after(tmp_path / "plain", dense, tok, source, None, None)
+    report = json.loads((tmp_path / "plain" / "report.json").read_text())
+    model, entry = after.fit_after(tmp_path / "plain", report, dense, tok, source, None, None)
     assert entry["scale"] != 1.0
     assert entry["fitted"] == fit.report["logit_scale"]["fitted"]
     for kind in ("kl_fit", "kl_heldout"):

@@ -94,13 +94,14 @@ def scaled_tensors(adapter, s: float) -> dict[str, torch.Tensor]:
     if getattr(head, "bias", None) is not None:
         out[param_name(model, head.bias)] = head.bias.detach() * s
     w, b = last.weight, getattr(last, "bias", None)
-    probe = torch.randn(2, w.shape[-1] if not isinstance(last, nn.Linear) else last.in_features,
-                        generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    # a norm's gain and a projection's [out, in] weight both end in the width of what the module reads; a projection
+    # passes the first form (its output is linear in its weight and bias)
+    probe = torch.randn(2, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
     with torch.no_grad():
         want = last(probe) * s
         saved = w.detach().clone(), None if b is None else b.detach().clone()
         try:
-            for form in _gain_forms(saved[0], s) if not isinstance(last, nn.Linear) else [saved[0] * s]:
+            for form in _gain_forms(saved[0], s):
                 w.copy_(form)
                 if b is not None:
                     b.copy_(saved[1] * s)
