@@ -319,6 +319,11 @@ class _Run:
                                "seed": cfg.seed, "kind": kind, "reused_from_work_folder": True}
             if cfg.heldout_nsamples:
                 self.calib_info["heldout"] = {"source": held_source, "nsamples": cfg.heldout_nsamples}
+            if cfg.copy_rows:
+                from daprune.data.copy_rows import chosen_rows
+
+                self.calib_info["copy_rows"] = {"fraction": cfg.copy_rows,
+                                                "rows": len(chosen_rows(cached.shape[0], cfg.copy_rows))}
             self.calib_info["ids_sha256"] = ids_digest(cached)
             return cached
         gen_model = self.model
@@ -349,6 +354,10 @@ class _Run:
         if gen_model is not self.model:
             del gen_model
             gc.collect()
+        if cfg.copy_rows:  # after every row is drawn, so the draws (and the generated cache) are those without it
+            from daprune.data.copy_rows import copy_halves
+
+            ids, info["copy_rows"] = copy_halves(ids, cfg.copy_rows, getattr(tok, "bos_token_id", None))
         if cfg.calibration == "self" and getattr(tok, "bos_token_id", None) is None:
             info.setdefault("sampling", {})["prompt"] = "1 uniform random token (the tokenizer has no BOS token)"
         vocab = self.model.config.vocab_size

@@ -95,6 +95,10 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
                         "distribution closest (KL) to the dense model's on calibration rows, kept only if the "
                         "held-out rows agree; written into the final norm, so the model stays the family's own "
                         "(pruned models come out over-confident: docs/quality.md). Default none")
+    p.add_argument("--copy-rows", type=float, default=d.copy_rows, metavar="FRACTION",
+                   help="this fraction of the calibration rows repeat their first half as their second, so the "
+                        "allocation and the fits see the model copy from its context, which natural text seldom "
+                        "asks of a short row (docs/quality.md). Default 0")
     p.add_argument("--recovery-target", choices=RECOVERY_TARGETS, default=d.recovery_target,
                    help="what a re-fitted down_proj matches: linear (the dense down_proj's output, the paper's) or "
                         "block (the dense block's output, so the re-fit also corrects what earlier pruned blocks "

@@ -188,6 +188,9 @@ class PruneConfig:
     # the dense model's on calibration rows, kept only if it is closer on the held-out rows too; written into the
     # final norm (daprune.logit_scale). "none": the logits as the blocks leave them
     logit_scale: str = "none"
+    # the fraction of calibration rows (scoring, re-fit and held-out alike) whose second half repeats their first, so
+    # that the sensitivity pass and the fits see the model copy from its context (daprune.data.copy_rows); 0: none
+    copy_rows: float = 0.0
     # kept FFN widths are multiples of this; 16 by measurement (docs/layout.md): unaligned widths made llama.cpp's
     # prompt processing 27% slower than the dense model's, multiples of 16 made it faster, for ~+2% perplexity
     channel_multiple: int = 16
@@ -379,6 +382,11 @@ class PruneConfig:
         if self.logit_scale == "fit" and self.sparsity == 0:
             raise ConfigError("--logit-scale fit brings a pruned model's logits back toward the dense model's: at "
                               "--sparsity 0 nothing is pruned and the scale would be 1")
+        if not 0.0 <= self.copy_rows <= 1.0:
+            raise ConfigError(f"--copy-rows is a fraction of the calibration rows, in [0, 1]; got {self.copy_rows}")
+        if self.copy_rows and self.seqlen < 4:
+            raise ConfigError(f"--copy-rows needs rows of at least 4 tokens to repeat half of one; --seqlen is "
+                              f"{self.seqlen}")
         if self.recovery_prior not in ("zero", "original", None):
             raise ConfigError("--recovery-prior must be 'zero' or 'original'")
         if self.nsamples < 1 or self.seqlen < 2:
