@@ -1,14 +1,14 @@
-"""Calibration rows whose second half repeats their first (``--copy-rows FRACTION``).
+"""Calibration rows whose second half repeats their first (``--copy-rows FRACTION``, opt-in).
 
-Why: a language model predicts much of a text by copying from its own context (a name, a phrase, a house style such
-as WikiText-2's " , " before every comma), and natural calibration text exercises that little: a 128-token row
-seldom repeats itself. So nothing the method measures sees a prune that breaks it. On SmolLM2-135M at 20% (the
-512-row ``--preset quality``, seven seeds, session 33) every prune copied a repeated 64-token segment worse than the
-dense model (second-copy NLL 0.91-1.38 nats on held-out Wikipedia against 0.57), and the seed whose prune copied
-worst had WikiText-2's highest perplexity, nearly all of it on the space-before-punctuation tokens it should have
-picked up from its context. A row that repeats itself makes the copying measurable: on its second half the dense
-model is nearly certain, so a block whose pruning breaks copying costs KL in the allocation's sensitivity pass and
-error in every least-squares fit.
+Why: a language model predicts much of a text by copying from its own context (a name, a phrase, a passage it was
+given), and natural calibration text asks little of that: a 128-token row seldom repeats itself, so nothing the
+method measures sees a prune that breaks it. Every 512-row ``--preset quality`` prune of SmolLM2-135M at 20% copies
+a repeated 64-token segment of held-out Wikipedia worse than the dense model (NLL on the second copy 0.91-1.38 nats
+against 0.57; benchmarks/copy_probe.py, session 33). A row that repeats itself makes the copying measurable: on its
+second half the dense model is nearly certain, so a block whose pruning breaks copying costs KL in the allocation's
+sensitivity pass and error in every least-squares fit. With a quarter of the rows so made, three seeds copy nearly
+as well as dense (0.62-0.64), keep more heads, and pay 0.5-4% on held-out natural text (docs/quality.md): a trade
+for users whose prompts quote their context, not the preset's default.
 
 The chosen rows are spread evenly over the calibration (row r when floor((r + 1) f) > floor(r f)), so a mixture's
 parts share them in turn; their first half is kept and their second half is the first half again, after a
