@@ -7,7 +7,7 @@ a repeated 64-token segment of held-out Wikipedia worse than the dense model (NL
 against 0.57; benchmarks/copy_probe.py, session 33). A row that repeats itself makes the copying measurable: on its
 second half the dense model is nearly certain, so a block whose pruning breaks copying costs KL in the allocation's
 sensitivity pass and error in every least-squares fit. With a quarter of the rows so made, three seeds copy nearly
-as well as dense (0.62-0.64), keep more heads, and pay 0.5-4% on held-out natural text (docs/quality.md): a trade
+as well as dense (0.64-0.67) and pay 0.6-4% on held-out natural text (docs/quality.md): a trade
 for users whose prompts quote their context, not the preset's default.
 
 The chosen rows are spread evenly over the calibration (row r when floor((r + 1) f) > floor(r f)), so a mixture's
