@@ -320,10 +320,9 @@ class _Run:
             if cfg.heldout_nsamples:
                 self.calib_info["heldout"] = {"source": held_source, "nsamples": cfg.heldout_nsamples}
             if cfg.copy_rows:
-                from daprune.data.copy_rows import chosen_rows
+                from daprune.data.copy_rows import record
 
-                self.calib_info["copy_rows"] = {"fraction": cfg.copy_rows,
-                                                "rows": len(chosen_rows(cached.shape[0], cfg.copy_rows))}
+                self.calib_info["copy_rows"] = record(cached.shape[0], cached.shape[1], cfg.copy_rows)
             self.calib_info["ids_sha256"] = ids_digest(cached)
             return cached
         gen_model = self.model

@@ -19,27 +19,25 @@ from __future__ import annotations
 
 import torch
 
-from daprune.errors import ConfigError
-
 
 def chosen_rows(nrows: int, fraction: float) -> list[int]:
     """The rows that become copies: ``round(nrows * fraction)`` of them, as evenly spread as integers allow."""
     return [r for r in range(nrows) if int((r + 1) * fraction + 1e-9) > int(r * fraction + 1e-9)]
 
 
+def record(nrows: int, seqlen: int, fraction: float) -> dict:
+    """What report.json ``calibration.copy_rows`` says of rows of this shape (the same for fresh and resumed runs)."""
+    return {"fraction": fraction, "rows": len(chosen_rows(nrows, fraction)), "of": nrows, "repeat_from": seqlen // 2,
+            "how": "the row's first half again from position seqlen // 2 (after a leading BOS)"}
+
+
 def copy_halves(ids: torch.Tensor, fraction: float, bos_token_id: int | None) -> tuple[torch.Tensor, dict]:
     """``ids`` [rows, seqlen] with the chosen rows' second half replaced by their first half (after a leading BOS),
-    and a record for report.json."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"--copy-rows is a fraction of the calibration rows, in [0, 1]; got {fraction}")
+    and their record. The fraction and the row length were checked by PruneConfig.validate before any work."""
     seqlen = ids.shape[1]
-    if fraction and seqlen < 4:
-        raise ConfigError(f"--copy-rows needs rows of at least 4 tokens to repeat half of one; --seqlen is {seqlen}")
-    rows = chosen_rows(ids.shape[0], fraction)
     out = ids.clone()
     half = seqlen // 2
-    for r in rows:
+    for r in chosen_rows(ids.shape[0], fraction):
         start = 1 if bos_token_id is not None and int(ids[r, 0]) == bos_token_id else 0
         out[r, half:] = ids[r, start : start + seqlen - half]
-    return out, {"fraction": fraction, "rows": len(rows), "of": ids.shape[0], "repeat_from": half,
-                 "how": "the row's first half again from position seqlen // 2 (after a leading BOS)"}
+    return out, record(ids.shape[0], seqlen, fraction)
