@@ -314,7 +314,8 @@ class _Run:
         generated = cfg.uses_self_generation()
         cached = self.work.cached_ids() if self.work is not None and generated else None
         if cached is not None:
-            kind = "mixture" if len(parts) > 1 else "self-generated" if parts == ["self"] else "text"
+            kind = ("mixture" if len(parts) > 1 else "self-generated" if parts == ["self"]
+                    else "self-generated conversations" if parts == ["chat"] else "text")
             self.calib_info = {"source": cfg.calibration, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
                                "seed": cfg.seed, "kind": kind, "reused_from_work_folder": True}
             if cfg.heldout_nsamples:
@@ -540,11 +541,17 @@ def check_tokenizer(tokenizer, calibration: str) -> None:
 
     Random ids need no tokenizer. Self-generation only needs special ids: without BOS the prompt is one
     random token, without a pad token the EOS id pads, and without either no padding is needed (all
-    samples have the same length). Text calibration is impossible without a tokenizer.
+    samples have the same length). Text calibration is impossible without a tokenizer, and conversations
+    (``chat``) without its chat template.
     """
     from daprune.data.calibration import calibration_parts
 
-    if tokenizer is not None or all(p in ("random", "self") for p in calibration_parts(calibration)):
+    parts = calibration_parts(calibration)
+    if tokenizer is not None and "chat" in parts:
+        from daprune.data.chat import chat_frame
+
+        chat_frame(tokenizer)  # refuses a tokenizer without a chat template before anything is generated
+    if tokenizer is not None or all(p in ("random", "self") for p in parts):
         return
     raise TokenizerError(f"calibration source {calibration!r} needs a tokenizer, but the model folder has none; "
                          "add the tokenizer files or use --calibration random (or self)")

