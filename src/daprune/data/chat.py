@@ -55,6 +55,21 @@ def question_budget(seqlen: int, opening: int, turn: int) -> int:
 
 
 @torch.no_grad()
+def continue_rows(model, prompts: list[list[int]], seqlen: int, ends: list[int], pad: int,
+                  sampling: dict) -> list[list[int]]:
+    """Each prompt continued to ``seqlen`` tokens in one batch, ``ends`` suppressed: prompts of different lengths are
+    padded on the left and masked, so every row continues as it would alone."""
+    width = max(map(len, prompts))
+    padded = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    new = seqlen - min(map(len, prompts))
+    out = model.generate(input_ids=padded.to(model.device), attention_mask=mask.to(model.device),
+                         max_new_tokens=new, min_new_tokens=new, eos_token_id=ends, pad_token_id=pad,
+                         **sampling).cpu()
+    return [p + row[: seqlen - len(p)] for p, row in zip(prompts, out[:, width:].tolist(), strict=True)]
+
+
+@torch.no_grad()
 def self_chat(model, tokenizer, nsamples: int, seqlen: int, seed: int, *, temperature: float, top_p: float,
               batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     """``[nsamples, seqlen]`` conversations the model writes for itself (``describe`` says how they were made)."""
@@ -79,15 +94,7 @@ def self_chat(model, tokenizer, nsamples: int, seqlen: int, seed: int, *, temper
         for row in asked[:, len(opening):].tolist():
             cut = next((i for i, t in enumerate(row) if t in ends), len(row))
             prompts.append(opening + row[:cut] + turn)
-        width = max(map(len, prompts))
-        padded = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        new = seqlen - min(map(len, prompts))
-        answered = model.generate(input_ids=padded.to(model.device), attention_mask=mask.to(model.device),
-                                  max_new_tokens=new, min_new_tokens=new, eos_token_id=ends, pad_token_id=pad,
-                                  **sampling).cpu()
-        for p, row in zip(prompts, answered[:, width:].tolist(), strict=True):
-            rows.append(p + row[: seqlen - len(p)])
+        rows += continue_rows(model, prompts, seqlen, ends, pad, sampling)
     return torch.tensor(rows)
 
 
