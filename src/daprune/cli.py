@@ -249,7 +249,10 @@ def _eval_parser(sub) -> None:
                    help="perplexity corpora, comma separated (wikitext2,ptb,ptb-test,lambada-heldout,"
                         "coqa-heldout,wiki-heldout); none unless given, so a --tasks run spends no time on perplexity")
     p.add_argument("--tasks", default="", help=TASKS_HELP)
-    p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task (the first ones)")
+    p.add_argument("--stride", type=int, default=None, metavar="K",
+                   help="every K-th document of each zero-shot task, spread over the whole set (the first documents "
+                        "can be one part of it: HellaSwag's first 3,243 are all ActivityNet); not with --limit")
     p.add_argument("--request-cache", default=None, metavar="DIR",
                    help="keep lm-eval's scored requests here (one file per model): a stopped zero-shot run "
                    "continues where it was, and a --limit run's answers are reused by a later full run")
@@ -372,8 +375,8 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.ppl and args.max_windows is not None:
         raise ConfigError("--max-windows sets how much of the --ppl corpora is read; pass --ppl CORPORA too")
-    unused = [flag for flag, value in (("--limit", args.limit), ("--request-cache", args.request_cache))
-              if value is not None]
+    unused = [flag for flag, value in (("--limit", args.limit), ("--stride", args.stride),
+                                       ("--request-cache", args.request_cache)) if value is not None]
     if not args.tasks and unused:
         verb = "applies" if len(unused) == 1 else "apply"
         raise ConfigError(f"{' and '.join(unused)} {verb} only to zero-shot tasks; pass --tasks TASKS too")
@@ -382,7 +385,7 @@ def cmd_eval(args) -> int:
         from daprune.evaluation.zeroshot import check_request, parse_tasks
 
         tasks = parse_tasks(args.tasks)
-        check_request(tasks, limit=args.limit, batch_size=args.batch_size)
+        check_request(tasks, limit=args.limit, batch_size=args.batch_size, stride=args.stride)
     if args.ppl:  # names and window count; the rows are read after the model (whose checks come first)
         check_corpora(args.ppl, args.data_dir, args.max_windows, read=False)
     if args.json:  # its folder now, not after the evaluation
@@ -399,7 +402,7 @@ def cmd_eval(args) -> int:
     if args.tasks:
         from daprune.evaluation.zeroshot import evaluate_zeroshot
 
-        zs = evaluate_zeroshot(model, tok, tasks, limit=args.limit,
+        zs = evaluate_zeroshot(model, tok, tasks, limit=args.limit, stride=args.stride,
                                batch_size=args.batch_size, progress=not args.quiet,
                                request_cache=args.request_cache)
         out.update(zs)

