@@ -245,6 +245,29 @@ def _resume_without_recomputing(tmp_path, monkeypatch, args: list[str], module, 
     return ref, out
 
 
+def test_copy_rows_resume_reads_the_copied_rows_back(src, tmp_path, monkeypatch):
+    """Self-generated rows are kept in the work folder as the prune read them, copies made: a resumed run neither
+    draws nor copies again, writes the same model and reports the same rows and copy record."""
+    import daprune.data.calibration as calibration
+    import daprune.data.copy_rows as copy_rows
+
+    args = ["--model", str(src), *ARGS, "--calibration", "self", "--copy-rows", "0.25"]  # the later --calibration wins
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["prune", "--out", str(ref), *args]) == 0
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(Crash):
+        main(["prune", "--out", str(out), *args])
+    monkeypatch.undo()
+    monkeypatch.setattr(calibration, "calibration_tokens", lambda *a, **k: pytest.fail("rows were drawn again"))
+    monkeypatch.setattr(copy_rows, "copy_halves", lambda *a, **k: pytest.fail("rows were copied again"))
+    assert main(["prune", "--out", str(out), *args]) == 0
+    assert _hashes(out) == _hashes(ref)
+    got, want = (json.loads((f / "report.json").read_text())["calibration"] for f in (out, ref))
+    assert got["copy_rows"] == want["copy_rows"] and want["copy_rows"]["fraction"] == 0.25
+    assert want["copy_rows"]["rows"] == 2  # rows 3 and 7 of the 8
+    assert got["ids_sha256"] == want["ids_sha256"] and got["reused_from_work_folder"] is True
+
+
 def test_sensitivity_schedule_resumes_with_its_saved_shares(src, tmp_path, monkeypatch):
     """The measured per-block shares are kept in the checkpoint: a resumed run neither re-measures nor drifts."""
     import daprune.allocation as allocation
