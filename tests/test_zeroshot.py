@@ -332,6 +332,23 @@ def test_model_fingerprint_tells_models_apart() -> None:
     assert zs.model_fingerprint(a) != zs.model_fingerprint(a.to(torch.bfloat16))
 
 
+def test_model_fingerprint_does_not_depend_on_the_thread_count() -> None:
+    """The same weights under one and two torch threads get one fingerprint, so a rerun with other threads finds its
+    request cache. A 4M-value tensor is large enough for torch to split its float64 sum over two threads, which
+    changes the sum's last bits (seen on this 2-core machine: -1431.0261373108467 against -1431.026137310847)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2000, 2000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = zs.model_fingerprint(model)
+        torch.set_num_threads(2)
+        two = zs.model_fingerprint(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+
+
 @pytest.mark.slow
 @needs_offline
 def test_all_seven_tasks_scores_match_plain_torch(smollm2: tuple[Any, Any]) -> None:

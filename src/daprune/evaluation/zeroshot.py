@@ -363,7 +363,10 @@ def model_fingerprint(model: Any, sample: int = 4096) -> str:
 
     Each tensor contributes its name, shape, dtype, an evenly strided sample of its values and its sum,
     so two checkpoints that differ anywhere in a pruned shape, a dtype or a re-fitted matrix get
-    different digests (a single changed weight in an unsampled position only moves the sum).
+    different digests (a single changed weight in an unsampled position only moves the sum). The sum is
+    numpy's (pairwise, one thread): torch's float64 sum splits a large tensor over threads, and its last
+    bits then depend on the thread count, so a rerun with another ``torch.set_num_threads`` missed the
+    request cache of the same model.
     """
     import torch
 
@@ -374,7 +377,7 @@ def model_fingerprint(model: Any, sample: int = 4096) -> str:
             step = max(1, flat.numel() // sample)
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
             h.update(flat[::step].float().cpu().numpy().tobytes())
-            h.update(repr(float(flat.double().sum())).encode())
+            h.update(repr(float(flat.double().cpu().numpy().sum())).encode())
     return h.hexdigest()[:20]
 
 
