@@ -30,3 +30,26 @@ def test_margins_against_hand_computed_values():
     # piqa has no acc_norm in the sample: acc stands in; per-char [-2, -0.5], gold 1
     assert got["piqa"] == pytest.approx({"acc_norm": 1.0, "acc": 1.0, "gold": -0.5, "wrong": -2.0, "margin": 1.5,
                                          "n": 1})
+
+
+def test_register_probe_nll_equals_cross_entropy():
+    """register_probe.nll: the mean NLL per token of whole texts, and of the endings from the context's last token,
+    against torch's cross-entropy on the same ids."""
+    import torch
+    import torch.nn.functional as F
+    from conftest import tiny_model
+    from test_streaming import word_tokenizer
+
+    nll = benchmark_module("register_probe").nll
+    model, tok = tiny_model(layers=2), word_tokenizer(128)
+    pairs = [("w5 w6 w7", " w8 w9"), ("", "w10 w11 w12 w13")]
+    got = nll(model, tok, pairs)
+    losses, ends = [], []
+    with torch.no_grad():
+        for ids, start in (([5, 6, 7, 8, 9], 3), ([10, 11, 12, 13], 0)):
+            x = torch.tensor([ids])
+            loss = F.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="none")
+            losses.append(loss)
+            ends.append(loss[max(start, 1) - 1:])
+    assert got["all"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
+    assert got["ending"] == pytest.approx(torch.cat(ends).mean().item(), rel=1e-5)
