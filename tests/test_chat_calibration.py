@@ -159,21 +159,13 @@ def test_prune_without_a_template_is_refused_before_generating(tmp_path, monkeyp
 def test_an_interrupted_chat_prune_resumes_on_its_rows(tmp_path, monkeypatch):
     """The conversations are kept in the work folder: a run stopped after block 2 resumes without generating and
     writes the model an uninterrupted run writes (the rows come from the work folder, not the generated cache)."""
-    from test_resume import Crash, _crash_at, _hashes
+    from test_resume import _resume_without_recomputing
 
-    from daprune.cli import main
+    import daprune.data.chat as chat
 
     src = _save(tiny_model(layers=5), tmp_path / "src", template=True)
     args = ["--model", str(src), "--calibration", "chat", "--nsamples", "4", "--seqlen", "24", "--layers", "1:-1",
             "--sparsity", "0.2", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert main(["prune", "--out", str(ref), *args]) == 0
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(Crash):
-        main(["prune", "--out", str(out), *args])
-    monkeypatch.undo()
-    monkeypatch.setattr("daprune.data.chat.self_chat", lambda *a, **k: pytest.fail("generated again"))
-    assert main(["prune", "--out", str(out), *args]) == 0
-    assert _hashes(out) == _hashes(ref)
+    _, out = _resume_without_recomputing(tmp_path, monkeypatch, args, chat, "self_chat", "generated again")
     report = json.loads((out / "report.json").read_text())["calibration"]
     assert report["kind"] == "self-generated conversations" and report["reused_from_work_folder"] is True

@@ -228,10 +228,11 @@ def test_adaptive_schedule_resumes_with_its_saved_plans(src, tmp_path, monkeypat
 
 
 def _resume_without_recomputing(tmp_path, monkeypatch, args: list[str], module, name: str | tuple[str, ...], why: str,
-                                crash: int | str = 2) -> tuple[Path, Path]:
+                                crash: int | str = 2, also: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Run ``args`` once whole (ref) and once crashed after block 2 (or right after pre-pass ``crash``) then resumed
-    (out) with ``module.name`` (each of several names) made to fail: a global schedule's result or a pre-pass must
-    come from the checkpoint. Both outputs are byte-identical."""
+    (out) with ``module.name`` (each of several names) and the dotted targets ``also`` made to fail: a global
+    schedule's result, a pre-pass or the calibration rows must come from the checkpoint. Both outputs are
+    byte-identical."""
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main(["prune", "--out", str(ref), *args]) == 0
     _crash_at(monkeypatch, crash)
@@ -240,6 +241,8 @@ def _resume_without_recomputing(tmp_path, monkeypatch, args: list[str], module, 
     monkeypatch.undo()
     for each in (name,) if isinstance(name, str) else name:
         monkeypatch.setattr(module, each, lambda *a, **k: pytest.fail(why))
+    for target in also:
+        monkeypatch.setattr(target, lambda *a, **k: pytest.fail(why))
     assert main(["prune", "--out", str(out), *args]) == 0
     assert _hashes(out) == _hashes(ref)
     return ref, out
@@ -249,19 +252,11 @@ def test_copy_rows_resume_reads_the_copied_rows_back(src, tmp_path, monkeypatch)
     """Self-generated rows are kept in the work folder as the prune read them, copies made: a resumed run neither
     draws nor copies again, writes the same model and reports the same rows and copy record."""
     import daprune.data.calibration as calibration
-    import daprune.data.copy_rows as copy_rows
 
     args = ["--model", str(src), *ARGS, "--calibration", "self", "--copy-rows", "0.25"]  # the later --calibration wins
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert main(["prune", "--out", str(ref), *args]) == 0
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(Crash):
-        main(["prune", "--out", str(out), *args])
-    monkeypatch.undo()
-    monkeypatch.setattr(calibration, "calibration_tokens", lambda *a, **k: pytest.fail("rows were drawn again"))
-    monkeypatch.setattr(copy_rows, "copy_halves", lambda *a, **k: pytest.fail("rows were copied again"))
-    assert main(["prune", "--out", str(out), *args]) == 0
-    assert _hashes(out) == _hashes(ref)
+    ref, out = _resume_without_recomputing(tmp_path, monkeypatch, args, calibration, "calibration_tokens",
+                                           "rows were drawn or copied again",
+                                           also=("daprune.data.copy_rows.copy_halves",))
     got, want = (json.loads((f / "report.json").read_text())["calibration"] for f in (out, ref))
     assert got["copy_rows"] == want["copy_rows"] and want["copy_rows"]["fraction"] == 0.25
     assert want["copy_rows"]["rows"] == 2  # rows 3 and 7 of the 8

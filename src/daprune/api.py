@@ -304,7 +304,7 @@ class _Run:
 
     def calibration(self) -> torch.Tensor:
         from daprune.checkpoint import ids_digest
-        from daprune.data.calibration import calibration_parts, calibration_tokens
+        from daprune.data.calibration import GENERATED_KINDS, calibration_parts, calibration_tokens
 
         cfg = self.cfg
         held_source = cfg.heldout_calibration or cfg.calibration
@@ -314,8 +314,7 @@ class _Run:
         generated = cfg.uses_self_generation()
         cached = self.work.cached_ids() if self.work is not None and generated else None
         if cached is not None:
-            kind = ("mixture" if len(parts) > 1 else "self-generated" if parts == ["self"]
-                    else "self-generated conversations" if parts == ["chat"] else "text")
+            kind = "mixture" if len(parts) > 1 else GENERATED_KINDS.get(parts[0], "text")
             self.calib_info = {"source": cfg.calibration, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
                                "seed": cfg.seed, "kind": kind, "reused_from_work_folder": True}
             if cfg.heldout_nsamples:

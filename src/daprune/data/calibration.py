@@ -133,6 +133,24 @@ def _resolve(model):
     return model if isinstance(model, torch.nn.Module) or not callable(model) else model()
 
 
+# what report.json calls rows the model wrote itself (fresh, or read back from an interrupted run's work folder)
+GENERATED_KINDS = {"self": "self-generated", "chat": "self-generated conversations"}
+
+
+def _generated_rows(generated: GeneratedStore | None, nsamples: int, seqlen: int, seed: int, key: dict,
+                    info: dict, make) -> torch.Tensor:
+    """Rows the model writes: read from the store under ``key`` when there (noted in ``info``), else made by ``make()``
+    and kept in the store."""
+    ids = generated.load(nsamples, seqlen, seed, key) if generated is not None else None
+    if ids is not None:
+        info["reused_from_cache"] = str(generated.path(generated.key(nsamples, seqlen, seed, key)))
+        return ids
+    ids = make()
+    if generated is not None:
+        generated.save(ids, nsamples, seqlen, seed, key)
+    return ids
+
+
 def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int, seed: int,
                        data_dir: str | None = None, self_gen: dict | None = None,
                        progress: bool = True, generated: GeneratedStore | None = None) -> tuple[torch.Tensor, dict]:
@@ -162,30 +180,20 @@ def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int
         info["bos_per_window"] = False
     elif source == "self":
         opts = {**SELF_GEN_DEFAULTS, **(self_gen or {})}  # PruneConfig.validate refused any other key
-        ids = generated.load(nsamples, seqlen, seed, opts) if generated is not None else None
-        if ids is not None:
-            info["reused_from_cache"] = str(generated.path(generated.key(nsamples, seqlen, seed, opts)))
-        else:
-            ids = self_generated(_resolve(model), tokenizer, nsamples, seqlen, seed, progress=progress, **opts)
-            if generated is not None:
-                generated.save(ids, nsamples, seqlen, seed, opts)
-        info["kind"] = "self-generated"
+        ids = _generated_rows(generated, nsamples, seqlen, seed, opts, info, lambda: self_generated(
+            _resolve(model), tokenizer, nsamples, seqlen, seed, progress=progress, **opts))
+        info["kind"] = GENERATED_KINDS["self"]
         info["sampling"] = {"prompt": "BOS + 1 uniform random token", "top_k": 0, **opts}
         info["bos_per_window"] = getattr(tokenizer, "bos_token_id", None) is not None  # generation starts at BOS
     elif source == "chat":
-        from daprune.data.chat import describe, self_chat
+        from daprune.data import chat
 
         opts = {**SELF_GEN_DEFAULTS, **(self_gen or {})}
         key = {**opts, "form": "chat"}  # its own cache entries: self's keys stay as they were
-        ids = generated.load(nsamples, seqlen, seed, key) if generated is not None else None
-        if ids is not None:
-            info["reused_from_cache"] = str(generated.path(generated.key(nsamples, seqlen, seed, key)))
-        else:
-            ids = self_chat(_resolve(model), tokenizer, nsamples, seqlen, seed, progress=progress, **opts)
-            if generated is not None:
-                generated.save(ids, nsamples, seqlen, seed, key)
-        info["kind"] = "self-generated conversations"
-        info["sampling"] = {**describe(ids, tokenizer), "top_k": 0, **opts}
+        ids = _generated_rows(generated, nsamples, seqlen, seed, key, info, lambda: chat.self_chat(
+            _resolve(model), tokenizer, nsamples, seqlen, seed, progress=progress, **opts))
+        info["kind"] = GENERATED_KINDS["chat"]
+        info["sampling"] = {**chat.describe(ids, tokenizer), "top_k": 0, **opts}
         info["bos_per_window"] = "as the chat template writes it"
     else:
         texts = source_texts(source, data_dir)
