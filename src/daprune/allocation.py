@@ -106,7 +106,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                         blocks: range, budget: float, nsamples: int, *, head_logits=None, search: int = 0,
                         search_nsamples: int = 8, seed: int = 0, progress: bool = False, refit: bool = False,
                         heldout: torch.Tensor | None = None, multiples: tuple[float, ...] | None = None,
-                        ) -> tuple[dict[int, float], dict]:
+                        kl_extra: torch.Tensor | None = None) -> tuple[dict[int, float], dict]:
     """Per-block parameter targets (summing to ``budget``) and the report entry with every measured curve.
 
     ``adapter`` may be a streaming view (blocks loaded on access); ``x`` holds the embedded scoring rows (their
@@ -119,6 +119,8 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     ``heldout`` rows, so a block whose damage the re-fit repairs is priced as the pipeline will leave it.
     ``multiples`` (``--sensitivity-sizes``): the sizes measured, as multiples of the average share (default
     SIZE_MULTIPLES); a finer grid lets the allocation stop between today's points at the price of more trials.
+    ``kl_extra`` (``--sensitivity-copy-rows``): embedded rows the KL is also measured on, after the first
+    ``nsamples``; they run through every dense and trial block, but no statistic reads them.
     """
     from daprune.block_ops import forward_rows
     from daprune.pipeline import BlockRecord
@@ -134,6 +136,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     n = x.shape[0]
     # dense stream: every scoring row (statistics), then the held-out rows (only a trial's re-fit reads them)
     dense = x if heldout is None or not refit else torch.cat([x, heldout.to(x.device, x.dtype)])
+    extra = None if kl_extra is None else kl_extra.to(x.device, x.dtype)  # KL-only rows, beside the dense stream
     trials: list[tuple[int, int, torch.Tensor]] = []  # (block, params removed, stream of the first ns rows)
     kept: dict[int, list[tuple[int, BlockAdapter]]] = {}  # --allocation-search: every block's trial blocks
     if search and multiples:
@@ -166,14 +169,17 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                                              redundant) if plan.heads_per_group or plan.kv_groups else []
                     removed = pruner.ffn_ranking(block, stats, plan.channels)[: plan.channels].tolist()
                     trial = pruner.trial_block(block, heads, removed, stats, rows)
-                    trials.append((j, plan.params, forward_rows(trial, dense[:ns], ctx, bs)))
+                    kl_in = dense[:ns] if extra is None else torch.cat([dense[:ns], extra])
+                    trials.append((j, plan.params, forward_rows(trial, kl_in, ctx, bs)))
                     if search:
                         kept.setdefault(j, []).append((plan.params, trial))
             dense = out
+            if extra is not None:
+                extra = forward_rows(block, extra, ctx, bs)
     finally:
         layers.close()
         pruner.targets = saved
-    ref = _log_probs(logits_of, dense[:ns], bs)
+    ref = _log_probs(logits_of, dense[:ns] if extra is None else torch.cat([dense[:ns], extra]), bs)
     curves = {i: Curve(i, [], []) for i in blocks}
     for i, p, h in trials:
         lp = _log_probs(logits_of, h, bs)
@@ -182,6 +188,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
     targets = allocate(list(curves.values()), budget)
     entry = {"mode": "sensitivity", "measure": "mean per-token KL(dense || this block alone pruned"
              f"{' and re-fitted' if refit else ''}), every {KL_POSITIONS_STRIDE}th position", "nsamples": ns,
+             "copy_rows": 0 if extra is None else extra.shape[0],
              "refit": refit, "refit_heldout_rows": dense.shape[0] - n,
              "size_multiples": list(multiples),
              "average_share": share, "budget": budget,

@@ -117,6 +117,10 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
                         "block's fraction of outlier weights (OWL)")
     p.add_argument("--sensitivity-nsamples", type=int, default=d.sensitivity_nsamples,
                    help="--schedule sensitivity: calibration rows the KL is measured on (default 4)")
+    p.add_argument("--sensitivity-copy-rows", type=int, default=d.sensitivity_copy_rows, metavar="N",
+                   help="--schedule sensitivity: N more rows in the allocation's KL only, scoring rows whose second "
+                        "half repeats their first, so a block whose pruning breaks copying from the context is "
+                        "priced; no statistic or fit reads them (unlike --copy-rows). Default 0")
     p.add_argument("--sensitivity-sizes", default=d.sensitivity_sizes, metavar="M1,M2,...",
                    help="--schedule sensitivity: the sizes each block is pruned at to measure its cost, as multiples "
                         "of the average share (default 0.5,1,1.5,2,3); the allocation interpolates between them")

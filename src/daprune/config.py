@@ -194,6 +194,10 @@ class PruneConfig:
     # the fraction of calibration rows (scoring, re-fit and held-out alike) whose second half repeats their first, so
     # that the sensitivity pass and the fits see the model copy from its context (daprune.data.copy_rows); 0: none
     copy_rows: float = 0.0
+    # --schedule sensitivity: this many extra rows in the allocation's KL measurement only, each a scoring row after
+    # the KL rows with its first half repeated as its second (no statistic or fit reads them), so the allocation
+    # prices a block whose pruning breaks copying from the context while the fits see natural text alone
+    sensitivity_copy_rows: int = 0
     # kept FFN widths are multiples of this; 16 by measurement (docs/layout.md): unaligned widths made llama.cpp's
     # prompt processing 27% slower than the dense model's, multiples of 16 made it faster, for ~+2% perplexity
     channel_multiple: int = 16
@@ -335,6 +339,24 @@ class PruneConfig:
                     raise ConfigError(f"--schedule adaptive chooses every block's heads and channels itself (FLAP's "
                                       f"standardised scores), so {flag} would be ignored: drop it")
 
+    def _check_sensitivity_copy_rows(self) -> None:
+        """``--sensitivity-copy-rows`` changes only a measured allocation, and its rows come after the KL rows."""
+        n = self.sensitivity_copy_rows
+        if n < 0:
+            raise ConfigError(f"--sensitivity-copy-rows must be >= 0, got {n}")
+        if self.schedule != "sensitivity" or self.allocation_from is not None:
+            raise ConfigError("--sensitivity-copy-rows only changes an allocation the sensitivity pass measures: it "
+                              "needs --schedule sensitivity and no --allocation-from")
+        if self.allocation_search:
+            raise ConfigError("--sensitivity-copy-rows cannot be combined with --allocation-search, whose whole-model "
+                              "KL reads natural rows only")
+        kl_rows = self.sensitivity_nsamples or SENSITIVITY_NSAMPLES
+        if self.nsamples < kl_rows + n:
+            raise ConfigError(f"--sensitivity-copy-rows {n} repeats the halves of the {n} scoring rows after the "
+                              f"{kl_rows} KL rows: --nsamples must be at least {kl_rows + n}, got {self.nsamples}")
+        if self.seqlen < 4:
+            raise ConfigError(f"--sensitivity-copy-rows needs rows of at least 4 tokens, got --seqlen {self.seqlen}")
+
     def validate(self) -> None:
         """Reject bad settings early, before the model is even loaded."""
         self._validate_preset()
@@ -457,6 +479,8 @@ class PruneConfig:
                 raise ConfigError("--sensitivity-nsamples only matters with --schedule sensitivity")
             if self.sensitivity_nsamples < 1:
                 raise ConfigError(f"--sensitivity-nsamples must be >= 1, got {self.sensitivity_nsamples}")
+        if self.sensitivity_copy_rows:
+            self._check_sensitivity_copy_rows()
         if self.sensitivity_sizes is not None:
             if self.schedule != "sensitivity":
                 raise ConfigError("--sensitivity-sizes only matters with --schedule sensitivity")

@@ -715,8 +715,22 @@ class BlockPruner:
         return fit, _rel(forward_rows(block, x[n_fit:], ctx, self.cfg.batch_size), y[n_fit:])
 
 
+def _kl_copy_rows(cfg: PruneConfig, adapter: ModelAdapter, store, ids: torch.Tensor) -> torch.Tensor | None:
+    """``--sensitivity-copy-rows``: the scoring rows right after the KL rows, each with its first half repeated,
+    embedded; the sensitivity pass measures its KL on them too, and nothing else reads them."""
+    if not cfg.sensitivity_copy_rows:
+        return None
+    from daprune.config import SENSITIVITY_NSAMPLES
+    from daprune.data.copy_rows import repeated
+
+    first = cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES
+    rows = repeated(ids[first : first + cfg.sensitivity_copy_rows], getattr(adapter.config, "bos_token_id", None))
+    return store.embed(rows, cfg.batch_size, tag="kl-copy-rows")
+
+
 def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
-                  blocks: range, budget: float, progress: bool = False, heldout: torch.Tensor | None = None) -> dict:
+                  blocks: range, budget: float, progress: bool = False, heldout: torch.Tensor | None = None,
+                  kl_extra: torch.Tensor | None = None) -> dict:
     """The report entry of a global schedule that gives each block its own share of the budget: measured
     (``sensitivity``: each block's effect on the output distribution) or by outlier ratio (``owl``), or the one
     ``--allocation-from`` names, checked against these blocks and this budget."""
@@ -734,7 +748,8 @@ def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.T
                                        cfg.sensitivity_nsamples or SENSITIVITY_NSAMPLES, multiples=sizes,
                                        search=cfg.allocation_search or 0,
                                        search_nsamples=cfg.search_nsamples or SEARCH_NSAMPLES, seed=cfg.seed,
-                                       progress=progress, refit=cfg.sensitivity_refit, heldout=heldout)[1]
+                                       progress=progress, refit=cfg.sensitivity_refit, heldout=heldout,
+                                       kl_extra=kl_extra)[1]
     from daprune.owl import OWL_LAMBDA, OWL_THRESHOLD, owl_targets
 
     return owl_targets(view, pruner, x, contexts, blocks, budget, cfg.owl_lambda or OWL_LAMBDA,
@@ -851,7 +866,8 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             view = LoadingAdapter(adapter, store)
             try:
                 allocation = _block_shares(cfg, view, store, pruner, xp[: pruner.n_score], contexts, layer_range,
-                                           target * len(layer_range), progress, xp[n_fit:] if heldout else None)
+                                           target * len(layer_range), progress, xp[n_fit:] if heldout else None,
+                                           _kl_copy_rows(cfg, adapter, store, ids))
             finally:
                 view.close()
         pruner.targets = {int(i): float(t) for i, t in allocation["targets"].items()}

@@ -60,11 +60,11 @@ class ResidentStore:
         untied LM head too) are real."""
         return contextlib.nullcontext()
 
-    def embed(self, ids: torch.Tensor, bs: int) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, bs: int, tag: str = "embed") -> torch.Tensor:
         """What the model feeds its first layer (embedding, scaling, learned positions), batch by batch."""
         with self.outside_layers():
             x = torch.cat([self._first_hidden(ids[s : s + bs]) for s in range(0, ids.shape[0], bs)])
-        return self.acts.adopt(x, "embed")
+        return self.acts.adopt(x, tag)
 
     def _first_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         return capture_layer_inputs(self.adapter.model, self.adapter.layers(), ids.to(self.device), upto=0)[0]

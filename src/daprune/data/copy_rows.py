@@ -31,6 +31,12 @@ def record(nrows: int, seqlen: int, fraction: float) -> dict:
             "how": "the row's first half again from position seqlen // 2 (after a leading BOS)"}
 
 
+def repeated(ids: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    """Every row of ``ids`` with its second half its first again (after a leading BOS): the KL-only rows of
+    ``--sensitivity-copy-rows``."""
+    return copy_halves(ids, 1.0, bos_token_id)[0]
+
+
 def copy_halves(ids: torch.Tensor, fraction: float, bos_token_id: int | None) -> tuple[torch.Tensor, dict]:
     """``ids`` [rows, seqlen] with the chosen rows' second half replaced by their first half (after a leading BOS),
     and their record. The fraction and the row length were checked by PruneConfig.validate before any work."""
