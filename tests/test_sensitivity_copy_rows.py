@@ -103,11 +103,15 @@ def test_the_copies_move_the_allocation_and_nothing_else(tmp_path):
     a, b = with_copies.model.state_dict(), reused.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert json.loads((tmp_path / "c" / "report.json").read_text())["allocation"]["copy_rows"] == 2
+    # reusing an allocation may state how it was measured, not another way
+    assert _prune(allocation_from=str(tmp_path / "c"), sensitivity_copy_rows=2).report["allocation"]["targets"] == \
+        alloc["targets"]
+    with pytest.raises(ConfigError, match="measured otherwise"):
+        _prune(allocation_from=str(tmp_path / "c"), sensitivity_copy_rows=1)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"schedule": "uniform"}, "needs --schedule sensitivity"),
-    ({"allocation_from": "x"}, "no --allocation-from"),
     ({"allocation_search": 2}, "allocation-search"),
     ({"nsamples": 5}, "--nsamples must be at least 6"),
     ({"sensitivity_copy_rows": -1}, ">= 0"),

@@ -21,8 +21,8 @@ from daprune.errors import ConfigError
 # another problem
 _SAME = ("model", "sparsity", "sparsity_basis", "schedule", "layout")
 # the settings that shape how an allocation is measured: this run may leave them unset, or state the report's
-_MEASUREMENT = ("sensitivity_nsamples", "sensitivity_sizes", "sensitivity_refit", "allocation_search",
-                "search_nsamples", "owl_lambda", "owl_threshold")
+_MEASUREMENT = ("sensitivity_nsamples", "sensitivity_copy_rows", "sensitivity_sizes", "sensitivity_refit",
+                "allocation_search", "search_nsamples", "owl_lambda", "owl_threshold")
 
 
 def report_path(source: str) -> Path:

@@ -344,9 +344,9 @@ class PruneConfig:
         n = self.sensitivity_copy_rows
         if n < 0:
             raise ConfigError(f"--sensitivity-copy-rows must be >= 0, got {n}")
-        if self.schedule != "sensitivity" or self.allocation_from is not None:
+        if self.schedule != "sensitivity":  # with --allocation-from it must state the report's (allocation_reuse)
             raise ConfigError("--sensitivity-copy-rows only changes an allocation the sensitivity pass measures: it "
-                              "needs --schedule sensitivity and no --allocation-from")
+                              "needs --schedule sensitivity")
         if self.allocation_search:
             raise ConfigError("--sensitivity-copy-rows cannot be combined with --allocation-search, whose whole-model "
                               "KL reads natural rows only")
