@@ -155,6 +155,7 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                 rows = pruner.refit_rows(block, dense, out, ctx, n) if refit else None
                 cap = max_removable(block, cfg.channel_multiple, cfg.kv_groups)
                 seen: set[int] = set()
+                kl_in = dense[:ns] if extra is None else torch.cat([dense[:ns], extra])  # every trial's KL rows
                 for m in multiples:
                     pruner.targets[j] = min(m * share * sizes[j], cap)
                     plans = pruner.candidates(block)
@@ -169,7 +170,6 @@ def sensitivity_targets(adapter: ModelAdapter, pruner: BlockPruner, x: torch.Ten
                                              redundant) if plan.heads_per_group or plan.kv_groups else []
                     removed = pruner.ffn_ranking(block, stats, plan.channels)[: plan.channels].tolist()
                     trial = pruner.trial_block(block, heads, removed, stats, rows)
-                    kl_in = dense[:ns] if extra is None else torch.cat([dense[:ns], extra])
                     trials.append((j, plan.params, forward_rows(trial, kl_in, ctx, bs)))
                     if search:
                         kept.setdefault(j, []).append((plan.params, trial))

@@ -729,11 +729,12 @@ def _kl_copy_rows(cfg: PruneConfig, adapter: ModelAdapter, store, ids: torch.Ten
 
 
 def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.Tensor, contexts: list[dict],
-                  blocks: range, budget: float, progress: bool = False, heldout: torch.Tensor | None = None,
-                  kl_extra: torch.Tensor | None = None) -> dict:
+                  blocks: range, budget: float, ids: torch.Tensor, progress: bool = False,
+                  heldout: torch.Tensor | None = None) -> dict:
     """The report entry of a global schedule that gives each block its own share of the budget: measured
     (``sensitivity``: each block's effect on the output distribution) or by outlier ratio (``owl``), or the one
-    ``--allocation-from`` names, checked against these blocks and this budget."""
+    ``--allocation-from`` names, checked against these blocks and this budget. ``ids``: the calibration token ids,
+    whence ``--sensitivity-copy-rows`` makes its rows (only when the pass runs)."""
     if cfg.allocation_from is not None:
         from daprune.allocation_reuse import check_against, read_allocation
 
@@ -749,7 +750,7 @@ def _block_shares(cfg: PruneConfig, view, store, pruner: BlockPruner, x: torch.T
                                        search=cfg.allocation_search or 0,
                                        search_nsamples=cfg.search_nsamples or SEARCH_NSAMPLES, seed=cfg.seed,
                                        progress=progress, refit=cfg.sensitivity_refit, heldout=heldout,
-                                       kl_extra=kl_extra)[1]
+                                       kl_extra=_kl_copy_rows(cfg, view, store, ids))[1]
     from daprune.owl import OWL_LAMBDA, OWL_THRESHOLD, owl_targets
 
     return owl_targets(view, pruner, x, contexts, blocks, budget, cfg.owl_lambda or OWL_LAMBDA,
@@ -866,8 +867,8 @@ def run_pipeline(adapter: ModelAdapter, ids: torch.Tensor, cfg: PruneConfig, *, 
             view = LoadingAdapter(adapter, store)
             try:
                 allocation = _block_shares(cfg, view, store, pruner, xp[: pruner.n_score], contexts, layer_range,
-                                           target * len(layer_range), progress, xp[n_fit:] if heldout else None,
-                                           _kl_copy_rows(cfg, adapter, store, ids))
+                                           target * len(layer_range), ids, progress,
+                                           xp[n_fit:] if heldout else None)
             finally:
                 view.close()
         pruner.targets = {int(i): float(t) for i, t in allocation["targets"].items()}
